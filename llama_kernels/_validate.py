@@ -1,0 +1,85 @@
+"""Argument checks shared by the ops: every failure names the op, the argument, the value and
+what was expected, and is raised before any kernel launches or any state changes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+FP8 = torch.float8_e4m3fn
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(
+    op: str,
+    name: str,
+    t: object,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = True,
+) -> torch.Tensor:
+    """Check one tensor argument; `shape` entries of None match any size."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: argument '{name}' has dtype {t.dtype}; expected one of: {_names(dtypes)}")
+    if shape is not None:
+        ndim = len(shape)
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(
+            f"{op}: argument '{name}' has shape {tuple(t.shape)} ({t.dim()}-D); expected {ndim}-D"
+            + (f" {_fmt_shape(shape)}" if shape is not None else "")
+        )
+    if shape is not None:
+        for axis, (got, want) in enumerate(zip(t.shape, shape)):
+            if want is not None and got != want:
+                raise ValueError(
+                    f"{op}: argument '{name}' has shape {tuple(t.shape)}; expected {_fmt_shape(shape)} "
+                    f"(dim {axis} must be {want})"
+                )
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: argument '{name}' is on {t.device}; expected {device} (the device of the first input)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: argument '{name}' (shape {tuple(t.shape)}) must be contiguous; call .contiguous()")
+    return t
+
+
+def _fmt_shape(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def same_dtype(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: argument '{name}' has dtype {t.dtype}; expected {ref.dtype} (the dtype of '{ref_name}')")
+
+
+def multiple_of(op: str, name: str, value: int, divisor: int, why: str) -> None:
+    if value % divisor:
+        raise ValueError(f"{op}: {name}={value} must be a multiple of {divisor} ({why})")
+
+
+def positive_float(op: str, name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+        expected = "a positive float or None" if allow_none else "a positive float"
+        raise ValueError(f"{op}: argument '{name}'={value!r}; expected {expected}")
+
+
+def values_in_range(op: str, name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Check integer values lie in [low, high] where that costs no device sync (CPU tensors only)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi > high:
+        raise ValueError(f"{op}: argument '{name}' has values in [{lo}, {hi}]; expected {what} in [{low}, {high}]")

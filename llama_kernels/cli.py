@@ -1,0 +1,107 @@
+"""The `llama-kernels` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+from . import backends, ops  # noqa: F401  (importing ops registers every backend)
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def _devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def collect_info() -> dict:
+    """Versions, devices, the state of the CUDA extension and the backend each op picks."""
+    ext, reason = backends.cuda_extension()
+    try:
+        from . import _build_info
+
+        built_archs = list(_build_info.CUDA_ARCHS)
+        nvcc = _build_info.CUDA_COMPILER_VERSION
+    except ImportError:
+        built_archs, nvcc = [], ""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "cuda_extension": {
+            "built": ext is not None,
+            "archs": backends.compiled_archs() if ext is not None else built_archs,
+            "nvcc": nvcc,
+            "cuda_runtime": ext.cuda_runtime_version() if ext is not None else None,
+            "reason": reason,
+        },
+        "forced_backend": backends.forced_backend(None),
+        "devices": [],
+    }
+    for device in _devices():
+        entry = {"device": str(device)}
+        if device.type == "cuda":
+            cap = torch.cuda.get_device_capability(device)
+            entry["name"] = torch.cuda.get_device_name(device)
+            entry["capability"] = f"{cap[0]}.{cap[1]}"
+        entry["ops"] = {}
+        for op in backends.ops():
+            try:
+                entry["ops"][op] = backends.select(op, device)[0]
+            except (backends.BackendUnavailableError, ValueError) as err:
+                entry["ops"][op] = f"error: {err}"
+        info["devices"].append(entry)
+    return info
+
+
+def _print_info(info: dict) -> None:
+    ext = info["cuda_extension"]
+    print(f"llama-kernels {__import__('llama_kernels').__version__}")
+    print(f"python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})  triton {info['triton']}")
+    if ext["built"]:
+        archs = ", ".join("sm_" + a for a in ext["archs"])
+        print(f"CUDA extension: built for {archs} (nvcc {ext['nvcc']}, runtime {ext['cuda_runtime']})")
+    else:
+        print(f"CUDA extension: not available: {ext['reason']}")
+    if info["forced_backend"]:
+        print(f"backend forced by {backends.ENV_VAR}={info['forced_backend']}")
+    for dev in info["devices"]:
+        label = dev["device"] + (f"  {dev['name']} (compute capability {dev['capability']})" if "name" in dev else "")
+        print(f"\n{label}")
+        width = max(len(op) for op in dev["ops"])
+        for op, backend in dev["ops"].items():
+            print(f"  {op:<{width}}  {backend}")
+    if not any(d["device"].startswith("cuda") for d in info["devices"]):
+        print("\nno CUDA GPU visible: every op runs on the torch backend (triton too under TRITON_INTERPRET=1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llama-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, GPUs, the CUDA extension and the backend each op uses")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        data = collect_info()
+        if args.json:
+            json.dump(data, sys.stdout, indent=2)
+            print()
+        else:
+            _print_info(data)
+    return 0
+

@@ -1,0 +1,294 @@
+"""PyTorch reference for every op in the contract: the definition every backend must match.
+
+Math is float32 (float64 where a test asks for it through the inputs); outputs are cast to the
+dtype the op documents. Kernels may reorder sums, but not the roundings described here:
+- add_rms_norm rounds the residual to the input dtype before taking statistics from it;
+- the FP8 variants quantize the float32 normalized value (never rounded to bf16 first);
+- FP8 casts saturate at +-448 (``clamp`` before the cast: torch's cast would give NaN).
+
+These functions do no validation: ``llama_kernels.ops`` validates, then calls them as the
+``torch`` backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .int4 import Int4Weight, int4_linear_reference, quantize_int4
+
+__all__ = [
+    "FP8_MAX",
+    "FP8_MIN_SCALE",
+    "quantize_fp8",
+    "fp8_gemm",
+    "quantize_int4",
+    "int4_gemm",
+    "rms_norm",
+    "add_rms_norm",
+    "add_rms_norm_fp8",
+    "rope_inv_freq",
+    "rope_cos_sin",
+    "rope_and_cache",
+    "decode_attention",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # floor on amax: keeps x / scale finite for all-zero rows
+
+
+def _saturate_fp8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _fp8_row_scale(amax: torch.Tensor, scale_ub: float | None) -> torch.Tensor:
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    return amax.clamp(min=FP8_MIN_SCALE) / FP8_MAX
+
+
+def quantize_fp8(x: torch.Tensor, scale_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise dynamic FP8 quantization.
+
+    x [M, K] bf16/fp16/fp32 -> (xq [M, K] float8_e4m3fn, scale [M] float32) with
+    scale = max(min(amax|x_row|, scale_ub), 1/(448*512)) / 448 and xq = clamp(x / scale, +-448).
+    """
+    xf = x.float()
+    scale = _fp8_row_scale(xf.abs().amax(dim=-1), scale_ub)
+    return _saturate_fp8(xf / scale.unsqueeze(-1)), scale
+
+
+def fp8_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[m, n] = sum_k xq[m, k] wq[n, k] * x_scale[m] * w_scale[n] (+ bias[n]).
+
+    xq [M, K] e4m3, wq [N, K] e4m3; x_scale [M] or 0-d, w_scale [N] or 0-d, float32;
+    bias [N] (any float dtype) or None; y [M, N] in out_dtype. Accumulation in float32.
+    """
+    acc = xq.float() @ wq.float().t()
+    xs = x_scale.float().reshape(-1, 1) if x_scale.dim() else x_scale.float()
+    ws = w_scale.float().reshape(1, -1) if w_scale.dim() else w_scale.float()
+    y = acc * xs * ws
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """y = x @ dequantize(w).T. x [M, K] bf16/fp16; w an Int4Weight of shape [N, K]; y [M, N] in x's dtype."""
+    return int4_linear_reference(x, w)
+
+
+def _rms_normalize(r: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    rf = r.float()
+    inv = torch.rsqrt(rf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return rf * inv * weight.float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight. x [M, H], weight [H]; y [M, H] in x's dtype."""
+    return _rms_normalize(x, weight, eps).to(x.dtype)
+
+
+def _add_residual(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    if residual is None:
+        return x.clone()
+    return (x.float() + residual.float()).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual_out = x + residual (rounded to x's dtype); y = rms_norm(residual_out).
+
+    x, residual [M, H] (residual may be None: residual_out = x); weight [H]; both outputs [M, H].
+    """
+    residual_out = _add_residual(x, residual)
+    return _rms_normalize(residual_out, weight, eps).to(x.dtype), residual_out
+
+
+def add_rms_norm_fp8(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    scale_ub: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """add_rms_norm whose float32 output is quantized row-wise to FP8 as in quantize_fp8.
+
+    Returns (yq [M, H] e4m3, y_scale [M] float32, residual_out [M, H] in x's dtype).
+    """
+    residual_out = _add_residual(x, residual)
+    yq, y_scale = quantize_fp8(_rms_normalize(residual_out, weight, eps), scale_ub)
+    return yq, y_scale, residual_out
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] float32, with Hugging Face `rope_scaling` applied.
+
+    scaling: None / {"rope_type" or "type": "default"}, "linear" (factor) or "llama3"
+    (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), computed in
+    the order transformers uses so the tables agree to float32 rounding.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rope_scaling_type(scaling)
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    old_context_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def rope_scaling_type(scaling: dict | None) -> str:
+    """The scaling kind of a Hugging Face `rope_scaling` dict ("default", "linear" or "llama3").
+
+    Raises ValueError naming the dict when the kind is unknown or a key it needs is missing.
+    """
+    if scaling is None:
+        return "default"
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope scaling: expected a dict or None, got {type(scaling).__name__}: {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in _ROPE_KEYS:
+        raise ValueError(
+            f"rope scaling: rope_type {kind!r} is not supported; expected one of {sorted(_ROPE_KEYS)} ({scaling!r})"
+        )
+    missing = [k for k in _ROPE_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"rope scaling: {kind!r} needs keys {missing}, got {scaling!r}")
+    return kind
+
+
+def rope_cos_sin(
+    head_dim: int,
+    max_positions: int,
+    theta: float,
+    scaling: dict | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_positions, head_dim // 2] float32: angle[p, i] = p * inv_freq[i]."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    angles = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, H, D] float32, cos/sin [T, 1, D/2]: rotate pairs (i, i + D/2) or (2i, 2i + 1)."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _cache_store(cache: torch.Tensor, values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """values [T, Hkv, D] float32 -> cache dtype; FP8 stores values / scale[h], saturated."""
+    if cache.dtype == FP8_DTYPE:
+        return _saturate_fp8(values / scale.float()[None, :, None])
+    return values.to(cache.dtype)
+
+
+def rope_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k, and the paged-cache write of k_rot and v (in place).
+
+    q [T, Hq, D], k and v [T, Hkv, D]; positions [T] int; cos/sin [P, D/2] float32;
+    caches [num_blocks, block_size, Hkv, D]; slot_mapping [T] int, slot = block * block_size +
+    offset, negative = skip; k_scale/v_scale [Hkv] float32 for FP8 caches.
+    Returns (q_rot [T, Hq, D], k_rot [T, Hkv, D]) in q's dtype.
+    """
+    pos = positions.long()
+    c = cos.float()[pos][:, None, :]
+    s = sin.float()[pos][:, None, :]
+    q_rot = _rotate(q.float(), c, s, interleaved)
+    k_rot = _rotate(k.float(), c, s, interleaved)
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots[keep] // block_size, slots[keep] % block_size
+    k_cache[blocks, offsets] = _cache_store(k_cache, k_rot[keep], k_scale)
+    v_cache[blocks, offsets] = _cache_store(v_cache, v.float()[keep], v_scale)
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """The first seq_len tokens of one sequence from a paged cache, as float32 [seq_len, Hkv, D]."""
+    block_size = cache.shape[1]
+    n_blocks = (seq_len + block_size - 1) // block_size
+    kv = cache[block_table_row[:n_blocks].long()].flatten(0, 1)[:seq_len].float()
+    if cache.dtype == FP8_DTYPE:
+        kv = kv * scale.float()[None, :, None]
+    return kv
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence over its paged KV cache (GQA).
+
+    q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D] (bf16/fp16 or e4m3 with per-head
+    float32 k_scale/v_scale [Hkv]); block_table [B, max_blocks] int32; seq_lens [B] int32 >= 1.
+    Query head h reads KV head h // (Hq // Hkv). out [B, Hq, D] in q's dtype.
+    """
+    batch, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    for b in range(batch):
+        n = int(seq_lens[b])
+        k = gather_kv(k_cache, block_table[b], n, k_scale)  # [n, Hkv, D]
+        v = gather_kv(v_cache, block_table[b], n, v_scale)
+        qb = q[b].float().view(hkv, group, d)  # [Hkv, G, D]
+        logits = torch.einsum("hgd,nhd->hgn", qb, k) * sm_scale
+        probs = torch.softmax(logits, dim=-1)
+        out[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(hq, d).to(q.dtype)
+    return out
