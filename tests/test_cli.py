@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 
 from llama_kernels import backends
 
 
-def _run(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "llama_kernels", *args], capture_output=True, text=True, timeout=120)
+def _run(*args: str, env: dict | None = None) -> str:
+    # Run outside the source tree: `python -m` puts the working directory first on sys.path, and
+    # the source tree's llama_kernels has no compiled _C.
+    done = subprocess.run([sys.executable, "-m", "llama_kernels", *args], capture_output=True, text=True,
+                          timeout=120, cwd=tempfile.gettempdir(), env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -37,8 +42,5 @@ def test_info_json():
 
 
 def test_info_reports_a_forced_backend():
-    env = {"LLAMA_KERNELS_BACKEND": "torch", "PATH": ""}
-    done = subprocess.run([sys.executable, "-m", "llama_kernels", "info"], capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "backend forced by LLAMA_KERNELS_BACKEND=torch" in done.stdout
+    out = _run("info", env={**os.environ, "LLAMA_KERNELS_BACKEND": "torch"})
+    assert "backend forced by LLAMA_KERNELS_BACKEND=torch" in out

@@ -1,0 +1,60 @@
+"""FP8 and INT4 GEMMs at the Llama 3.1 per-GPU projections, against torch.matmul (bf16) and
+torch._scaled_mm (row-wise FP8).
+
+    python benchmarks/bench_gemm.py --out benchmarks/results/gemm-h100-<date>.json
+    python benchmarks/bench_gemm.py --smoke
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import LLAMA31_PROJECTIONS, Case, our_backends, parse_args, run  # noqa: E402
+
+from llama_kernels import ops  # noqa: E402
+
+M_VALUES = (1, 16, 64, 256, 4096)
+
+
+def cases(device: torch.device, smoke: bool, requested: str) -> list[Case]:
+    shapes = {"smoke": (64, 128)} if smoke else LLAMA31_PROJECTIONS
+    m_values = (1, 17) if smoke else M_VALUES
+    scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    out = []
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=device).mul_(0.02).to(torch.bfloat16)
+        wq, ws = ops.quantize_fp8(w)
+        group = 128 if k % 128 == 0 else 64
+        w4 = ops.quantize_int4(w, group_size=group)
+        for m in m_values:
+            x = torch.randn(m, k, device=device).to(torch.bfloat16)
+            xq, xs = ops.quantize_fp8(x)
+            flops = 2 * m * n * k
+            fp8 = Case("fp8_gemm", f"{name} {m}x{n}x{k}", m * k + n * k + 2 * m * n, flops)
+            for b in our_backends("fp8_gemm", device, requested):
+                fp8.impls[b] = lambda b=b, xq=xq, xs=xs, wq=wq, ws=ws: ops.fp8_gemm(xq, xs, wq, ws, backend=b)
+            if scaled_mm:
+                fp8.impls["torch._scaled_mm"] = lambda xq=xq, xs=xs, wq=wq, ws=ws: torch._scaled_mm(
+                    xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)  # fmt: skip
+            fp8.impls["torch.matmul bf16"] = lambda x=x, w=w: x @ w.t()
+            int4 = Case("int4_gemm", f"{name} {m}x{n}x{k} g{group}",
+                        2 * m * k + n * k // 2 + 4 * n * (k // group) + 2 * m * n, flops)  # fmt: skip
+            for b in our_backends("int4_gemm", device, requested):
+                int4.impls[b] = lambda b=b, x=x, w4=w4: ops.int4_gemm(x, w4, backend=b)
+            int4.impls["torch.matmul bf16"] = lambda x=x, w=w: x @ w.t()
+            out += [fp8, int4]
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(__doc__, argv)
+    device = torch.device(args.device)
+    return run("GEMM", cases(device, args.smoke, args.backends), args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Shared benchmark machinery: timing, the roofline measured at the start of a run, and output.
+
+Every script times our kernels (per backend) beside torch baselines with CUDA events (median of
+many runs), and reports time, GB/s, TFLOP/s and the percent of the peaks measured here: a large
+device-to-device copy for bandwidth, a large bf16 and FP8 matmul for tensor throughput.
+`--smoke` runs tiny shapes and few iterations on any device (CI proves the scripts work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llama_kernels import BackendUnavailableError, backends
+
+# Llama 3.1 linear projections per GPU, (N, K) in nn.Linear layout: 8B at TP 1, 70B and 405B at TP 8.
+LLAMA31_PROJECTIONS = {
+    "8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336),
+    "70B/8 qkv": (1280, 8192), "70B/8 o": (8192, 1024), "70B/8 gate_up": (7168, 8192), "70B/8 down": (8192, 3584),
+    "405B/8 qkv": (2304, 16384), "405B/8 o": (16384, 2048), "405B/8 gate_up": (13312, 16384),
+    "405B/8 down": (16384, 6656),
+}  # fmt: skip
+
+
+@dataclass
+class Case:
+    """One measured configuration; `impls` maps a label ("cuda", "triton", "torch.matmul", ...) to a call."""
+
+    op: str
+    shape: str
+    bytes: int  # bytes that must cross memory at least once (the bandwidth roofline's numerator)
+    flops: int = 0
+    impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations, any device (CI)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", default="cuda,triton,torch", help="our backends to time (comma-separated)")
+    parser.add_argument("--iters", type=int, default=None, help="timed runs per configuration (median reported)")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    return parser.parse_args(argv)
+
+
+def time_call(device: torch.device, fn: Callable[[], object], iters: int, warmup: int) -> float:
+    """Median seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_peaks(device: torch.device, smoke: bool) -> dict:
+    """Copy bandwidth (bytes/s, read + write) and bf16 / FP8 matmul throughput (FLOP/s) achieved here."""
+    n_bytes = (8 << 20) if smoke else (2 << 30)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    iters, warmup = (3, 1) if smoke else (20, 5)
+    peaks = {"copy_Bps": 2 * n_bytes / time_call(device, lambda: dst.copy_(src), iters, warmup)}
+    del src, dst
+    n = 256 if smoke else 8192
+    a = torch.randn(n, n, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    peaks["bf16_flops"] = 2 * n**3 / time_call(device, lambda: a @ b, iters, warmup)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        af, bf = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        fn = lambda: torch._scaled_mm(af, bf.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+        peaks["fp8_flops"] = 2 * n**3 / time_call(device, fn, iters, warmup)
+    return peaks
+
+
+def our_backends(op: str, device: torch.device, requested: str) -> list[str]:
+    """The requested backends that can run `op` on `device` (others are reported and skipped)."""
+    usable = []
+    for name in requested.split(","):
+        try:
+            backends.select(op, device, name)
+            usable.append(name)
+        except BackendUnavailableError as err:
+            print(f"# skip {op} on {name}: {err}", file=sys.stderr)
+    return usable
+
+
+def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Time every implementation of every case, print a table, write JSON if asked."""
+    iters = args.iters or (3 if args.smoke else 100)
+    warmup = 1 if args.smoke else 10
+    peaks = measure_peaks(device, args.smoke)
+    meta = {
+        "benchmark": title,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "driver": _driver(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "cuda_extension_archs": backends.compiled_archs(),
+        "smoke": args.smoke,
+        "iters": iters,
+        **{k: v for k, v in peaks.items()},
+    }
+    line = f"# {title}: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  copy {peaks['copy_Bps'] / 1e9:.0f} GB/s"
+    line += f"  bf16 {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s"
+    if "fp8_flops" in peaks:
+        line += f"  fp8 {peaks['fp8_flops'] / 1e12:.0f} TFLOP/s"
+    print(line)
+    print(f"{'op':<18} {'shape':<30} {'impl':<14} {'time us':>9} {'GB/s':>8} {'%bw':>6} {'TFLOP/s':>8} {'%peak':>6}")
+    rows = []
+    for i, case in enumerate(cases, 1):
+        for label, fn in case.impls.items():
+            sec = time_call(device, fn, iters, warmup)
+            peak_flops = peaks.get("fp8_flops" if "fp8" in case.op else "bf16_flops", peaks["bf16_flops"])
+            row = {
+                "op": case.op, "shape": case.shape, "impl": label, "time_us": sec * 1e6,
+                "GBps": case.bytes / sec / 1e9, "pct_bw": 100 * case.bytes / sec / peaks["copy_Bps"],
+                "TFLOPps": case.flops / sec / 1e12, "pct_flops": 100 * case.flops / sec / peak_flops,
+            }  # fmt: skip
+            rows.append(row)
+            flops = f"{row['TFLOPps']:8.1f} {row['pct_flops']:6.1f}" if case.flops else f"{'':>8} {'':>6}"
+            print(f"{case.op:<18} {case.shape:<30} {label:<14} {row['time_us']:9.1f} {row['GBps']:8.1f} "
+                  f"{row['pct_bw']:6.1f} {flops}  [{i}/{len(cases)}]", flush=True)  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(f"# wrote {args.out}")
+    return rows
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def _driver() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return None
