@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Case, our_backends, parse_args, run  # noqa: E402
+import common  # noqa: E402
+from common import Case, our_backends  # noqa: E402
 
 from llama_kernels import ops  # noqa: E402
 
@@ -62,9 +63,7 @@ def cases(device: torch.device, smoke: bool, requested: str) -> list[Case]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(__doc__, argv)
-    device = torch.device(args.device)
-    return run("norm/rope", cases(device, args.smoke, args.backends), args, device)
+    return common.main(__doc__, "norm/rope", cases, argv)
 
 
 if __name__ == "__main__":

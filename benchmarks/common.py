@@ -151,6 +151,13 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
     return rows
 
 
+def main(doc: str, title: str, cases: Callable[[torch.device, bool, str], list[Case]], argv: list[str] | None) -> list[dict]:
+    """Parse the common flags, build the cases for the device, run them."""
+    args = parse_args(doc, argv)
+    device = torch.device(args.device)
+    return run(title, cases(device, args.smoke, args.backends), args, device)
+
+
 def _version(module: str) -> str:
     try:
         return __import__(module).__version__
