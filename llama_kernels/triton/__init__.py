@@ -1,1 +1,14 @@
-"""The triton backend: Triton kernels for the op contract (llama_kernels.ops); kernels land with issue 3."""
+"""The triton backend: Triton kernels for the op contract (llama_kernels.ops).
+
+Each module registers its kernels with `llama_kernels.backends` when imported. Without triton
+installed nothing is registered, and `backend="triton"` says so. On the CPU the kernels run
+under the Triton interpreter (TRITON_INTERPRET=1), which is how the test suite runs them.
+"""
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # the pure-torch install: the triton backend stays empty
+    triton = None
+
+if triton is not None:
+    from . import attention, norm, rope  # noqa: F401
