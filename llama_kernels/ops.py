@@ -335,5 +335,5 @@ for _name in ("quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm
               "rope_and_cache", "decode_attention"):  # fmt: skip
     backends.register(_name, "torch", getattr(reference, _name))
 
-from . import _cuda  # noqa: E402,F401  (registers the cuda backend)
+from . import cuda as _cuda  # noqa: E402,F401  (registers the cuda backend)
 from . import triton as _triton  # noqa: E402,F401  (registers the triton backend where triton imports)

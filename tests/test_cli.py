@@ -6,18 +6,19 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import torch
 
+import llama_kernels
 from llama_kernels import backends
 
 
 def _run(*args: str, env: dict | None = None) -> str:
-    # Run outside the source tree: `python -m` puts the working directory first on sys.path, and
-    # the source tree's llama_kernels has no compiled _C.
+    # `python -m` puts the working directory first on sys.path: run it beside the llama_kernels this
+    # process imported, so the subprocess reports on the same package (installed or source tree).
     done = subprocess.run([sys.executable, "-m", "llama_kernels", *args], capture_output=True, text=True,
-                          timeout=120, cwd=tempfile.gettempdir(), env=env)  # fmt: skip
+                          timeout=120, cwd=Path(llama_kernels.__file__).parents[1], env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end (--smoke: tiny shapes on whatever device is here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script,ops", [
+    ("bench_gemm", {"fp8_gemm", "int4_gemm"}),
+    ("bench_norm_rope", {"add_rms_norm", "add_rms_norm_fp8", "quantize_fp8", "rope_and_cache"}),
+    ("bench_attention", {"decode_attention"}),
+])  # fmt: skip
+def test_benchmark_smoke(script, ops, tmp_path):
+    out = tmp_path / "result.json"
+    rows = _load(script).main(["--smoke", "--backends", "torch,triton", "--out", str(out)])
+    assert {r["op"] for r in rows} == ops
+    assert all(r["time_us"] > 0 and r["GBps"] > 0 for r in rows)
+    assert {r["impl"] for r in rows} >= {"torch"}  # our reference backend always runs
+    data = json.loads(out.read_text())
+    assert data["meta"]["smoke"] is True and data["meta"]["copy_Bps"] > 0 and len(data["rows"]) == len(rows)

@@ -1,0 +1,265 @@
+"""The memory planner: exact parameter counts, per-GPU bytes, the fit / no-fit cases of the
+issue, the largest context x batch, the errors, and `llama-kernels plan`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_kernels import cli
+from llama_kernels.plan import (
+    PRESETS,
+    check_fits,
+    kv_cache_bytes_per_token,
+    load_config,
+    parameter_counts,
+    parse_bytes,
+    plan,
+)
+
+GiB = 1 << 30
+H100 = 80 * GiB
+# A config with every optional key set, biases included (no preset has them).
+TINY_BIAS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=100, tie_word_embeddings=False,
+                 max_position_embeddings=256, attention_bias=True, mlp_bias=True)  # fmt: skip
+
+
+# --- parameter counts ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*PRESETS, "tiny-bias"])
+def test_parameter_counts_match_transformers(name):
+    """Every part counted by transformers' own LlamaForCausalLM, built on the meta device."""
+    transformers = pytest.importorskip("transformers")
+    config = TINY_BIAS if name == "tiny-bias" else PRESETS[name]
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    parts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    for param_name, p in model.named_parameters():  # a tied lm_head is listed once, as embed_tokens
+        part = next(k for k, key in [("embedding", "embed_tokens"), ("attention", "self_attn"), ("mlp", ".mlp."),
+                                     ("norms", "norm"), ("lm_head", "lm_head")] if key in param_name)  # fmt: skip
+        parts[part] += p.numel()
+    assert parameter_counts(config) == {**parts, "total": sum(parts.values())}
+
+
+def test_known_parameter_figures():
+    h, i, layers, vocab = 16384, 53248, 126, 128256
+    per_layer = 2 * h * h + 2 * 1024 * h + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; 2 norms
+    assert parameter_counts("llama-3.1-405b")["total"] == 2 * vocab * h + layers * per_layer + h
+    figures = {"llama-3.1-405b": 405.85, "llama-3.1-70b": 70.55, "llama-3.1-8b": 8.03, "llama-3.2-1b": 1.24,
+               "llama-3.2-3b": 3.21, "llama-2-7b": 6.74, "llama-2-13b": 13.02, "llama-2-70b": 68.98}  # fmt: skip
+    for name, billions in figures.items():
+        assert round(parameter_counts(name)["total"] / 1e9, 2) == billions, name
+    assert parameter_counts("llama-3.2-1b")["lm_head"] == 0  # tied
+
+
+# --- bytes per GPU ---------------------------------------------------------------------------
+
+
+def test_kv_cache_bytes_per_token():
+    assert kv_cache_bytes_per_token("llama-3.1-8b", "bf16", 1) == 2 * 32 * 8 * 128 * 2 == 131072
+    assert kv_cache_bytes_per_token("llama-3.1-8b", "fp8", 1) == 65536
+    assert kv_cache_bytes_per_token("llama-3.1-405b", "bf16", 8) == 2 * 126 * 1 * 128 * 2
+    # 16 GPUs > 8 KV heads: each GPU holds one (replicated) head, so no less than at 8
+    assert kv_cache_bytes_per_token("llama-3.1-405b", "bf16", 16) == 2 * 126 * 1 * 128 * 2
+    assert kv_cache_bytes_per_token("llama-3.2-1b", "bf16", 2) == 2 * 16 * 4 * 64 * 2
+
+
+def test_weights_are_sharded_exactly():
+    w = plan("llama-3.1-405b", gpus=16, max_context=16).weight_bytes
+    h, layers, d = 16384, 126, 128
+    # q and o: 128 / 16 = 8 heads; k and v: 1 head each (replicated, 8 KV heads < 16 GPUs)
+    assert w["attention"] == 2 * layers * (2 * 8 * d * h + 2 * 1 * d * h)
+    assert w["mlp"] == 2 * layers * 3 * h * (53248 // 16)
+    assert w["embedding"] == w["lm_head"] == 2 * (128256 // 16) * h
+    assert w["norms"] == 2 * (2 * layers + 1) * h
+    assert w["scales"] == 0
+    # FP8 row-wise: one float32 per output row; row-parallel o/down hold every output row
+    fp8 = plan("llama-3.1-405b", quant="fp8", gpus=8, max_context=16).weight_bytes
+    rows = 2048 + 128 + 128 + 16384 + 6656 + 6656 + 16384  # q, k, v, o, gate, up, down on one of 8 GPUs
+    assert fp8["scales"] == 4 * layers * rows
+    assert fp8["mlp"] == layers * 3 * h * 6656 and fp8["embedding"] == 2 * 16032 * h
+    # INT4: N*K/2 bytes plus, per group of 128, a 2-byte scale and a 1-byte zero point
+    int4 = plan("llama-3.1-8b", quant="int4", max_context=16).weight_bytes
+    mlp_elements = 32 * 3 * 4096 * 14336
+    assert int4["mlp"] == mlp_elements // 2
+    assert int4["scales"] == 3 * (mlp_elements + 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096)) // 128
+    # fp8-meta: FFN in FP8 except the first and last layers; attention bf16
+    meta = plan("llama-3.1-405b", quant="fp8-meta", gpus=8, max_context=16).weight_bytes
+    assert meta["mlp"] == (2 * 2 + (layers - 2)) * 3 * h * 6656
+    assert meta["attention"] == plan("llama-3.1-405b", gpus=8, max_context=16).weight_bytes["attention"]
+    assert meta["scales"] == 4 * (layers - 2) * (6656 + 6656 + 16384)
+
+
+def test_fewer_bytes_with_more_gpus_and_smaller_formats():
+    def weights(quant="bf16", gpus=1):
+        return sum(plan("llama-3.1-70b", quant=quant, gpus=gpus, max_context=16).weight_bytes.values())
+
+    per_gpu = [weights(gpus=n) for n in (1, 2, 4, 8)]
+    assert per_gpu == sorted(per_gpu, reverse=True) and len(set(per_gpu)) == 4
+    assert weights("int4") < weights("fp8") < weights("fp8-meta") < weights("bf16")
+    assert weights("fp8") < 0.52 * weights("bf16")
+    for quant in ("int4", "fp8", "fp8-meta", "bf16"):
+        assert weights(quant, 8) < weights(quant, 4)
+
+
+# --- the issue's cases -------------------------------------------------------------------------
+
+
+def test_405b_fp8_fits_8_h100_with_128k_context():
+    p = plan("llama-3.1-405b", quant="fp8", kv_dtype="bf16", gpus=8, gpu_mem_bytes=H100, max_context=131072)
+    assert p.fits and p.headroom_bytes > 0
+    assert p.kv_cache_bytes == 131072 * 2 * 126 * 128 * 2
+    assert p.max_context_at_batch == 131072 and p.max_batch_at_context >= 1
+    check_fits(p)
+    assert plan("llama-3.1-405b", quant="fp8", gpus=8, gpu_mem_bytes=parse_bytes("80GB"), max_context=131072).fits
+
+
+def test_405b_bf16_does_not_fit_8_h100():
+    p = plan("llama-3.1-405b", quant="bf16", gpus=8, gpu_mem_bytes=H100, max_context=131072)
+    assert not p.fits and p.headroom_bytes < 0
+    assert sum(p.weight_bytes.values()) > H100  # the weights alone
+    assert p.max_context_at_batch == 0 and p.max_batch_at_context == 0
+    with pytest.raises(ValueError, match=r"(?s)does not fit on 8 x 80.00 GiB.*mlp.*KV cache.*headroom"):
+        check_fits(p)
+
+
+def test_70b_fp8_fits_one_h100_with_a_shorter_context():
+    p = plan("llama-3.1-70b", quant="fp8", gpus=1, gpu_mem_bytes=H100)  # default: as much context as fits
+    assert p.fits and p.max_context == p.max_context_at_batch
+    assert 8192 <= p.max_context_at_batch < 131072
+    assert not plan("llama-3.1-70b", quant="fp8", gpu_mem_bytes=H100, max_context=131072).fits
+    assert not plan("llama-3.1-70b", quant="bf16", gpu_mem_bytes=H100).fits
+
+
+@pytest.mark.parametrize(
+    "model,kwargs",
+    [
+        ("llama-3.1-70b", dict(quant="fp8")),
+        ("llama-3.1-8b", dict(gpu_mem_bytes=24 * GiB, batch=3)),
+        ("llama-3.1-405b", dict(quant="fp8", gpus=8, batch=4, kv_dtype="fp8")),
+        ("llama-2-70b", dict(quant="int4", gpus=2, gpu_mem_bytes=parse_bytes("24GB"))),
+    ],
+)
+def test_largest_context_and_batch_are_tight(model, kwargs):
+    p = plan(model, **kwargs)
+    block, ctx = p.block_size, p.max_context_at_batch
+    assert 0 < ctx and ctx % block == 0
+    assert plan(model, max_context=ctx, **kwargs).fits
+    assert ctx == p.max_positions or not plan(model, max_context=ctx + block, **kwargs).fits
+    batch_kwargs = {k: v for k, v in kwargs.items() if k != "batch"}
+    batch = plan(model, max_context=ctx, **kwargs).max_batch_at_context
+    assert batch >= kwargs.get("batch", 1)
+    assert plan(model, max_context=ctx, batch=batch, **batch_kwargs).fits
+    assert not plan(model, max_context=ctx, batch=batch + 1, **batch_kwargs).fits
+
+
+def test_fp8_kv_cache_halves_the_cache_and_adds_per_head_scales():
+    bf16 = plan("llama-3.1-8b", max_context=4096)
+    fp8 = plan("llama-3.1-8b", kv_dtype="fp8", max_context=4096)
+    assert fp8.kv_cache_bytes == bf16.kv_cache_bytes // 2 + 2 * 32 * 8 * 4
+    assert fp8.max_context_at_batch == bf16.max_context_at_batch == 131072
+    assert fp8.max_batch_at_context > 1.9 * bf16.max_batch_at_context
+
+
+def test_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["llama-3.1-8b"], "model_type": "llama"}))
+    assert load_config(str(tmp_path)) == load_config(str(tmp_path / "config.json"))
+    assert plan(str(tmp_path), max_context=1024).weight_bytes == plan("llama-3.1-8b", max_context=1024).weight_bytes
+    assert parameter_counts(str(tmp_path / "config.json")) == parameter_counts("llama-3.1-8b")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_gpus_that_do_not_divide_the_heads():
+    valid_405b = r"valid choices: 1, 2, 4, 8, 16, 32, 64, 128$"
+    with pytest.raises(ValueError, match=r"gpus=3: .*num_attention_heads=128.*" + valid_405b):
+        plan("llama-3.1-405b", gpus=3)
+    with pytest.raises(ValueError, match=r"gpus=5: .*llama-3.2-3b.*num_attention_heads=24.*valid choices: 1, 2, 4, 8$"):
+        kv_cache_bytes_per_token("llama-3.2-3b", gpus=5)  # 3 divides 24 heads but not the 8 KV heads
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("141GB", 141 * 10**9), ("79.5 gib", int(79.5 * 2**30)),
+     ("512MiB", 2**29), ("1TB", 10**12)],
+)  # fmt: skip
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80", "80 gigs", "-1GB", "0GiB", "GiB", "", "80GiB extra"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="as a memory size; expected a positive number and a unit, e.g. 80GiB"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize(
+    "config,kwargs,match",
+    [
+        ("llama-4", {}, r"unknown preset 'llama-4'; presets: llama-2-7b, .*llama-3.1-405b, .*llama-3.2-3b"),
+        ("/nowhere/config.json", {}, r"/nowhere/config.json: no such file"),
+        ({"hidden_size": 64, "num_attention_heads": 4}, {},
+         r"config is missing intermediate_size, num_hidden_layers, vocab_size, max_position_embeddings"),
+        ({**PRESETS["llama-3.1-8b"], "num_hidden_layers": 0}, {}, r"num_hidden_layers=0; expected a positive integer"),
+        ({**PRESETS["llama-3.1-8b"], "num_key_value_heads": 5}, {}, r"num_attention_heads=32 is not a multiple of"),
+        ("llama-3.1-8b", dict(quant="fp4"), r"quant='fp4'; expected one of bf16, fp8, fp8-meta, int4"),
+        ("llama-3.1-8b", dict(kv_dtype="int8"), r"kv_dtype='int8'; expected one of bf16, fp8"),
+        ("llama-3.1-8b", dict(max_context=200000), r"max_context=200000 exceeds .*=131072"),
+        ("llama-3.1-8b", dict(batch=0), r"batch=0; expected a positive integer"),
+        ("llama-3.1-8b", dict(quant="int4", group_size=96), r"group_size=96 does not divide the 4096 input columns"),
+    ],
+)  # fmt: skip
+def test_bad_input(config, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan(config, **kwargs)
+
+
+# --- `llama-kernels plan` ---------------------------------------------------------------------
+
+
+def test_cli_405b_fp8_fits():
+    done = subprocess.run(
+        [sys.executable, "-m", "llama_kernels", "plan", "llama-3.1-405b", "--quant", "fp8", "--gpus", "8",
+         "--gpu-mem", "80GiB", "--max-context", "131072"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "\nfits: " in done.stdout and "405.85B parameters" in done.stdout
+    assert "largest context at batch 1: 131072 tokens" in done.stdout
+
+
+def test_cli_405b_bf16_does_not_fit(capsys):
+    assert cli.main(["plan", "llama-3.1-405b", "--gpus", "8", "--max-context", "131072"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit: needs" in out and "\nfits" not in out
+
+
+def test_cli_json(capsys):
+    args = ["plan", "llama-3.1-70b", "--quant", "fp8", "--gpu-mem", "80GiB", "--json"]
+    assert cli.main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == plan("llama-3.1-70b", quant="fp8", gpu_mem_bytes=H100).to_dict()
+    assert data["fits"] is True and data["max_context"] == data["max_context_at_batch"] > 8192
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["llama-3.1-405b", "--gpus", "3"], "gpus=3: .*valid choices: 1, 2, 4, 8, 16, 32, 64, 128"),
+        (["llama-3.1-8b", "--gpu-mem", "80"], "--gpu-mem: cannot read '80' as a memory size"),
+        (["llama-9"], "unknown preset 'llama-9'; presets: llama-2-7b"),
+    ],
+)
+def test_cli_errors_exit_2(capsys, args, match):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", *args])
+    assert exit_.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
