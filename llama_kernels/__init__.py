@@ -2,10 +2,12 @@
 
 The ops live in :mod:`llama_kernels.ops` (re-exported here); :mod:`llama_kernels.reference`
 defines what each computes; :mod:`llama_kernels.backends` picks the implementation.
+:class:`LLM` (:mod:`llama_kernels.llm`) loads a Llama checkpoint and generates text with them.
 """
 
 from .backends import BackendUnavailableError
 from .int4 import Int4Weight
+from .llm import LLM
 from .ops import (
     add_rms_norm,
     add_rms_norm_fp8,
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "Int4Weight",
+    "LLM",
     "add_rms_norm",
     "add_rms_norm_fp8",
     "decode_attention",

