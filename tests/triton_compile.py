@@ -40,8 +40,12 @@ def _set_vars(obj, attrs: dict) -> None:
             setattr(obj, name, value)
 
 
+def _jit(fn: InterpretedFunction) -> JITFunction:
+    return JITFunction(fn.fn, **getattr(fn, "kwargs", {}))
+
+
 def _compilable(attrs: dict) -> dict:
-    return {k: JITFunction(v.fn) if isinstance(v, InterpretedFunction) else v for k, v in attrs.items()}
+    return {k: _jit(v) if isinstance(v, InterpretedFunction) else v for k, v in attrs.items()}
 
 
 @contextlib.contextmanager
@@ -62,17 +66,19 @@ def _compilable_language():
             _set_vars(obj, attrs)
 
 
-def compile_for(kernel, signature: dict, constexprs: dict, capability: int = 90, **options):
+def compile_for(kernel, signature: dict, constexprs: dict, capability: int = 90, aligned_ints=(), **options):
     """triton.compile `kernel` for sm_<capability>; works whether or not TRITON_INTERPRET is set,
     also after interpreted launches in the same process.
 
     signature: every argument name -> type ("*bf16", "*fp8e4nv", "i32", "fp32", "constexpr");
     constexprs: values of the constexpr arguments; options: num_warps, num_stages, ...
-    Pointers are marked 16-byte aligned, as a launch with torch tensors specializes them
-    (without it every load is scalar and register use is not what a real launch sees).
+    Pointers, and the integer arguments named in `aligned_ints`, are marked divisible by 16, as a
+    launch with torch tensors (and such sizes) specializes them: without it every load is scalar
+    and register use is not what a real launch sees.
     """
-    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    fn = kernel if isinstance(kernel, JITFunction) else _jit(kernel)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(signature.items())
+             if t.startswith("*") or name in aligned_ints}  # fmt: skip
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     with _compilable_language():
         return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
