@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama_kernels import BackendUnavailableError, backends
+if not torch.cuda.is_available():  # Triton kernels run on the CPU only under the interpreter,
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be chosen before they are defined
+
+from llama_kernels import BackendUnavailableError, backends  # noqa: E402
 
 # Llama 3.1 linear projections per GPU, (N, K) in nn.Linear layout: 8B at TP 1, 70B and 405B at TP 8.
 LLAMA31_PROJECTIONS = {

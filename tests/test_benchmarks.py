@@ -31,3 +31,14 @@ def test_benchmark_smoke(script, ops, tmp_path):
     assert {r["impl"] for r in rows} >= {"torch"}  # our reference backend always runs
     data = json.loads(out.read_text())
     assert data["meta"]["smoke"] is True and data["meta"]["copy_Bps"] > 0 and len(data["rows"]) == len(rows)
+
+
+def test_gemm_tune_writes_a_table_gemm_configs_can_use(tmp_path):
+    out = tmp_path / "table.py"
+    _load("bench_gemm").main(["--smoke", "--tune", str(out)])
+    namespace: dict = {}
+    exec(out.read_text(), namespace)
+    table = namespace["TABLE"]
+    assert set(table) == {"fp8_gemm", "int4_gemm"}
+    for entries in table.values():
+        assert entries and all(len(key) == 3 and len(cfg) == 7 for key, cfg in entries.items())
