@@ -27,5 +27,7 @@ inline void check(cudaError_t err, const char* kernel, const std::string& shapes
 
 // Each kernel family registers its functions on the module (one bind_*.cpp file each).
 void bind_norm(pybind11::module_& m);
+void bind_gemm(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 
 }  // namespace llama_kernels::binding

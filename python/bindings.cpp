@@ -42,6 +42,8 @@ std::vector<std::string> compiled_archs() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llama_kernels CUDA kernels (raw device pointers as ints; see csrc/)";
   llama_kernels::binding::bind_norm(m);
+  llama_kernels::binding::bind_gemm(m);
+  llama_kernels::binding::bind_attention(m);
   m.def("compiled_archs", &compiled_archs, "SASS architectures in this build, e.g. ['80', '89', '90a'].");
 
   m.def(

@@ -4,4 +4,4 @@ Importing this package registers every op with `llama_kernels.backends`; see com
 conventions (raw pointers, the current stream, alignment checks before any launch).
 """
 
-from . import norm  # noqa: F401
+from . import attention, fp8_gemm, int4_gemm, norm, rope  # noqa: F401

@@ -1,0 +1,59 @@
+// Host-side launchers of the FP8 GEMM (e4m3 x e4m3 -> bf16/fp16) and of the deterministic
+// split-K reduction it shares with the INT4 GEMM.
+//
+// Plain C++ / CUDA runtime API only (no torch, no pybind11): raw device pointers, shapes and a
+// cudaStream_t in, a cudaError_t out (with *why set on a rejected argument, nothing launched).
+//
+// Semantics (row-major, K contiguous in both operands: xq [M, K], wq [N, K] = nn.Linear layout):
+//   acc[m, n] = sum_k float(xq[m, k]) * float(wq[n, k])          (float32 tensor-core accumulation)
+//   y[m, n]   = round_out(acc[m, n] * xs(m) * ws(n) + bias(n))
+//   xs(m) = x_scale[m] if x_scale_rows else x_scale[0]; ws(n) likewise; bias(n) = 0 when absent.
+//
+// Split-K (split_k > 1): split s of K writes its raw float32 partial sums to
+// workspace[s, M, N]; a second kernel adds the partials in the fixed order s = 0, 1, ... and
+// applies the epilogue, so repeated runs are bit-identical (no atomics anywhere).
+//
+// Supported (anything else: cudaErrorInvalidValue and *why, before any CUDA call):
+//   M >= 0 (M == 0 is a no-op), N > 0 a multiple of 8, K > 0 a multiple of 16, M, N, K < 2^31;
+//   xq, wq, workspace 16-byte aligned; y 4-byte aligned; scales 4-byte aligned, non-null;
+//   bias aligned to its element size; config one of Fp8GemmConfig; 1 <= split_k <= kMaxSplitK;
+//   workspace non-null when split_k > 1 (float32 [split_k, M, N]).
+// The kernel needs sm_89 or newer (e4m3 mma.sync); the sm_80 build holds a stub that traps, and
+// the Python side refuses to call it below compute capability 8.9.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace llama_kernels {
+
+// Whitelisted tile configurations of the FP8 mma.sync kernel (python/gemm_configs.py mirrors it).
+// Every configuration: 4 warps per block, 32 output columns per warp (128 per block), K walked in
+// 64-byte steps; they differ in the rows of M per block and in the register pipeline depth.
+enum Fp8GemmConfig : int {
+  kFp8M16 = 0,  // 16 rows per block, 4 register stages (decode, M <= 16)
+  kFp8M32 = 1,  // 32 rows per block, 3 register stages (decode, M <= 32)
+  kFp8M64 = 2,  // 64 rows per block, 2 register stages (M > 32; large M loops over 64-row tiles)
+  kFp8NumConfigs = 3,
+};
+
+// Largest split of K (the float32 partials of more splits cost more than the weight stream).
+constexpr int kMaxSplitK = 64;
+
+// bias_dtype: -1 = no bias, else a DType code (0 float32, 1 float16, 2 bfloat16).
+// out_dtype: 1 float16 or 2 bfloat16.
+cudaError_t fp8_gemm(const void* xq, const float* x_scale, bool x_scale_rows, const void* wq,
+                     const float* w_scale, bool w_scale_rows, const void* bias, int bias_dtype,
+                     void* y, int out_dtype, float* workspace, int64_t M, int64_t N, int64_t K,
+                     int config, int split_k, cudaStream_t stream, const char** why = nullptr);
+
+// y[m, n] = round_out(sum_s workspace[s, m, n] * xs(m) * ws(n) + bias(n)), summed in order of s.
+// Null x_scale / w_scale mean 1. N a multiple of 4; workspace 16-byte aligned; y 4-byte aligned.
+cudaError_t gemm_splitk_reduce(const float* workspace, int split_k, const float* x_scale,
+                               bool x_scale_rows, const float* w_scale, bool w_scale_rows,
+                               const void* bias, int bias_dtype, void* y, int out_dtype,
+                               int64_t M, int64_t N, cudaStream_t stream,
+                               const char** why = nullptr);
+
+}  // namespace llama_kernels

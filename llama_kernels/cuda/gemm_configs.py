@@ -1,0 +1,136 @@
+"""Dispatch table of the hand-written CUDA GEMMs (csrc/fp8_gemm.h, csrc/int4_gemm.h).
+
+The kernels are compiled for a short whitelist of tile configurations (ids = the C enums); this
+module picks one and a split of K for each call, and raises :class:`NoKernelError` (a ValueError)
+before any launch for a shape no compiled kernel supports.
+
+Whitelist (every configuration: 4 warps, 128 output columns per block):
+
+==========  =========  ===========  ============  ==========================================
+op          config id  rows of M    K per step    pipeline
+==========  =========  ===========  ============  ==========================================
+fp8_gemm    0 (m16)    16           64            4 register stages (16-byte loads)
+fp8_gemm    1 (m32)    32           64            3 register stages
+fp8_gemm    2 (m64)    64           64            2 register stages; any M (grid over M tiles)
+int4_gemm   0 (m16)    16           128           4 cp.async shared-memory stages
+int4_gemm   1 (m64)    64           128           3 cp.async stages; any M (grid over M tiles)
+==========  =========  ===========  ============  ==========================================
+
+Shape support: fp8_gemm needs K % 16 == 0 and N % 8 == 0; int4_gemm needs K % 16 == 0, N % 32 == 0
+and a group size that divides K and is a multiple of 32 (or K itself: per-channel). All
+operands must be 16-byte aligned (outputs and scales 4-byte).
+
+Choice per call: ``TABLE[(op, arch, m_bucket(M), N, K)]`` if present, else :func:`default_choice`:
+the smallest configuration whose rows cover M (m64 beyond 32 rows), and a split of K that brings
+column blocks x M tiles x splits to about ``BLOCKS_PER_SM`` blocks per SM, keeping at least
+``MIN_STEPS_PER_SPLIT`` K steps per split (the pipeline needs a few steps to fill). The partial
+sums of a split go to a float32 workspace [split_k, M, N] reduced in a fixed order (deterministic).
+
+TABLE is empty: no entry has been timed on a GPU yet. To fill it, time ``launch(...,
+choice=Choice(config, split_k))`` of llama_kernels.cuda.fp8_gemm / int4_gemm over
+``candidates(op, M)`` for each benchmark shape on the target GPU and store the fastest.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+BLOCK_N = 128  # output columns per block, every configuration
+ROWS = {"fp8_gemm": (16, 32, 64), "int4_gemm": (16, 64)}  # rows of M per block, by config id
+STEP_K = {"fp8_gemm": 64, "int4_gemm": 128}  # K values per pipeline step
+MIN_STEPS_PER_SPLIT = {"fp8_gemm": 4, "int4_gemm": 2}
+BLOCKS_PER_SM = {"fp8_gemm": 2, "int4_gemm": 3}  # resident blocks per SM (registers / shared memory)
+MAX_SPLIT_K = 16  # the C launchers accept up to 64; more partials than this cost more than they save
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class NoKernelError(ValueError):
+    """No compiled CUDA GEMM kernel supports this shape / alignment (raised before any launch)."""
+
+
+class Choice(NamedTuple):
+    config: int  # the C enum value (Fp8GemmConfig / Int4GemmConfig)
+    split_k: int  # K slices; > 1 needs a float32 workspace [split_k, M, N]
+
+
+# (op, arch, m_bucket, N, K) -> (config, split_k). Empty until timed on a GPU (see module doc).
+TABLE: dict[tuple[str, str, int, int, int], tuple[int, int]] = {}
+
+
+def m_bucket(m: int) -> int:
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+def arch_name(capability: tuple[int, int]) -> str:
+    """The SASS arch a GPU of this capability runs from this build: sm_80, sm_89, sm_90a."""
+    major, minor = capability
+    return f"sm_{major}{minor}" + ("a" if major == 9 else "")
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def candidates(op: str, m: int) -> list[Choice]:
+    """Every (config, split_k) the benchmark may time for M rows."""
+    return [Choice(c, s) for c, rows in enumerate(ROWS[op]) if rows >= min(m, ROWS[op][-1])
+            for s in (1, 2, 3, 4, 6, 8, 12, 16)]  # fmt: skip
+
+
+def default_choice(op: str, m: int, n: int, k: int, sms: int) -> Choice:
+    rows = ROWS[op]
+    config = next((i for i, r in enumerate(rows) if m <= r), len(rows) - 1)
+    tiles = -(-n // BLOCK_N) * -(-m // rows[config])
+    steps = -(-k // STEP_K[op])
+    target = BLOCKS_PER_SM[op] * sms
+    split = -(-target // tiles) if tiles < target else 1
+    split = max(1, min(split, MAX_SPLIT_K, steps // MIN_STEPS_PER_SPLIT[op]))
+    return Choice(config, split)
+
+
+def choose(op: str, capability: tuple[int, int], m: int, n: int, k: int, sms: int) -> Choice:
+    entry = TABLE.get((op, arch_name(capability), m_bucket(m), n, k))
+    return Choice(*entry) if entry is not None else default_choice(op, m, n, k, sms)
+
+
+# --- shape and alignment checks (no GPU needed: they run on CPU or fake tensors too) ----------
+
+
+def check_fp8_shape(m: int, n: int, k: int) -> None:
+    if k % 16:
+        raise NoKernelError(f"fp8_gemm: no kernel for this shape: K={k} must be a multiple of 16 (cuda backend)")
+    if n % 8:
+        raise NoKernelError(f"fp8_gemm: no kernel for this shape: N={n} must be a multiple of 8 (cuda backend)")
+
+
+def check_int4_shape(n: int, k: int, group_size: int) -> None:
+    if k % 16:
+        raise NoKernelError(f"int4_gemm: no kernel for this shape: K={k} must be a multiple of 16 (cuda backend)")
+    if n % 32:
+        raise NoKernelError(
+            f"int4_gemm: no kernel for this shape: N={n} must be a multiple of 32 (the repacked weight's "
+            "column tile; cuda backend)"
+        )
+    if group_size <= 0 or k % group_size or (group_size % 32 and group_size != k):
+        raise NoKernelError(
+            f"int4_gemm: no kernel for this shape: group_size={group_size} must divide K={k} and be a "
+            "multiple of 32 (32, 64, 128, ...) or equal K (per-channel) (cuda backend)"
+        )
+
+
+def check_aligned(op: str, align: int = 16, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is None or t.device.type == "meta":
+            continue
+        if t.data_ptr() % align:
+            raise NoKernelError(
+                f"{op}: argument '{name}' has data pointer {t.data_ptr():#x}, not {align}-byte aligned; "
+                "the cuda kernel needs aligned rows (pass a fresh or .clone()d tensor)"
+            )

@@ -1,0 +1,334 @@
+"""CPU-side checks of the CUDA GEMMs (csrc/fp8_gemm*, csrc/int4_gemm*), no GPU needed.
+
+  * the built module holds every whitelisted GEMM kernel for every built arch;
+  * SASS: the sm_89 FP8 kernels use the native e4m3 MMA (QMMA.16832.F32.E4M3.E4M3), the sm_90a
+    ones the e4m3 -> f16 conversion + HMMA lowering, both stream the weight with 16-byte
+    no-L1-allocate loads; the INT4 kernels use HMMA with bf16 / fp16 operands, LOP3 (the
+    magic-number dequantization) and 16-byte cp.async (LDGSTS); no local memory anywhere;
+  * ptxas reports no spills (and no stack) for the GEMM sources, for every built arch;
+  * the launchers and the Python dispatch reject unsupported shapes / alignments before launch;
+  * the INT4 repack layout, read back the way the kernel reads it (a torch emulation of the
+    kernel's index math and lop3 conversion), gives exactly the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import TOL, assert_rel_close, randn
+from test_cuda_build import (  # noqa: F401  (fixtures)
+    CSRC,
+    DEFAULT_ARCHS,
+    _parse_ptxas,
+    _ptxas_report,
+    built,
+    sass,
+)
+
+FP8_RE = re.compile(r"fp8gemm15fp8_gemm_kernelILi(\d)ELi(\d)E")
+INT4_RE = re.compile(r"int4gemm16int4_gemm_kernelI(6__half|13__nv_bfloat16)Li(\d)ELi(\d)E")
+REDUCE = "_ZN13llama_kernels4gemm20splitk_reduce_kernel"
+FP8_CONFIGS = {("1", "4"), ("2", "3"), ("4", "2")}  # (m16 tiles, stages) of kFp8M16/M32/M64
+INT4_CONFIGS = {("1", "4"), ("4", "3")}  # kInt4M16 / kInt4M64
+
+
+def _kernels(funcs: dict[str, str], pattern: re.Pattern) -> dict[tuple, str]:
+    return {pattern.search(f).groups(): body for f, body in funcs.items() if pattern.search(f)}
+
+
+# --------------------------------------------------------------------------- SASS
+
+
+def test_sass_has_every_gemm_kernel(built, sass):
+    for arch, funcs in sass.items():
+        assert set(_kernels(funcs, FP8_RE)) == FP8_CONFIGS, arch
+        int4 = _kernels(funcs, INT4_RE)
+        assert set(int4) == {(t, *c) for t in ("6__half", "13__nv_bfloat16") for c in INT4_CONFIGS}, arch
+        assert any(f.startswith(REDUCE) for f in funcs), arch
+        for body in [*_kernels(funcs, FP8_RE).values(), *int4.values()]:
+            assert not re.search(r"\b(LDL|STL)\b", body), f"{arch}: a GEMM kernel uses local memory"
+
+
+def test_sass_fp8_mma(built, sass):
+    """sm_89: native e4m3 MMA. sm_90a: the same PTX becomes e4m3->f16 converts + HMMA.16816
+    (native FP8 on Hopper is wgmma/QGMMA only). sm_80: a trapping stub, no MMA at all."""
+    checked = set()
+    for arch, funcs in sass.items():
+        for (mt, stages), body in _kernels(funcs, FP8_RE).items():
+            where = f"{arch} fp8_gemm_kernel<{mt}, {stages}>"
+            qmma = len(re.findall(r"\bQMMA\.16832\.F32\.E4M3\.E4M3\b", body))
+            hmma = len(re.findall(r"\bHMMA\.16816\.F32\b", body))
+            per_step = int(mt) * 4 * 2  # m16 tiles x n8 tiles x 2 MMAs per 64-byte step
+            if arch == "sm_89":
+                assert qmma >= per_step and hmma == 0, f"{where}: {qmma} QMMA, {hmma} HMMA"
+            elif arch.startswith("sm_90"):
+                assert qmma == 0 and hmma >= 2 * per_step, f"{where}: {qmma} QMMA, {hmma} HMMA"
+                assert re.search(r"\bF2FP\.F16\.E4M3\.UNPACK_B\b", body), where
+            else:
+                assert qmma == 0 and hmma == 0 and "BPT.TRAP" in body, where
+                continue
+            # the weight stream: 16-byte, non-coherent, no L1 allocation
+            assert re.search(r"\bLDG\.E\.NA[.\w]*\.128\b", body), f"{where}: no 16-byte streaming load"
+            checked.add(arch)
+    assert checked == {f"sm_{a}" for a in built.archs if a in ("89", "90a")}
+
+
+def test_sass_int4_mma_and_lop3(built, sass):
+    for arch, funcs in sass.items():
+        for (t, mt, stages), body in _kernels(funcs, INT4_RE).items():
+            where = f"{arch} int4_gemm_kernel<{t}, {mt}, {stages}>"
+            bf16 = len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", body))
+            f16 = len(re.findall(r"\bHMMA\.16816\.F32(?!\.BF16)\b", body))
+            per_chunk = int(mt) * 4 * 2  # m16 tiles x n8 tiles x 2 k16 MMAs per 32 values of K
+            if t == "13__nv_bfloat16":
+                assert bf16 >= per_chunk and f16 == 0, f"{where}: {bf16} bf16 / {f16} f16 HMMA"
+            else:
+                assert f16 >= per_chunk and bf16 == 0, f"{where}: {bf16} bf16 / {f16} f16 HMMA"
+            assert len(re.findall(r"\bLOP3\.LUT\b", body)) >= 16, f"{where}: no lop3 dequantization"
+            assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body), f"{where}: no 16-byte cp.async"
+            assert re.search(r"\bLDS\.128\b", body), f"{where}: no 16-byte shared loads"
+
+
+def test_gemm_no_register_spills(built, tmp_path):
+    archs = built.archs or DEFAULT_ARCHS
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        logs = pool.map(lambda name: _ptxas_report(CSRC / name, archs, tmp_path), ("fp8_gemm.cu", "int4_gemm.cu"))
+    entries = [e for log in logs for e in _parse_ptxas(log)]
+    gemm = [e for e in entries if FP8_RE.search(e["func"]) or INT4_RE.search(e["func"])]
+    assert len(gemm) == (len(FP8_CONFIGS) + 2 * len(INT4_CONFIGS)) * len(archs), [e["func"] for e in gemm]
+    for e in entries:
+        assert e["spill_stores"] == 0 and e["spill_loads"] == 0 and e["stack"] == 0, f"spill / stack: {e}"
+        assert e["registers"] <= 255, e
+        print(f"{e['arch']:7s} {e['func'][:100]} regs={e['registers']}")
+
+
+# --------------------------------------------------------------------------- launcher validation
+
+A = 1 << 20  # a 16-byte aligned fake device address: nothing is launched for bad arguments
+
+
+def _raises(fn, *args) -> str:
+    with pytest.raises(RuntimeError) as e:
+        fn(*args)
+    return str(e.value)
+
+
+def test_fp8_launcher_rejects_before_launch(built):
+    C = built.C
+    #       xq xs rows wq ws rows bias bdt y out ws M N K cfg split stream
+    ok = [A, A, True, A, A, True, 0, -1, A, 2, 0, 4, 4096, 4096, 0, 1, 0]
+
+    def args(**kw):
+        names = ["xq", "xs", "xr", "wq", "ws", "wr", "bias", "bdt", "y", "out", "work", "M", "N", "K",
+                 "cfg", "split", "stream"]  # fmt: skip
+        a = list(ok)
+        for k, v in kw.items():
+            a[names.index(k)] = v
+        return a
+
+    cases = [
+        (dict(K=4104), "no kernel for this shape: K must be a multiple of 16"),
+        (dict(N=4100), "no kernel for this shape: N must be a multiple of 8"),
+        (dict(cfg=3), "config must be 0 (m16), 1 (m32) or 2 (m64)"),
+        (dict(split=65), "split_k must be in [1, 64]"),
+        (dict(split=4), "workspace must be non-null and 16-byte aligned when split_k > 1"),
+        (dict(xq=A + 8), "xq and wq must be 16-byte aligned"),
+        (dict(wq=0), "xq and wq must not be null"),
+        (dict(out=0), "out_dtype must be 1 (float16) or 2 (bfloat16)"),
+        (dict(y=A + 2), "y must be 4-byte aligned"),
+        (dict(xs=0), "x_scale and w_scale must not be null"),
+        (dict(bias=A + 2, bdt=0), "bias must be aligned to its element size"),
+        (dict(bias=A, bdt=5), "bias_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)"),
+    ]
+    for kw, reason in cases:
+        msg = _raises(C.fp8_gemm, *args(**kw))
+        assert msg.startswith("fp8_gemm: invalid argument (M=") and msg.endswith(": " + reason), msg
+    assert C.fp8_gemm(*args(M=0)) is None  # M == 0: a validated no-op, no GPU needed
+
+
+def test_int4_launcher_rejects_before_launch(built):
+    C = built.C
+    #     x  qp sz y  ws M  N     K     G    dt cfg split stream
+    ok = [A, A, A, A, 0, 4, 4096, 4096, 128, 2, 0, 1, 0]
+    names = ["x", "qp", "sz", "y", "work", "M", "N", "K", "G", "dt", "cfg", "split", "stream"]
+
+    def args(**kw):
+        a = list(ok)
+        for k, v in kw.items():
+            a[names.index(k)] = v
+        return a
+
+    cases = [
+        (dict(K=4104, G=4104), "no kernel for this shape: K must be a multiple of 16"),
+        (dict(N=4112), "no kernel for this shape: N must be a multiple of 32"),
+        (dict(G=16), "no kernel for this shape: group_size must divide K and be a multiple of 32 (or equal K)"),
+        (dict(G=96), "no kernel for this shape: group_size must divide K and be a multiple of 32 (or equal K)"),
+        (dict(dt=0), "dtype must be 1 (float16) or 2 (bfloat16)"),
+        (dict(cfg=2), "config must be 0 (m16) or 1 (m64)"),
+        (dict(x=A + 4), "x, qpacked and scale_zero must be 16-byte aligned"),
+        (dict(sz=0), "x, qpacked, scale_zero and y must not be null"),
+        (dict(split=2), "workspace must be non-null and 16-byte aligned when split_k > 1"),
+    ]
+    for kw, reason in cases:
+        msg = _raises(C.int4_gemm, *args(**kw))
+        assert msg.startswith("int4_gemm: invalid argument (M=") and msg.endswith(": " + reason), msg
+    assert C.int4_gemm(*args(M=0)) is None
+    assert C.int4_gemm(*args(M=0, K=4112, G=4112)) is None  # per-channel with K % 32 == 16 is supported
+
+
+def test_gemm_launch_error_without_gpu(built):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: this test would launch on fake pointers")
+    msg = _raises(built.C.fp8_gemm, A, A, True, A, A, True, 0, -1, A, 2, 0, 4, 4096, 4096, 0, 1, 0)
+    assert msg.startswith("fp8_gemm: ") and "invalid argument" not in msg, msg
+    msg = _raises(built.C.int4_gemm, A, A, A, A, 0, 4, 4096, 4096, 128, 2, 0, 1, 0)
+    assert msg.startswith("int4_gemm: ") and "invalid argument" not in msg, msg
+
+
+# --------------------------------------------------------------------------- Python dispatch
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_args(m, n, k, *, offset=0):
+    xq = torch.zeros(m * k + 16, dtype=torch.uint8)[offset : offset + m * k].view(FP8).view(m, k)
+    wq = torch.zeros(n, k, dtype=FP8)
+    return xq, torch.ones(m), wq, torch.ones(n)
+
+
+def test_fp8_plan_errors_are_named_before_launch():
+    from llama_kernels.cuda import fp8_gemm as F
+    from llama_kernels.cuda.gemm_configs import NoKernelError
+
+    assert issubclass(NoKernelError, ValueError)
+    with pytest.raises(NoKernelError, match=r"no kernel for this shape: K=72 must be a multiple of 16"):
+        F.plan(*_fp8_args(2, 64, 72), torch.bfloat16, None)
+    with pytest.raises(NoKernelError, match=r"no kernel for this shape: N=60 must be a multiple of 8"):
+        F.plan(*_fp8_args(2, 60, 64), torch.bfloat16, None)
+    with pytest.raises(NoKernelError, match=r"argument 'xq' .* not 16-byte aligned"):
+        F.plan(*_fp8_args(2, 64, 64, offset=8), torch.bfloat16, None)
+    with pytest.raises(NoKernelError, match=r"out_dtype=torch.float32"):
+        F.plan(*_fp8_args(2, 64, 64), torch.float32, None)
+    assert F.plan(*_fp8_args(3, 6144, 4096), torch.bfloat16, None, (8, 9), 128).config == 0
+
+
+def test_int4_plan_errors_are_named_before_launch():
+    from llama_kernels import ops
+    from llama_kernels.cuda import int4_gemm as I
+    from llama_kernels.cuda.gemm_configs import NoKernelError
+
+    for (n, k, g), what in [((48, 256, 128), "N=48 must be a multiple of 32"),
+                            ((64, 256, 16), "group_size=16 must divide K=256"),
+                            ((64, 264, 264), "K=264 must be a multiple of 16")]:  # fmt: skip
+        w = ops.quantize_int4(torch.randn(n, k), group_size=g)
+        with pytest.raises(NoKernelError, match="no kernel for this shape: " + re.escape(what)):
+            I.repack_int4(w, torch.bfloat16)
+        with pytest.raises(NoKernelError):
+            I.int4_gemm(torch.zeros(2, k, dtype=torch.bfloat16), w)
+        assert "_cuda_int4_packed" not in w.__dict__ or not w.__dict__["_cuda_int4_packed"]
+    w = ops.quantize_int4(torch.randn(64, 256), group_size=64)
+    packed = I.repack_int4(w, torch.float16)
+    with pytest.raises(NoKernelError, match="repacked for torch.float16"):
+        I.plan(torch.zeros(2, 256, dtype=torch.bfloat16), packed)
+    x = torch.zeros(2 * 256 + 8, dtype=torch.float16)[4 : 4 + 512].view(2, 256)
+    with pytest.raises(NoKernelError, match=r"argument 'x' .* not 16-byte aligned"):
+        I.plan(x, packed)
+    assert I.plan(torch.zeros(2, 256, dtype=torch.float16), packed).split_k >= 1
+
+
+@pytest.mark.parametrize("op", ["fp8_gemm", "int4_gemm"])
+def test_default_choices_are_whitelisted(op):
+    from llama_kernels.cuda import gemm_configs as G
+
+    for m in (1, 2, 3, 16, 17, 33, 64, 65, 128, 1000, 4096):
+        for n, k in [(6144, 4096), (1280, 8192), (16384, 6656), (7168, 8192), (256, 64)]:
+            for sms in (46, 108, 132):
+                c = G.choose(op, (8, 9), m, n, k, sms)
+                assert 0 <= c.config < len(G.ROWS[op]) and 1 <= c.split_k <= G.MAX_SPLIT_K, (m, n, k, c)
+                assert G.ROWS[op][c.config] >= min(m, G.ROWS[op][-1]), (m, c)
+                steps = -(-k // G.STEP_K[op])
+                assert c.split_k == 1 or steps // c.split_k >= G.MIN_STEPS_PER_SPLIT[op], (m, n, k, c)
+    assert G.arch_name((9, 0)) == "sm_90a" and G.arch_name((8, 9)) == "sm_89"
+
+
+def test_fp8_needs_sm89_and_is_not_the_default():
+    from llama_kernels import backends
+
+    impl = backends._REGISTRY["fp8_gemm"]["cuda"]
+    assert impl.min_capability == (8, 9) and "int4_gemm" in impl.instead
+    assert backends._REGISTRY["int4_gemm"]["cuda"].min_capability == (8, 0)
+    assert not any(k["op"] in ("fp8_gemm", "int4_gemm") and k["backend"] == "cuda"
+                   for k in backends.validated_kernels())  # fmt: skip
+
+
+def test_custom_ops_have_fake_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from llama_kernels.cuda import fp8_gemm as F
+    from llama_kernels.cuda import int4_gemm as I
+
+    with FakeTensorMode():
+        y = F.fp8_gemm(torch.empty(3, 64, dtype=FP8), torch.empty(3), torch.empty(96, 64, dtype=FP8),
+                       torch.empty(()), torch.float16, None)  # fmt: skip
+        assert y.shape == (3, 96) and y.dtype == torch.float16
+        y = I.int4_gemm_packed(torch.empty(5, 256, dtype=torch.bfloat16), torch.empty(2, 1024, dtype=torch.int32),
+                               torch.empty(2, 2, 8, 8, dtype=torch.bfloat16), 64, 128)  # fmt: skip
+        assert y.shape == (5, 64) and y.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- INT4 repack layout
+
+
+def emulate_int4_kernel_weight(packed) -> torch.Tensor:
+    """The weight [N, Kp] as the kernel forms it in registers, following its index math: lane
+    (g, t) word i of tile (nt, kc) covers n = 32 nt + 8 i + g, k = 32 kc + 8 t + (2r, 2r + 1) from
+    nibbles (r, r + 4) of q >> 4r (r = 0..3); W = round_T((MAGIC + v) - (MAGIC + z)) * s)."""
+    from llama_kernels.cuda.int4_gemm import MAGIC
+
+    n, k, gs, dtype = packed.n, packed.k, packed.group_size, packed.dtype
+    kc = -(-k // 32)
+    ng, nt = k // gs, n // 32
+    words = packed.qpacked.reshape(nt, kc, 8, 4, 4).to(torch.int64) & 0xFFFFFFFF  # [nt, kc, g, t, i]
+    r = torch.arange(4)
+    lo = (words[..., None] >> (4 * r)) & 0xF  # [nt, kc, g, t, i, r]: k offset 2r
+    hi = (words[..., None] >> (4 * r + 16)) & 0xF  # k offset 2r + 1
+    v = torch.stack([lo, hi], dim=-1).float()  # [nt, kc, g, t, i, r, e]
+    grp = torch.clamp(torch.arange(kc) * 32 // gs, max=ng - 1)
+    sz = packed.scale_zero.reshape(ng, nt, 8, 8)[grp]  # [kc, nt, g, 8]
+    s = sz[..., :4].permute(1, 0, 2, 3).float()[:, :, :, None, :, None, None]  # [nt, kc, g, 1, i, 1, 1]
+    zz = sz[..., 4:].permute(1, 0, 2, 3).float()[:, :, :, None, :, None, None]
+    w = (((v + MAGIC[dtype]) - zz) * s).to(dtype)  # exact difference, one rounding of the product
+    return w.permute(0, 4, 2, 1, 3, 5, 6).reshape(n, kc * 32)  # [nt, i, g, kc, t, r, e] -> [N, Kp]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size,symmetric", [
+    (64, 256, 32, False), (96, 512, 64, True), (128, 384, 128, False), (32, 208, None, False),
+    (64, 1040, None, True), (160, 4096, 128, True),
+])  # fmt: skip
+def test_repack_layout_matches_the_weight(dtype, n, k, group_size, symmetric):
+    from llama_kernels import reference
+    from llama_kernels.cuda.int4_gemm import repack_int4
+
+    w = reference.quantize_int4(randn(n, k, dtype=torch.float32, seed=n + k), group_size=group_size,
+                                symmetric=symmetric)  # fmt: skip
+    packed = repack_int4(w, dtype)
+    assert repack_int4(w, dtype) is packed  # cached on the weight
+    kp = -(-k // 32) * 32
+    assert packed.qpacked.shape == (n // 32, kp * 4) and packed.qpacked.dtype == torch.int32
+    assert packed.scale_zero.shape == (k // w.group_size, n // 32, 8, 8) and packed.scale_zero.dtype == dtype
+    got = emulate_int4_kernel_weight(packed)
+    q, z = w.unpack().float(), w._zero_points().float()
+    s = w.scales.to(dtype).float()
+    g = torch.arange(k) // w.group_size
+    want = ((q - z[:, g]) * s[:, g]).to(dtype)
+    assert torch.equal(got[:, :k], want)
+    assert torch.equal(got[:, k:].float() * 0, torch.zeros(n, kp - k))  # padding is finite
+    # and the GEMM it implies is the reference's, within one rounding of W and of y
+    x = randn(5, k, dtype=dtype, seed=k)
+    y = (x.float() @ got[:, :k].float().T).to(dtype)
+    assert_rel_close(y, reference.int4_gemm(x, w), 2 * TOL[dtype], "emulated int4 gemm")

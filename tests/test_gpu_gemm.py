@@ -1,0 +1,148 @@
+"""The cuda FP8 and INT4 GEMMs against the reference, on a GPU (marked `gpu`).
+
+Fresh random inputs per case, outputs allocated from a poisoned (NaN-filled) allocator, and
+repeat runs compared bit for bit (the split-K reduction is deterministic).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TOL, _cuda_backend_reason, assert_rel_close, poison_allocator, randn
+from llama_kernels import ops, reference
+
+pytestmark = pytest.mark.gpu
+
+MS = [1, 2, 3, 16, 17, 64, 128, 1000, 4096]
+# (N, K): Llama 3.1 8B qkv / down, 70B-TP8 gate_up / qkv, 405B-TP8 down; then N not a multiple
+# of the 128-column block and K not a multiple of the 64 / 128-value K step.
+FP8_SHAPES = [(6144, 4096), (4096, 14336), (7168, 8192), (1280, 8192), (16384, 6656), (520, 1040), (200, 16)]
+INT4_SHAPES = [(6144, 4096), (4096, 14336), (7168, 8192), (1280, 8192), (16384, 6656), (544, 1056), (96, 208)]
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    reason = _cuda_backend_reason()
+    if reason:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def fp8_gpu(gpu):
+    if torch.cuda.get_device_capability(gpu) < (8, 9):
+        pytest.skip("the cuda FP8 GEMM needs sm_89 or newer")
+    return gpu
+
+
+def _fp8_inputs(m, n, k, device, seed, per_tensor=False):
+    x = randn(m, k, seed=seed, device=device)
+    w = randn(n, k, seed=seed + 1, scale=0.05, device=device)
+    xq, xs = reference.quantize_fp8(x)
+    wq, ws = reference.quantize_fp8(w)
+    if per_tensor:
+        xs, ws = xs.max().reshape(()), ws.max().reshape(())
+        xq = (x / xs).clamp(-448, 448).to(torch.float8_e4m3fn)
+        wq = (w / ws).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return xq, xs, wq, ws
+
+
+def _check_fp8(xq, xs, wq, ws, out_dtype, bias, device):
+    want = reference.fp8_gemm(xq, xs, wq, ws, out_dtype, bias)
+    poison_allocator(device)
+    y = ops.fp8_gemm(xq, xs, wq, ws, out_dtype, bias, backend="cuda")
+    assert y.dtype == out_dtype and y.shape == want.shape
+    assert_rel_close(y, want, TOL[out_dtype], "y")
+    poison_allocator(device)
+    y2 = ops.fp8_gemm(xq, xs, wq, ws, out_dtype, bias, backend="cuda")
+    assert torch.equal(y, y2), "repeat runs must be bit-identical"
+
+
+@pytest.mark.parametrize("n,k", FP8_SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_fp8_gemm_cuda(fp8_gpu, m, n, k):
+    xq, xs, wq, ws = _fp8_inputs(m, n, k, fp8_gpu, seed=m + n + k)
+    _check_fp8(xq, xs, wq, ws, torch.bfloat16, None, fp8_gpu)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (17, 1280, 8192), (300, 520, 1040)])
+def test_fp8_gemm_cuda_scales_bias(fp8_gpu, m, n, k, per_tensor, bias_dtype, out_dtype):
+    xq, xs, wq, ws = _fp8_inputs(m, n, k, fp8_gpu, seed=3 * m + k, per_tensor=per_tensor)
+    bias = None if bias_dtype is None else randn(n, dtype=bias_dtype, seed=n, device=fp8_gpu)
+    _check_fp8(xq, xs, wq, ws, out_dtype, bias, fp8_gpu)
+
+
+@pytest.mark.parametrize("config", [0, 1, 2])
+@pytest.mark.parametrize("split_k", [1, 2, 5, 16])
+def test_fp8_gemm_cuda_every_config(fp8_gpu, config, split_k):
+    from llama_kernels.cuda import fp8_gemm as F
+    from llama_kernels.cuda.gemm_configs import Choice
+
+    m, n, k = 37, 1288, 2064
+    xq, xs, wq, ws = _fp8_inputs(m, n, k, fp8_gpu, seed=config * 31 + split_k)
+    bias = randn(n, dtype=torch.bfloat16, seed=1, device=fp8_gpu)
+    want = reference.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, bias)
+    poison_allocator(fp8_gpu)
+    y = F.launch(xq, xs, wq, ws, torch.bfloat16, bias, choice=Choice(config, split_k))
+    assert_rel_close(y, want, TOL[torch.bfloat16], f"y (config {config}, split_k {split_k})")
+    assert torch.equal(y, F.launch(xq, xs, wq, ws, torch.bfloat16, bias, choice=Choice(config, split_k)))
+
+
+def _int4_inputs(m, n, k, dtype, group_size, symmetric, device, seed):
+    w = ops.quantize_int4(randn(n, k, seed=seed, scale=0.05, device=device), group_size=group_size,
+                          symmetric=symmetric)  # fmt: skip
+    x = randn(m, k, dtype=dtype, seed=seed + 1, device=device)
+    return x, w
+
+
+def _check_int4(x, w, device):
+    want = reference.int4_gemm(x, w)
+    poison_allocator(device)
+    y = ops.int4_gemm(x, w, backend="cuda")
+    assert y.dtype == x.dtype and y.shape == want.shape
+    # W is rounded once to x's dtype in the kernel (the reference keeps it in float32).
+    assert_rel_close(y, want, 2 * TOL[x.dtype], "y")
+    poison_allocator(device)
+    assert torch.equal(y, ops.int4_gemm(x, w, backend="cuda")), "repeat runs must be bit-identical"
+
+
+@pytest.mark.parametrize("n,k", INT4_SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_int4_gemm_cuda(gpu, m, n, k):
+    group = 128 if k % 128 == 0 else 32 if k % 32 == 0 else None
+    x, w = _int4_inputs(m, n, k, torch.bfloat16, group, False, gpu, seed=m + n + k)
+    _check_int4(x, w, gpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [32, 64, 128, None])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 17, 1000])
+def test_int4_gemm_cuda_groups(gpu, m, group_size, symmetric, dtype):
+    x, w = _int4_inputs(m, 2304, 4096, dtype, group_size, symmetric, gpu, seed=m * 7 + (group_size or 1))
+    _check_int4(x, w, gpu)
+
+
+def test_int4_gemm_cuda_act_order(gpu):
+    x, w = _int4_inputs(5, 1024, 2048, torch.float16, 128, False, gpu, seed=11)
+    w.perm = torch.randperm(2048, generator=torch.Generator().manual_seed(0)).to(gpu)
+    _check_int4(x, w, gpu)
+
+
+@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("split_k", [1, 3, 16])
+def test_int4_gemm_cuda_every_config(gpu, config, split_k):
+    from llama_kernels.cuda import int4_gemm as I
+    from llama_kernels.cuda.gemm_configs import Choice
+
+    x, w = _int4_inputs(70, 1312, 2080, torch.bfloat16, 32, False, gpu, seed=config + 5 * split_k)
+    p = I.repack_int4(w, x.dtype)
+    want = reference.int4_gemm(x, w)
+    poison_allocator(gpu)
+    y = I.launch(x, p.qpacked, p.scale_zero, p.n, p.group_size, choice=Choice(config, split_k))
+    assert_rel_close(y, want, 2 * TOL[x.dtype], f"y (config {config}, split_k {split_k})")
+    assert torch.equal(y, I.launch(x, p.qpacked, p.scale_zero, p.n, p.group_size, choice=Choice(config, split_k)))
