@@ -98,11 +98,11 @@ def test_sass_rope_is_vectorized_and_uses_hardware_fp8(sass):
 # --------------------------------------------------------------------------- ptxas spills
 
 
-def test_attention_kernels_do_not_spill(built, tmp_path):
+def test_attention_kernels_do_not_spill(built):
     archs = built.archs or DEFAULT_ARCHS
     sources = [CSRC / "rope_cache.cu", CSRC / "decode_attention.cu"]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        logs = list(pool.map(lambda s: _ptxas_report(s, archs, tmp_path), sources))
+        logs = list(pool.map(lambda s: _ptxas_report(s, archs), sources))
     entries = [e for log in logs for e in _parse_ptxas(log)]
     for regex, per_arch in ((SPLIT_RE, 8), (MERGE_RE, 2), (ROPE_RE, 8)):
         found = [e for e in entries if regex.search(e["func"])]

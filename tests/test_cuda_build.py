@@ -16,6 +16,7 @@ Numerical correctness on a GPU is tested elsewhere.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -24,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -290,11 +292,20 @@ def test_sass_fp8_uses_hardware_convert(built, sass):
 # --------------------------------------------------------------------------- ptxas spills
 
 
-def _ptxas_report(src: Path, archs: list[str], outdir: Path) -> str:
+def _ptxas_report(src: Path, archs: list[str]) -> str:
+    """`ptxas -v` output of one source for the given archs (compiled once per test session: the
+    spill tests of every kernel family share it)."""
+    return _ptxas_log(Path(src), tuple(archs))
+
+
+@functools.cache
+def _ptxas_log(src: Path, archs: tuple[str, ...]) -> str:
+    outdir = Path(tempfile.mkdtemp(prefix="llama-kernels-ptxas-"))
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     cmd = [NVCC, "--fatbin", *NVCC_FLAGS, "-Xptxas=-v", *gencode, f"-I{CSRC}", str(src),
            "-o", str(outdir / (src.stem + ".fatbin"))]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    shutil.rmtree(outdir, ignore_errors=True)
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stderr[-4000:]}"
     return p.stdout + p.stderr
 
@@ -319,12 +330,12 @@ def _parse_ptxas(log: str) -> list[dict]:
     return out
 
 
-def test_no_register_spills(built, tmp_path):
+def test_no_register_spills(built):
     archs = built.archs or DEFAULT_ARCHS
     sources = sorted(CSRC.glob("*.cu"))
     assert sources, f"no CUDA sources in {CSRC}"
     with ThreadPoolExecutor(max_workers=2) as pool:
-        logs = list(pool.map(lambda s: _ptxas_report(s, archs, tmp_path), sources))
+        logs = list(pool.map(lambda s: _ptxas_report(s, archs), sources))
     entries = [e for log in logs for e in _parse_ptxas(log)]
     kernels = [e for e in entries if KERNEL_RE.search(e["func"])]
     assert len(kernels) >= 6 * len(archs), f"expected add_rms_norm kernels for {archs}, got {len(kernels)}"

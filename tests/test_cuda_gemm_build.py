@@ -93,10 +93,10 @@ def test_sass_int4_mma_and_lop3(built, sass):
             assert re.search(r"\bLDS\.128\b", body), f"{where}: no 16-byte shared loads"
 
 
-def test_gemm_no_register_spills(built, tmp_path):
+def test_gemm_no_register_spills(built):
     archs = built.archs or DEFAULT_ARCHS
     with ThreadPoolExecutor(max_workers=2) as pool:
-        logs = pool.map(lambda name: _ptxas_report(CSRC / name, archs, tmp_path), ("fp8_gemm.cu", "int4_gemm.cu"))
+        logs = pool.map(lambda name: _ptxas_report(CSRC / name, archs), ("fp8_gemm.cu", "int4_gemm.cu"))
     entries = [e for log in logs for e in _parse_ptxas(log)]
     gemm = [e for e in entries if FP8_RE.search(e["func"]) or INT4_RE.search(e["func"])]
     assert len(gemm) == (len(FP8_CONFIGS) + 2 * len(INT4_CONFIGS)) * len(archs), [e["func"] for e in gemm]
