@@ -228,9 +228,18 @@ def _cuobjdump_candidates() -> list[str]:
 @pytest.fixture(scope="module")
 def sass(built) -> dict[str, dict[str, str]]:
     """{arch: {function name: SASS text}} of the built .so."""
+    out, errors = _disassemble(str(built.so))
+    if out is None:
+        pytest.skip("no working cuobjdump (PATH, CUDA toolkit or triton wheel): " + "; ".join(errors or ["none found"]))
+    return out
+
+
+@functools.cache
+def _disassemble(so: str) -> tuple[dict[str, dict[str, str]] | None, list[str]]:
+    """cuobjdump -sass of the .so, parsed once per test session (every kernel family's tests read it)."""
     errors = []
     for tool in _cuobjdump_candidates():
-        p = subprocess.run([tool, "-sass", str(built.so)], capture_output=True, text=True, timeout=300)
+        p = subprocess.run([tool, "-sass", so], capture_output=True, text=True, timeout=300)
         if p.returncode == 0 and "Function :" in p.stdout:
             out: dict[str, dict[str, str]] = {}
             arch, func = None, None
@@ -247,9 +256,9 @@ def sass(built) -> dict[str, dict[str, str]]:
                     continue
                 if func:
                     out[arch][func] += line + "\n"
-            return out
+            return out, errors
         errors.append(f"{tool}: rc={p.returncode} {p.stderr.strip()[:200]}")
-    pytest.skip("no working cuobjdump (PATH, CUDA toolkit or triton wheel): " + "; ".join(errors or ["none found"]))
+    return None, errors
 
 
 def test_sass_has_every_kernel_for_every_arch(built, sass):
