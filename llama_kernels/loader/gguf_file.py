@@ -8,12 +8,13 @@ import math
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..model.config import LlamaConfig
+from ..reference import rope_inv_freq
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, check_not_lfs_pointer
 from .tokenizer import Tokenizer
@@ -32,6 +33,7 @@ _NAMES = {
 }
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's llama3 RoPE: per-frequency divisors [D/2] float32
 
 
 def hf_name(name: str) -> str | None:
@@ -142,11 +144,8 @@ def open_gguf(file: Path) -> Checkpoint:
     if arch != "llama":
         raise CheckpointError(f"{file}: general.architecture={arch!r}; only 'llama' GGUF files are supported")
     names = {t.name for t in infos}
-    if "rope_freqs.weight" in names:
-        raise CheckpointError(
-            f"{file} carries llama3 RoPE scaling as rope_freqs.weight, which is not supported yet: use the "
-            "model's Hugging Face directory"
-        )
+    freqs = next((t for t in infos if t.name == ROPE_FREQS), None)
+    infos = [t for t in infos if t is not freqs]
     for t in infos:
         kind = gguf.GGMLQuantizationType(t.qtype).name
         if kind not in SUPPORTED_TYPES:
@@ -156,6 +155,12 @@ def open_gguf(file: Path) -> Checkpoint:
         if hf_name(t.name) is None:
             raise CheckpointError(f"{file}: unexpected tensor {t.name!r} for a Llama model")
     config = _config(meta, names, file)
+    if freqs is not None:
+        kind = gguf.GGMLQuantizationType(freqs.qtype).name
+        if kind != "F32":
+            raise CheckpointError(f"{file}: {ROPE_FREQS} is {kind}; expected F32: convert the model again")
+        factors = torch.from_numpy(np.array(data[freqs.offset : freqs.offset + freqs.nbytes]).view(np.float32))
+        config = replace(config, rope_scaling=llama3_rope_scaling(factors, config.head_dim, config.rope_theta, file))
     tokenizer = Tokenizer.from_gguf(meta, file)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor, int]]:
@@ -170,6 +175,40 @@ def open_gguf(file: Path) -> Checkpoint:
             yield name, w, t.nbytes
 
     return Checkpoint(file, config, tokenizer, sum(t.nbytes for t in infos), tensors)
+
+
+def llama3_rope_scaling(factors: torch.Tensor, head_dim: int, theta: float, file: Path) -> dict | None:
+    """The Hugging Face llama3 `rope_scaling` that reproduces llama.cpp's rope_freqs (inv_freq / factors).
+
+    llama.cpp stores factor f_i = 1 (short wavelengths), `factor` (long ones) or, in between,
+    1 / ((1 - s) / factor + s) with s = (old_ctx / wavelen - low) / (high - low). Only old_ctx / low
+    and old_ctx / high are identifiable, so low_freq_factor is taken as 1 and the rest fitted from
+    the in-between frequencies (Llama 3.1's 8192 and 4 when there are fewer than two); the result is
+    checked against the factors. None when every factor is 1.
+    """
+    f = factors.double()
+    if f.shape != (head_dim // 2,) or not torch.isfinite(f).all() or (f < 1 - 1e-6).any():
+        raise CheckpointError(f"{file}: {ROPE_FREQS} has shape {list(f.shape)} or values below 1; expected "
+                              f"[{head_dim // 2}] llama3 factors >= 1")  # fmt: skip
+    factor = float(f.max())
+    if factor <= 1 + 1e-6:
+        return None
+    inv_freq = rope_inv_freq(head_dim, theta).double()
+    x = inv_freq / (2 * math.pi)  # 1 / wavelength
+    medium = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
+    old, high = 8192.0, 4.0
+    if int(medium.sum()) >= 2:  # s = a x + b with a = old / (high - 1), b = -1 / (high - 1)
+        s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+        a, b = torch.linalg.lstsq(torch.stack([x[medium], torch.ones_like(s)], 1), s[:, None]).solution[:, 0].tolist()
+        high = 1 - 1 / b
+        old = a * (high - 1)
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": round(high, 6),
+               "original_max_position_embeddings": round(old)}  # fmt: skip
+    got = rope_inv_freq(head_dim, theta, scaling).double()
+    if not torch.allclose(got, inv_freq / f, rtol=1e-4, atol=0):
+        raise CheckpointError(f"{file}: {ROPE_FREQS} does not follow llama3 RoPE scaling (closest: {scaling}); "
+                              "use the model's Hugging Face directory")  # fmt: skip
+    return scaling
 
 
 def _config(meta: dict, names: set[str], file: Path) -> LlamaConfig:

@@ -1,5 +1,6 @@
 """Hugging Face model directories: config.json, generation_config.json, tokenizer files and
-one or many bf16/fp16/fp32 *.safetensors (with or without model.safetensors.index.json)."""
+one or many *.safetensors (with or without model.safetensors.index.json), bf16/fp16/fp32 or
+quantized as config.json's quantization_config says (loader.quantized)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from ..model.config import LlamaConfig, id_tuple
 from .checkpoint import Checkpoint, target
 from .errors import CheckpointError, check_not_lfs_pointer, safetensors_header
+from .quantized import linear_schemes, quant_format, split_linear
 from .tokenizer import Tokenizer
 
 SUPPORTED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype: bytes per element
@@ -54,12 +56,7 @@ def open_hf_dir(path: Path) -> Checkpoint:
             f"{path}: no config.json; point at a Hugging Face model directory or a .gguf file"
         )
     raw = _read_json(config_file)
-    quant = raw.get("quantization_config")
-    if quant is not None:
-        raise CheckpointError(
-            f"{config_file}: quantization_config {quant.get('quant_method')!r} is not supported yet; "
-            "use the bf16 checkpoint (with --quant fp8 or int4 to quantize at load)"
-        )
+    fmt = quant_format(raw.get("quantization_config"), config_file)
     try:
         config = LlamaConfig.from_hf(raw)
     except ValueError as err:
@@ -71,28 +68,66 @@ def open_hf_dir(path: Path) -> Checkpoint:
     shards = _shards(path)
     headers = {}
     nbytes = 0
+    linears: dict[str, dict[str, tuple[Path, dict]]] = {}  # quantized checkpoints: prefix -> suffix -> (shard, info)
     for shard in shards:
         header = safetensors_header(shard)
         for name, info in header.items():
+            nbytes += info["data_offsets"][1] - info["data_offsets"][0]
+            split = split_linear(name) if fmt is not None else None
+            if split is not None:
+                linears.setdefault(split[0], {})[split[1]] = (shard, info)
+                continue
             if info["dtype"] not in SUPPORTED_DTYPES:
                 raise CheckpointError(
-                    f"{shard}: tensor {name} has dtype {info['dtype']}; only BF16, F16 and F32 checkpoints are "
-                    "supported (quantized formats: not yet)"
+                    f"{shard}: tensor {name} has dtype {info['dtype']}; expected BF16, F16 or F32 (a quantized "
+                    "checkpoint needs its quantization_config in config.json)"
                 )
             try:
                 target(name)
             except KeyError:
                 raise CheckpointError(f"{shard}: unexpected tensor {name!r} for a Llama model") from None
-            nbytes += info["data_offsets"][1] - info["data_offsets"][0]
         headers[shard] = header
+    quantized = {}
+    if fmt is not None:
+        for prefix, found in linears.items():
+            fmt.check(prefix, found)
+        quantized = linear_schemes(fmt, config.num_layers)
     tokenizer = Tokenizer.from_hf_dir(path, config.bos_token_id)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor, int]]:
         from safetensors import safe_open
 
+        pending: dict[str, dict[str, torch.Tensor]] = {}  # a quantized checkpoint's linears, until complete
+        held = 0  # bytes read into pending, reported with the next complete linear
         for shard, header in headers.items():
             with safe_open(str(shard), framework="pt") as f:
                 for name, info in header.items():
-                    yield name, f.get_tensor(name), info["data_offsets"][1] - info["data_offsets"][0]
+                    tensor, size = f.get_tensor(name), info["data_offsets"][1] - info["data_offsets"][0]
+                    split = split_linear(name) if fmt is not None else None
+                    if split is None:
+                        yield name, tensor, size
+                        continue
+                    prefix, suffix = split
+                    got = pending.setdefault(prefix, {})
+                    got[suffix] = tensor
+                    held += size
+                    if len(got) == len(linears[prefix]):
+                        del pending[prefix]
+                        yield prefix + ".weight", _convert(fmt, shard, prefix, got), held
+                        held = 0
 
-    return Checkpoint(path, config, tokenizer, nbytes, tensors)
+    method = None if fmt is None else fmt.method
+    return Checkpoint(path, config, tokenizer, nbytes, tensors, method, quantized)
+
+
+def _convert(fmt, shard: Path, prefix: str, tensors: dict[str, torch.Tensor]):
+    """One linear's tensors {suffix: tensor} as what its module loads (the weight if unquantized)."""
+    scheme = fmt.scheme(prefix)
+    if scheme is None:
+        return tensors["weight"]
+    try:
+        return fmt.convert(prefix, scheme, tensors)
+    except ValueError as err:
+        raise CheckpointError(
+            f"{shard}: {err} ({fmt.method}); fix config.json or download the checkpoint again"
+        ) from None

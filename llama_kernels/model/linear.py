@@ -2,8 +2,10 @@
 
 Every linear here computes y [M, N] = x [M, K] @ W.T for W [N, K] with no bias, and has
 `load(w)`, which takes the full-precision weight w [N, K] (any float dtype, already on the
-target device) and stores it in the module's format. A module may be created on the meta device
-and loaded later: that is how the loader streams a checkpoint straight into quantized modules.
+target device) and stores it in the module's format, or a weight a checkpoint stores already
+quantized (Fp8Weight for the FP8 linears, Int4Weight for Int4Linear), stored as is. A module may
+be created on the meta device and loaded later: that is how the loader streams a checkpoint
+straight into quantized modules.
 
 The activation dtype (the model's dtype) may be float32: FP8 and INT4 GEMMs take bfloat16 or
 float16, so those layers cast float32 activations to bfloat16 around the GEMM (on the CPU the
@@ -13,6 +15,7 @@ model runs in float32 and only the quantized GEMMs see bfloat16).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -32,6 +35,30 @@ class Fp8Activation(NamedTuple):
 
     q: torch.Tensor  # [M, K] float8_e4m3fn
     scale: torch.Tensor  # [M] float32
+
+
+@dataclass
+class Fp8Weight:
+    """An FP8 e4m3 weight as a checkpoint stores it: W[n, k] = weight[n, k] * scale[n] (or * scale)."""
+
+    weight: torch.Tensor  # [N, K] float8_e4m3fn
+    scale: torch.Tensor  # float32 [N] (row-wise) or [] (per-tensor)
+    input_scale: torch.Tensor | None = None  # float32 [], static activation scale; None: dynamic per token
+
+    def to(self, device) -> Fp8Weight:
+        """A copy with every tensor on `device`."""
+        move = None if self.input_scale is None else self.input_scale.to(device)
+        return Fp8Weight(self.weight.to(device), self.scale.to(device), move)
+
+
+def _check_fp8(module: nn.Module, w: Fp8Weight) -> None:
+    name = type(module).__name__
+    _check_weight(module, w.weight)
+    if w.weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{name}.load: FP8 weight has dtype {w.weight.dtype}; expected torch.float8_e4m3fn")
+    if w.scale.dtype != torch.float32 or tuple(w.scale.shape) not in ((), (module.out_features,)):
+        raise ValueError(f"{name}.load: weight scale is {w.scale.dtype} {tuple(w.scale.shape)}; expected "
+                         f"float32 [{module.out_features}] or []")  # fmt: skip
 
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,8 +114,15 @@ class Fp8Linear(nn.Module):
                                                    device=device))  # [N, K] e4m3  # fmt: skip
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))  # [N]
 
-    def load(self, w: torch.Tensor) -> None:
-        """Quantize w [N, K] row-wise: weight_scale[n] = amax|w[n]| / 448."""
+    def load(self, w: torch.Tensor | Fp8Weight) -> None:
+        """Quantize w [N, K] row-wise (weight_scale[n] = amax|w[n]| / 448), or store an Fp8Weight
+        without a static input scale (a per-tensor scale is broadcast to every row)."""
+        if isinstance(w, Fp8Weight):
+            _check_fp8(self, w)
+            if w.input_scale is not None:
+                raise ValueError("Fp8Linear.load: the weight has a static input scale; use Fp8StaticLinear")
+            self.weight, self.weight_scale = w.weight, w.scale.expand(self.out_features).contiguous()
+            return
         _check_weight(self, w)
         self.weight, self.weight_scale = ops.quantize_fp8(w)
 
@@ -96,6 +130,41 @@ class Fp8Linear(nn.Module):
         """x [M, K] (or its FP8 form) -> [M, N] in the activation dtype."""
         xq, x_scale = x if isinstance(x, Fp8Activation) else ops.quantize_fp8(x, self.scale_ub)
         y = ops.fp8_gemm(xq, x_scale, self.weight, self.weight_scale, out_dtype=_gemm_dtype(self.dtype))
+        return y.to(self.dtype)
+
+
+class Fp8StaticLinear(nn.Module):
+    """FP8 e4m3 weight with a per-tensor (or per-channel) scale and a static per-tensor input scale
+    from calibration: x is quantized as clamp(x / input_scale, +-448) (saturating).
+
+    Only loads checkpoint weights (an Fp8Weight with input_scale): the scale comes from calibration.
+    """
+
+    fp8_input = False  # quantizes its own input with the static scale
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features = in_features  # K
+        self.out_features = out_features  # N
+        self.dtype = dtype  # activation (input and output) dtype
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
+                                                   device=device))  # [N, K] e4m3  # fmt: skip
+        self.register_buffer("weight_scale", torch.empty((), dtype=torch.float32, device=device))  # [] or [N]
+        self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, device=device))  # []
+
+    def load(self, w: Fp8Weight) -> None:
+        if not isinstance(w, Fp8Weight) or w.input_scale is None:
+            raise ValueError("Fp8StaticLinear.load: expected an Fp8Weight with a static input_scale")
+        _check_fp8(self, w)
+        if w.input_scale.dtype != torch.float32 or w.input_scale.dim() != 0:
+            raise ValueError(f"Fp8StaticLinear.load: input_scale is {w.input_scale.dtype} "
+                             f"{tuple(w.input_scale.shape)}; expected a float32 scalar")  # fmt: skip
+        self.weight, self.weight_scale, self.input_scale = w.weight, w.scale, w.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] in the activation dtype."""
+        xq = (x.float() / self.input_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        y = ops.fp8_gemm(xq, self.input_scale, self.weight, self.weight_scale, out_dtype=_gemm_dtype(self.dtype))
         return y.to(self.dtype)
 
 
@@ -115,20 +184,29 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32,
                                                     device=device))  # [N, K/8] 8 nibbles per int32  # fmt: skip
         self.register_buffer("scales", torch.empty(groups, dtype=_gemm_dtype(dtype), device=device))  # [N, K/G]
-        self.register_buffer("zeros", torch.empty(groups, dtype=torch.uint8, device=device))  # [N, K/G] in 0..15
+        # [N, K/G] in 0..15; None: symmetric (zero point 8)
+        self.register_buffer("zeros", torch.empty(groups, dtype=torch.uint8, device=device))
+        self.register_buffer("perm", None)  # [K] int64 input permutation (GPTQ act-order) or None
         self._weight: Int4Weight | None = None  # the buffers as an Int4Weight, rebuilt when they change
 
-    def load(self, w: torch.Tensor) -> None:
-        """Quantize w [N, K] (asymmetric, round to nearest) with this layer's group size."""
-        _check_weight(self, w)
-        q = ops.quantize_int4(w, group_size=self.group_size, symmetric=False)
-        self.qweight, self.scales, self.zeros = q.qweight, q.scales, q.zeros
+    def load(self, w: torch.Tensor | Int4Weight) -> None:
+        """Quantize w [N, K] (asymmetric, round to nearest) with this layer's group size, or store a
+        checkpoint's Int4Weight as is (scales keep their stored dtype)."""
+        if isinstance(w, Int4Weight):
+            if w.shape != (self.out_features, self.in_features) or w.group_size != self.group_size:
+                raise ValueError(f"Int4Linear.load: Int4Weight {list(w.shape)} with group size {w.group_size}; "
+                                 f"expected [{self.out_features}, {self.in_features}] with {self.group_size}")
+            q = w
+        else:
+            _check_weight(self, w)
+            q = ops.quantize_int4(w, group_size=self.group_size, symmetric=False)
+        self.qweight, self.scales, self.zeros, self.perm = q.qweight, q.scales, q.zeros, q.perm
         self._weight = q
 
     @property
     def weight(self) -> Int4Weight:
         if self._weight is None or self._weight.qweight is not self.qweight:  # not yet built, or moved
-            self._weight = Int4Weight(self.qweight, self.scales, self.zeros, self.group_size)
+            self._weight = Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
         return self._weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

