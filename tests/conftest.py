@@ -55,6 +55,16 @@ def poison_allocator(device: torch.device, nbytes: int = 256 << 20) -> None:
         del junk
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's small models on one thread: on 2 busy cores a second thread mostly adds
+    synchronization (about 5x the CPU time). Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cuda_backend_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU visible"

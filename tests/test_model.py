@@ -13,20 +13,13 @@ from conftest import assert_rel_close
 from llama_kernels.llm import LLM
 from llama_kernels.model import AttentionBatch, Fp8Linear, Int4Linear, Linear, LlamaConfig, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread (see conftest)
+
 transformers = pytest.importorskip("transformers")
 
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}  # fmt: skip
 SEQ = 60  # tokens: well past original_max_position_embeddings
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are small: a second thread mostly adds synchronization (5x the CPU time on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_hf_model(tie: bool) -> transformers.LlamaForCausalLM:
