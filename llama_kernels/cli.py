@@ -114,7 +114,8 @@ def _load(args: argparse.Namespace):
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. the INT4 group size
     return LLM.from_pretrained(args.model, quant=args.quant, device=args.device, policy=args.policy,
-                               max_context=args.max_context, cuda_graphs=not args.eager)  # fmt: skip
+                               max_context=args.max_context, cuda_graphs=not args.eager,
+                               tp=getattr(args, "tp", 1))  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -128,8 +129,13 @@ def _write(text: str) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from .distributed import is_main
+
     llm = _load(args)
-    llm.generate(args.prompt, chat=args.chat, stream=_write, **_sampling(args))  # the text, as it is decoded
+    main = is_main()  # under tensor parallel every rank generates; rank 0 alone prints
+    llm.generate(args.prompt, chat=args.chat, stream=_write if main else None, **_sampling(args))
+    if not main:
+        return 0
     s = llm.last_stats
     print()
     print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s")
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _model_arguments(gen)
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
+                     "processes: torchrun --nproc-per-node N -m llama_kernels generate ... --tp N")  # fmt: skip
     chat = sub.add_parser("chat", help="interactive chat over stdin (the chat template, with history); "
                           "an empty line or EOF ends it")  # fmt: skip
     _model_arguments(chat)

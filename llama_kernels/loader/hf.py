@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..model.config import LlamaConfig, id_tuple
-from .checkpoint import Checkpoint, target
+from ..distributed import shard_weight
+from .checkpoint import Checkpoint, split_of, target
 from .errors import CheckpointError, check_not_lfs_pointer, safetensors_header
 from .quantized import linear_schemes, quant_format, split_linear
 from .tokenizer import Tokenizer
@@ -94,30 +95,52 @@ def open_hf_dir(path: Path) -> Checkpoint:
         quantized = linear_schemes(fmt, config.num_layers)
     tokenizer = Tokenizer.from_hf_dir(path, config.bos_token_id)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor, int]]:
+    def tensors(tp=None) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """With tp, each rank reads only its slices (safe_open(...).get_slice), INT4 linears excepted:
+        their packed tensors are read whole, converted, then sliced."""
         from safetensors import safe_open
 
         pending: dict[str, dict[str, torch.Tensor]] = {}  # a quantized checkpoint's linears, until complete
         held = 0  # bytes read into pending, reported with the next complete linear
-        for shard, header in headers.items():
-            with safe_open(str(shard), framework="pt") as f:
+        for file, header in headers.items():
+            with safe_open(str(file), framework="pt") as f:
                 for name, info in header.items():
-                    tensor, size = f.get_tensor(name), info["data_offsets"][1] - info["data_offsets"][0]
                     split = split_linear(name) if fmt is not None else None
                     if split is None:
-                        yield name, tensor, size
+                        tensor = _read(f, name, info["shape"], split_of(name, tp))
+                        yield name, tensor, tensor.nbytes
                         continue
                     prefix, suffix = split
+                    spec = split_of(prefix + ".weight", tp)
+                    scheme = fmt.scheme(prefix)
+                    whole = scheme is not None and scheme.kind == "int4"
+                    tensor = _read(f, name, info["shape"], None if whole else spec)
                     got = pending.setdefault(prefix, {})
                     got[suffix] = tensor
-                    held += size
+                    held += tensor.nbytes
                     if len(got) == len(linears[prefix]):
                         del pending[prefix]
-                        yield prefix + ".weight", _convert(fmt, shard, prefix, got), held
+                        weight = _convert(fmt, file, prefix, got)
+                        if whole:
+                            try:
+                                weight = shard_weight(weight, spec, f"{file}: {prefix}")
+                            except ValueError as err:
+                                raise CheckpointError(str(err)) from None
+                        yield prefix + ".weight", weight, held
                         held = 0
 
     method = None if fmt is None else fmt.method
     return Checkpoint(path, config, tokenizer, nbytes, tensors, method, quantized)
+
+
+def _read(f, name: str, shape: list[int], spec: tuple[int, int, int] | None) -> torch.Tensor:
+    """Tensor `name` of an open safetensors file, or only its slice spec = (dim, start, stop) when
+    it spans that dim (a [N, 1] row scale split along K, or a per-tensor scale, is read whole)."""
+    if spec is None or len(shape) <= spec[0] or shape[spec[0]] == 1:
+        return f.get_tensor(name)
+    dim, start, stop = spec
+    rows = f.get_slice(name)
+    return (rows[start:stop] if dim == 0 else rows[:, start:stop]).contiguous()
 
 
 def _convert(fmt, shard: Path, prefix: str, tensors: dict[str, torch.Tensor]):

@@ -2,7 +2,8 @@
 
 Linears are the swappable modules of ``linear.py`` (quantize_model replaces them). The
 residual stream runs through ops.add_rms_norm, or ops.add_rms_norm_fp8 when the linear that
-reads the norm's output takes FP8 activations. Attention writes k and v through
+reads the norm's output takes FP8 activations. With a TensorParallel (llama_kernels.distributed)
+the model holds one rank's share: its heads, feed-forward rows and vocabulary rows. Attention writes k and v through
 ops.rope_and_cache into the paged cache, then runs SDPA per sequence in prefill and
 ops.decode_attention in decode.
 """
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..distributed import TensorParallel
 from .config import LlamaConfig
 from .kv_cache import AttentionBatch, KVCache
 from .linear import Fp8Activation, Linear
@@ -39,25 +41,36 @@ class RMSNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, num: int, dim: int, dtype: torch.dtype, device=None) -> None:
+    """The embedding [V, H], or with tp its vocabulary rows [vocab_start, vocab_stop)."""
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype, device=None, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num, dim, dtype=dtype, device=device), requires_grad=False)  # [V, H]
+        self.tp = tp
+        rows = num if tp is None else tp.vocab_stop - tp.vocab_start
+        self.weight = nn.Parameter(torch.empty(rows, dim, dtype=dtype, device=device), requires_grad=False)  # [V, H]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [T] int64 -> [T, H]."""
-        return F.embedding(tokens, self.weight)
+        """tokens [T] int64 -> [T, H] (with tp: the masked local lookups, all-reduced)."""
+        if self.tp is None:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.tp.vocab_start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        h = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine[:, None].to(self.weight.dtype)
+        return self.tp.all_reduce(h)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_id: int, dtype: torch.dtype, device=None) -> None:
+    def __init__(self, config: LlamaConfig, layer_id: int, dtype: torch.dtype, device=None,
+                 tp: TensorParallel | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.tp = tp  # None, or this rank's share: its heads, and an all-reduce after wo
         self.layer_id = layer_id  # index into the KV cache's layers
-        self.num_heads = config.num_heads  # Hq
-        self.num_kv_heads = config.num_kv_heads  # Hkv
+        self.num_heads = config.num_heads if tp is None else tp.num_heads  # Hq (this rank's)
+        self.num_kv_heads = config.num_kv_heads if tp is None else tp.num_kv_heads  # Hkv (this rank's)
         self.head_dim = config.head_dim  # D
-        qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * config.head_dim
         self.wqkv = Linear(config.hidden_size, qkv, dtype, device)  # [(Hq + 2 Hkv) D, H]: q, k, v stacked
-        self.wo = Linear(config.num_heads * config.head_dim, config.hidden_size, dtype, device)  # [H, Hq D]
+        self.wo = Linear(self.num_heads * config.head_dim, config.hidden_size, dtype, device)  # [H, Hq D]
 
     def forward(self, x, batch: AttentionBatch, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H] (or its FP8 form) -> [T, H]; writes the tokens' k and v to the cache."""
@@ -81,29 +94,33 @@ class Attention(nn.Module):
         else:
             out = ops.decode_attention(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
                                        k_scale=k_scale, v_scale=v_scale)  # fmt: skip
-        return self.wo(out.reshape(t, hq * d))
+        out = self.wo(out.reshape(t, hq * d))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype, device=None) -> None:
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype, device=None, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size  # F
-        self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, dtype, device)  # [2F, H]: gate, up
-        self.w2 = Linear(config.intermediate_size, config.hidden_size, dtype, device)  # [H, F]: down
+        self.tp = tp  # None, or this rank's share: its rows of gate/up, and an all-reduce after down
+        self.intermediate_size = config.intermediate_size if tp is None else tp.ffn  # F (this rank's)
+        self.w13 = Linear(config.hidden_size, 2 * self.intermediate_size, dtype, device)  # [2F, H]: gate, up
+        self.w2 = Linear(self.intermediate_size, config.hidden_size, dtype, device)  # [H, F]: down
 
     def forward(self, x) -> torch.Tensor:
         """x [T, H] (or its FP8 form) -> [T, H]: w2(silu(gate) * up)."""
         gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        out = self.w2(F.silu(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_id: int, dtype: torch.dtype, device=None) -> None:
+    def __init__(self, config: LlamaConfig, layer_id: int, dtype: torch.dtype, device=None,
+                 tp: TensorParallel | None = None) -> None:  # fmt: skip
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.attention = Attention(config, layer_id, dtype, device)
+        self.attention = Attention(config, layer_id, dtype, device, tp)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.feed_forward = FeedForward(config, dtype, device)
+        self.feed_forward = FeedForward(config, dtype, device, tp)
 
     def forward(self, h, residual, batch: AttentionBatch, cache: KVCache, cos, sin):
         """(h, residual) [T, H] -> (h, residual): the block's output is h + residual."""
@@ -115,18 +132,22 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Llama decoder. Create it (on the meta device to load a checkpoint into it), then call
-    setup(max_positions) once its weights are on their device."""
+    setup(max_positions) once its weights are on their device. With `tp`, one rank's share of it
+    (llama_kernels.distributed); the logits are still the full [T, V] on every rank."""
 
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype = torch.float32, device=None,
+                 tp: TensorParallel | None = None) -> None:  # fmt: skip
         super().__init__()
         self.config = config
+        self.tp = tp  # None, or this rank's share of the model
         self.dtype = dtype  # activation dtype; unquantized weights are stored in it
         h, v = config.hidden_size, config.vocab_size
-        self.tok_embeddings = Embedding(v, h, dtype, device)
-        self.layers = nn.ModuleList(TransformerBlock(config, i, dtype, device) for i in range(config.num_layers))
+        self.tok_embeddings = Embedding(v, h, dtype, device, tp)
+        self.layers = nn.ModuleList(TransformerBlock(config, i, dtype, device, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps, dtype, device)
-        # lm_head [V, H]; None when tied: the embedding matrix is used instead
-        self.output = None if config.tie_word_embeddings else Linear(h, v, dtype, device)
+        # lm_head [V, H] (with tp: its vocabulary rows); None when tied: the embedding matrix is used instead
+        rows = v if tp is None else tp.vocab_stop - tp.vocab_start
+        self.output = None if config.tie_word_embeddings else Linear(h, rows, dtype, device)
         self.cos: torch.Tensor | None = None  # [P, D/2] float32 RoPE tables, set by setup()
         self.sin: torch.Tensor | None = None  # [P, D/2] float32
 
@@ -158,4 +179,5 @@ class Transformer(nn.Module):
         if logits_index is not None:
             h, residual = h[logits_index], residual[logits_index]
         h, _ = ops.add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
-        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
