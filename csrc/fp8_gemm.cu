@@ -122,9 +122,11 @@ cudaError_t fp8_gemm(const void* xq, const float* x_scale, bool x_scale_rows, co
   } else if (N % 8) {
     bad = "no kernel for this shape: N must be a multiple of 8";
   } else if (config < 0 || config >= kFp8NumConfigs) {
-    bad = "config must be 0 (m16), 1 (m32) or 2 (m64)";
+    bad = "config must be 0 (m16), 1 (m32), 2 (m64) or 3 (sm90 wgmma)";
   } else if (split_k < 1 || split_k > kMaxSplitK) {
     bad = "split_k must be in [1, 64]";
+  } else if (config == kFp8Sm90 && split_k != 1) {
+    bad = "config 3 (sm90 wgmma) needs split_k == 1";
   } else if (xq == nullptr || wq == nullptr) {
     bad = "xq and wq must not be null";
   } else if (reinterpret_cast<uintptr_t>(xq) % 16 || reinterpret_cast<uintptr_t>(wq) % 16) {
@@ -140,6 +142,7 @@ cudaError_t fp8_gemm(const void* xq, const float* x_scale, bool x_scale_rows, co
 
   const gemm::Epilogue e{x_scale, w_scale, bias,         y,
                          bias_dtype, out_dtype, x_scale_rows, w_scale_rows};
+  if (config == kFp8Sm90) return fp8_gemm_sm90(xq, wq, e, M, N, K, stream, why);
   float* partial = split_k > 1 ? workspace : nullptr;
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   cudaError_t err = cudaErrorInvalidValue;

@@ -81,6 +81,12 @@ __device__ __forceinline__ void epilogue_pair(const Epilogue& e, int m, int n, i
 
 }  // namespace gemm
 
+// The Hopper wgmma + TMA kernel of config kFp8Sm90 (csrc/fp8_gemm_sm90.cu); called by fp8_gemm()
+// after its argument checks (M > 0, split_k == 1). Refuses (with *why) any device other than
+// compute capability 9.0.
+cudaError_t fp8_gemm_sm90(const void* xq, const void* wq, const gemm::Epilogue& e, int64_t M,
+                          int64_t N, int64_t K, cudaStream_t stream, const char** why);
+
 namespace fp8gemm {
 
 constexpr int kWarps = 4;                        // warps per block

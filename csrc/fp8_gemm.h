@@ -19,7 +19,9 @@
 //   bias aligned to its element size; config one of Fp8GemmConfig; 1 <= split_k <= kMaxSplitK;
 //   workspace non-null when split_k > 1 (float32 [split_k, M, N]).
 // The kernel needs sm_89 or newer (e4m3 mma.sync); the sm_80 build holds a stub that traps, and
-// the Python side refuses to call it below compute capability 8.9.
+// the Python side refuses to call it below compute capability 8.9. Config kFp8Sm90 additionally
+// needs split_k == 1 and, at launch, a compute capability 9.0 device (cudaErrorInvalidDevice and
+// *why otherwise; checked on the host before launching).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -28,14 +30,17 @@
 
 namespace llama_kernels {
 
-// Whitelisted tile configurations of the FP8 mma.sync kernel (python/gemm_configs.py mirrors it).
-// Every configuration: 4 warps per block, 32 output columns per warp (128 per block), K walked in
-// 64-byte steps; they differ in the rows of M per block and in the register pipeline depth.
+// Whitelisted tile configurations of the FP8 kernels (python/gemm_configs.py mirrors it).
+// 0-2, the mma.sync kernel (sm_89+): 4 warps per block, 32 output columns per warp (128 per
+// block), K walked in 64-byte steps; they differ in the rows of M per block and in the register
+// pipeline depth. 3, the Hopper kernel (csrc/fp8_gemm_sm90.cu, sm_90a only): wgmma fed by TMA,
+// 128 x 128 tiles, persistent; split_k must be 1 and the device compute capability 9.0.
 enum Fp8GemmConfig : int {
-  kFp8M16 = 0,  // 16 rows per block, 4 register stages (decode, M <= 16)
-  kFp8M32 = 1,  // 32 rows per block, 3 register stages (decode, M <= 32)
-  kFp8M64 = 2,  // 64 rows per block, 2 register stages (M > 32; large M loops over 64-row tiles)
-  kFp8NumConfigs = 3,
+  kFp8M16 = 0,   // 16 rows per block, 4 register stages (decode, M <= 16)
+  kFp8M32 = 1,   // 32 rows per block, 3 register stages (decode, M <= 32)
+  kFp8M64 = 2,   // 64 rows per block, 2 register stages (M > 32; large M loops over 64-row tiles)
+  kFp8Sm90 = 3,  // Hopper wgmma + TMA, 128 x 128 x 128 tiles, 4 stages (prefill, M > 64)
+  kFp8NumConfigs = 4,
 };
 
 // Largest split of K (the float32 partials of more splits cost more than the weight stream).

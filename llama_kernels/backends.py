@@ -102,9 +102,20 @@ def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     return capability[0] == major and capability[1] >= minor
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device ordinal of `device` ("cuda" alone means the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (the kernels size their grids by it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _sm(capability: tuple[int, int]) -> str:
@@ -132,7 +143,7 @@ def _cuda_reason(device: torch.device) -> str | None:
         return reason
     if device.type != "cuda":
         return f"inputs are on {device}; the cuda backend needs CUDA tensors"
-    capability = device_capability(device.index if device.index is not None else torch.cuda.current_device())
+    capability = device_capability(device_index(device))
     archs = compiled_archs()
     if not any(_arch_runs_on(a, capability) for a in archs):
         return (
@@ -154,7 +165,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     if reason is not None:
         return reason
     if impl.min_capability is not None and device.type == "cuda":
-        capability = device_capability(device.index if device.index is not None else torch.cuda.current_device())
+        capability = device_capability(device_index(device))
         if capability < impl.min_capability:
             need = impl.min_capability
             return (
@@ -198,8 +209,9 @@ def forced_backend(backend: str | None) -> str | None:
 
 def default_backend(op: str, device: torch.device) -> str:
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if unavailable_reason(op, "cuda", device) is None and is_validated(op, "cuda", device_capability(index)):
+        if unavailable_reason(op, "cuda", device) is None and is_validated(
+            op, "cuda", device_capability(device_index(device))
+        ):
             return "cuda"
         if unavailable_reason(op, "triton", device) is None:
             return "triton"

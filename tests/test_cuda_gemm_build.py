@@ -1,6 +1,9 @@
 """CPU-side checks of the CUDA GEMMs (csrc/fp8_gemm*, csrc/int4_gemm*), no GPU needed.
 
   * the built module holds every whitelisted GEMM kernel for every built arch;
+  * SASS: the Hopper large-M FP8 kernel (csrc/fp8_gemm_sm90.cu) is wgmma with e4m3 operands
+    (QGMMA...E4M3.E4M3) fed by TMA (UTMALDG) through mbarriers (SYNCS), with setmaxnreg, on
+    sm_90a, and a trapping stub elsewhere;
   * SASS: the sm_89 FP8 kernels use the native e4m3 MMA (QMMA.16832.F32.E4M3.E4M3), the sm_90a
     ones the e4m3 -> f16 conversion + HMMA lowering, both stream the weight with 16-byte
     no-L1-allocate loads; the INT4 kernels use HMMA with bf16 / fp16 operands, LOP3 (the
@@ -32,6 +35,7 @@ from test_cuda_build import (  # noqa: F401  (fixtures)
 FP8_RE = re.compile(r"fp8gemm15fp8_gemm_kernelILi(\d)ELi(\d)E")
 INT4_RE = re.compile(r"int4gemm16int4_gemm_kernelI(6__half|13__nv_bfloat16)Li(\d)ELi(\d)E")
 REDUCE = "_ZN13llama_kernels4gemm20splitk_reduce_kernel"
+SM90_RE = re.compile(r"fp8sm9020fp8_gemm_sm90_kernel")
 FP8_CONFIGS = {("1", "4"), ("2", "3"), ("4", "2")}  # (m16 tiles, stages) of kFp8M16/M32/M64
 INT4_CONFIGS = {("1", "4"), ("4", "3")}  # kInt4M16 / kInt4M64
 
@@ -77,6 +81,30 @@ def test_sass_fp8_mma(built, sass):
     assert checked == {f"sm_{a}" for a in built.archs if a in ("89", "90a")}
 
 
+def test_sass_fp8_sm90_wgmma_tma(built, sass):
+    """sm_90a: 4 x m64n128k32 e4m3 wgmma per 128-byte K block, 2 TMA loads per stage, mbarrier
+    ops (init / expect_tx / wait / arrive), setmaxnreg both ways. Elsewhere: a trapping stub."""
+    checked = False
+    for arch, funcs in sass.items():
+        bodies = [body for f, body in funcs.items() if SM90_RE.search(f)]
+        assert len(bodies) == 1, f"{arch}: {len(bodies)} fp8_gemm_sm90_kernel"
+        body = bodies[0]
+        qgmma = re.findall(r"\bQGMMA\.64x128x32\.F32\.E4M3\.E4M3\b", body)
+        if arch != "sm_90a":
+            assert not qgmma and "UTMALDG" not in body and "BPT.TRAP" in body, arch
+            continue
+        assert len(qgmma) >= 4, f"{arch}: {len(qgmma)} QGMMA.64x128x32.F32.E4M3.E4M3"
+        assert not re.search(r"\bHGMMA\b|\bHMMA\b", body), f"{arch}: fp16 MMA in the wgmma kernel"
+        assert len(re.findall(r"\bUTMALDG\.2D\b", body)) >= 2, f"{arch}: no 2D TMA loads"
+        for op in ("SYNCS.EXCH.64", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK.TRANS64.TRYWAIT"):
+            assert op in body, f"{arch}: no {op} (mbarrier)"
+        assert "WARPGROUP.ARRIVE" in body and "WARPGROUP.DEPBAR.LE" in body, arch
+        assert "USETMAXREG.DEALLOC" in body and "USETMAXREG.TRY_ALLOC" in body, f"{arch}: no setmaxnreg"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"{arch}: the wgmma kernel uses local memory"
+        checked = True
+    assert checked == ("90a" in built.archs)
+
+
 def test_sass_int4_mma_and_lop3(built, sass):
     for arch, funcs in sass.items():
         for (t, mt, stages), body in _kernels(funcs, INT4_RE).items():
@@ -96,10 +124,11 @@ def test_sass_int4_mma_and_lop3(built, sass):
 def test_gemm_no_register_spills(built):
     archs = built.archs or DEFAULT_ARCHS
     with ThreadPoolExecutor(max_workers=2) as pool:
-        logs = pool.map(lambda name: _ptxas_report(CSRC / name, archs), ("fp8_gemm.cu", "int4_gemm.cu"))
+        logs = pool.map(lambda name: _ptxas_report(CSRC / name, archs),
+                        ("fp8_gemm.cu", "int4_gemm.cu", "fp8_gemm_sm90.cu"))  # fmt: skip
     entries = [e for log in logs for e in _parse_ptxas(log)]
-    gemm = [e for e in entries if FP8_RE.search(e["func"]) or INT4_RE.search(e["func"])]
-    assert len(gemm) == (len(FP8_CONFIGS) + 2 * len(INT4_CONFIGS)) * len(archs), [e["func"] for e in gemm]
+    gemm = [e for e in entries if FP8_RE.search(e["func"]) or INT4_RE.search(e["func"]) or SM90_RE.search(e["func"])]
+    assert len(gemm) == (len(FP8_CONFIGS) + 2 * len(INT4_CONFIGS) + 1) * len(archs), [e["func"] for e in gemm]
     for e in entries:
         assert e["spill_stores"] == 0 and e["spill_loads"] == 0 and e["stack"] == 0, f"spill / stack: {e}"
         assert e["registers"] <= 255, e
@@ -133,8 +162,13 @@ def test_fp8_launcher_rejects_before_launch(built):
     cases = [
         (dict(K=4104), "no kernel for this shape: K must be a multiple of 16"),
         (dict(N=4100), "no kernel for this shape: N must be a multiple of 8"),
-        (dict(cfg=3), "config must be 0 (m16), 1 (m32) or 2 (m64)"),
+        (dict(cfg=4), "config must be 0 (m16), 1 (m32), 2 (m64) or 3 (sm90 wgmma)"),
+        (dict(cfg=-1), "config must be 0 (m16), 1 (m32), 2 (m64) or 3 (sm90 wgmma)"),
         (dict(split=65), "split_k must be in [1, 64]"),
+        (dict(cfg=3, split=2, work=A), "config 3 (sm90 wgmma) needs split_k == 1"),
+        (dict(cfg=3, K=4104), "no kernel for this shape: K must be a multiple of 16"),
+        (dict(cfg=3, N=4100), "no kernel for this shape: N must be a multiple of 8"),
+        (dict(cfg=3, wq=A + 8), "xq and wq must be 16-byte aligned"),
         (dict(split=4), "workspace must be non-null and 16-byte aligned when split_k > 1"),
         (dict(xq=A + 8), "xq and wq must be 16-byte aligned"),
         (dict(wq=0), "xq and wq must not be null"),
@@ -148,6 +182,7 @@ def test_fp8_launcher_rejects_before_launch(built):
         msg = _raises(C.fp8_gemm, *args(**kw))
         assert msg.startswith("fp8_gemm: invalid argument (M=") and msg.endswith(": " + reason), msg
     assert C.fp8_gemm(*args(M=0)) is None  # M == 0: a validated no-op, no GPU needed
+    assert C.fp8_gemm(*args(M=0, cfg=3)) is None
 
 
 def test_int4_launcher_rejects_before_launch(built):
@@ -185,6 +220,9 @@ def test_gemm_launch_error_without_gpu(built):
         pytest.skip("a GPU is visible: this test would launch on fake pointers")
     msg = _raises(built.C.fp8_gemm, A, A, True, A, A, True, 0, -1, A, 2, 0, 4, 4096, 4096, 0, 1, 0)
     assert msg.startswith("fp8_gemm: ") and "invalid argument" not in msg, msg
+    # the wgmma config asks the runtime for the device before anything else: no launch either
+    msg = _raises(built.C.fp8_gemm, A, A, True, A, A, True, 0, -1, A, 2, 0, 256, 4096, 4096, 3, 1, 0)
+    assert msg.startswith("fp8_gemm: ") and "invalid argument" not in msg, msg
     msg = _raises(built.C.int4_gemm, A, A, A, A, 0, 4, 4096, 4096, 128, 2, 0, 1, 0)
     assert msg.startswith("int4_gemm: ") and "invalid argument" not in msg, msg
 
@@ -214,6 +252,21 @@ def test_fp8_plan_errors_are_named_before_launch():
     with pytest.raises(NoKernelError, match=r"out_dtype=torch.float32"):
         F.plan(*_fp8_args(2, 64, 64), torch.float32, None)
     assert F.plan(*_fp8_args(3, 6144, 4096), torch.bfloat16, None, (8, 9), 128).config == 0
+    assert F.plan(*_fp8_args(64, 256, 128), torch.bfloat16, None, (9, 0), 132).config == 2
+
+
+def test_fp8_large_m_on_hopper_uses_wgmma():
+    from llama_kernels.cuda import gemm_configs as G
+
+    for m in (65, 128, 1000, 4096):
+        for n, k in [(6144, 4096), (200, 16), (520, 1040)]:
+            assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=True) == G.Choice(G.SM90_CONFIG, 1)
+            assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=False).config == 2
+            assert G.choose("fp8_gemm", (8, 9), m, n, k, 128, sm90a=True).config == 2
+            assert G.choose("fp8_gemm", (10, 0), m, n, k, 148, sm90a=True).config == 2
+    for m in (1, 16, 17, 64):
+        assert G.choose("fp8_gemm", (9, 0), m, 6144, 4096, 132, sm90a=True).config != G.SM90_CONFIG
+    assert G.choose("int4_gemm", (9, 0), 4096, 6144, 4096, 132, sm90a=True).config == 1
 
 
 def test_int4_plan_errors_are_named_before_launch():

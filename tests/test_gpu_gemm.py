@@ -1,7 +1,8 @@
 """The cuda FP8 and INT4 GEMMs against the reference, on a GPU (marked `gpu`).
 
 Fresh random inputs per case, outputs allocated from a poisoned (NaN-filled) allocator, and
-repeat runs compared bit for bit (the split-K reduction is deterministic).
+repeat runs compared bit for bit (the split-K reduction is deterministic). On an sm_90 GPU the
+large-M cases (M > 64) run the wgmma + TMA kernel (config 3, csrc/fp8_gemm_sm90.cu).
 """
 
 from __future__ import annotations
@@ -90,6 +91,49 @@ def test_fp8_gemm_cuda_every_config(fp8_gpu, config, split_k):
     y = F.launch(xq, xs, wq, ws, torch.bfloat16, bias, choice=Choice(config, split_k))
     assert_rel_close(y, want, TOL[torch.bfloat16], f"y (config {config}, split_k {split_k})")
     assert torch.equal(y, F.launch(xq, xs, wq, ws, torch.bfloat16, bias, choice=Choice(config, split_k)))
+
+
+@pytest.fixture(scope="module")
+def sm90_gpu(fp8_gpu):
+    from llama_kernels.cuda.gemm_configs import built_with_sm90a
+
+    if torch.cuda.get_device_capability(fp8_gpu) != (9, 0):
+        pytest.skip("the wgmma FP8 GEMM needs an sm_90 GPU")
+    if not built_with_sm90a():
+        pytest.skip("the extension was built without sm_90a")
+    return fp8_gpu
+
+
+@pytest.mark.parametrize("m,n,k", [
+    (65, 6144, 4096), (128, 1280, 8192), (1000, 7168, 8192), (4096, 4096, 14336), (300, 520, 1040),
+    (129, 200, 16), (257, 136, 144), (4096, 16384, 6656),
+])  # fmt: skip
+def test_fp8_gemm_sm90_is_dispatched_and_correct(sm90_gpu, m, n, k):
+    from llama_kernels.cuda import fp8_gemm as F
+    from llama_kernels.cuda.gemm_configs import SM90_CONFIG
+
+    xq, xs, wq, ws = _fp8_inputs(m, n, k, sm90_gpu, seed=m * 3 + n + k)
+    idx = sm90_gpu.index if sm90_gpu.index is not None else torch.cuda.current_device()
+    assert F.plan(xq, xs, wq, ws, torch.bfloat16, None, (9, 0), torch.cuda.get_device_properties(idx)
+                  .multi_processor_count).config == SM90_CONFIG  # fmt: skip
+    _check_fp8(xq, xs, wq, ws, torch.bfloat16, None, sm90_gpu)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_fp8_gemm_sm90_scales_bias(sm90_gpu, per_tensor, bias_dtype, out_dtype):
+    from llama_kernels.cuda import fp8_gemm as F
+    from llama_kernels.cuda.gemm_configs import Choice, SM90_CONFIG
+
+    m, n, k = 333, 1288, 2064
+    xq, xs, wq, ws = _fp8_inputs(m, n, k, sm90_gpu, seed=7, per_tensor=per_tensor)
+    bias = None if bias_dtype is None else randn(n, dtype=bias_dtype, seed=n, device=sm90_gpu)
+    want = reference.fp8_gemm(xq, xs, wq, ws, out_dtype, bias)
+    poison_allocator(sm90_gpu)
+    y = F.launch(xq, xs, wq, ws, out_dtype, bias, choice=Choice(SM90_CONFIG, 1))
+    assert_rel_close(y, want, TOL[out_dtype], "y (sm90 wgmma)")
+    assert torch.equal(y, F.launch(xq, xs, wq, ws, out_dtype, bias, choice=Choice(SM90_CONFIG, 1)))
 
 
 def _int4_inputs(m, n, k, dtype, group_size, symmetric, device, seed):

@@ -9,7 +9,6 @@ and their log-sum-exp is allocated here, and only when there is more than one sp
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -53,11 +52,6 @@ def check_decode_attention(q, k_cache, v_cache, block_table, seq_lens) -> None:
     check_aligned(op, q=q, k_cache=k_cache, v_cache=v_cache)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_splits(batch: int, kv_heads: int, max_len: int, num_sms: int) -> int:
     """Splits per (sequence, KV head) for these shapes (the C++ policy, csrc/decode_attention.h)."""
     return ext().decode_attention_num_splits(batch, kv_heads, max_len, num_sms)
@@ -82,7 +76,8 @@ def decode_attention(
         return out
     max_blocks = block_table.shape[1]
     C = ext()
-    splits = C.decode_attention_num_splits(b, hkv, max_blocks * block_size, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+    sms = backends.sm_count(backends.device_index(q.device))
+    splits = C.decode_attention_num_splits(b, hkv, max_blocks * block_size, sms)
     part = lse = None
     if splits > 1:
         part = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)

@@ -1,8 +1,9 @@
 """cuda backend of ops.fp8_gemm: the mma.sync e4m3 kernel of csrc/fp8_gemm.h (sm_89 and newer).
 
-Decode-oriented: the weight is streamed once with 16-byte loads, K is split across SMs with a
-deterministic float32 reduction, and scales / bias are applied in the epilogue. The same kernel
-tiled over M serves any M (on Hopper a wgmma prefill kernel would be faster; none is built yet).
+Decode-oriented configs 0-2: the weight is streamed once with 16-byte loads, K is split across
+SMs with a deterministic float32 reduction, and scales / bias are applied in the epilogue; tiled
+over M they serve any M. On Hopper (compute capability 9.0, sm_90a build) M > 64 goes to config 3,
+the wgmma + TMA kernel of csrc/fp8_gemm_sm90.cu (persistent, warp-specialized, no split-K).
 Configuration per call: gemm_configs.choose. Below sm_89 the backend refuses with the capability.
 """
 
@@ -12,7 +13,7 @@ import torch
 
 from .. import backends
 from .common import DTYPE_CODE, ext, ptr, stream
-from .gemm_configs import Choice, NoKernelError, check_aligned, check_fp8_shape, choose, num_sms
+from .gemm_configs import Choice, NoKernelError, check_aligned, check_fp8_shape, choose
 
 FP8 = torch.float8_e4m3fn
 
@@ -52,8 +53,8 @@ def launch(
 ) -> torch.Tensor:
     """The kernel with an explicit (config, split_k) (default: the dispatch table); the benchmark's entry."""
     dev = xq.device
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    planned = plan(xq, x_scale, wq, w_scale, out_dtype, bias, backends.device_capability(index), num_sms(index))
+    index = backends.device_index(dev)
+    planned = plan(xq, x_scale, wq, w_scale, out_dtype, bias, backends.device_capability(index), backends.sm_count(index))
     choice = choice or planned
     m, k = xq.shape
     n = wq.shape[0]

@@ -12,6 +12,8 @@ op          config id  rows of M    K per step    pipeline
 fp8_gemm    0 (m16)    16           64            4 register stages (16-byte loads)
 fp8_gemm    1 (m32)    32           64            3 register stages
 fp8_gemm    2 (m64)    64           64            2 register stages; any M (grid over M tiles)
+fp8_gemm    3 (sm90)   128          128           Hopper only: wgmma + TMA, 4 shared-memory stages,
+                                                  128 x 128 tiles, persistent; split_k 1
 int4_gemm   0 (m16)    16           128           4 cp.async shared-memory stages
 int4_gemm   1 (m64)    64           128           3 cp.async stages; any M (grid over M tiles)
 ==========  =========  ===========  ============  ==========================================
@@ -20,7 +22,9 @@ Shape support: fp8_gemm needs K % 16 == 0 and N % 8 == 0; int4_gemm needs K % 16
 and a group size that divides K and is a multiple of 32 (or K itself: per-channel). All
 operands must be 16-byte aligned (outputs and scales 4-byte).
 
-Choice per call: ``TABLE[(op, arch, m_bucket(M), N, K)]`` if present, else :func:`default_choice`:
+Choice per call: ``TABLE[(op, arch, m_bucket(M), N, K)]`` if present; else, for fp8_gemm with
+M > ``SM90_MIN_M`` on compute capability 9.0 (and a build holding sm_90a code), the wgmma kernel
+(config ``SM90_CONFIG``, split_k 1); else :func:`default_choice`:
 the smallest configuration whose rows cover M (m64 beyond 32 rows), and a split of K that brings
 column blocks x M tiles x splits to about ``BLOCKS_PER_SM`` blocks per SM, keeping at least
 ``MIN_STEPS_PER_SPLIT`` K steps per split (the pipeline needs a few steps to fill). The partial
@@ -33,7 +37,6 @@ choice=Choice(config, split_k))`` of llama_kernels.cuda.fp8_gemm / int4_gemm ove
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -44,6 +47,8 @@ STEP_K = {"fp8_gemm": 64, "int4_gemm": 128}  # K values per pipeline step
 MIN_STEPS_PER_SPLIT = {"fp8_gemm": 4, "int4_gemm": 2}
 BLOCKS_PER_SM = {"fp8_gemm": 2, "int4_gemm": 3}  # resident blocks per SM (registers / shared memory)
 MAX_SPLIT_K = 16  # the C launchers accept up to 64; more partials than this cost more than they save
+SM90_CONFIG = 3  # fp8_gemm: the Hopper wgmma + TMA kernel (csrc/fp8_gemm_sm90.cu), sm_90a builds only
+SM90_MIN_M = 64  # ... used for M above this (below it the mma.sync decode kernel streams the weight)
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -73,11 +78,6 @@ def arch_name(capability: tuple[int, int]) -> str:
     return f"sm_{major}{minor}" + ("a" if major == 9 else "")
 
 
-@functools.cache
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def candidates(op: str, m: int) -> list[Choice]:
     """Every (config, split_k) the benchmark may time for M rows."""
     return [Choice(c, s) for c, rows in enumerate(ROWS[op]) if rows >= min(m, ROWS[op][-1])
@@ -95,9 +95,26 @@ def default_choice(op: str, m: int, n: int, k: int, sms: int) -> Choice:
     return Choice(config, split)
 
 
-def choose(op: str, capability: tuple[int, int], m: int, n: int, k: int, sms: int) -> Choice:
+def built_with_sm90a() -> bool:
+    """Whether the installed _C holds sm_90a code (the wgmma kernel exists only there)."""
+    try:
+        from .. import _build_info
+    except ImportError:
+        return False
+    return _build_info.CUDA_BUILT and "90a" in _build_info.CUDA_ARCHS
+
+
+def choose(
+    op: str, capability: tuple[int, int], m: int, n: int, k: int, sms: int, sm90a: bool | None = None
+) -> Choice:
+    """sm90a: whether the build holds sm_90a code (default: the installed build's info)."""
     entry = TABLE.get((op, arch_name(capability), m_bucket(m), n, k))
-    return Choice(*entry) if entry is not None else default_choice(op, m, n, k, sms)
+    if entry is not None:
+        return Choice(*entry)
+    if op == "fp8_gemm" and capability == (9, 0) and m > SM90_MIN_M:
+        if built_with_sm90a() if sm90a is None else sm90a:
+            return Choice(SM90_CONFIG, 1)
+    return default_choice(op, m, n, k, sms)
 
 
 # --- shape and alignment checks (no GPU needed: they run on CPU or fake tensors too) ----------

@@ -21,7 +21,7 @@ import torch
 from .. import backends
 from ..int4 import Int4Weight
 from .common import DTYPE_CODE, ext, ptr, stream
-from .gemm_configs import Choice, NoKernelError, check_aligned, check_int4_shape, choose, num_sms
+from .gemm_configs import Choice, NoKernelError, check_aligned, check_int4_shape, choose
 
 #: Nibble of a repacked word that holds K offset o (0..7) of the thread's 8 values: the pair
 #: (o = 2r, 2r + 1) sits in nibbles (r, r + 4), i.e. in the low bits of the two 16-bit halves of
@@ -105,10 +105,10 @@ def launch(x: torch.Tensor, qpacked: torch.Tensor, scale_zero: torch.Tensor, n: 
            choice: Choice | None = None) -> torch.Tensor:  # fmt: skip
     """y = x @ W.T from the repacked tensors, with an explicit (config, split_k) if given."""
     dev = x.device
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = backends.device_index(dev)
     m, k = x.shape
     packed = Int4Packed(qpacked, scale_zero, group_size, n, k, x.dtype)
-    planned = plan(x, packed, backends.device_capability(index), num_sms(index))  # checks, always
+    planned = plan(x, packed, backends.device_capability(index), backends.sm_count(index))  # checks, always
     choice = choice or planned
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     ws = torch.empty(choice.split_k, m, n, dtype=torch.float32, device=dev) if choice.split_k > 1 else None

@@ -19,7 +19,6 @@ short sequence's end are empty and contribute nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 
@@ -147,11 +146,8 @@ def num_splits(batch: int, kv_heads: int, max_len: int, num_sms: int) -> int:
     return max(1, min(waves, max_len // MIN_SPLIT_TOKENS))
 
 
-@functools.cache
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return CPU_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return backends.sm_count(backends.device_index(device)) if device.type == "cuda" else CPU_SMS
 
 
 def _interpreted() -> bool:

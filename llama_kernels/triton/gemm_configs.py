@@ -17,11 +17,12 @@ and replace the TABLE literal with ``format_table(new_table)``.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
+
+from .. import backends
 
 DECODE_MAX_M = 64  # M up to this runs the decode (split-K) configurations
 M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # larger M uses the 4096 entry
@@ -203,9 +204,6 @@ def format_table(table: dict[str, dict[tuple[int, int, int], tuple[int, ...]]]) 
     return "\n".join(lines + ["}"])
 
 
-@functools.cache
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (CPU_SMS under the interpreter)."""
-    if device.type != "cuda":
-        return CPU_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return backends.sm_count(backends.device_index(device)) if device.type == "cuda" else CPU_SMS
