@@ -30,9 +30,10 @@ column blocks x M tiles x splits to about ``BLOCKS_PER_SM`` blocks per SM, keepi
 ``MIN_STEPS_PER_SPLIT`` K steps per split (the pipeline needs a few steps to fill). The partial
 sums of a split go to a float32 workspace [split_k, M, N] reduced in a fixed order (deterministic).
 
-TABLE is empty: no entry has been timed on a GPU yet. To fill it, time ``launch(...,
-choice=Choice(config, split_k))`` of llama_kernels.cuda.fp8_gemm / int4_gemm over
-``candidates(op, M)`` for each benchmark shape on the target GPU and store the fastest.
+TABLE is empty: no entry has been timed on a GPU yet. ``python benchmarks/bench_gemm.py --tune
+OUT`` on the target GPU times ``launch(..., choice=Choice(config, split_k))`` of
+llama_kernels.cuda.fp8_gemm / int4_gemm over ``candidates(op, M)`` for each benchmark shape and
+writes the fastest as a TABLE literal to paste here.
 """
 
 from __future__ import annotations
