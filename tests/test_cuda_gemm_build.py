@@ -240,7 +240,7 @@ def _fp8_args(m, n, k, *, offset=0):
 
 def test_fp8_plan_errors_are_named_before_launch():
     from llama_kernels.cuda import fp8_gemm as F
-    from llama_kernels.cuda.gemm_configs import NoKernelError
+    from llama_kernels.cuda.common import NoKernelError
 
     assert issubclass(NoKernelError, ValueError)
     with pytest.raises(NoKernelError, match=r"no kernel for this shape: K=72 must be a multiple of 16"):
@@ -272,7 +272,7 @@ def test_fp8_large_m_on_hopper_uses_wgmma():
 def test_int4_plan_errors_are_named_before_launch():
     from llama_kernels import ops
     from llama_kernels.cuda import int4_gemm as I
-    from llama_kernels.cuda.gemm_configs import NoKernelError
+    from llama_kernels.cuda.common import NoKernelError
 
     for (n, k, g), what in [((48, 256, 128), "N=48 must be a multiple of 32"),
                             ((64, 256, 16), "group_size=16 must divide K=256"),

@@ -29,11 +29,19 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def check_aligned(op: str, **tensors: torch.Tensor | None) -> None:
+class NoKernelError(ValueError):
+    """No compiled CUDA kernel supports this shape / alignment (raised before any launch)."""
+
+
+def check_aligned(op: str, align: int = ALIGN, **tensors: torch.Tensor | None) -> None:
+    """Raise NoKernelError naming the first tensor whose data pointer is not `align`-byte aligned
+    (absent tensors and meta tensors, which have no address, pass)."""
     for name, t in tensors.items():
-        if t is not None and t.data_ptr() % ALIGN:
-            raise ValueError(
-                f"{op}: argument '{name}' has data pointer {t.data_ptr():#x}, not {ALIGN}-byte aligned; "
+        if t is None or t.device.type == "meta":
+            continue
+        if t.data_ptr() % align:
+            raise NoKernelError(
+                f"{op}: argument '{name}' has data pointer {t.data_ptr():#x}, not {align}-byte aligned; "
                 "the cuda kernel needs aligned rows (pass a fresh or .clone()d tensor)"
             )
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .common import DTYPE_CODE, ext, ptr, stream
-from .gemm_configs import Choice, NoKernelError, check_aligned, check_fp8_shape, choose
+from .common import DTYPE_CODE, NoKernelError, check_aligned, ext, ptr, stream
+from .gemm_configs import Choice, check_fp8_shape, choose
 
 FP8 = torch.float8_e4m3fn
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
+from .common import NoKernelError
 
 BLOCK_N = 128  # output columns per block, every configuration
 ROWS = {"fp8_gemm": (16, 32, 64), "int4_gemm": (16, 64)}  # rows of M per block, by config id
@@ -51,10 +51,6 @@ MAX_SPLIT_K = 16  # the C launchers accept up to 64; more partials than this cos
 SM90_CONFIG = 3  # fp8_gemm: the Hopper wgmma + TMA kernel (csrc/fp8_gemm_sm90.cu), sm_90a builds only
 SM90_MIN_M = 64  # ... used for M above this (below it the mma.sync decode kernel streams the weight)
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-class NoKernelError(ValueError):
-    """No compiled CUDA GEMM kernel supports this shape / alignment (raised before any launch)."""
 
 
 class Choice(NamedTuple):
@@ -141,14 +137,3 @@ def check_int4_shape(n: int, k: int, group_size: int) -> None:
             f"int4_gemm: no kernel for this shape: group_size={group_size} must divide K={k} and be a "
             "multiple of 32 (32, 64, 128, ...) or equal K (per-channel) (cuda backend)"
         )
-
-
-def check_aligned(op: str, align: int = 16, **tensors: torch.Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is None or t.device.type == "meta":
-            continue
-        if t.data_ptr() % align:
-            raise NoKernelError(
-                f"{op}: argument '{name}' has data pointer {t.data_ptr():#x}, not {align}-byte aligned; "
-                "the cuda kernel needs aligned rows (pass a fresh or .clone()d tensor)"
-            )

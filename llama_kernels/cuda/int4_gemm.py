@@ -20,8 +20,8 @@ import torch
 
 from .. import backends
 from ..int4 import Int4Weight
-from .common import DTYPE_CODE, ext, ptr, stream
-from .gemm_configs import Choice, NoKernelError, check_aligned, check_int4_shape, choose
+from .common import DTYPE_CODE, NoKernelError, check_aligned, ext, ptr, stream
+from .gemm_configs import Choice, check_int4_shape, choose
 
 #: Nibble of a repacked word that holds K offset o (0..7) of the thread's 8 values: the pair
 #: (o = 2r, 2r + 1) sits in nibbles (r, r + 4), i.e. in the low bits of the two 16-bit halves of
