@@ -65,6 +65,44 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def gpu() -> torch.device:
+    """The CUDA device, for tests of the cuda backend; skips with the reason it is unavailable."""
+    reason = _cuda_backend_reason()
+    if reason:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+    return torch.device("cuda")
+
+
+def paged_attention_case(seq_lens, hq, hkv, d, block_size, dtype, cache_dtype, seed, device="cpu", spare_blocks=1):
+    """Random decode-attention inputs [q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale]:
+    a shuffled block table whose unused entries point far outside the cache (a kernel reading past
+    a sequence's end faults or fails), heads of distinct magnitudes (a wrong per-head scale or head
+    mapping shows), caches in cache_dtype with per-head k/v scales when FP8."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(seq_lens)
+    max_blocks = max(-(-n // block_size) for n in seq_lens) + spare_blocks
+    num_blocks = b * max_blocks + 3
+    table = torch.randperm(num_blocks, generator=g)[: b * max_blocks].reshape(b, max_blocks).int()
+    for i, n in enumerate(seq_lens):
+        table[i, -(-n // block_size) :] = 1 << 30
+    head_mag = torch.arange(1, hkv + 1, dtype=torch.float64)[:, None]
+    k_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 1) * head_mag
+    v_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 2) * head_mag
+    k_scale = v_scale = None
+    if cache_dtype == torch.float8_e4m3fn:
+        k_scale = (k_cache.abs().amax(dim=(0, 1, 3)) / 448).float()
+        v_scale = (v_cache.abs().amax(dim=(0, 1, 3)) / 448).float()
+        k_cache = (k_cache / k_scale[:, None].double()).to(cache_dtype)
+        v_cache = (v_cache / v_scale[:, None].double()).to(cache_dtype)
+        k_scale, v_scale = k_scale.to(device), v_scale.to(device)
+    else:
+        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    q = randn(b, hq, d, dtype=dtype, seed=seed + 3)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return [t.to(device) for t in (q, k_cache, v_cache, table, lens)] + [k_scale, v_scale]
+
+
 def _cuda_backend_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU visible"

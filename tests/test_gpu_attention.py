@@ -5,48 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOL, _cuda_backend_reason, assert_rel_close, poison_allocator, randn
+from conftest import TOL, assert_rel_close, paged_attention_case, poison_allocator, randn
 from llama_kernels import ops, reference
 
 pytestmark = pytest.mark.gpu
 
 FP8 = torch.float8_e4m3fn
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    reason = _cuda_backend_reason()
-    if reason:
-        pytest.skip(f"cuda backend unavailable: {reason}")
-    return torch.device("cuda")
-
-
-def _case(seq_lens, hq, hkv, d, block_size, dtype, cache_dtype, seed, device, spare_blocks=1):
-    """Random paged inputs: a shuffled block table whose unused entries point far outside the
-    cache (a kernel reading past a sequence's end faults), heads of distinct magnitudes (a wrong
-    per-head scale or head mapping shows), per-head k/v scales for FP8 caches."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(seq_lens)
-    max_blocks = max(-(-n // block_size) for n in seq_lens) + spare_blocks
-    num_blocks = b * max_blocks + 3
-    table = torch.randperm(num_blocks, generator=g)[: b * max_blocks].reshape(b, max_blocks).int()
-    for i, n in enumerate(seq_lens):
-        table[i, -(-n // block_size) :] = 1 << 30
-    head_mag = torch.arange(1, hkv + 1, dtype=torch.float64)[:, None]
-    k_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 1) * head_mag
-    v_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 2) * head_mag
-    k_scale = v_scale = None
-    if cache_dtype == FP8:
-        k_scale = (k_cache.abs().amax(dim=(0, 1, 3)) / 448).float()
-        v_scale = (v_cache.abs().amax(dim=(0, 1, 3)) / 448).float()
-        k_cache = (k_cache / k_scale[:, None].double()).to(FP8)
-        v_cache = (v_cache / v_scale[:, None].double()).to(FP8)
-        k_scale, v_scale = k_scale.to(device), v_scale.to(device)
-    else:
-        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
-    q = randn(b, hq, d, dtype=dtype, seed=seed + 3)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    return [t.to(device) for t in (q, k_cache, v_cache, table, lens)] + [k_scale, v_scale]
 
 
 def _check(args, scale=None, name="decode_attention"):
@@ -67,7 +31,7 @@ def _check(args, scale=None, name="decode_attention"):
 def test_all_groups(gpu, group, d, cache):
     block_size = (16, 32, 64)[group % 3]
     cache_dtype = FP8 if cache == "fp8" else torch.bfloat16
-    args = _case([1, 17, 1000], 2 * group, 2, d, block_size, torch.bfloat16, cache_dtype, group * d, gpu)
+    args = paged_attention_case([1, 17, 1000], 2 * group, 2, d, block_size, torch.bfloat16, cache_dtype, group * d, gpu)
     _check(args, name=f"group {group} D {d} bs {block_size} {cache}")
 
 
@@ -75,7 +39,7 @@ def test_all_groups(gpu, group, d, cache):
                                                (torch.bfloat16, torch.bfloat16), (torch.bfloat16, FP8)])  # fmt: skip
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 def test_block_sizes_and_dtypes(gpu, block_size, dtype, cache_dtype):
-    args = _case([5, 64, 65, 333, 2048], 32, 8, 128, block_size, dtype, cache_dtype, block_size, gpu)
+    args = paged_attention_case([5, 64, 65, 333, 2048], 32, 8, 128, block_size, dtype, cache_dtype, block_size, gpu)
     _check(args, name=f"bs {block_size} {dtype}/{cache_dtype}")
 
 
@@ -83,7 +47,7 @@ def test_block_sizes_and_dtypes(gpu, block_size, dtype, cache_dtype):
 @pytest.mark.parametrize("group,d", [(1, 128), (4, 128), (8, 128), (16, 64)])
 def test_long_context(gpu, group, d, cache_dtype):
     # Batch 1 at 32769 tokens: many splits, the last one holding a single token.
-    args = _case([32769], 8 * group, 8, d, 16, torch.bfloat16, cache_dtype, 7 + group, gpu)
+    args = paged_attention_case([32769], 8 * group, 8, d, 16, torch.bfloat16, cache_dtype, 7 + group, gpu)
     _check(args, name=f"32769 tokens group {group} D {d} {cache_dtype}")
 
 
@@ -91,24 +55,26 @@ def test_mixed_batch_single_split(gpu):
     # Batch 64 x 8 KV heads fills the GPU without splitting: the split kernel writes out directly.
     g = torch.Generator().manual_seed(3)
     lens = torch.randint(1, 4097, (64,), generator=g).tolist()
-    args = _case(lens, 32, 8, 128, 16, torch.bfloat16, torch.bfloat16, 11, gpu)
+    args = paged_attention_case(lens, 32, 8, 128, 16, torch.bfloat16, torch.bfloat16, 11, gpu)
     _check(args, name="batch 64 mixed lengths")
 
 
 def test_mixed_batch_with_splits_and_spare_capacity(gpu):
     # A wide block table (max_len far above every length): most splits of most sequences are
     # empty and must contribute nothing.
-    args = _case([1, 17, 1000, 32769, 2, 4095], 16, 2, 128, 32, torch.bfloat16, FP8, 5, gpu, spare_blocks=300)
+    lens = [1, 17, 1000, 32769, 2, 4095]
+    args = paged_attention_case(lens, 16, 2, 128, 32, torch.bfloat16, FP8, 5, gpu, spare_blocks=300)
     _check(args, name="mixed lengths, spare capacity")
 
 
 def test_custom_scale(gpu):
-    args = _case([17, 1000], 16, 2, 64, 16, torch.float16, torch.float16, 9, gpu)
+    args = paged_attention_case([17, 1000], 16, 2, 64, 16, torch.float16, torch.float16, 9, gpu)
     _check(args, scale=0.3, name="scale=0.3")
 
 
 def test_cuda_graph_capture(gpu):
-    q, kc, vc, table, lens, ks, vs = _case([1000, 17, 32769], 32, 8, 128, 16, torch.bfloat16, FP8, 13, gpu)
+    case = paged_attention_case([1000, 17, 32769], 32, 8, 128, 16, torch.bfloat16, FP8, 13, gpu)
+    q, kc, vc, table, lens, ks, vs = case
     ops.decode_attention(q, kc, vc, table, lens, None, ks, vs, backend="cuda")  # warm up outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -124,7 +90,7 @@ def test_cuda_graph_capture(gpu):
 
 
 def test_side_stream(gpu):
-    args = _case([1000, 3], 8, 1, 128, 16, torch.bfloat16, torch.bfloat16, 17, gpu)
+    args = paged_attention_case([1000, 3], 8, 1, 128, 16, torch.bfloat16, torch.bfloat16, 17, gpu)
     q, kc, vc, table, lens, ks, vs = args
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -140,6 +106,6 @@ def test_side_stream(gpu):
     (8, 2, 128, 8, r"block_size in \(16, 32, 64\), got block_size=8"),
 ])  # fmt: skip
 def test_unsupported_configs_are_rejected(gpu, hq, hkv, d, bs, match):
-    q, kc, vc, table, lens, ks, vs = _case([20], hq, hkv, d, bs, torch.bfloat16, torch.bfloat16, 1, gpu)
+    q, kc, vc, table, lens, ks, vs = paged_attention_case([20], hq, hkv, d, bs, torch.bfloat16, torch.bfloat16, 1, gpu)
     with pytest.raises(ValueError, match=match):
         ops.decode_attention(q, kc, vc, table, lens, backend="cuda")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOL, _cuda_backend_reason, assert_rel_close, poison_allocator, randn
+from conftest import TOL, assert_rel_close, poison_allocator, randn
 from llama_kernels import ops, reference
 
 pytestmark = pytest.mark.gpu
@@ -20,14 +20,6 @@ MS = [1, 2, 3, 16, 17, 64, 128, 1000, 4096]
 # of the 128-column block and K not a multiple of the 64 / 128-value K step.
 FP8_SHAPES = [(6144, 4096), (4096, 14336), (7168, 8192), (1280, 8192), (16384, 6656), (520, 1040), (200, 16)]
 INT4_SHAPES = [(6144, 4096), (4096, 14336), (7168, 8192), (1280, 8192), (16384, 6656), (544, 1056), (96, 208)]
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    reason = _cuda_backend_reason()
-    if reason:
-        pytest.skip(f"cuda backend unavailable: {reason}")
-    return torch.device("cuda")
 
 
 @pytest.fixture(scope="module")

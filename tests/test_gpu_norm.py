@@ -5,21 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOL, _cuda_backend_reason, assert_rel_close, poison_allocator, randn
+from conftest import TOL, assert_rel_close, poison_allocator, randn
 from llama_kernels import ops, reference
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SHAPES = [(1, 576), (3, 4096), (17, 1032), (64, 8192), (5, 16384), (4096, 576)]
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    reason = _cuda_backend_reason()
-    if reason:
-        pytest.skip(f"cuda backend unavailable: {reason}")
-    return torch.device("cuda")
 
 
 def _inputs(m, h, dtype, device, seed):

@@ -8,20 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import _cuda_backend_reason, poison_allocator, randn
+from conftest import poison_allocator, randn
 from llama_kernels import ops, reference
 
 pytestmark = pytest.mark.gpu
 
 FP8 = torch.float8_e4m3fn
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    reason = _cuda_backend_reason()
-    if reason:
-        pytest.skip(f"cuda backend unavailable: {reason}")
-    return torch.device("cuda")
 
 
 def _case(t, hq, hkv, d, dtype, cache_dtype, index_dtype, seed, device, block_size=16, k_mag=1.0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FP8_TOL, TOL, assert_rel_close, randn
+from conftest import FP8_TOL, TOL, assert_rel_close, paged_attention_case, randn
 from llama_kernels import ops, reference
 
 FP8 = torch.float8_e4m3fn
@@ -315,26 +315,6 @@ def test_rope_and_cache_fp8_saturates():
 # --- decode_attention ------------------------------------------------------------------
 
 
-def _paged_case(seq_lens, hq, hkv, d, block_size, dtype, cache_dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    b = len(seq_lens)
-    max_blocks = max((n + block_size - 1) // block_size for n in seq_lens) + 1
-    num_blocks = b * max_blocks + 3
-    block_table = torch.randperm(num_blocks, generator=g)[: b * max_blocks].reshape(b, max_blocks).int()
-    k_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 1)
-    v_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 2)
-    k_scale = v_scale = None
-    if cache_dtype == FP8:
-        k_scale = k_cache.abs().amax(dim=(0, 1, 3)) / 448
-        v_scale = v_cache.abs().amax(dim=(0, 1, 3)) / 448
-        k_cache = (k_cache / k_scale[:, None]).to(FP8)
-        v_cache = (v_cache / v_scale[:, None]).to(FP8)
-    else:
-        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
-    q = randn(b, hq, d, dtype=dtype, seed=seed + 3)
-    return q, k_cache, v_cache, block_table, torch.tensor(seq_lens, dtype=torch.int32), k_scale, v_scale
-
-
 def _gather_loop(cache, table_row, n, scale):
     """Token-by-token gather through the block table, float64 [n, Hkv, D]."""
     bs = cache.shape[1]
@@ -350,7 +330,7 @@ def _gather_loop(cache, table_row, n, scale):
 def test_decode_attention_matches_sdpa(group, d, dtype, cache_dtype):
     hkv = 2
     seq_lens = [1, 17, 100, 33]
-    q, kc, vc, table, lens, ks, vs = _paged_case(seq_lens, hkv * group, hkv, d, 16, dtype, cache_dtype, seed=group)
+    q, kc, vc, table, lens, ks, vs = paged_attention_case(seq_lens, hkv * group, hkv, d, 16, dtype, cache_dtype, seed=group)
     out = ops.decode_attention(q, kc, vc, table, lens, k_scale=ks, v_scale=vs)
     assert out.dtype == dtype and out.shape == q.shape
     for b, n in enumerate(seq_lens):
@@ -364,7 +344,7 @@ def test_decode_attention_matches_sdpa(group, d, dtype, cache_dtype):
 
 def test_decode_attention_custom_scale_and_block_sizes():
     for block_size in (1, 8, 64):
-        q, kc, vc, table, lens, _, _ = _paged_case([5, 70], 8, 2, 64, block_size, torch.float32, torch.float32, 7)
+        q, kc, vc, table, lens, _, _ = paged_attention_case([5, 70], 8, 2, 64, block_size, torch.float32, torch.float32, 7)
         out = ops.decode_attention(q, kc, vc, table, lens, scale=0.05)
         for b, n in enumerate([5, 70]):
             k = _gather_loop(kc, table[b], n, None).transpose(0, 1).repeat_interleave(4, 0)

@@ -6,49 +6,24 @@ lengths stay modest; the compile tests build the same kernels for sm_90 and read
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from conftest import TOL, assert_rel_close, poison_allocator, randn
+from conftest import TOL, assert_rel_close, paged_attention_case, poison_allocator
 from llama_kernels import ops, reference
 from llama_kernels.triton import attention
 from triton_compile import compile_for, ptxas_report
 
 FP8 = torch.float8_e4m3fn
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_case = functools.partial(paged_attention_case, device=DEVICE)
 # Numpy warns about the 0/0 and log2(0) that an empty split computes in lanes it never stores.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
 ]
-
-
-def _case(seq_lens, hq, hkv, d, block_size, dtype, cache_dtype, seed):
-    """Random paged inputs: a shuffled block table whose unused entries point far out of the cache
-    (a kernel reading past a sequence's end faults or fails), heads of distinct magnitudes (a wrong
-    per-head FP8 scale shows), caches in cache_dtype with per-head k/v scales when FP8."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(seq_lens)
-    max_blocks = max(-(-n // block_size) for n in seq_lens) + 1
-    num_blocks = b * max_blocks + 3
-    table = torch.randperm(num_blocks, generator=g)[: b * max_blocks].reshape(b, max_blocks).int()
-    for i, n in enumerate(seq_lens):
-        table[i, -(-n // block_size) :] = 1 << 30
-    head_mag = torch.arange(1, hkv + 1, dtype=torch.float64)[:, None]
-    k_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 1) * head_mag
-    v_cache = randn(num_blocks, block_size, hkv, d, seed=seed + 2) * head_mag
-    k_scale = v_scale = None
-    if cache_dtype == FP8:
-        k_scale = k_cache.abs().amax(dim=(0, 1, 3)).float() / 448
-        v_scale = v_cache.abs().amax(dim=(0, 1, 3)).float() / 448
-        k_cache = (k_cache / k_scale[:, None]).to(FP8)
-        v_cache = (v_cache / v_scale[:, None]).to(FP8)
-        k_scale, v_scale = k_scale.to(DEVICE), v_scale.to(DEVICE)
-    else:
-        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
-    q = randn(b, hq, d, dtype=dtype, seed=seed + 3)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    return [t.to(DEVICE) for t in (q, k_cache, v_cache, table, lens)] + [k_scale, v_scale]
 
 
 def _check(args, scale=None, splits=None, name="decode_attention"):
