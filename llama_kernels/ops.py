@@ -29,6 +29,7 @@ __all__ = [
     "rope_cos_sin",
     "rope_and_cache",
     "decode_attention",
+    "paged_prefill_attention",
     "Int4Weight",
 ]
 
@@ -283,6 +284,19 @@ def rope_and_cache(
 # --- decode attention ------------------------------------------------------------------
 
 
+def _check_paged(op: str, k_cache, block_table, seq_lens, b: int, device) -> None:
+    """block_table [b, max_blocks] and seq_lens [b] int32; on the CPU also their values: lengths in
+    [1, max_blocks * block_size] and block ids of k_cache in the blocks those lengths use."""
+    check.tensor(op, "block_table", block_table, dtypes=(torch.int32,), shape=(b, None), device=device)
+    check.tensor(op, "seq_lens", seq_lens, dtypes=(torch.int32,), shape=(b,), device=device)
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    check.values_in_range(op, "seq_lens", seq_lens, 1, capacity, "lengths (max_blocks * block_size)")
+    if block_table.device.type == "cpu" and b:
+        used = torch.arange(block_table.shape[1]) * k_cache.shape[1] < seq_lens.clamp(min=1)[:, None]
+        check.values_in_range(op, "block_table", block_table[used], 0, k_cache.shape[0] - 1,
+                              "block ids of k_cache (in the blocks seq_lens uses)")  # fmt: skip
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -316,23 +330,81 @@ def decode_attention(
     _check_caches(op, k_cache, v_cache, k_scale, v_scale, q.device, hkv, d)
     if hq % hkv:
         raise ValueError(f"{op}: query heads Hq={hq} must be a multiple of KV heads Hkv={hkv} (k_cache dim 2)")
-    check.tensor(op, "block_table", block_table, dtypes=(torch.int32,), shape=(b, None), device=q.device)
-    check.tensor(op, "seq_lens", seq_lens, dtypes=(torch.int32,), shape=(b,), device=q.device)
+    _check_paged(op, k_cache, block_table, seq_lens, b, q.device)
     if scale is not None:
         check.positive_float(op, "scale", scale)
-    capacity = block_table.shape[1] * k_cache.shape[1]
-    check.values_in_range(op, "seq_lens", seq_lens, 1, capacity, "lengths (max_blocks * block_size)")
-    if block_table.device.type == "cpu" and b:
-        used = torch.arange(block_table.shape[1]) * k_cache.shape[1] < seq_lens.clamp(min=1)[:, None]
-        check.values_in_range(op, "block_table", block_table[used], 0, k_cache.shape[0] - 1,
-                              "block ids of k_cache (in the blocks seq_lens uses)")  # fmt: skip
     return _call(op, q.device, backend, q, k_cache, v_cache, block_table, seq_lens, scale, k_scale, v_scale)
+
+
+# --- paged prefill attention -----------------------------------------------------------
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention of a packed chunk of new tokens (prefill) over a paged KV cache.
+
+    Args:
+        q: [T, Hq, D] bf16/fp16/fp32: the new tokens of B sequences packed in order, query_lens[0]
+            of sequence 0 first.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D], bf16/fp16/fp32 or float8_e4m3fn
+            with k_scale/v_scale float32 [Hkv]; Hq % Hkv == 0 (query head h reads KV head
+            h // (Hq // Hkv)). The new tokens' k/v must already be written (rope_and_cache).
+        block_table: [B, max_blocks] int32, as in decode_attention.
+        seq_lens: [B] int32, tokens of each sequence in the cache (the new ones included), each in
+            [1, max_blocks * block_size].
+        query_lens: [B] int32, new tokens of each sequence, each in [1, seq_lens[b]], sum T. They
+            are the last query_lens[b] of its seq_lens[b] tokens: new token i of sequence b is at
+            position p = seq_lens[b] - query_lens[b] + i and attends to positions 0..p.
+        scale: softmax scale, default 1/sqrt(D).
+    Returns:
+        out [T, Hq, D] in q's dtype. Reference: ``reference.paged_prefill_attention``.
+
+    As for every op, the values in seq_lens, query_lens and block_table (ranges, and
+    sum(query_lens) == T) are checked only for CPU tensors; on a GPU a query_lens that does not
+    sum to T leaves rows of out unwritten (sum < T) or drops tokens past T (sum > T).
+    """
+    op = "paged_prefill_attention"
+    check.tensor(op, "q", q, dtypes=check.FLOAT_DTYPES, ndim=3)
+    t, hq, d = q.shape
+    check.tensor(op, "k_cache", k_cache, ndim=4)
+    hkv = k_cache.shape[2]
+    _check_caches(op, k_cache, v_cache, k_scale, v_scale, q.device, hkv, d)
+    if hq % hkv:
+        raise ValueError(f"{op}: query heads Hq={hq} must be a multiple of KV heads Hkv={hkv} (k_cache dim 2)")
+    check.tensor(op, "seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=q.device)
+    b = seq_lens.shape[0]
+    _check_paged(op, k_cache, block_table, seq_lens, b, q.device)
+    check.tensor(op, "query_lens", query_lens, dtypes=(torch.int32,), shape=(b,), device=q.device)
+    if scale is not None:
+        check.positive_float(op, "scale", scale)
+    if query_lens.device.type == "cpu":
+        over = (query_lens < 1) | (query_lens > seq_lens)
+        if over.any():
+            i = int(over.nonzero()[0])
+            raise ValueError(f"{op}: argument 'query_lens' has query_lens[{i}]={int(query_lens[i])}; "
+                             f"expected new tokens in [1, seq_lens[{i}]={int(seq_lens[i])}]")  # fmt: skip
+        total = int(query_lens.sum())
+        if total != t:
+            raise ValueError(f"{op}: argument 'query_lens' sums to {total}; expected T={t} (q's dim 0)")
+    return _call(op, q.device, backend, q, k_cache, v_cache, block_table, seq_lens, query_lens, scale, k_scale,
+                 v_scale)  # fmt: skip
 
 
 # --- backend registration --------------------------------------------------------------
 
 for _name in ("quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm", "add_rms_norm_fp8",
-              "rope_and_cache", "decode_attention"):  # fmt: skip
+              "rope_and_cache", "decode_attention", "paged_prefill_attention"):  # fmt: skip
     backends.register(_name, "torch", getattr(reference, _name))
 
 from . import cuda as _cuda  # noqa: E402,F401  (registers the cuda backend)

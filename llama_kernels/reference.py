@@ -32,6 +32,7 @@ __all__ = [
     "rope_cos_sin",
     "rope_and_cache",
     "decode_attention",
+    "paged_prefill_attention",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -291,4 +292,50 @@ def decode_attention(
         logits = torch.einsum("hgd,nhd->hgn", qb, k) * sm_scale
         probs = torch.softmax(logits, dim=-1)
         out[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(hq, d).to(q.dtype)
+    return out
+
+
+PREFILL_ROWS = 1024  # query tokens per step of paged_prefill_attention: bounds its [Hq, rows, n] logits
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of the newest tokens of each sequence over its paged KV cache (GQA).
+
+    q [T, Hq, D] packs the query_lens[b] new tokens of each sequence b in order (sum T); they are
+    the last query_lens[b] of the seq_lens[b] tokens of sequence b in the cache, so query token i
+    of b sits at position p = seq_lens[b] - query_lens[b] + i and attends to cache positions 0..p.
+    Caches, block_table, scales and the head mapping as in decode_attention. out [T, Hq, D] in
+    q's dtype. The logits of at most PREFILL_ROWS query tokens exist at once (rows are independent,
+    so this does not change the result).
+    """
+    _, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    start = 0
+    for b in range(seq_lens.shape[0]):
+        n, m = int(seq_lens[b]), int(query_lens[b])
+        k = gather_kv(k_cache, block_table[b], n, k_scale)  # [n, Hkv, D]
+        v = gather_kv(v_cache, block_table[b], n, v_scale)
+        for r0 in range(0, m, PREFILL_ROWS):
+            rows = min(PREFILL_ROWS, m - r0)
+            qb = q[start + r0 : start + r0 + rows].float().view(rows, hkv, group, d)  # [rows, Hkv, G, D]
+            logits = torch.einsum("rhgd,nhd->hgrn", qb, k) * sm_scale  # [Hkv, G, rows, n]
+            pos = n - m + r0 + torch.arange(rows, device=q.device)  # absolute position of each row
+            future = torch.arange(n, device=q.device)[None, :] > pos[:, None]  # [rows, n]
+            probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+            o = torch.einsum("hgrn,nhd->rhgd", probs, v)  # [rows, Hkv, G, D]
+            out[start + r0 : start + r0 + rows] = o.reshape(rows, hq, d).to(q.dtype)
+        start += m
     return out
