@@ -121,9 +121,11 @@ def test_triton_matches_reference(lens, group, d, block_size, dtype, cache_dtype
 
 
 def test_triton_fp8_cache_against_dequantized_float32_cache():
-    # The FP8 decode in the kernel (integer ops) against the same cache dequantized by torch: only
-    # q's and p's roundings differ, so the float32 tolerance (with q in float32) holds.
-    q, kc, vc, table, lens, qlens, ks, vs = prefill_case([150, 9], [20, 9], 8, 2, 64, 16, torch.float32, FP8, 4)
+    # The FP8 decode in the kernel (integer ops, scales folded into the logit scale and the output)
+    # against the same cache dequantized by torch: with q in float32 all the math is float32, so the
+    # float32 tolerance holds.
+    q, kc, vc, table, lens, qlens, ks, vs = prefill_case([150, 9], [20, 9], 8, 2, 64, 16, torch.float32, FP8, 4,
+                                                         device=DEVICE)  # fmt: skip
     out = ops.paged_prefill_attention(q, kc, vc, table, lens, qlens, None, ks, vs, backend="triton")
     kf, vf = kc.float() * ks[:, None], vc.float() * vs[:, None]
     want = ops.paged_prefill_attention(q, kf, vf, table, lens, qlens, backend="torch")
@@ -132,9 +134,9 @@ def test_triton_fp8_cache_against_dequantized_float32_cache():
 
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_triton_many_tiles_and_sequences_custom_scale():
-    # 9 sequences, one long (several query tiles of 64 tokens at group 2, a prefix spanning many
-    # KV tiles) among short ones with one or two new tokens: exercises the tile -> sequence map
-    # and the bound on the number of tiles.
+    # 9 sequences, one long (10 query tiles of 32 tokens at group 2 in float32, a prefix spanning
+    # several KV tiles) among short ones with one or two new tokens: exercises the tile -> sequence
+    # map and the bound on the number of tiles.
     query_lens = [1, 2, 300, 1, 1, 2, 1, 40, 1]
     seq_lens = [q + p for q, p in zip(query_lens, [0, 7, 260, 33, 1, 64, 127, 0, 300])]
     args = prefill_case(seq_lens, query_lens, 4, 2, 64, 16, torch.float32, torch.float32, seed=9, device=DEVICE)
