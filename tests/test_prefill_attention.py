@@ -159,9 +159,10 @@ def test_triton_fake_registration_matches_kernel():
 def test_tile_config_fits_every_group():
     for group in (1, 3, 4, 8, 16, 24, 80, 128):
         for dtype, capability in ((torch.bfloat16, (9, 0)), (torch.bfloat16, (8, 0)), (torch.float32, None)):
-            block_m, block_n, _, _ = prefill_attention.tile_config(group, 128, dtype, capability)
-            assert block_m >= 16 and block_m & (block_m - 1) == 0 and block_n >= 16  # tl.dot's shapes
-            assert block_m // group * group > block_m // 2  # at least one token, padding under half the rows
+            for fp8 in (False, True):
+                block_m, block_n, _, _ = prefill_attention.tile_config(group, 128, dtype, fp8, capability)
+                assert block_m >= 16 and block_m & (block_m - 1) == 0 and block_n >= 16  # tl.dot's shapes
+                assert block_m // group * group > block_m // 2  # at least one token, padding under half the rows
 
 
 @pytest.mark.gpu
@@ -185,7 +186,7 @@ _CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N", "IS_FP8"
 @pytest.mark.parametrize("group,d,cache,capability", [
     (1, 128, "bf16", 90), (8, 128, "bf16", 90), (3, 64, "fp16", 90),
     (8, 128, "u8", 90), (16, 64, "u8", 90),
-    (8, 128, "u8", 89), (16, 64, "u8", 89), (8, 128, "bf16", 80),
+    (8, 128, "u8", 89), (16, 64, "u8", 89), (8, 128, "bf16", 80), (1, 128, "fp16", 89),
     (4, 128, "u8", 80),  # FP8 caches decode in integer ops: no sm_89 needed
 ])  # fmt: skip
 def test_kernel_compiles_without_spills(group, d, cache, capability):
@@ -193,8 +194,8 @@ def test_kernel_compiles_without_spills(group, d, cache, capability):
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", **dict.fromkeys(_PTRS, "*i32"),
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "qk_scale": "fp32",
                  **dict.fromkeys(_INTS, "i32"), **dict.fromkeys(_CONSTEXPRS, "constexpr")}  # fmt: skip
-    block_m, block_n, num_warps, num_stages = prefill_attention.tile_config(group, d, torch.bfloat16,
-                                                                            divmod(capability, 10))  # fmt: skip
+    config = prefill_attention.tile_config(group, d, torch.bfloat16, cache == "u8", divmod(capability, 10))
+    block_m, block_n, num_warps, num_stages = config
     constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_N=block_n,
                       IS_FP8=cache == "u8", DOT_F32=False, EMULATE_CASTS=False)  # fmt: skip
     compiled = compile_for(prefill_attention._prefill_kernel, signature, constexprs, capability, num_warps=num_warps,
