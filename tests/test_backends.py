@@ -14,7 +14,7 @@ from llama_kernels import BackendUnavailableError, backends, ops
 
 CPU = torch.device("cpu")
 CONTRACT = ["quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm", "add_rms_norm_fp8",
-            "rope_and_cache", "decode_attention"]  # fmt: skip
+            "rope_and_cache", "decode_attention", "paged_prefill_attention"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

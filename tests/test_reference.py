@@ -355,5 +355,5 @@ def test_decode_attention_custom_scale_and_block_sizes():
 
 def test_reference_module_exports_every_op():
     for name in ("quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm", "add_rms_norm_fp8",
-                 "rope_cos_sin", "rope_and_cache", "decode_attention"):  # fmt: skip
+                 "rope_cos_sin", "rope_and_cache", "decode_attention", "paged_prefill_attention"):  # fmt: skip
         assert callable(getattr(reference, name))
