@@ -255,17 +255,32 @@ def test_fp8_plan_errors_are_named_before_launch():
     assert F.plan(*_fp8_args(64, 256, 128), torch.bfloat16, None, (9, 0), 132).config == 2
 
 
-def test_fp8_large_m_on_hopper_uses_wgmma():
+def test_fp8_large_m_on_hopper_uses_wgmma_once_its_tiles_fill_the_gpu():
     from llama_kernels.cuda import gemm_configs as G
 
-    for m in (65, 128, 1000, 4096):
-        for n, k in [(6144, 4096), (200, 16), (520, 1040)]:
-            assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=True) == G.Choice(G.SM90_CONFIG, 1)
-            assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=False).config == 2
-            assert G.choose("fp8_gemm", (8, 9), m, n, k, 128, sm90a=True).config == 2
-            assert G.choose("fp8_gemm", (10, 0), m, n, k, 148, sm90a=True).config == 2
+    for m, n, k in [(4096, 6144, 4096), (1000, 28672, 4096), (129, 16384, 2048), (300, 8192, 1040)]:
+        assert G.sm90_tiles(m, n) >= 132
+        assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=True) == G.Choice(G.SM90_CONFIG, 1)
+        assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=False).config == 2
+        assert G.choose("fp8_gemm", (8, 9), m, n, k, 128, sm90a=True).config == 2
+        assert G.choose("fp8_gemm", (10, 0), m, n, k, 148, sm90a=True).config == 2
     for m in (1, 16, 17, 64):
         assert G.choose("fp8_gemm", (9, 0), m, 6144, 4096, 132, sm90a=True).config != G.SM90_CONFIG
+
+
+@pytest.mark.parametrize("m", [65, 100, 128])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096), (1280, 8192), (4096, 14336)])
+def test_fp8_m65_to_128_on_hopper_fills_the_gpu_with_split_k(m, n, k):
+    """M = 65..128 gives the 128 x 128 wgmma kernel 10-48 tiles on 132 SMs: the split-K mma.sync
+    path runs instead, with at least one block per SM (split over K where the steps allow)."""
+    from llama_kernels.cuda import gemm_configs as G
+
+    assert G.sm90_tiles(m, n) < 132
+    choice = G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=True)
+    assert choice.config == 2 and choice.split_k > 1
+    blocks = -(-n // G.BLOCK_N) * -(-m // 64) * choice.split_k
+    steps_per_split = k // G.STEP_K["fp8_gemm"] // choice.split_k
+    assert blocks >= 132 or steps_per_split < 2 * G.MIN_STEPS_PER_SPLIT["fp8_gemm"] or choice.split_k == G.MAX_SPLIT_K
     assert G.choose("int4_gemm", (9, 0), 4096, 6144, 4096, 132, sm90a=True).config == 1
 
 

@@ -3,7 +3,8 @@
 Decode-oriented configs 0-2: the weight is streamed once with 16-byte loads, K is split across
 SMs with a deterministic float32 reduction, and scales / bias are applied in the epilogue; tiled
 over M they serve any M. On Hopper (compute capability 9.0, sm_90a build) M > 64 goes to config 3,
-the wgmma + TMA kernel of csrc/fp8_gemm_sm90.cu (persistent, warp-specialized, no split-K).
+the wgmma + TMA kernel of csrc/fp8_gemm_sm90.cu (persistent, warp-specialized, no split-K), once
+its 128 x 128 tiles are at least as many as the SMs (below that, split-K config 2 fills the GPU).
 Configuration per call: gemm_configs.choose. Below sm_89 the backend refuses with the capability.
 """
 
