@@ -53,6 +53,11 @@ cudaError_t fp8_gemm(const void* xq, const float* x_scale, bool x_scale_rows, co
                      void* y, int out_dtype, float* workspace, int64_t M, int64_t N, int64_t K,
                      int config, int split_k, cudaStream_t stream, const char** why = nullptr);
 
+// nullptr when config kFp8Sm90 can run on the current device, else why not (not compute
+// capability 9.0, or the code loaded for the device is not the sm_90a kernel: a build without
+// 90a, or older PTX JIT-compiled). Checked once per device; no kernel is launched.
+const char* fp8_gemm_sm90_unavailable();
+
 // y[m, n] = round_out(sum_s workspace[s, m, n] * xs(m) * ws(n) + bias(n)), summed in order of s.
 // Null x_scale / w_scale mean 1. N a multiple of 4; workspace 16-byte aligned; y 4-byte aligned.
 cudaError_t gemm_splitk_reduce(const float* workspace, int split_k, const float* x_scale,

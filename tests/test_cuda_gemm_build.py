@@ -29,8 +29,12 @@ from test_cuda_build import (  # noqa: F401  (fixtures)
     _parse_ptxas,
     _ptxas_report,
     built,
+    ptx,
+    ptx_entries,
     sass,
 )
+
+from llama_kernels.cuda import gemm_configs as G
 
 FP8_RE = re.compile(r"fp8gemm15fp8_gemm_kernelILi(\d)ELi(\d)E")
 INT4_RE = re.compile(r"int4gemm16int4_gemm_kernelI(6__half|13__nv_bfloat16)Li(\d)ELi(\d)E")
@@ -119,6 +123,9 @@ def test_sass_int4_mma_and_lop3(built, sass):
             assert len(re.findall(r"\bLOP3\.LUT\b", body)) >= 16, f"{where}: no lop3 dequantization"
             assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body), f"{where}: no 16-byte cp.async"
             assert re.search(r"\bLDS\.128\b", body), f"{where}: no 16-byte shared loads"
+            # The group scales / zeros arrive by cp.async with the stage, not by 16-byte global
+            # loads in the compute phase: the only 16-byte global reads are LDGSTS.
+            assert not re.search(r"\bLDG\.E\.128", body), f"{where}: 16-byte global loads (__ldg)"
 
 
 def test_gemm_no_register_spills(built):
@@ -282,6 +289,68 @@ def test_fp8_m65_to_128_on_hopper_fills_the_gpu_with_split_k(m, n, k):
     steps_per_split = k // G.STEP_K["fp8_gemm"] // choice.split_k
     assert blocks >= 132 or steps_per_split < 2 * G.MIN_STEPS_PER_SPLIT["fp8_gemm"] or choice.split_k == G.MAX_SPLIT_K
     assert G.choose("int4_gemm", (9, 0), 4096, 6144, 4096, 132, sm90a=True).config == 1
+
+
+def test_sm90_wgmma_accumulator_is_promoted_every_k_block():
+    """Each 128-value K block's 4 wgmmas start a fresh accumulator that is added, in float32, to the
+    tile's total once they completed (wait_group 0 per block; no group left in flight), instead of
+    one reduced-precision FP8 accumulator chained through all of K."""
+    kernels = ptx_entries(ptx(CSRC / "fp8_gemm_sm90.cu", "90a"))
+    body = next(b for name, b in kernels.items() if SM90_RE.search(name))
+    assert body.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4
+    assert "wgmma.wait_group.sync.aligned 1;" not in body
+    assert body.count("wgmma.wait_group.sync.aligned 0;") >= 1
+    adds = len(re.findall(r"\badd(\.rn)?\.f32\b", body))
+    assert adds >= 64 + 64, f"{adds} add.f32: expected the 64-register promotion plus the bias adds"
+
+
+def _fake_sm90_device(monkeypatch, why):
+    """launch() on CPU tensors with a fake extension that records the config it is asked for."""
+    from llama_kernels import backends
+    from llama_kernels.cuda import fp8_gemm as F
+
+    calls = []
+
+    class FakeExt:
+        def fp8_gemm(self, *args):
+            calls.append(args[-3])  # config
+
+    monkeypatch.setattr(backends, "device_index", lambda device: 0)
+    monkeypatch.setattr(backends, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(backends, "sm_count", lambda index: 132)
+    monkeypatch.setattr(F, "sm90_unavailable", lambda index: why)
+    monkeypatch.setattr(F, "ext", lambda: FakeExt())
+    monkeypatch.setattr(F, "stream", lambda t: 0)
+    monkeypatch.setattr(F, "choose", lambda *a, **kw: G.Choice(G.SM90_CONFIG, 1))
+    return F, calls
+
+
+def test_sm90_kernel_is_never_launched_where_its_sm90a_code_did_not_load(monkeypatch):
+    """The extension's check (device 9.0, loaded code compiled from compute_90a with the real
+    kernel) decides before any launch: automatic dispatch then takes the mma.sync path, an
+    explicit config 3 raises the backend's NoKernelError; the __trap() stub is never reached."""
+    from llama_kernels.cuda.common import NoKernelError
+
+    why = "config 3 (sm90 wgmma): the code loaded for this GPU is not the sm_90a kernel"
+    F, calls = _fake_sm90_device(monkeypatch, why)
+    args = _fp8_args(256, 8192, 4096)
+    F.launch(*args, torch.bfloat16)
+    assert calls == [2]
+    with pytest.raises(NoKernelError, match="not the sm_90a kernel"):
+        F.launch(*args, torch.bfloat16, choice=G.Choice(G.SM90_CONFIG, 1))
+    assert calls == [2]
+    F, calls = _fake_sm90_device(monkeypatch, None)
+    F.launch(*args, torch.bfloat16)
+    assert calls == [G.SM90_CONFIG]
+
+
+def test_sm90_availability_check_needs_no_kernel_launch(built):
+    """Without a GPU the extension says why config 3 cannot run instead of failing or trapping."""
+    import torch as _torch
+
+    if _torch.cuda.is_available():
+        pytest.skip("checks the answer without a GPU")
+    assert built.C.fp8_gemm_sm90_unavailable() == "config 3 (sm90 wgmma): no CUDA device"
 
 
 def test_int4_plan_errors_are_named_before_launch():

@@ -10,11 +10,13 @@ Configuration per call: gemm_configs.choose. Below sm_89 the backend refuses wit
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backends
 from .common import DTYPE_CODE, NoKernelError, check_aligned, ext, ptr, stream
-from .gemm_configs import Choice, check_fp8_shape, choose
+from .gemm_configs import SM90_CONFIG, Choice, check_fp8_shape, choose, default_choice
 
 FP8 = torch.float8_e4m3fn
 
@@ -43,6 +45,15 @@ def plan(
     return choose("fp8_gemm", capability, m, n, k, sms)
 
 
+@functools.cache
+def sm90_unavailable(index: int) -> str | None:
+    """None when the sm_90a wgmma kernel (config 3) can run on CUDA device `index`, else why not:
+    the extension checks the device and that the code loaded for it is the real sm_90a kernel (not
+    the trapping stub of a build without 90a); asked once per device, before any launch."""
+    with torch.cuda.device(index):
+        return ext().fp8_gemm_sm90_unavailable()
+
+
 def launch(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -55,10 +66,17 @@ def launch(
     """The kernel with an explicit (config, split_k) (default: the dispatch table); the benchmark's entry."""
     dev = xq.device
     index = backends.device_index(dev)
-    planned = plan(xq, x_scale, wq, w_scale, out_dtype, bias, backends.device_capability(index), backends.sm_count(index))
-    choice = choice or planned
+    sms = backends.sm_count(index)
+    planned = plan(xq, x_scale, wq, w_scale, out_dtype, bias, backends.device_capability(index), sms)
     m, k = xq.shape
     n = wq.shape[0]
+    if (choice or planned).config == SM90_CONFIG:
+        why = sm90_unavailable(index)
+        if why is not None and choice is not None:
+            raise NoKernelError(f"fp8_gemm: {why}")
+        if why is not None:  # e.g. a build whose sm_90a code did not load here: the mma.sync path
+            planned = default_choice("fp8_gemm", m, n, k, sms)
+    choice = choice or planned
     y = torch.empty(m, n, dtype=out_dtype, device=dev)
     ws = torch.empty(choice.split_k, m, n, dtype=torch.float32, device=dev) if choice.split_k > 1 else None
     ext().fp8_gemm(
