@@ -3,8 +3,10 @@ csrc/decode_attention.h.
 
 The number of splits comes from ``_C.decode_attention_num_splits`` (batch, KV heads, the length
 bound ``max_blocks * block_size`` and the SM count: never the values of seq_lens, so a call needs
-no host sync and can be captured in a CUDA graph); the float32 workspace for the partial outputs
-and their log-sum-exp is allocated here, and only when there is more than one split.
+no host sync and can be captured in a CUDA graph); the kernel divides each sequence's live length
+seq_lens[b] (read on the device, clamped to the table's capacity) among those splits, so a short
+sequence in a long-context table still uses every split. The float32 workspace for the partial
+outputs and their log-sum-exp is allocated here, and only when there is more than one split.
 """
 
 from __future__ import annotations
