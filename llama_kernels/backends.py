@@ -356,7 +356,13 @@ def explain(op: str, device: torch.device) -> tuple[str, str]:
     forced = forced_backend(None)
     if forced is not None:
         return forced, f"forced by {ENV_VAR}"
-    return auto_order(op, device)[0]
+    name, why = auto_order(op, device)[0]
+    if device.type == "cuda":
+        by_bucket = [f"{bucket}: {auto_order(op, device, bucket)[0][0]}"
+                     for bucket in _device_record(device_index(device)).get("fastest", {}).get(op, {})]  # fmt: skip
+        if by_bucket:
+            why += f"; by rows, after selftest --bench: {', '.join(by_bucket)}"
+    return name, why
 
 
 def select(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:

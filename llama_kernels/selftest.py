@@ -312,10 +312,14 @@ def _print_row(row: Row, bench: bool) -> None:
 
 
 def run_cases(device: torch.device, small: bool, wanted_backends: list[str], only_ops: list[str] | None,
-              bench: bool, peaks: dict | None) -> tuple[list[Row], list[str]]:  # fmt: skip
-    """Every op's cases on every wanted backend that can run it; (rows, ops without a case builder)."""
+              bench: bool, peaks: dict | None, after_op: Callable[[list[Row]], None] = lambda rows: None,
+              ) -> tuple[list[Row], list[str]]:  # fmt: skip
+    """Every op's cases on every wanted backend that can run it; (rows, ops without a case builder).
+    after_op(rows so far) runs after each op (the caller saves progress: a run cut short keeps it)."""
     rows, missing = [], []
     for op in backends.ops():
+        if rows:
+            after_op(rows)
         if only_ops and op not in only_ops:
             continue
         build = CASES.get(op)
@@ -367,9 +371,10 @@ def fastest_by_bucket(rows: list[Row], passed: dict[tuple[str, str], bool]) -> d
     """op -> bucket -> the kernel backend (cuda, triton) that passed every case of the op here and
     took the least total time over the bucket's cases every such backend ran."""
     out: dict[str, dict[str, str]] = {}
-    for op in {r.op for r in rows}:
+    for op in dict.fromkeys(r.op for r in rows):
         candidates = [b for b in backends.KERNEL_BACKENDS if passed.get((op, b))]
-        for bucket in {r.bucket for r in rows if r.op == op}:
+        labels = [label for _, label in backends.ROW_BUCKETS]
+        for bucket in sorted({r.bucket for r in rows if r.op == op}, key=lambda b: labels.index(b) if b in labels else len(labels)):
             times: dict[str, dict[str, float]] = {b: {} for b in candidates}
             for r in rows:
                 if r.op == op and r.bucket == bucket and r.backend in times and r.us is not None:
@@ -494,19 +499,27 @@ def run(args: argparse.Namespace) -> int:
               f"TFLOP/s" + (f", fp8 {peaks['fp8_flops'] / 1e12:.0f} TFLOP/s" if "fp8_flops" in peaks else ""))  # fmt: skip
     head = f"{'op':<18} {'shape':<38} {'backend':<7} {'relerr':>9} {'result':<9}"
     print((head + (f" {'us':>9} {'rate':>11} {'%peak':>6}" if bench else "")).rstrip(), flush=True)
-    rows, missing = run_cases(device, device.type == "cpu", wanted, args.op, bench, peaks)
+    record_here = device.type == "cuda" and not args.no_record
+
+    def save(rows: list[Row]) -> None:
+        if record_here:
+            record(device, rows, bench)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([{**r.to_json(), "device": env["device"], "date": env["date"]} for r in rows], f, indent=1)
+
+    rows, missing = run_cases(device, device.type == "cpu", wanted, args.op, bench, peaks, save)
+    save(rows)
     bad = [r for r in rows if r.status in ("FAIL", "error")]
     checked = [r for r in rows if r.status != "no kernel"]
     print(f"# {len(checked) - len(bad)} of {len(checked)} checks passed"
           + (f"; FAILED: {sorted({f'{r.op} on {r.backend}' for r in bad})}" if bad else ""))  # fmt: skip
     for op in missing:
         print(f"# {op}: no selftest cases (add a builder to llama_kernels.selftest.CASES)")
-    if device.type == "cuda" and not args.no_record:
-        path, _ = record(device, rows, bench)
-        print(f"# recorded in {path}: automatic dispatch now uses what passed here (llama-kernels info says which)")
+    if record_here:
+        print(f"# recorded in {backends.user_record_path()}: automatic dispatch now uses what passed here "
+              "(llama-kernels info says which)")  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{**r.to_json(), "device": env["device"], "date": env["date"]} for r in rows], f, indent=1)
         print(f"# wrote {args.json}")
     return 1 if bad else 0
 

@@ -160,6 +160,7 @@ def test_bench_prefers_the_fastest_passing_backend_per_bucket(fake_gpu):
     first = backends.auto_order("fp8_gemm", GPU, backends.args_bucket((x4096,)))[0]
     assert first[0] == "triton" and "fastest passing backend for >128 rows" in first[1]
     assert backends.auto_order("int4_gemm", GPU, "1")[0][0] == "triton"  # the failing cuda kernel: never
+    assert backends.explain("fp8_gemm", GPU)[1].endswith("by rows, after selftest --bench: 1: cuda, >128: triton")
 
 
 def test_auto_dispatch_falls_back_when_a_kernel_has_no_variant_for_the_shape(monkeypatch):
