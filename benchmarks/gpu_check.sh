@@ -34,8 +34,10 @@ START=$(date +%s)
 FAILED=()
 STEPS=()
 
-# step NAME LIMIT_S COMMAND...: run COMMAND in the repo with a time limit of LIMIT_S seconds (less when
-# the overall budget has less left), its output in OUTDIR/NAME.log; record the result, keep going.
+# step NAME LIMIT_S COMMAND...: run COMMAND in OUTDIR (not the repo: there `python -m` would import the
+# source tree, which has no _C, instead of the installed package) with a time limit of LIMIT_S
+# seconds (less when the overall budget has less left), its output in OUTDIR/NAME.log; record the
+# result, keep going.
 step() {
   local name="$1" limit="$2"; shift 2
   if (( DRY )); then
@@ -50,7 +52,7 @@ step() {
   fi
   echo "== $name (limit ${limit}s): $*"
   local t0=$(date +%s) rc
-  (cd "$REPO" && timeout --kill-after=10 "$limit" "$@") >"$OUTDIR/$name.log" 2>&1
+  (cd "$OUTDIR" && timeout --kill-after=10 "$limit" "$@") >"$OUTDIR/$name.log" 2>&1
   rc=$?
   local took=$(( $(date +%s) - t0 ))
   tail -n 4 "$OUTDIR/$name.log" | sed 's/^/   /'
@@ -72,21 +74,21 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 8)}"
 PYTEST_TIMEOUT=()
 if (( ! DRY )) && "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_TIMEOUT=(--timeout=60); fi
-(( DRY )) && { echo "# plan (dry run): every step runs in $REPO, output in $OUTDIR/<step>.log; budget ${BUDGET}s"; PYTEST_TIMEOUT=("[--timeout=60 if pytest-timeout is installed]"); }
+(( DRY )) && { echo "# plan (dry run): every step runs in $OUTDIR, its output in $OUTDIR/<step>.log; budget ${BUDGET}s"; PYTEST_TIMEOUT=("[--timeout=60 if pytest-timeout is installed]"); }
 
 step environment 20 bash -c "set -e; nvidia-smi; $PY -c 'import torch, triton, platform; print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'; nvcc --version"
-step build 140 env LLAMA_KERNELS_CUDA_ARCHS=90a "$PY" -m pip install --no-build-isolation --no-deps --no-index -v .
+step build 140 env LLAMA_KERNELS_CUDA_ARCHS=90a "$PY" -m pip install --no-build-isolation --no-deps --no-index -v "$REPO"
 step info 15 "$PY" -m llama_kernels info
 step selftest 150 "$PY" -m llama_kernels selftest --bench --json "$OUTDIR/selftest.json"
-# pytest from OUTDIR: the installed package (not the source tree) is what is tested.
-step pytest_gpu 120 bash -c "cd '$OUTDIR' && $PY -m pytest '$REPO/tests' -m gpu -q -rfEs -p no:cacheprovider ${PYTEST_TIMEOUT[*]} --junitxml='$OUTDIR/pytest_gpu.xml'"
+step pytest_gpu 120 "$PY" -m pytest "$REPO/tests" -m gpu -q -rfEs -p no:cacheprovider ${PYTEST_TIMEOUT[@]+"${PYTEST_TIMEOUT[@]}"} \
+  --junitxml="$OUTDIR/pytest_gpu.xml"
 for bench in "$REPO"/benchmarks/bench_*.py; do
   name="$(basename "$bench" .py)"
   case "$name" in bench_generate|bench_serve) continue ;; esac
-  step "$name" 30 "$PY" "benchmarks/$name.py" --backends cuda,triton --iters 10 --out "$OUTDIR/$name.json"
+  step "$name" 30 "$PY" "$REPO/benchmarks/$name.py" --backends cuda,triton --iters 10 --out "$OUTDIR/$name.json"
 done
 for quant in fp8 int4; do
-  step "generate_8b_$quant" 60 "$PY" benchmarks/bench_generate.py --preset llama-3.1-8b --quant "$quant" \
+  step "generate_8b_$quant" 60 "$PY" "$REPO/benchmarks/bench_generate.py" --preset llama-3.1-8b --quant "$quant" \
     --batch-sizes 1,8 --prompt-len 128 --new-tokens 32 --out "$OUTDIR/generate_8b_$quant.json"
 done
 
