@@ -264,7 +264,7 @@ def _user_record_devices() -> dict:
 
 
 def reload_user_record() -> None:
-    """Forget the cached record and dispatch decisions (after the selftest wrote a new record)."""
+    """Forget the cached record (after the selftest wrote a new one): the next dispatch rereads it."""
     _user_record_devices.cache_clear()
     _device_record.cache_clear()
 
@@ -330,9 +330,6 @@ def auto_order(op: str, device: torch.device, bucket: str | None = None) -> tupl
     if notes and first != "cuda":
         order[0] = (first, f"{why}; {'; '.join(notes)}")
     return tuple(order)
-
-
-# --- selection -------------------------------------------------------------------------
 
 
 def forced_backend(backend: str | None) -> str | None:

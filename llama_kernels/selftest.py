@@ -251,7 +251,8 @@ class Row:
     us: float | None = None
     gbps: float | None = None
     tflops: float | None = None
-    pct_of_peak: float | None = None
+    pct_of_peak: float | None = None  # of the nearer roofline bound ...
+    bound: str = ""  # ... "memory" (copy bandwidth) or "compute" (matmul throughput)
 
     @property
     def passed(self) -> bool:
@@ -293,7 +294,8 @@ def _time(op: str, case: Case, row: Row, device: torch.device, peaks: dict) -> N
         row.tflops = case.flops / sec / 1e12
         peak = peaks.get("fp8_flops", peaks["bf16_flops"]) if case.fp8_math else peaks["bf16_flops"]
         pct.append(100 * case.flops / sec / peak)
-    row.pct_of_peak = max(pct)  # the nearer roofline bound
+    row.pct_of_peak = max(pct)
+    row.bound = "compute" if pct[-1] > pct[0] else "memory"
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -303,8 +305,7 @@ def _fmt(v: float | None, spec: str) -> str:
 def _print_row(row: Row, bench: bool) -> None:
     line = f"{row.op:<18} {row.shape:<38} {row.backend:<7} {_fmt(row.relerr, '.2e'):>9} {row.status:<9}"
     if bench:
-        rate = f"{row.tflops:.1f} TF/s" if row.tflops and row.pct_of_peak and row.tflops * 1e3 > row.gbps else (
-            f"{row.gbps:.0f} GB/s" if row.gbps else "-")  # fmt: skip
+        rate = f"{row.tflops:.1f} TF/s" if row.bound == "compute" else f"{row.gbps:.0f} GB/s" if row.gbps else "-"
         line += f" {_fmt(row.us, '9.1f'):>9} {rate:>11} {_fmt(row.pct_of_peak, '5.1f'):>6}"
     if row.detail:
         line += f"  {row.detail.splitlines()[0][:160]}"

@@ -256,3 +256,15 @@ def test_gpu_check_stops_starting_steps_when_its_time_budget_is_spent(tmp_path):
     done = _gpu_check(str(tmp_path), env={"GPU_CHECK_BUDGET_S": "3", "PYTHON": "false"})
     assert done.returncode == 1
     assert "build: SKIPPED (time budget spent)" in (tmp_path / "summary.txt").read_text()
+
+
+def test_bench_rows_have_times_rates_and_percent_of_peak(capsys):
+    """The --bench path (CUDA events on a GPU; the host clock here, with made-up peaks)."""
+    peaks = {"copy_Bps": 1e10, "bf16_flops": 1e11, "fp8_flops": 2e11}
+    rows, missing = selftest.run_cases(torch.device("cpu"), True, ["triton"], ["rms_norm", "fp8_gemm"], True, peaks)
+    assert not missing and {r.op for r in rows} == {"rms_norm", "fp8_gemm"} and all(r.passed for r in rows)
+    for r in rows:
+        assert r.us > 0 and r.gbps > 0 and r.pct_of_peak > 0 and r.bound in ("memory", "compute")
+        assert (r.tflops is not None) == (r.op == "fp8_gemm")
+        assert {"us", "pct_of_peak"} <= set(r.to_json())
+    assert " GB/s " in capsys.readouterr().out
