@@ -20,8 +20,9 @@
 //   workspace non-null when split_k > 1 (float32 [split_k, M, N]).
 // The kernel needs sm_89 or newer (e4m3 mma.sync); the sm_80 build holds a stub that traps, and
 // the Python side refuses to call it below compute capability 8.9. Config kFp8Sm90 additionally
-// needs split_k == 1 and, at launch, a compute capability 9.0 device (cudaErrorInvalidDevice and
-// *why otherwise; checked on the host before launching).
+// needs split_k == 1, y 16-byte aligned and, at launch, a compute capability 9.0 device whose
+// loaded code is the sm_90a kernel (cudaErrorInvalidDevice / InvalidDeviceFunction and *why
+// otherwise; checked on the host before launching).
 #pragma once
 
 #include <cuda_runtime_api.h>

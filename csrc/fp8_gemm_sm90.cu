@@ -18,10 +18,11 @@
 //  * Persistent: grid = min(tiles, SMs); CTA b walks tiles b, b + grid, ... in grouped order
 //    (kGroupM M tiles share each column of N tiles so that the weight tiles stay in L2). The
 //    producer runs ahead into the next tile while the consumers run the epilogue.
-//  * Epilogue from registers: acc * x_scale(m) * w_scale(n) + bias(n), rounded to bf16/fp16,
-//    stored as 4-byte pairs with row / column masks (the arithmetic of gemm::epilogue_pair,
-//    shared with the mma.sync kernel, so both paths round identically; scales and bias are
-//    loaded once per row / column pair instead of once per pair). Out-of-range rows / columns / K are
+//  * Epilogue: total * x_scale(m) * w_scale(n) + bias(n), rounded to bf16/fp16 (the arithmetic
+//    of gemm::epilogue_pair, shared with the mma.sync kernel, so both paths round identically;
+//    scales and bias are loaded once per row / column pair instead of once per pair), staged in
+//    shared memory per consumer and stored as coalesced 16-byte row segments with row / column
+//    masks (y must be 16-byte aligned for this config). Out-of-range rows / columns / K are
 //    zero-filled by TMA, so M, N (N % 8 == 0) and K (K % 16 == 0, the TMA stride rule) are free.
 //  * Deterministic: every output is one CTA's fixed-order sum (no split-K, no atomics).
 //
@@ -60,9 +61,15 @@ constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kTileA = kBlockM * kBlockK;  // bytes per stage
 constexpr int kTileB = kBlockN * kBlockK;
 constexpr int kAccRegs = kBlockN / 2;      // m64n128 f32 accumulators per thread
-// A ring, B ring, full[kStages], empty[kStages], plus 1 KiB to align the ring (128B swizzle
-// atoms are 1024 bytes and the wgmma descriptors assume 1024-byte aligned stages).
-constexpr int kSmemBytes = kStages * (kTileA + kTileB) + 2 * kStages * 8 + 1024;
+// Epilogue staging of one consumer's 64 x 128 output tile (16-bit values): rows padded by 16
+// bytes, so the 4-byte writes of a warp (8 rows x 4 columns) hit 32 distinct banks and the
+// 16-byte reads of a quarter warp (128 contiguous bytes of one row) are conflict-free.
+constexpr int kOutPitch = kBlockN * 2 + 16;
+constexpr int kOutTile = 64 * kOutPitch;
+// A ring, B ring, one output staging tile per consumer, full[kStages], empty[kStages], plus
+// 1 KiB to align the ring (128B swizzle atoms are 1024 bytes and the wgmma descriptors assume
+// 1024-byte aligned stages).
+constexpr int kSmemBytes = kStages * (kTileA + kTileB) + kConsumers * kOutTile + 2 * kStages * 8 + 1024;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -120,6 +127,34 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
 __device__ __forceinline__ void prefetch_tmap(const CUtensorMap* map) {
 #if LK_SM90A
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#endif
+}
+
+// Why: explicit shared-memory accesses by 32-bit address: the stage pointers come from integer
+// alignment arithmetic, through which the compiler loses the address space (generic ST/LD).
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+// Why: a barrier among the 128 threads of one consumer warpgroup only (barrier 1 + consumer;
+// 0 is __syncthreads), around its epilogue staging tile.
+__device__ __forceinline__ void warpgroup_barrier(int consumer) {
+#if LK_SM90A
+  // Immediate ids: with a register id ptxas reserves all 16 hardware barriers.
+  if (consumer == 0) {
+    asm volatile("bar.sync 1, 128;" ::: "memory");
+  } else {
+    asm volatile("bar.sync 2, 128;" ::: "memory");
+  }
 #endif
 }
 
@@ -220,7 +255,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint8_t* ring_a = smem;
   uint8_t* ring_b = smem + kStages * kTileA;
-  uint64_t* full = reinterpret_cast<uint64_t*>(ring_b + kStages * kTileB);
+  uint8_t* out_tiles = ring_b + kStages * kTileB;  // [kConsumers][64 rows][kOutPitch bytes]
+  uint64_t* full = reinterpret_cast<uint64_t*>(out_tiles + kConsumers * kOutTile);
   uint64_t* empty = full + kStages;
 
   const int wg = threadIdx.x / 128;
@@ -309,9 +345,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Accumulator layout of m64nN: register 4j + 2h + e of thread (warp, lane) holds row
       // 16 warp + 8 h + lane / 4, column 8 j + 2 (lane % 4) + e. The row scales are loaded once
       // per tile, the column scales and bias once per column pair; the arithmetic is
-      // gemm::epilogue_pair's ((acc * xs) * ws + bias, float32, then one rounding).
-      const int row0 = mt * kBlockM + c * 64 + warp * 16 + lane / 4;
-      const int col0 = nt * kBlockN + 2 * (lane % 4);
+      // gemm::epilogue_pair's ((acc * xs) * ws + bias, float32, then one rounding). The rounded
+      // pairs go to this consumer's staging tile, then out as 16-byte row segments (coalesced
+      // stores of whole 32-byte sectors instead of 4-byte pairs spread over 8 rows).
+      const uint32_t stage_out = smem_u32(out_tiles + c * kOutTile);
+      const int lrow = warp * 16 + lane / 4;  // row within the consumer's 64
+      const int lcol = 2 * (lane % 4);
+      const int row0 = mt * kBlockM + c * 64 + lrow;
+      const int col0 = nt * kBlockN + lcol;
       float xs[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -319,10 +360,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         xs[h] = epi.x_scale[epi.x_scale_rows ? m : 0];
       }
       const bool half_out = epi.out_dtype == static_cast<int>(DType::kFloat16);
+      warpgroup_barrier(c);  // the previous tile's staging reads are done
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
-        const int n = col0 + 8 * j;
-        if (n >= N) continue;  // N % 8 == 0: a column pair is all in or all out
+        const int n = min(col0 + 8 * j, N - 2);  // past N: computed, staged, never stored
         const float ws0 = epi.w_scale[epi.w_scale_rows ? n : 0];
         const float ws1 = epi.w_scale[epi.w_scale_rows ? n + 1 : 0];
         float b0 = 0.0f, b1 = 0.0f;
@@ -332,21 +373,32 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int m = row0 + 8 * h;
-          if (m >= M) continue;
           float v0 = total[4 * j + 2 * h] * xs[h] * ws0, v1 = total[4 * j + 2 * h + 1] * xs[h] * ws1;
           if (epi.bias != nullptr) {
             v0 += b0;
             v1 += b1;
           }
-          const size_t idx = static_cast<size_t>(m) * N + n;
+          uint32_t packed;
           if (half_out) {
-            *reinterpret_cast<__half2*>(static_cast<__half*>(epi.y) + idx) =
-                __float22half2_rn(make_float2(v0, v1));
+            packed = bit_cast_dev<uint32_t>(__float22half2_rn(make_float2(v0, v1)));
           } else {
-            *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(epi.y) + idx) =
-                __float22bfloat162_rn(make_float2(v0, v1));
+            packed = bit_cast_dev<uint32_t>(__float22bfloat162_rn(make_float2(v0, v1)));
           }
+          st_shared_u32(stage_out + (lrow + 8 * h) * kOutPitch + (lcol + 8 * j) * 2, packed);
+        }
+      }
+      warpgroup_barrier(c);  // the whole 64 x 128 tile is staged
+      // 64 rows x 16 segments of 8 values: segment v = t + 128 i, row v / 16, columns 8 (v % 16).
+      // N % 8 == 0, so a segment is all in or all out; y is 16-byte aligned (checked at launch).
+#pragma unroll
+      for (int i = 0; i < 64 * 16 / 128; ++i) {
+        const int v = t + 128 * i;
+        const int r = v / 16, seg = v % 16;
+        const int m = mt * kBlockM + c * 64 + r;
+        const int n = nt * kBlockN + seg * 8;
+        if (m < M && n < N) {
+          const uint4 val = ld_shared_v4(stage_out + r * kOutPitch + seg * 16);
+          *reinterpret_cast<uint4*>(static_cast<uint16_t*>(epi.y) + static_cast<size_t>(m) * N + n) = val;
         }
       }
     }
@@ -499,7 +551,7 @@ const char* fp8_gemm_sm90_unavailable() {
   return st.why != nullptr ? st.why : cudaGetErrorString(st.err);
 }
 
-// Arguments were validated by fp8_gemm(); M > 0.
+// Arguments were validated by fp8_gemm() (y 16-byte aligned among them); M > 0.
 cudaError_t fp8_gemm_sm90(const void* xq, const void* wq, const gemm::Epilogue& e, int64_t M,
                           int64_t N, int64_t K, cudaStream_t stream, const char** why) {
   using namespace fp8sm90;

@@ -104,6 +104,11 @@ def test_sass_fp8_sm90_wgmma_tma(built, sass):
             assert op in body, f"{arch}: no {op} (mbarrier)"
         assert "WARPGROUP.ARRIVE" in body and "WARPGROUP.DEPBAR.LE" in body, arch
         assert "USETMAXREG.DEALLOC" in body and "USETMAXREG.TRY_ALLOC" in body, f"{arch}: no setmaxnreg"
+        # The epilogue is staged in shared memory and stored as 16-byte row segments.
+        assert re.search(r"\bSTS\b", body) and re.search(r"\bLDS\.128\b", body), f"{arch}: no staged epilogue"
+        stores = re.findall(r"\bSTG\.E[.\w]*", body)
+        assert stores and set(stores) == {"STG.E.128"}, f"{arch}: global stores {sorted(set(stores))}"
+        assert not re.search(r"\b(ST|LD)\.E", body), f"{arch}: generic (not shared) accesses to the staging tile"
         assert not re.search(r"\b(LDL|STL)\b", body), f"{arch}: the wgmma kernel uses local memory"
         checked = True
     assert checked == ("90a" in built.archs)
@@ -176,6 +181,7 @@ def test_fp8_launcher_rejects_before_launch(built):
         (dict(cfg=3, K=4104), "no kernel for this shape: K must be a multiple of 16"),
         (dict(cfg=3, N=4100), "no kernel for this shape: N must be a multiple of 8"),
         (dict(cfg=3, wq=A + 8), "xq and wq must be 16-byte aligned"),
+        (dict(cfg=3, y=A + 4), "config 3 (sm90 wgmma) needs y 16-byte aligned"),
         (dict(split=4), "workspace must be non-null and 16-byte aligned when split_k > 1"),
         (dict(xq=A + 8), "xq and wq must be 16-byte aligned"),
         (dict(wq=0), "xq and wq must not be null"),
@@ -302,6 +308,38 @@ def test_sm90_wgmma_accumulator_is_promoted_every_k_block():
     assert body.count("wgmma.wait_group.sync.aligned 0;") >= 1
     adds = len(re.findall(r"\badd(\.rn)?\.f32\b", body))
     assert adds >= 64 + 64, f"{adds} add.f32: expected the 64-register promotion plus the bias adds"
+
+
+def test_sm90_epilogue_staging_covers_the_tile_without_bank_conflicts():
+    """Lane-accurate emulation of csrc/fp8_gemm_sm90.cu's epilogue staging: the accumulator pairs
+    (warp, lane, j, h) land on every 4-byte pair of the 64 x 128 tile once, with each warp's
+    32 stores on 32 distinct banks; the 16-byte reads cover each row segment once, each quarter
+    warp's 8 reads on 32 distinct banks."""
+    pitch = 128 * 2 + 16  # kOutPitch
+    written = {}
+    for j in range(16):
+        for h in range(2):
+            for warp in range(4):
+                banks = set()
+                for lane in range(32):
+                    row, col = warp * 16 + lane // 4 + 8 * h, 2 * (lane % 4) + 8 * j
+                    addr = row * pitch + col * 2
+                    written[addr] = written.get(addr, 0) + 1
+                    banks.add(addr // 4 % 32)
+                assert len(banks) == 32, (j, h, warp)
+    assert sorted(written) == [r * pitch + 4 * p for r in range(64) for p in range(64)]
+    assert set(written.values()) == {1}
+    read = []
+    for i in range(64 * 16 // 128):
+        for quarter in range(16):
+            banks = []
+            for t in range(8 * quarter, 8 * quarter + 8):
+                v = t + 128 * i
+                addr = (v // 16) * pitch + (v % 16) * 16
+                read.append(addr)
+                banks += [(addr // 4 + k) % 32 for k in range(4)]
+            assert sorted(banks) == list(range(32)), (i, quarter)
+    assert sorted(read) == [r * pitch + 16 * s for r in range(64) for s in range(16)]
 
 
 def _fake_sm90_device(monkeypatch, why):
