@@ -268,3 +268,23 @@ def test_bench_rows_have_times_rates_and_percent_of_peak(capsys):
         assert (r.tflops is not None) == (r.op == "fp8_gemm")
         assert {"us", "pct_of_peak"} <= set(r.to_json())
     assert " GB/s " in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_selftest_on_the_gpu_records_and_dispatch_follows(gpu, tmp_path):
+    """On a GPU: two ops on every backend with --bench; the record then drives dispatch."""
+    out = tmp_path / "rows.json"
+    code = selftest.run(_args(op=["add_rms_norm", "decode_attention"], bench=True, json=str(out)))
+    rows = json.loads(out.read_text())
+    assert {r["backend"] for r in rows} >= {"triton", "torch"}
+    assert all(r["us"] > 0 and r["pct_of_peak"] > 0 for r in rows if r["passed"])
+    assert code == (0 if all(r["passed"] or r["status"] == "no kernel" for r in rows) else 1)
+    record = json.loads(backends.user_record_path().read_text())
+    (entry,) = record["devices"].values()
+    for op in ("add_rms_norm", "decode_attention"):
+        for name in ("cuda", "triton"):
+            result = entry["kernels"].get(f"{op}:{name}")
+            if result is not None and not result["passed"]:
+                assert backends.explain(op, gpu)[0] != name  # a failed kernel is never chosen
+        if entry["kernels"].get(f"{op}:cuda", {}).get("passed"):
+            assert backends.explain(op, gpu)[0] == "cuda"  # passed here: used (calls without a row bucket)
