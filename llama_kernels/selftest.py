@@ -122,14 +122,16 @@ def quantize_fp8_cases(device: torch.device, small: bool) -> Iterator[Case]:
     g = torch.Generator(device).manual_seed(3)
     for name, m, h in _norm_shapes(small):
         x = _rand(g, device, m, h)
-        yield Case(f"{name} {m}x{h}", lambda x=x: (x,), lambda args, r: [_dequant(*r), r[1]], TOL_FP8, m * h * 3 + 4 * m)
+        yield Case(f"{name} {m}x{h}", lambda x=x: (x,), lambda args, r: [_dequant(*r), r[1]], TOL_FP8,
+                   m * h * 3 + 4 * m)
 
 
 def rms_norm_cases(device: torch.device, small: bool) -> Iterator[Case]:
     g = torch.Generator(device).manual_seed(4)
     for name, m, h in _norm_shapes(small):
         x, w = _rand(g, device, m, h), _rand(g, device, h)
-        yield Case(f"{name} {m}x{h}", lambda x=x, w=w: (x, w, 1e-5), lambda args, y: [y], TOL_BF16, 2 * m * h * 2 + 2 * h)
+        yield Case(f"{name} {m}x{h}", lambda x=x, w=w: (x, w, 1e-5), lambda args, y: [y], TOL_BF16,
+                   2 * m * h * 2 + 2 * h)
 
 
 def add_rms_norm_cases(device: torch.device, small: bool) -> Iterator[Case]:
@@ -375,7 +377,8 @@ def fastest_by_bucket(rows: list[Row], passed: dict[tuple[str, str], bool]) -> d
     for op in dict.fromkeys(r.op for r in rows):
         candidates = [b for b in backends.KERNEL_BACKENDS if passed.get((op, b))]
         labels = [label for _, label in backends.ROW_BUCKETS]
-        for bucket in sorted({r.bucket for r in rows if r.op == op}, key=lambda b: labels.index(b) if b in labels else len(labels)):
+        rank = {label: i for i, label in enumerate(labels)}  # ">128" (not listed) last
+        for bucket in sorted({r.bucket for r in rows if r.op == op}, key=lambda b: rank.get(b, len(labels))):
             times: dict[str, dict[str, float]] = {b: {} for b in candidates}
             for r in rows:
                 if r.op == op and r.bucket == bucket and r.backend in times and r.us is not None:
@@ -444,7 +447,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--backends", args.backends] + (["--bench"] if args.bench else []) + (["--no-record"] if args.no_record else [])
+    argv = ["--backends", args.backends] + (["--bench"] if args.bench else [])
+    argv += ["--no-record"] if args.no_record else []
     argv += ["--json", os.path.abspath(args.json)] if args.json else []
     argv += ["--device", args.device] if args.device else []
     for op in args.op or []:
