@@ -13,9 +13,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,14 +23,11 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU only under th
     os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be chosen before they are defined
 
 from llama_kernels import BackendUnavailableError, backends  # noqa: E402
-
-# Llama 3.1 linear projections per GPU, (N, K) in nn.Linear layout: 8B at TP 1, 70B and 405B at TP 8.
-LLAMA31_PROJECTIONS = {
-    "8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336),
-    "70B/8 qkv": (1280, 8192), "70B/8 o": (8192, 1024), "70B/8 gate_up": (7168, 8192), "70B/8 down": (8192, 3584),
-    "405B/8 qkv": (2304, 16384), "405B/8 o": (16384, 2048), "405B/8 gate_up": (13312, 16384),
-    "405B/8 down": (16384, 6656),
-}  # fmt: skip
+# The timing and peak helpers and the Llama shapes live in the package (llama-kernels selftest uses them
+# too); the scripts reach them through this module (e.g. bench_generate: common._driver, common._version).
+from llama_kernels.measure import driver_version as _driver  # noqa: E402
+from llama_kernels.measure import LLAMA31_PROJECTIONS, measure_peaks, time_call  # noqa: E402,F401
+from llama_kernels.measure import module_version as _version  # noqa: E402
 
 
 @dataclass
@@ -54,48 +49,6 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None, help="timed runs per configuration (median reported)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     return parser.parse_args(argv)
-
-
-def time_call(device: torch.device, fn: Callable[[], object], iters: int, warmup: int) -> float:
-    """Median seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure_peaks(device: torch.device, smoke: bool) -> dict:
-    """Copy bandwidth (bytes/s, read + write) and bf16 / FP8 matmul throughput (FLOP/s) achieved here."""
-    n_bytes = (8 << 20) if smoke else (2 << 30)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    iters, warmup = (3, 1) if smoke else (20, 5)
-    peaks = {"copy_Bps": 2 * n_bytes / time_call(device, lambda: dst.copy_(src), iters, warmup)}
-    del src, dst
-    n = 256 if smoke else 8192
-    a = torch.randn(n, n, device=device).to(torch.bfloat16)
-    b = torch.randn(n, n, device=device).to(torch.bfloat16)
-    peaks["bf16_flops"] = 2 * n**3 / time_call(device, lambda: a @ b, iters, warmup)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
-        af, bf = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
-        one = torch.ones((), device=device)
-        fn = lambda: torch._scaled_mm(af, bf.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
-        peaks["fp8_flops"] = 2 * n**3 / time_call(device, fn, iters, warmup)
-    return peaks
 
 
 def our_backends(op: str, device: torch.device, requested: str) -> list[str]:
@@ -160,23 +113,3 @@ def main(doc: str, title: str, cases: Callable[[torch.device, bool, str], list[C
     args = parse_args(doc, argv)
     device = torch.device(args.device)
     return run(title, cases(device, args.smoke, args.backends), args, device)
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return "not installed"
-
-
-def _driver() -> str | None:
-    if not torch.cuda.is_available():
-        return None
-    try:
-        import subprocess
-
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return None

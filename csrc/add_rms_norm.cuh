@@ -131,7 +131,6 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     amax = fminf(amax, scale_ub);
     const float scale = fmaxf(amax, kMinAmax) / kFp8E4M3Max;  // IEEE division, as the reference
-    const float inv_scale = 1.0f / scale;
     if (threadIdx.x == 0) y_scale[blockIdx.x] = scale;
 
     // Pass 2: quantize. kElems bytes of e4m3 per 16-byte input vector.
@@ -145,8 +144,9 @@ __global__ void __launch_bounds__(kMaxThreads)
         Tr::to_float(w[i], b);
 #pragma unroll
         for (int e = 0; e < kElems; ++e) {
-          // fmaxf/fminf also map a NaN to a finite value: the output is never NaN.
-          a[e] = fminf(fmaxf(a[e] * inv_rms * b[e] * inv_scale, -kFp8E4M3Max), kFp8E4M3Max);
+          // y / scale with IEEE division, as the reference (y * (1 / scale) rounds differently
+          // near the e4m3 rounding boundaries); fmaxf/fminf also map a NaN to a finite value.
+          a[e] = fminf(fmaxf(__fdiv_rn(a[e] * inv_rms * b[e], scale), -kFp8E4M3Max), kFp8E4M3Max);
         }
         if constexpr (kElems == 8) {
           const uint2 q = make_uint2(float4_to_e4m3x4(a[0], a[1], a[2], a[3]),

@@ -76,7 +76,7 @@ const char* check_args(const void* q, const void* k_cache, const void* v_cache,
   if (hq <= 0 || hq % hkv != 0) return "num_q_heads must be a positive multiple of num_kv_heads";
   if (max_blocks <= 0) return "max_blocks must be positive";
   if (num_splits <= 0 || num_splits > 65536) return "num_splits must be in 1..65536";
-  if (max_blocks * block_size + num_splits * kDecodeTileTokens > INT32_MAX) {
+  if (max_blocks * block_size + num_splits * (kDecodeTileTokens + kDecodeMinSplitTokens) > INT32_MAX) {
     return "max_blocks * block_size must be < 2^31";
   }
   if (batch == 0) return nullptr;  // nothing is read or written
@@ -102,7 +102,7 @@ template <typename T,      // q / out element type
 cudaError_t launch(const void* q, const void* k_cache, const void* v_cache,
                    const int32_t* block_table, const int32_t* seq_lens, const float* k_scale,
                    const float* v_scale, void* out, float* partial, float* lse, int batch,
-                   int hq, int hkv, int bs_log2, int max_blocks, int split_len, int num_splits,
+                   int hq, int hkv, int bs_log2, int max_blocks, int num_splits,
                    float qk_scale, cudaStream_t stream) {
   constexpr int smem = decode::split_smem_bytes<kHeadDim, kFp8>();
   auto* kernel = decode::decode_split_kernel<T, kHeadDim, kFp8>;
@@ -114,8 +114,8 @@ cudaError_t launch(const void* q, const void* k_cache, const void* v_cache,
   kernel<<<grid, decode::kThreads, smem, stream>>>(
       static_cast<const T*>(q), static_cast<const uint8_t*>(k_cache),
       static_cast<const uint8_t*>(v_cache), block_table, seq_lens, k_scale, v_scale,
-      static_cast<T*>(out), partial, lse, hq / hkv, hkv, bs_log2, max_blocks, split_len,
-      num_splits, qk_scale);
+      static_cast<T*>(out), partial, lse, hq / hkv, hkv, bs_log2, max_blocks, num_splits,
+      qk_scale);
   err = cudaGetLastError();
   if (err != cudaSuccess || num_splits == 1) return err;
   decode::decode_merge_kernel<T><<<static_cast<unsigned>(batch) * hq, kHeadDim / 4, 0, stream>>>(
@@ -128,11 +128,11 @@ cudaError_t launch_dtype(bool bf16, bool fp8, const void* q, const void* k_cache
                          const void* v_cache, const int32_t* block_table, const int32_t* seq_lens,
                          const float* k_scale, const float* v_scale, void* out, float* partial,
                          float* lse, int batch, int hq, int hkv, int bs_log2, int max_blocks,
-                         int split_len, int num_splits, float qk_scale, cudaStream_t stream) {
+                         int num_splits, float qk_scale, cudaStream_t stream) {
 #define LLAMA_KERNELS_DECODE_LAUNCH(T, FP8)                                                   \
   return launch<T, kHeadDim, FP8>(q, k_cache, v_cache, block_table, seq_lens, k_scale,        \
                                   v_scale, out, partial, lse, batch, hq, hkv, bs_log2,        \
-                                  max_blocks, split_len, num_splits, qk_scale, stream)
+                                  max_blocks, num_splits, qk_scale, stream)
   if (bf16 && fp8) LLAMA_KERNELS_DECODE_LAUNCH(__nv_bfloat16, true);
   if (bf16) LLAMA_KERNELS_DECODE_LAUNCH(__nv_bfloat16, false);
   if (fp8) LLAMA_KERNELS_DECODE_LAUNCH(__half, true);
@@ -152,6 +152,10 @@ int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max
   return n > 1 ? static_cast<int>(n) : 1;
 }
 
+int decode_attention_split_tokens(int len, int num_splits) {
+  return decode::split_tokens(len, num_splits);
+}
+
 cudaError_t decode_attention(const void* q, const void* k_cache, const void* v_cache,
                              const int32_t* block_table, const int32_t* seq_lens,
                              const float* k_scale, const float* v_scale, void* out,
@@ -165,10 +169,6 @@ cudaError_t decode_attention(const void* q, const void* k_cache, const void* v_c
   if (why != nullptr) *why = bad;
   if (bad != nullptr) return cudaErrorInvalidValue;
   const int64_t group = num_q_heads / num_kv_heads;
-  const int64_t max_len = max_blocks * block_size;
-  const int64_t per_split = (max_len + num_splits - 1) / num_splits;
-  const int split_len =
-      static_cast<int>((per_split + kDecodeTileTokens - 1) / kDecodeTileTokens * kDecodeTileTokens);
   const float qk_scale = sm_scale * decode::kLog2e;
   const int bs_log2 = log2_block_size(block_size);
   const bool bf16 = dtype == static_cast<int>(DType::kBFloat16);
@@ -181,7 +181,7 @@ cudaError_t decode_attention(const void* q, const void* k_cache, const void* v_c
       if (batch == 0) return cudaSuccess;
       return launch_dtype<kHeadDim>(bf16, cache_fp8, q, k_cache, v_cache, block_table, seq_lens,
                                     k_scale, v_scale, out, partial, lse, b, hq, hkv, bs_log2, mb,
-                                    split_len, ns, qk_scale, stream);
+                                    ns, qk_scale, stream);
     })
   })
 }

@@ -1,7 +1,8 @@
 // Split-KV (flash-decoding) GQA decode attention kernels over a paged KV cache.
 //
 // decode_split_kernel: grid (num_splits, Hkv, B), 4 warps. A block takes one sequence, one KV
-// head and one split (a contiguous token range) with every query head of that KV head's group,
+// head and one split (a contiguous token range of the sequence's live length seq_lens[b], read
+// on the device: split_tokens) with every query head of that KV head's group,
 // so each K and V byte of the split is read from HBM once. The split is walked in tiles of
 // kTileN = 64 tokens; each tile's K and V rows (looked up through the block table, one row =
 // D contiguous elements of one token and KV head) are staged into shared memory by cp.async
@@ -27,7 +28,8 @@
 //
 // FP8 caches: the e4m3 rows are staged as bytes (half the traffic), then each warp converts
 // its own 16 tokens to a 16-bit (q's dtype) tile in shared memory, exact since every e4m3 value
-// is a bf16/fp16 value, and the mma path is unchanged. k_scale is folded into the logit scale,
+// is a bf16/fp16 value (hardware convert on sm_89+, a bit move and one multiply on sm_80), and
+// the mma path is unchanged. k_scale is folded into the logit scale,
 // v_scale multiplies the output once.
 #pragma once
 
@@ -121,10 +123,26 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// Why: two e4m3 bytes -> two fp16 (low half from the low byte). sm_89+ has a hardware convert;
+// below it the library falls back to a slow per-byte routine, so there the bits are moved
+// instead: sign to bit 15, the 7 exponent / mantissa bits to bits 13..7, i.e. the fp16 value
+// 2^-8 times the e4m3 value (exponent bias 15 instead of 7, e4m3 subnormals becoming fp16
+// subnormals), then one exact multiply by 256. Exact for every finite e4m3 value.
+__device__ __forceinline__ __half2_raw e4m3x2_to_half2(uint32_t two) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  const uint32_t bits = ((two & 0x80u) << 8) | ((two & 0x7Fu) << 7) | ((two & 0x8000u) << 16) |
+                        ((two & 0x7F00u) << 15);
+  const __half2 h = __hmul2(bit_cast_dev<__half2>(bits), __half2(__float2half_rn(256.0f), __float2half_rn(256.0f)));
+  return static_cast<__half2_raw>(h);
+#else
+  return __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
+#endif
+}
+
 // Why: two e4m3 bytes -> a packed T pair; exact (e4m3 values are fp16 and bf16 values).
 template <typename T>  // __nv_bfloat16 or __half
 __device__ __forceinline__ uint32_t e4m3x2_to(uint32_t two) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
+  const __half2_raw h = e4m3x2_to_half2(two);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     return bit_cast_dev<uint32_t>(__float22bfloat162_rn(__half22float2(__half2(h))));
   } else {
@@ -139,6 +157,14 @@ __device__ __forceinline__ void e4m3x16_to(const uint4& in, uint4& lo, uint4& hi
                   e4m3x2_to<T>(in.y & 0xffffu), e4m3x2_to<T>(in.y >> 16));
   hi = make_uint4(e4m3x2_to<T>(in.z & 0xffffu), e4m3x2_to<T>(in.z >> 16),
                   e4m3x2_to<T>(in.w & 0xffffu), e4m3x2_to<T>(in.w >> 16));
+}
+
+// Tokens per split of a sequence of `len` live tokens: an equal share of the num_splits splits,
+// at least kDecodeMinSplitTokens (fixed costs dominate shorter splits), a multiple of kTileN.
+__host__ __device__ __forceinline__ int split_tokens(int len, int num_splits) {
+  int share = (len + num_splits - 1) / num_splits;
+  share = share > kDecodeMinSplitTokens ? share : kDecodeMinSplitTokens;
+  return (share + kTileN - 1) / kTileN * kTileN;
 }
 
 // Dynamic shared memory of one split-kernel instantiation, in bytes.
@@ -172,7 +198,6 @@ __global__ void __launch_bounds__(kThreads) __maxnreg__(kHeadDim == 64 ? 128 : 1
                         int num_kv_heads,   // Hkv
                         int bs_log2,        // log2(block_size)
                         int max_blocks,     // block_table row length
-                        int split_len,      // tokens per split, a multiple of kTileN
                         int num_splits,     // S
                         float qk_scale) {   // sm_scale * log2(e)
   constexpr int kElemBytes = kFp8 ? 1 : 2;
@@ -192,8 +217,13 @@ __global__ void __launch_bounds__(kThreads) __maxnreg__(kHeadDim == 64 ? 128 : 1
   const int lane = threadIdx.x % kWarpSize;
   const int num_q_heads = num_kv_heads * group;
   const int64_t q_row0 = static_cast<int64_t>(b) * num_q_heads + static_cast<int64_t>(kvh) * group;
+  // The live length, clamped to the table's capacity (an over-long length never reads past the
+  // row), and this split's share of it: the grid is fixed by the shapes (graph-safe), the work
+  // follows seq_lens[b] (splits past the live tokens exit at once).
+  const int len = min(max(seq_lens[b], 0), max_blocks << bs_log2);
+  const int split_len = split_tokens(len, num_splits);
   const int start = split * split_len;
-  const int end = min(start + split_len, seq_lens[b]);
+  const int end = min(start + split_len, len);
 
   if (start >= end) {  // an empty split: nothing to attend to
     for (int r = threadIdx.x; r < group; r += kThreads) {
@@ -281,13 +311,19 @@ __global__ void __launch_bounds__(kThreads) __maxnreg__(kHeadDim == 64 ? 128 : 1
         const int c = lane + i * kWarpSize;
         const int row = c / kChunks;
         const int ch = c % kChunks;
+        // A quarter warp's 16-byte stores must cover all 32 banks: with D = 128 its 8 lanes are
+        // chunks 0-7 of one row, 32 bytes apart, so chunks 4-7 store their high half first
+        // (a 2-way bank conflict otherwise). For D = 64 (ch < 4) the order is unchanged.
+        const bool swap = (ch & 4) != 0;
         uint4 lo, hi;
+        uint8_t* dk = conv + row * kRow16 + ch * 32;
+        uint8_t* dv = conv + (kWarpTokens + row) * kRow16 + ch * 32;
         e4m3x16_to<T>(*reinterpret_cast<const uint4*>(sk + row * kRowBytes + ch * 16), lo, hi);
-        *reinterpret_cast<uint4*>(conv + row * kRow16 + ch * 32) = lo;
-        *reinterpret_cast<uint4*>(conv + row * kRow16 + ch * 32 + 16) = hi;
+        *reinterpret_cast<uint4*>(dk + (swap ? 16 : 0)) = swap ? hi : lo;
+        *reinterpret_cast<uint4*>(dk + (swap ? 0 : 16)) = swap ? lo : hi;
         e4m3x16_to<T>(*reinterpret_cast<const uint4*>(sv + row * kRowBytes + ch * 16), lo, hi);
-        *reinterpret_cast<uint4*>(conv + (kWarpTokens + row) * kRow16 + ch * 32) = lo;
-        *reinterpret_cast<uint4*>(conv + (kWarpTokens + row) * kRow16 + ch * 32 + 16) = hi;
+        *reinterpret_cast<uint4*>(dv + (swap ? 16 : 0)) = swap ? hi : lo;
+        *reinterpret_cast<uint4*>(dv + (swap ? 0 : 16)) = swap ? lo : hi;
       }
       __syncwarp();
       k16 = conv;

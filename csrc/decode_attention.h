@@ -8,12 +8,16 @@
 //   K[b, t] = k_cache[block_table[b, t / block_size], t % block_size, h / group]
 //             (times k_scale[h / group] for an FP8 cache; V likewise with v_scale)
 // computed as num_splits (chosen by decode_attention_num_splits from shapes only, never from
-// the values of seq_lens) contiguous token ranges per (sequence, KV head) whose partial outputs
-// and log2-sum-exp2 go to the float32 workspace and are merged by a second kernel; with
-// num_splits == 1 the split kernel writes out directly and no workspace is needed.
+// the values of seq_lens: a fixed grid, CUDA-graph safe) contiguous token ranges per (sequence,
+// KV head) whose partial outputs and log2-sum-exp2 go to the float32 workspace and are merged by
+// a second kernel; with num_splits == 1 the split kernel writes out directly and no workspace is
+// needed. Each sequence's ranges divide its live length seq_lens[b] (read on the device, clamped
+// to max_blocks * block_size), not the table's capacity, so a short sequence in a long-context
+// table still spreads over the splits; splits beyond its tokens exit at once.
 //
 // Layouts, all contiguous: q, out [B, Hq, D] in T; caches [num_blocks, block_size, Hkv, D] in T
-// or e4m3; block_table [B, max_blocks] int32; seq_lens [B] int32 (a length of 0 gives zeros);
+// or e4m3; block_table [B, max_blocks] int32; seq_lens [B] int32 (a length of 0 gives zeros, one
+// over max_blocks * block_size is clamped to it);
 // k_scale, v_scale [Hkv] float32 (FP8 only); partial [B, Hq, num_splits, D] float32,
 // lse [B, Hq, num_splits] float32.
 //
@@ -36,6 +40,10 @@ constexpr int kDecodeMinSplitTokens = 256;
 // Splits per (sequence, KV head): about two waves of blocks over num_sms, each split at least
 // kDecodeMinSplitTokens of max_len (= max_blocks * block_size, the bound on seq_lens), >= 1.
 int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max_len, int num_sms);
+
+// Tokens per split of a sequence with `len` live tokens over `num_splits` splits (the split
+// kernel computes it on the device from seq_lens[b]): split s covers [s * n, min((s + 1) * n, len)).
+int decode_attention_split_tokens(int len, int num_splits);
 
 cudaError_t decode_attention(const void* q, const void* k_cache, const void* v_cache,
                              const int32_t* block_table, const int32_t* seq_lens,

@@ -135,6 +135,9 @@ cudaError_t fp8_gemm(const void* xq, const float* x_scale, bool x_scale_rows, co
     bad = "workspace must be non-null and 16-byte aligned when split_k > 1";
   } else {
     bad = gemm::check_epilogue(x_scale, w_scale, bias, bias_dtype, y, out_dtype, true);
+    if (bad == nullptr && config == kFp8Sm90 && reinterpret_cast<uintptr_t>(y) % 16) {
+      bad = "config 3 (sm90 wgmma) needs y 16-byte aligned";  // 16-byte row-segment stores
+    }
   }
   if (why != nullptr) *why = bad;
   if (bad != nullptr) return cudaErrorInvalidValue;

@@ -20,8 +20,9 @@
 //   workspace non-null when split_k > 1 (float32 [split_k, M, N]).
 // The kernel needs sm_89 or newer (e4m3 mma.sync); the sm_80 build holds a stub that traps, and
 // the Python side refuses to call it below compute capability 8.9. Config kFp8Sm90 additionally
-// needs split_k == 1 and, at launch, a compute capability 9.0 device (cudaErrorInvalidDevice and
-// *why otherwise; checked on the host before launching).
+// needs split_k == 1, y 16-byte aligned and, at launch, a compute capability 9.0 device whose
+// loaded code is the sm_90a kernel (cudaErrorInvalidDevice / InvalidDeviceFunction and *why
+// otherwise; checked on the host before launching).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -52,6 +53,11 @@ cudaError_t fp8_gemm(const void* xq, const float* x_scale, bool x_scale_rows, co
                      const float* w_scale, bool w_scale_rows, const void* bias, int bias_dtype,
                      void* y, int out_dtype, float* workspace, int64_t M, int64_t N, int64_t K,
                      int config, int split_k, cudaStream_t stream, const char** why = nullptr);
+
+// nullptr when config kFp8Sm90 can run on the current device, else why not (not compute
+// capability 9.0, or the code loaded for the device is not the sm_90a kernel: a build without
+// 90a, or older PTX JIT-compiled). Checked once per device; no kernel is launched.
+const char* fp8_gemm_sm90_unavailable();
 
 // y[m, n] = round_out(sum_s workspace[s, m, n] * xs(m) * ws(n) + bias(n)), summed in order of s.
 // Null x_scale / w_scale mean 1. N a multiple of 4; workspace 16-byte aligned; y 4-byte aligned.

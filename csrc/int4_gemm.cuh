@@ -8,8 +8,10 @@
 //    cp.async.cg (L2 only): per stage every lane copies its own 4 x 16 bytes of the weight (the
 //    bytes it will dequantize itself, so the weight needs no swizzle) and the block copies the
 //    activation tile [16*kMTiles, 128] once for all 4 warps (rows padded to 320 bytes so the
-//    16-byte fragment reads of 8 rows x 4 threads are bank-conflict free). Rows >= M and K
-//    positions >= K are zero-filled by cp.async (src-size 0), so tails need no other masking.
+//    16-byte fragment reads of 8 rows x 4 threads are bank-conflict free), and the group scales /
+//    zeros of the stage's chunks (16 bytes per chunk and lane group g: one cp.async per lane), so
+//    the compute phase reads them from shared memory instead of waiting on a global load. Rows >= M
+//    and K positions >= K are zero-filled by cp.async (src-size 0), so tails need no other masking.
 //  * Dequantization in registers: for a word q of 8 nibbles, lop3((q >> 4r) & 0x000f000f | MAGIC)
 //    builds two 16-bit floats MAGIC + v (0x6400 = 1024 in fp16; 0x4300 = 128 in bf16, whose 7
 //    mantissa bits still hold v exactly); subtracting (MAGIC + z) is exact and gives v - z, and
@@ -37,10 +39,11 @@ constexpr int kStepK = 128;                                // K values per pipel
 constexpr int kChunks = kStepK / 32;                       // 32-value K chunks per stage
 constexpr int kXPitch = kStepK * 2 + 64;                   // smem bytes per activation row
 constexpr int kWStageBytes = kWarps * kChunks * 32 * 16;   // weight bytes per stage (8 KiB)
+constexpr int kSzStageBytes = kWarps * kChunks * 8 * 16;   // scale/zero bytes per stage (2 KiB)
 
 template <int kMTiles>
 constexpr int stage_bytes() {
-  return kWStageBytes + 16 * kMTiles * kXPitch;
+  return kWStageBytes + kSzStageBytes + 16 * kMTiles * kXPitch;
 }
 
 // Per-dtype constants: the magic exponent of the int4 -> float conversion.
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
   const int m_block = blockIdx.z * kRows;
   const int ngroups = K / group_size;
   const uint4* wsrc = qpacked + static_cast<size_t>(nt_safe) * kc_total * 32 + lane;
-  const uint4* szsrc = scale_zero + static_cast<size_t>(nt_safe) * 8 + g;
+  const uint4* szsrc = scale_zero + static_cast<size_t>(nt_safe) * 8;  // + group * (N/32) * 8 + g
 
   // Issues the cp.async copies of K step `step` into stage `slot`.
   auto load_stage = [&](int slot, int step) {
@@ -148,7 +151,15 @@ __global__ void __launch_bounds__(kThreads)
       const bool ok = warp_ok && kc < kc_total;
       cp_async16(w_s + c * 32, ok ? wsrc + static_cast<size_t>(kc) * 32 : qpacked, ok);
     }
-    uint8_t* x_s = st + kWStageBytes;
+    {  // lane (c, gg) = (lane / 8, lane % 8): the scales / zeros of chunk c for lane group gg
+      const int c = lane / 8, gg = lane % 8;
+      const int kc = step * kChunks + c;
+      const bool ok = warp_ok && kc < kc_total;
+      const int grp = min(kc * 32 / group_size, ngroups - 1);  // a chunk never straddles groups
+      uint4* sz_s = reinterpret_cast<uint4*>(st + kWStageBytes) + warp * (kChunks * 8) + lane;
+      cp_async16(sz_s, ok ? szsrc + static_cast<size_t>(grp) * n_tiles * 8 + gg : scale_zero, ok);
+    }
+    uint8_t* x_s = st + kWStageBytes + kSzStageBytes;
 #pragma unroll
     for (int i = 0; i < kRows * 16 / kThreads; ++i) {
       const int p = threadIdx.x + i * kThreads;
@@ -167,17 +178,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[mt][i][r] = 0.0f;
 
-  // MMAs of stage `slot` (K step `step`): per 32-value chunk, dequantize this thread's 4 words
+  // MMAs of stage `slot`: per 32-value chunk, dequantize this thread's 4 words
   // (one per n8 tile) into 4 B-fragment registers each and multiply with every m16 tile.
-  auto compute = [&](int slot, int step) {
+  auto compute = [&](int slot) {
     const uint8_t* st = smem + slot * kStageBytes;
     const uint4* w_s = reinterpret_cast<const uint4*>(st) + warp * (kChunks * 32) + lane;
-    const uint8_t* x_s = st + kWStageBytes;
+    const uint4* sz_s = reinterpret_cast<const uint4*>(st + kWStageBytes) + warp * (kChunks * 8) + g;
+    const uint8_t* x_s = st + kWStageBytes + kSzStageBytes;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
-      const int kc = step * kChunks + c;
-      const int grp = min(kc * 32 / group_size, ngroups - 1);  // a chunk never straddles groups
-      const uint4 sz = __ldg(szsrc + static_cast<size_t>(grp) * n_tiles * 8);
+      const uint4 sz = sz_s[c * 8];  // the 4 lanes of group g read the same 16 bytes (broadcast)
       const uint4 wv = w_s[c * 32];
       const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
       uint32_t b[4][4];
@@ -214,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
     const int next = it + kStages - 1;
     if (next < iters) load_stage(next % kStages, s_begin + next);
     cp_async_commit();
-    compute(it % kStages, s_begin + it);
+    compute(it % kStages);
   }
   cp_async_wait<0>();
 

@@ -8,14 +8,20 @@ Selection, per call:
    (``auto`` or empty means no preference). A forced backend that cannot run the call raises
    :class:`BackendUnavailableError` saying why (no ``_C``, no GPU, wrong compute capability,
    no kernel for the op yet).
-2. Otherwise on a CUDA device: ``cuda`` if its kernel for the op has passed the GPU tests on
-   this architecture (recorded in ``validated_kernels.json``), else ``triton`` if available,
-   else ``torch``. On the CPU: ``torch``.
+2. Otherwise on a CUDA device (:func:`auto_order`): the fastest passing kernel backend for the
+   op and the call's row bucket if ``llama-kernels selftest --bench`` measured one on this GPU;
+   else ``cuda`` if its kernel for the op passed the GPU checks here (the shipped
+   ``validated_kernels.json`` for this architecture, or the user's selftest record
+   :func:`user_record_path`); else ``triton``; else ``torch``. A kernel the selftest record says
+   failed on this GPU is never chosen automatically. When the chosen kernel has no variant for a
+   call's shape (:class:`NoKernelError`, raised before any launch) the next backend runs it.
+   On the CPU: ``torch``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -28,10 +34,18 @@ import torch
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "LLAMA_KERNELS_BACKEND"
 VALIDATED_FILE = Path(__file__).with_name("validated_kernels.json")
+RECORD_ENV_VAR = "LLAMA_KERNELS_VALIDATED"  # path of the user's selftest record (default: user_record_path())
+KERNEL_BACKENDS = ("cuda", "triton")  # those `selftest --bench` may prefer (torch: the reference, host-synchronizing)
+ROW_BUCKETS = ((1, "1"), (16, "2-16"), (128, "17-128"))  # rows of the first argument -> bucket; more: ">128"
 
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run this call; the message says which backend and why."""
+
+
+class NoKernelError(ValueError):
+    """A backend has no compiled kernel for this shape / alignment (raised before any launch);
+    automatic dispatch then runs the call on the next backend."""
 
 
 @dataclass(frozen=True)
@@ -176,12 +190,12 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     return None
 
 
-# --- the record of validated CUDA kernels ----------------------------------------------
+# --- the record of validated kernels ---------------------------------------------------
 
 
 @functools.cache
 def validated_kernels() -> list[dict]:
-    """Entries {op, backend, arch, device, date, ...} of kernels whose GPU tests passed."""
+    """Entries {op, backend, arch, device, date, ...} of kernels whose GPU tests passed (shipped)."""
     with open(VALIDATED_FILE) as f:
         return json.load(f)["kernels"]
 
@@ -192,7 +206,130 @@ def is_validated(op: str, backend: str, capability: tuple[int, int]) -> bool:
     )
 
 
+def user_record_path() -> Path:
+    """The user's selftest record: $LLAMA_KERNELS_VALIDATED, else ~/.cache/llama-kernels/validated.json
+    (under $XDG_CACHE_HOME when set)."""
+    env = os.environ.get(RECORD_ENV_VAR, "").strip()
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(cache) / "llama-kernels" / "validated.json"
+
+
+def device_key(name: str, capability: tuple[int, int]) -> str:
+    """The record's key of one GPU model: its name and compute capability."""
+    return f"{name} (sm_{capability[0]}{capability[1]})"
+
+
+@functools.cache
+def code_id(backend: str) -> str:
+    """A fingerprint of the code a backend's kernels come from: the bytes of llama_kernels._C and
+    of llama_kernels/cuda/*.py for cuda; the triton version and llama_kernels/triton/*.py for
+    triton. A record made with other code does not count (a rebuilt kernel must pass again)."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).parent
+    if backend == "cuda":
+        ext, _ = cuda_extension()
+        if ext is not None and getattr(ext, "__file__", None):
+            h.update(Path(ext.__file__).read_bytes())
+    elif backend == "triton":
+        try:
+            import triton
+
+            h.update(triton.__version__.encode())
+        except ImportError:
+            pass
+    for source in sorted((pkg / backend).glob("*.py")) if backend in KERNEL_BACKENDS else ():
+        h.update(source.name.encode() + source.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def row_bucket(rows: int) -> str:
+    """The shape bucket of a call with `rows` rows (tokens, sequences) in its first argument."""
+    return next((label for bound, label in ROW_BUCKETS if rows <= bound), f">{ROW_BUCKETS[-1][0]}")
+
+
+def args_bucket(args: tuple) -> str | None:
+    first = args[0] if args else None
+    return row_bucket(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
+
+
+@functools.cache
+def _user_record_devices() -> dict:
+    try:
+        with open(user_record_path()) as f:
+            return json.load(f).get("devices", {})
+    except (OSError, ValueError, AttributeError):
+        return {}  # no record yet (or an unreadable one): nothing was validated here
+
+
+def reload_user_record() -> None:
+    """Forget the cached record (after the selftest wrote a new one): the next dispatch rereads it."""
+    _user_record_devices.cache_clear()
+    _device_record.cache_clear()
+
+
+@functools.cache
+def _device_record(index: int) -> dict:
+    devices = _user_record_devices()
+    if not devices:
+        return {}
+    return devices.get(device_key(torch.cuda.get_device_name(index), device_capability(index)), {})
+
+
+def recorded(op: str, backend: str, index: int) -> dict | None:
+    """The selftest result {passed, date, ...} of `backend`'s `op` kernel on CUDA device `index`, if
+    one was recorded there with the current code; else None."""
+    entry = _device_record(index).get("kernels", {}).get(f"{op}:{backend}")
+    return entry if entry is not None and entry.get("code") == code_id(backend) else None
+
+
+def recorded_fastest(op: str, index: int, bucket: str | None) -> tuple[str, str] | None:
+    """(backend, date) of the fastest passing kernel backend `selftest --bench` measured for `op`
+    in `bucket` on device `index`, if any."""
+    record = _device_record(index)
+    name = record.get("fastest", {}).get(op, {}).get(bucket or "")
+    return (name, record.get("bench_date", "")) if name in KERNEL_BACKENDS else None
+
+
 # --- selection -------------------------------------------------------------------------
+
+
+def auto_order(op: str, device: torch.device, bucket: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The backends automatic dispatch tries for `op` on `device` (first one first; a later one runs
+    a call the earlier has no kernel for), each with the reason it is there."""
+    if device.type != "cuda":
+        return (("torch", f"inputs are on {device.type}: the reference implementation"),)
+    index = device_index(device)
+    notes = []  # why a better-ranked backend is not used
+    order: list[tuple[str, str]] = []
+    trusted = {}  # kernel backend -> why it may run here
+    for name in KERNEL_BACKENDS:
+        reason = unavailable_reason(op, name, device)
+        entry = recorded(op, name, index)
+        if reason is not None:
+            notes.append(f"{name}: {reason}")
+        elif entry is not None and not entry.get("passed"):
+            notes.append(f"the {name} kernel failed llama-kernels selftest on this GPU ({entry.get('date', '?')})")
+        elif entry is not None:
+            trusted[name] = f"passed llama-kernels selftest on this GPU ({entry.get('date', '?')})"
+        elif name == "cuda" and is_validated(op, name, device_capability(index)):
+            trusted[name] = f"validated on {_sm(device_capability(index))} (validated_kernels.json)"
+        elif name == "cuda":
+            notes.append("the cuda kernel has not passed llama-kernels selftest on this GPU")
+        else:
+            trusted[name] = "the default on GPUs (no selftest record here)"  # unless the record says it failed
+    fastest = recorded_fastest(op, index, bucket)
+    if fastest is not None and fastest[0] in trusted:
+        order.append((fastest[0], f"fastest passing backend for {bucket} rows (selftest --bench, {fastest[1]})"))
+    for name, why in trusted.items():
+        if name not in dict(order):
+            order.append((name, why))
+    order.append(("torch", "the reference implementation"))
+    first, why = order[0]
+    if notes and first != "cuda":
+        order[0] = (first, f"{why}; {'; '.join(notes)}")
+    return tuple(order)
 
 
 def forced_backend(backend: str | None) -> str | None:
@@ -208,14 +345,21 @@ def forced_backend(backend: str | None) -> str | None:
 
 
 def default_backend(op: str, device: torch.device) -> str:
+    return auto_order(op, device)[0][0]
+
+
+def explain(op: str, device: torch.device) -> tuple[str, str]:
+    """(backend, why) automatic dispatch uses for `op` on `device` (calls with no row bucket)."""
+    forced = forced_backend(None)
+    if forced is not None:
+        return forced, f"forced by {ENV_VAR}"
+    name, why = auto_order(op, device)[0]
     if device.type == "cuda":
-        if unavailable_reason(op, "cuda", device) is None and is_validated(
-            op, "cuda", device_capability(device_index(device))
-        ):
-            return "cuda"
-        if unavailable_reason(op, "triton", device) is None:
-            return "triton"
-    return "torch"
+        by_bucket = [f"{bucket}: {auto_order(op, device, bucket)[0][0]}"
+                     for bucket in _device_record(device_index(device)).get("fastest", {}).get(op, {})]  # fmt: skip
+        if by_bucket:
+            why += f"; by rows, after selftest --bench: {', '.join(by_bucket)}"
+    return name, why
 
 
 def select(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
@@ -230,3 +374,17 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
             raise BackendUnavailableError(f"{op}: {source}{forced!r} cannot run here: {reason}")
         name = forced
     return name, _REGISTRY[op][name].fn
+
+
+def call(op: str, device: torch.device, backend: str | None, args: tuple):
+    """Run `op` on `args`: on the forced backend, else on the first of :func:`auto_order` (for the
+    row bucket of args[0]) that has a kernel for this shape."""
+    if forced_backend(backend) is not None:
+        return select(op, device, backend)[1](*args)
+    order = auto_order(op, device, args_bucket(args) if device.type == "cuda" else None)
+    for name, _ in order[:-1]:
+        try:
+            return _REGISTRY[op][name].fn(*args)
+        except NoKernelError:
+            continue  # raised before any launch: nothing ran, the next backend takes the call
+    return _REGISTRY[op][order[-1][0]].fn(*args)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import backends, ops  # noqa: F401  (importing ops registers every backend)
-from . import plan
+from . import plan, selftest
 
 
 def _triton_version() -> str:
@@ -60,12 +60,13 @@ def collect_info() -> dict:
             cap = torch.cuda.get_device_capability(device)
             entry["name"] = torch.cuda.get_device_name(device)
             entry["capability"] = f"{cap[0]}.{cap[1]}"
-        entry["ops"] = {}
+        entry["ops"], entry["why"] = {}, {}  # op -> backend, op -> why that backend
         for op in backends.ops():
             try:
                 entry["ops"][op] = backends.select(op, device)[0]
+                entry["why"][op] = backends.explain(op, device)[1]
             except (backends.BackendUnavailableError, ValueError) as err:
-                entry["ops"][op] = f"error: {err}"
+                entry["ops"][op], entry["why"][op] = f"error: {err}", ""
         info["devices"].append(entry)
     return info
 
@@ -86,7 +87,7 @@ def _print_info(info: dict) -> None:
         print(f"\n{label}")
         width = max(len(op) for op in dev["ops"])
         for op, backend in dev["ops"].items():
-            print(f"  {op:<{width}}  {backend}")
+            print(f"  {op:<{width}}  {backend:<6}  {dev['why'][op]}".rstrip())
     if not any(d["device"].startswith("cuda") for d in info["devices"]):
         print("\nno CUDA GPU visible: every op runs on the torch backend (triton too under TRITON_INTERPRET=1)")
 
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     plan_parser = sub.add_parser("plan", help="memory per GPU: does a model fit, and how much context x batch",
                                  epilog=plan.CLI_EPILOG)  # fmt: skip
     plan.add_arguments(plan_parser)
+    selftest.add_arguments(sub.add_parser("selftest", help="check every op on every backend against the reference "
+                                          "here (--bench: also time them); records what passed for dispatch"))
     gen = sub.add_parser("generate", help="generate text (streamed); prints prefill and decode tokens/s and GB/s")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "plan":
         return plan.run(args, plan_parser)
+
+    if args.command == "selftest":
+        return selftest.run(args)
 
     if args.command == "info":
         data = collect_info()

@@ -37,7 +37,7 @@ FP8 = torch.float8_e4m3fn
 
 
 def _call(op: str, device: torch.device, backend: str | None, *args):
-    return backends.select(op, device, backend)[1](*args)
+    return backends.call(op, device, backend, args)
 
 
 # --- FP8 ------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ void bind_attention(py::module_& m) {
       py::arg("interleaved"), py::arg("stream"),
       "q_out, k_out = rotary(q), rotary(k); k_cache/v_cache[slot] = k_out, v (slot < 0: skipped).");
 
+  m.def("decode_attention_split_tokens", &lk::decode_attention_split_tokens, py::arg("len"),
+        py::arg("num_splits"), "Tokens per split of a sequence of len live tokens (the device's rule).");
   m.def("decode_attention_num_splits", &lk::decode_attention_num_splits, py::arg("batch"),
         py::arg("num_kv_heads"), py::arg("max_len"), py::arg("num_sms"),
         "Splits per (sequence, KV head) decode_attention uses for these shapes (>= 1).");

@@ -39,6 +39,14 @@ void bind_gemm(py::module_& m) {
       "y = (xq @ wq.T) * x_scale * w_scale + bias (e4m3 in, bf16/fp16 out; 0 = absent).");
 
   m.def(
+      "fp8_gemm_sm90_unavailable",
+      []() -> py::object {
+        const char* why = lk::fp8_gemm_sm90_unavailable();
+        return why == nullptr ? py::object(py::none()) : py::object(py::str(why));
+      },
+      "None when fp8_gemm config 3 (sm_90a wgmma) can run on the current device, else why not.");
+
+  m.def(
       "int4_gemm",
       [](std::uintptr_t x, std::uintptr_t qpacked, std::uintptr_t scale_zero, std::uintptr_t y,
          std::uintptr_t workspace, int64_t M, int64_t N, int64_t K, int64_t group_size, int dtype,

@@ -14,15 +14,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from llama_kernels.selftest import poison_allocator, rel_err  # noqa: E402,F401  (shared with the selftest)
+
 # Relative error norm |out - ref| / |ref| allowed for a result rounded once to each dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
 # FP8 e4m3 keeps 3 mantissa bits: one rounding is at most 2^-4 relative, ~0.03 as a norm.
 FP8_TOL = 0.045
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "output") -> None:
@@ -44,15 +41,6 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str
 def randn(*shape, dtype=torch.float32, seed=0, scale=1.0, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
-
-
-def poison_allocator(device: torch.device, nbytes: int = 256 << 20) -> None:
-    """Fill a large freed block of the CUDA caching allocator with NaN bytes, so outputs a kernel
-    allocates and fails to write show up as NaN instead of stale correct-looking values."""
-    if device.type == "cuda":
-        junk = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        junk.fill_(0xFF)  # 0xFFFF is NaN in fp16/bf16, 0xFFFFFFFF in fp32, 0xFF in e4m3fn
-        del junk
 
 
 @pytest.fixture(scope="module")

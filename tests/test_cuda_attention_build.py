@@ -28,6 +28,8 @@ from test_cuda_build import (  # noqa: F401  (built, sass are fixtures)
     _ptxas_report,
     _raises,
     built,
+    ptx,
+    ptx_entries,
     sass,
 )
 
@@ -202,6 +204,73 @@ def test_split_policy_depends_on_shapes_only(built):
     assert splits(1, 1, 100, 132) == 1  # shorter than one split
     assert splits(0, 8, 4096, 132) >= 1
     assert splits(1, 1, 1 << 30, 1 << 20) == 65536  # bounded
+
+
+def test_splits_divide_the_live_length_not_the_table_capacity(built):
+    """Split s of a sequence of `len` live tokens covers [s * n, min((s + 1) * n, len)), n =
+    decode_attention_split_tokens(len, S): together exactly [0, len), tile-aligned, at least 256
+    tokens each; a short sequence in a wide (CUDA-graph, long-context) table still spreads over
+    several splits instead of leaving them idle."""
+    tokens = built.C.decode_attention_split_tokens
+    for num_splits in (1, 2, 7, 33, 264):
+        for length in (0, 1, 63, 64, 255, 256, 257, 2048, 2049, 32769, 131072):
+            n = tokens(length, num_splits)
+            assert n % 64 == 0 and n >= 256
+            covered = [t for s in range(num_splits) for t in range(s * n, min((s + 1) * n, length))]
+            assert covered == list(range(length)), (length, num_splits)
+    # 2K live tokens of a 128K-token table: the grid's 33 splits are shape-fixed; 8 of them get work
+    # (they all got nothing past split 0 when the ranges divided the capacity).
+    splits = built.C.decode_attention_num_splits(1, 8, 131072, 132)
+    assert sum(1 for s in range(splits) if s * tokens(2048, splits) < 2048) == 8
+
+
+def e4m3_bit_trick(codes: torch.Tensor) -> torch.Tensor:
+    """csrc/decode_attention.cuh e4m3x2_to_half2 below sm_89, per byte: sign to bit 15, the other
+    7 bits to bits 13..7 of an fp16, times 256."""
+    c = codes.to(torch.int32)
+    bits = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+    return bits.to(torch.int16).view(torch.float16) * torch.tensor(256.0, dtype=torch.float16)
+
+
+def test_sm80_fp8_bit_trick_is_exact_for_every_finite_e4m3_value():
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    want = codes.view(torch.float8_e4m3fn).to(torch.float32)
+    got = e4m3_bit_trick(codes).to(torch.float32)
+    finite = torch.isfinite(want)  # 0x7F and 0xFF are NaN in e4m3fn; the cache never holds them
+    assert int(finite.sum()) == 254
+    assert torch.equal(got[finite], want[finite])
+    assert torch.equal(torch.signbit(got[finite]), torch.signbit(want[finite]))  # -0 stays -0
+
+
+def test_sm80_fp8_cache_converts_without_the_library_fallback():
+    """Below sm_89 the e4m3 -> fp16 conversion is the bit move and one mul.f16x2 (no per-byte
+    library routine); from sm_89 on it is the hardware convert."""
+    for arch, want, avoid in (("80", "mul.f16x2", "cvt.rn.f16x2.e4m3x2"), ("89", "cvt.rn.f16x2.e4m3x2", "mul.f16x2")):
+        kernels = {k: v for k, v in ptx_entries(ptx(CSRC / "decode_attention.cu", arch)).items()
+                   if SPLIT_RE.search(k) and SPLIT_RE.search(k).group(3) == "1"}  # fmt: skip
+        assert len(kernels) == 4, list(kernels)
+        for name, body in kernels.items():
+            assert want in body and avoid not in body, (arch, name)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_fp8_conversion_stores_are_free_of_bank_conflicts(d):
+    """Lane-accurate emulation of the split kernel's FP8 -> 16-bit tile stores (csrc/decode_attention.cuh):
+    each 16-byte store instruction is served per quarter warp (8 lanes x 16 bytes), which must touch
+    32 distinct 4-byte banks."""
+    chunks, row16 = d // 16, d * 2 + 16  # kChunks (e4m3: D bytes per row), kRow16
+    for i in range(16 * chunks // 32):
+        for store in (0, 1):  # the two 16-byte stores per chunk (per K or V tile)
+            for quarter in range(4):
+                banks = []
+                for lane in range(8 * quarter, 8 * quarter + 8):
+                    c = lane + 32 * i
+                    row, ch = c // chunks, c % chunks
+                    swap = (ch & 4) != 0
+                    half = (16 if swap else 0) if store == 0 else (0 if swap else 16)
+                    addr = row * row16 + ch * 32 + half
+                    banks += [(addr // 4 + j) % 32 for j in range(4)]
+                assert sorted(banks) == list(range(32)), (d, i, store, quarter)
 
 
 # --------------------------------------------------------------------------- Python-side checks

@@ -319,6 +319,25 @@ def _ptxas_log(src: Path, archs: tuple[str, ...]) -> str:
     return p.stdout + p.stderr
 
 
+@functools.cache
+def ptx(src: Path, arch: str) -> str:
+    """The PTX nvcc generates for one source and one virtual arch ("89", "90a"), once per session."""
+    outdir = Path(tempfile.mkdtemp(prefix="llama-kernels-ptx-"))
+    out = outdir / (Path(src).stem + ".ptx")
+    cmd = [NVCC, "-ptx", *NVCC_FLAGS, f"-arch=compute_{arch}", f"-I{CSRC}", str(src), "-o", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stderr[-4000:]}"
+    text = out.read_text()
+    shutil.rmtree(outdir, ignore_errors=True)
+    return text
+
+
+def ptx_entries(text: str) -> dict[str, str]:
+    """Kernel name -> its PTX body."""
+    parts = re.split(r"^\.visible \.entry (\S+)\(", text, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
 def _parse_ptxas(log: str) -> list[dict]:
     """One entry per (function, arch): registers, stack, spill stores/loads."""
     out, cur = [], None
@@ -411,3 +430,16 @@ def test_cmake_arch_override(tmp_path):
     assert "arch=compute_90a,code=[sm_90a]" in flags, flags[:2000]
     assert "sm_80" not in flags and "sm_89" not in flags
     assert 'LLAMA_KERNELS_CUDA_ARCHS=\\"90a\\"' in flags or 'LLAMA_KERNELS_CUDA_ARCHS="90a"' in flags
+
+
+def test_fp8_norm_quantizes_with_ieee_division_like_the_reference():
+    """add_rms_norm_fp8 stores y / scale (div.rn.f32), as reference.quantize_fp8 does, not
+    y * (1 / scale), which rounds differently at e4m3 rounding boundaries."""
+    kernels = ptx_entries(ptx(CSRC / "add_rms_norm_fp8.cu", "89"))
+    fp8 = {name: body for name, body in kernels.items() if KERNEL_RE.search(name).group(3) == "1"}
+    assert fp8, list(kernels)
+    for name, body in fp8.items():
+        assert "rcp." not in body, name
+        vecs = int(KERNEL_RE.search(name).group(2))
+        elems = 4 if KERNEL_RE.search(name).group(1) == "f" else 8
+        assert body.count("div.rn.f32") >= vecs * elems, name  # one per element (plus the scale's)

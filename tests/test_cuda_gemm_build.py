@@ -29,8 +29,12 @@ from test_cuda_build import (  # noqa: F401  (fixtures)
     _parse_ptxas,
     _ptxas_report,
     built,
+    ptx,
+    ptx_entries,
     sass,
 )
+
+from llama_kernels.cuda import gemm_configs as G
 
 FP8_RE = re.compile(r"fp8gemm15fp8_gemm_kernelILi(\d)ELi(\d)E")
 INT4_RE = re.compile(r"int4gemm16int4_gemm_kernelI(6__half|13__nv_bfloat16)Li(\d)ELi(\d)E")
@@ -100,6 +104,11 @@ def test_sass_fp8_sm90_wgmma_tma(built, sass):
             assert op in body, f"{arch}: no {op} (mbarrier)"
         assert "WARPGROUP.ARRIVE" in body and "WARPGROUP.DEPBAR.LE" in body, arch
         assert "USETMAXREG.DEALLOC" in body and "USETMAXREG.TRY_ALLOC" in body, f"{arch}: no setmaxnreg"
+        # The epilogue is staged in shared memory and stored as 16-byte row segments.
+        assert re.search(r"\bSTS\b", body) and re.search(r"\bLDS\.128\b", body), f"{arch}: no staged epilogue"
+        stores = re.findall(r"\bSTG\.E[.\w]*", body)
+        assert stores and set(stores) == {"STG.E.128"}, f"{arch}: global stores {sorted(set(stores))}"
+        assert not re.search(r"\b(ST|LD)\.E", body), f"{arch}: generic (not shared) accesses to the staging tile"
         assert not re.search(r"\b(LDL|STL)\b", body), f"{arch}: the wgmma kernel uses local memory"
         checked = True
     assert checked == ("90a" in built.archs)
@@ -119,6 +128,9 @@ def test_sass_int4_mma_and_lop3(built, sass):
             assert len(re.findall(r"\bLOP3\.LUT\b", body)) >= 16, f"{where}: no lop3 dequantization"
             assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body), f"{where}: no 16-byte cp.async"
             assert re.search(r"\bLDS\.128\b", body), f"{where}: no 16-byte shared loads"
+            # The group scales / zeros arrive by cp.async with the stage, not by 16-byte global
+            # loads in the compute phase: the only 16-byte global reads are LDGSTS.
+            assert not re.search(r"\bLDG\.E\.128", body), f"{where}: 16-byte global loads (__ldg)"
 
 
 def test_gemm_no_register_spills(built):
@@ -169,6 +181,7 @@ def test_fp8_launcher_rejects_before_launch(built):
         (dict(cfg=3, K=4104), "no kernel for this shape: K must be a multiple of 16"),
         (dict(cfg=3, N=4100), "no kernel for this shape: N must be a multiple of 8"),
         (dict(cfg=3, wq=A + 8), "xq and wq must be 16-byte aligned"),
+        (dict(cfg=3, y=A + 4), "config 3 (sm90 wgmma) needs y 16-byte aligned"),
         (dict(split=4), "workspace must be non-null and 16-byte aligned when split_k > 1"),
         (dict(xq=A + 8), "xq and wq must be 16-byte aligned"),
         (dict(wq=0), "xq and wq must not be null"),
@@ -255,18 +268,127 @@ def test_fp8_plan_errors_are_named_before_launch():
     assert F.plan(*_fp8_args(64, 256, 128), torch.bfloat16, None, (9, 0), 132).config == 2
 
 
-def test_fp8_large_m_on_hopper_uses_wgmma():
+def test_fp8_large_m_on_hopper_uses_wgmma_once_its_tiles_fill_the_gpu():
     from llama_kernels.cuda import gemm_configs as G
 
-    for m in (65, 128, 1000, 4096):
-        for n, k in [(6144, 4096), (200, 16), (520, 1040)]:
-            assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=True) == G.Choice(G.SM90_CONFIG, 1)
-            assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=False).config == 2
-            assert G.choose("fp8_gemm", (8, 9), m, n, k, 128, sm90a=True).config == 2
-            assert G.choose("fp8_gemm", (10, 0), m, n, k, 148, sm90a=True).config == 2
+    for m, n, k in [(4096, 6144, 4096), (1000, 28672, 4096), (129, 16384, 2048), (300, 8192, 1040)]:
+        assert G.sm90_tiles(m, n) >= 132
+        assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=True) == G.Choice(G.SM90_CONFIG, 1)
+        assert G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=False).config == 2
+        assert G.choose("fp8_gemm", (8, 9), m, n, k, 128, sm90a=True).config == 2
+        assert G.choose("fp8_gemm", (10, 0), m, n, k, 148, sm90a=True).config == 2
     for m in (1, 16, 17, 64):
         assert G.choose("fp8_gemm", (9, 0), m, 6144, 4096, 132, sm90a=True).config != G.SM90_CONFIG
+
+
+@pytest.mark.parametrize("m", [65, 100, 128])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096), (1280, 8192), (4096, 14336)])
+def test_fp8_m65_to_128_on_hopper_fills_the_gpu_with_split_k(m, n, k):
+    """M = 65..128 gives the 128 x 128 wgmma kernel 10-48 tiles on 132 SMs: the split-K mma.sync
+    path runs instead, with at least one block per SM (split over K where the steps allow)."""
+    from llama_kernels.cuda import gemm_configs as G
+
+    assert G.sm90_tiles(m, n) < 132
+    choice = G.choose("fp8_gemm", (9, 0), m, n, k, 132, sm90a=True)
+    assert choice.config == 2 and choice.split_k > 1
+    blocks = -(-n // G.BLOCK_N) * -(-m // 64) * choice.split_k
+    steps_per_split = k // G.STEP_K["fp8_gemm"] // choice.split_k
+    assert blocks >= 132 or steps_per_split < 2 * G.MIN_STEPS_PER_SPLIT["fp8_gemm"] or choice.split_k == G.MAX_SPLIT_K
     assert G.choose("int4_gemm", (9, 0), 4096, 6144, 4096, 132, sm90a=True).config == 1
+
+
+def test_sm90_wgmma_accumulator_is_promoted_every_k_block():
+    """Each 128-value K block's 4 wgmmas start a fresh accumulator that is added, in float32, to the
+    tile's total once they completed (wait_group 0 per block; no group left in flight), instead of
+    one reduced-precision FP8 accumulator chained through all of K."""
+    kernels = ptx_entries(ptx(CSRC / "fp8_gemm_sm90.cu", "90a"))
+    body = next(b for name, b in kernels.items() if SM90_RE.search(name))
+    assert body.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4
+    assert "wgmma.wait_group.sync.aligned 1;" not in body
+    assert body.count("wgmma.wait_group.sync.aligned 0;") >= 1
+    adds = len(re.findall(r"\badd(\.rn)?\.f32\b", body))
+    assert adds >= 64 + 64, f"{adds} add.f32: expected the 64-register promotion plus the bias adds"
+
+
+def test_sm90_epilogue_staging_covers_the_tile_without_bank_conflicts():
+    """Lane-accurate emulation of csrc/fp8_gemm_sm90.cu's epilogue staging: the accumulator pairs
+    (warp, lane, j, h) land on every 4-byte pair of the 64 x 128 tile once, with each warp's
+    32 stores on 32 distinct banks; the 16-byte reads cover each row segment once, each quarter
+    warp's 8 reads on 32 distinct banks."""
+    pitch = 128 * 2 + 16  # kOutPitch
+    written = {}
+    for j in range(16):
+        for h in range(2):
+            for warp in range(4):
+                banks = set()
+                for lane in range(32):
+                    row, col = warp * 16 + lane // 4 + 8 * h, 2 * (lane % 4) + 8 * j
+                    addr = row * pitch + col * 2
+                    written[addr] = written.get(addr, 0) + 1
+                    banks.add(addr // 4 % 32)
+                assert len(banks) == 32, (j, h, warp)
+    assert sorted(written) == [r * pitch + 4 * p for r in range(64) for p in range(64)]
+    assert set(written.values()) == {1}
+    read = []
+    for i in range(64 * 16 // 128):
+        for quarter in range(16):
+            banks = []
+            for t in range(8 * quarter, 8 * quarter + 8):
+                v = t + 128 * i
+                addr = (v // 16) * pitch + (v % 16) * 16
+                read.append(addr)
+                banks += [(addr // 4 + k) % 32 for k in range(4)]
+            assert sorted(banks) == list(range(32)), (i, quarter)
+    assert sorted(read) == [r * pitch + 16 * s for r in range(64) for s in range(16)]
+
+
+def _fake_sm90_device(monkeypatch, why):
+    """launch() on CPU tensors with a fake extension that records the config it is asked for."""
+    from llama_kernels import backends
+    from llama_kernels.cuda import fp8_gemm as F
+
+    calls = []
+
+    class FakeExt:
+        def fp8_gemm(self, *args):
+            calls.append(args[-3])  # config
+
+    monkeypatch.setattr(backends, "device_index", lambda device: 0)
+    monkeypatch.setattr(backends, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(backends, "sm_count", lambda index: 132)
+    monkeypatch.setattr(F, "sm90_unavailable", lambda index: why)
+    monkeypatch.setattr(F, "ext", lambda: FakeExt())
+    monkeypatch.setattr(F, "stream", lambda t: 0)
+    monkeypatch.setattr(F, "choose", lambda *a, **kw: G.Choice(G.SM90_CONFIG, 1))
+    return F, calls
+
+
+def test_sm90_kernel_is_never_launched_where_its_sm90a_code_did_not_load(monkeypatch):
+    """The extension's check (device 9.0, loaded code compiled from compute_90a with the real
+    kernel) decides before any launch: automatic dispatch then takes the mma.sync path, an
+    explicit config 3 raises the backend's NoKernelError; the __trap() stub is never reached."""
+    from llama_kernels.cuda.common import NoKernelError
+
+    why = "config 3 (sm90 wgmma): the code loaded for this GPU is not the sm_90a kernel"
+    F, calls = _fake_sm90_device(monkeypatch, why)
+    args = _fp8_args(256, 8192, 4096)
+    F.launch(*args, torch.bfloat16)
+    assert calls == [2]
+    with pytest.raises(NoKernelError, match="not the sm_90a kernel"):
+        F.launch(*args, torch.bfloat16, choice=G.Choice(G.SM90_CONFIG, 1))
+    assert calls == [2]
+    F, calls = _fake_sm90_device(monkeypatch, None)
+    F.launch(*args, torch.bfloat16)
+    assert calls == [G.SM90_CONFIG]
+
+
+def test_sm90_availability_check_needs_no_kernel_launch(built):
+    """Without a GPU the extension says why config 3 cannot run instead of failing or trapping."""
+    import torch as _torch
+
+    if _torch.cuda.is_available():
+        pytest.skip("checks the answer without a GPU")
+    assert built.C.fp8_gemm_sm90_unavailable() == "config 3 (sm90 wgmma): no CUDA device"
 
 
 def test_int4_plan_errors_are_named_before_launch():

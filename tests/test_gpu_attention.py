@@ -109,3 +109,30 @@ def test_unsupported_configs_are_rejected(gpu, hq, hkv, d, bs, match):
     q, kc, vc, table, lens, ks, vs = paged_attention_case([20], hq, hkv, d, bs, torch.bfloat16, torch.bfloat16, 1, gpu)
     with pytest.raises(ValueError, match=match):
         ops.decode_attention(q, kc, vc, table, lens, backend="cuda")
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_short_sequences_in_a_long_context_table(gpu, cache_dtype):
+    """2K live tokens in a table sized for 128K (as under CUDA graphs): the splits come from the
+    live lengths, so the result is right and the work does not depend on the table width."""
+    args = paged_attention_case([2048, 100, 1], 32, 8, 128, 16, torch.bfloat16, cache_dtype, 21, gpu)
+    table = args[3]
+    wide = torch.full((table.shape[0], 131072 // 16), 1 << 30, dtype=table.dtype, device=gpu)  # never read
+    wide[:, : table.shape[1]] = table
+    args[3] = wide
+    _check(args, name=f"2K live of a 128K table {cache_dtype}")
+
+
+def test_over_long_seq_lens_are_clamped_to_the_table(gpu):
+    """A length past max_blocks * block_size (not range-checked for GPU tensors) reads only the
+    table's row: the result is attention over the whole row."""
+    q, kc, vc, table, lens, ks, vs = paged_attention_case([40, 64], 8, 2, 128, 16, torch.bfloat16, torch.bfloat16,
+                                                          5, gpu, spare_blocks=0)  # fmt: skip
+    capacity = table.shape[1] * 16
+    table = table.clone()
+    table[table >= kc.shape[0]] = 0  # every entry of the row is a real block now
+    want = reference.decode_attention(q, kc, vc, table, torch.full_like(lens, capacity))
+    poison_allocator(gpu)
+    out = ops.decode_attention(q, kc, vc, table, lens + capacity, backend="cuda")
+    torch.cuda.synchronize()
+    assert_rel_close(out, want, TOL[q.dtype], "clamped lengths")

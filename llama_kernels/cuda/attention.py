@@ -3,8 +3,10 @@ csrc/decode_attention.h.
 
 The number of splits comes from ``_C.decode_attention_num_splits`` (batch, KV heads, the length
 bound ``max_blocks * block_size`` and the SM count: never the values of seq_lens, so a call needs
-no host sync and can be captured in a CUDA graph); the float32 workspace for the partial outputs
-and their log-sum-exp is allocated here, and only when there is more than one split.
+no host sync and can be captured in a CUDA graph); the kernel divides each sequence's live length
+seq_lens[b] (read on the device, clamped to the table's capacity) among those splits, so a short
+sequence in a long-context table still uses every split. The float32 workspace for the partial
+outputs and their log-sum-exp is allocated here, and only when there is more than one split.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import torch
 
 from .. import backends
-from .common import DTYPE_CODE, check_aligned, ext, ptr, stream
+from .common import DTYPE_CODE, NoKernelError, check_aligned, ext, ptr, stream
 
 FP8 = torch.float8_e4m3fn
 DTYPES = (torch.bfloat16, torch.float16)  # q / out (and a non-FP8 cache)
@@ -25,30 +27,30 @@ MAX_GRID_DIM = 65535  # batch and KV heads are grid dimensions z and y
 
 
 def check_decode_attention(q, k_cache, v_cache, block_table, seq_lens) -> None:
-    """What only the cuda kernel needs beyond ``ops.decode_attention``'s checks; raises ValueError
-    before anything is launched (runs on shapes, dtypes and addresses only)."""
+    """What only the cuda kernel needs beyond ``ops.decode_attention``'s checks; raises NoKernelError
+    (a ValueError) before anything is launched (runs on shapes, dtypes and addresses only)."""
     op = "decode_attention"
     if q.dtype not in DTYPES:
-        raise ValueError(f"{op}: the cuda kernel supports q dtype bfloat16 or float16, got {q.dtype}; "
-                         "use backend='triton'")  # fmt: skip
+        raise NoKernelError(f"{op}: the cuda kernel supports q dtype bfloat16 or float16, got {q.dtype}; "
+                            "use backend='triton'")  # fmt: skip
     if k_cache.dtype not in (q.dtype, FP8):
-        raise ValueError(f"{op}: the cuda kernel needs a {q.dtype} (q's dtype) or float8_e4m3fn cache, "
-                         f"got {k_cache.dtype}; use backend='triton'")  # fmt: skip
+        raise NoKernelError(f"{op}: the cuda kernel needs a {q.dtype} (q's dtype) or float8_e4m3fn cache, "
+                            f"got {k_cache.dtype}; use backend='triton'")  # fmt: skip
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     if d not in HEAD_DIMS:
-        raise ValueError(f"{op}: the cuda kernel supports head_dim D in {HEAD_DIMS}, got D={d}; use backend='triton'")
+        raise NoKernelError(f"{op}: the cuda kernel supports head_dim D in {HEAD_DIMS}, got D={d}; use backend='triton'")
     if block_size not in BLOCK_SIZES:
-        raise ValueError(f"{op}: the cuda kernel supports block_size in {BLOCK_SIZES}, got block_size={block_size}; "
-                         "use backend='triton'")  # fmt: skip
+        raise NoKernelError(f"{op}: the cuda kernel supports block_size in {BLOCK_SIZES}, got block_size={block_size}; "
+                            "use backend='triton'")  # fmt: skip
     group = hq // hkv
     if not 1 <= group <= MAX_GROUP:
-        raise ValueError(f"{op}: the cuda kernel supports group sizes Hq / Hkv in 1..{MAX_GROUP}, got "
-                         f"{hq} / {hkv} = {group}; use backend='triton'")  # fmt: skip
+        raise NoKernelError(f"{op}: the cuda kernel supports group sizes Hq / Hkv in 1..{MAX_GROUP}, got "
+                            f"{hq} / {hkv} = {group}; use backend='triton'")  # fmt: skip
     if b > MAX_GRID_DIM or hkv > MAX_GRID_DIM:
-        raise ValueError(f"{op}: the cuda kernel supports batch and Hkv up to {MAX_GRID_DIM}, got {b} and {hkv}")
+        raise NoKernelError(f"{op}: the cuda kernel supports batch and Hkv up to {MAX_GRID_DIM}, got {b} and {hkv}")
     if block_table.shape[1] * block_size >= 2**31 - 2**24:
-        raise ValueError(f"{op}: the cuda kernel needs max_blocks * block_size < 2^31")
+        raise NoKernelError(f"{op}: the cuda kernel needs max_blocks * block_size < 2^31")
     check_aligned(op, q=q, k_cache=k_cache, v_cache=v_cache)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
+from ..backends import NoKernelError  # noqa: F401  (the backend's "no kernel for this shape" error)
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc's DType enum
 ALIGN = 16  # bytes: the kernels use 16-byte vector loads and stores
@@ -27,10 +28,6 @@ def ext():
 def ptr(t: torch.Tensor | None) -> int:
     """Device address of a tensor, 0 for an absent one (the kernels' convention)."""
     return 0 if t is None else t.data_ptr()
-
-
-class NoKernelError(ValueError):
-    """No compiled CUDA kernel supports this shape / alignment (raised before any launch)."""
 
 
 def check_aligned(op: str, align: int = ALIGN, **tensors: torch.Tensor | None) -> None:

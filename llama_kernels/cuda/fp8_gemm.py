@@ -3,17 +3,20 @@
 Decode-oriented configs 0-2: the weight is streamed once with 16-byte loads, K is split across
 SMs with a deterministic float32 reduction, and scales / bias are applied in the epilogue; tiled
 over M they serve any M. On Hopper (compute capability 9.0, sm_90a build) M > 64 goes to config 3,
-the wgmma + TMA kernel of csrc/fp8_gemm_sm90.cu (persistent, warp-specialized, no split-K).
+the wgmma + TMA kernel of csrc/fp8_gemm_sm90.cu (persistent, warp-specialized, no split-K), once
+its 128 x 128 tiles are at least as many as the SMs (below that, split-K config 2 fills the GPU).
 Configuration per call: gemm_configs.choose. Below sm_89 the backend refuses with the capability.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backends
 from .common import DTYPE_CODE, NoKernelError, check_aligned, ext, ptr, stream
-from .gemm_configs import Choice, check_fp8_shape, choose
+from .gemm_configs import SM90_CONFIG, Choice, check_fp8_shape, choose, default_choice
 
 FP8 = torch.float8_e4m3fn
 
@@ -42,6 +45,15 @@ def plan(
     return choose("fp8_gemm", capability, m, n, k, sms)
 
 
+@functools.cache
+def sm90_unavailable(index: int) -> str | None:
+    """None when the sm_90a wgmma kernel (config 3) can run on CUDA device `index`, else why not:
+    the extension checks the device and that the code loaded for it is the real sm_90a kernel (not
+    the trapping stub of a build without 90a); asked once per device, before any launch."""
+    with torch.cuda.device(index):
+        return ext().fp8_gemm_sm90_unavailable()
+
+
 def launch(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -54,10 +66,17 @@ def launch(
     """The kernel with an explicit (config, split_k) (default: the dispatch table); the benchmark's entry."""
     dev = xq.device
     index = backends.device_index(dev)
-    planned = plan(xq, x_scale, wq, w_scale, out_dtype, bias, backends.device_capability(index), backends.sm_count(index))
-    choice = choice or planned
+    sms = backends.sm_count(index)
+    planned = plan(xq, x_scale, wq, w_scale, out_dtype, bias, backends.device_capability(index), sms)
     m, k = xq.shape
     n = wq.shape[0]
+    if (choice or planned).config == SM90_CONFIG:
+        why = sm90_unavailable(index)
+        if why is not None and choice is not None:
+            raise NoKernelError(f"fp8_gemm: {why}")
+        if why is not None:  # e.g. a build whose sm_90a code did not load here: the mma.sync path
+            planned = default_choice("fp8_gemm", m, n, k, sms)
+    choice = choice or planned
     y = torch.empty(m, n, dtype=out_dtype, device=dev)
     ws = torch.empty(choice.split_k, m, n, dtype=torch.float32, device=dev) if choice.split_k > 1 else None
     ext().fp8_gemm(

@@ -23,8 +23,9 @@ and a group size that divides K and is a multiple of 32 (or K itself: per-channe
 operands must be 16-byte aligned (outputs and scales 4-byte).
 
 Choice per call: ``TABLE[(op, arch, m_bucket(M), N, K)]`` if present; else, for fp8_gemm with
-M > ``SM90_MIN_M`` on compute capability 9.0 (and a build holding sm_90a code), the wgmma kernel
-(config ``SM90_CONFIG``, split_k 1); else :func:`default_choice`:
+M > ``SM90_MIN_M`` on compute capability 9.0 (and a build holding sm_90a code) whose 128 x 128
+output tiles are at least as many as the SMs (:func:`sm90_tiles`), the wgmma kernel (config
+``SM90_CONFIG``, split_k 1); else :func:`default_choice`:
 the smallest configuration whose rows cover M (m64 beyond 32 rows), and a split of K that brings
 column blocks x M tiles x splits to about ``BLOCKS_PER_SM`` blocks per SM, keeping at least
 ``MIN_STEPS_PER_SPLIT`` K steps per split (the pipeline needs a few steps to fill). The partial
@@ -50,6 +51,7 @@ BLOCKS_PER_SM = {"fp8_gemm": 2, "int4_gemm": 3}  # resident blocks per SM (regis
 MAX_SPLIT_K = 16  # the C launchers accept up to 64; more partials than this cost more than they save
 SM90_CONFIG = 3  # fp8_gemm: the Hopper wgmma + TMA kernel (csrc/fp8_gemm_sm90.cu), sm_90a builds only
 SM90_MIN_M = 64  # ... used for M above this (below it the mma.sync decode kernel streams the weight)
+SM90_TILE = 128  # ... whose output tiles are 128 x 128, and which is used only when they fill the SMs
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -108,10 +110,16 @@ def choose(
     entry = TABLE.get((op, arch_name(capability), m_bucket(m), n, k))
     if entry is not None:
         return Choice(*entry)
-    if op == "fp8_gemm" and capability == (9, 0) and m > SM90_MIN_M:
+    if op == "fp8_gemm" and capability == (9, 0) and m > SM90_MIN_M and sm90_tiles(m, n) >= sms:
         if built_with_sm90a() if sm90a is None else sm90a:
             return Choice(SM90_CONFIG, 1)
     return default_choice(op, m, n, k, sms)
+
+
+def sm90_tiles(m: int, n: int) -> int:
+    """Output tiles of the wgmma kernel (one CTA each, no split-K): below the SM count it leaves SMs
+    idle (M = 65..128 at N = 4096 fills 32 of 132), so such shapes take the split-K mma.sync path."""
+    return -(-m // SM90_TILE) * -(-n // SM90_TILE)
 
 
 # --- shape and alignment checks (no GPU needed: they run on CPU or fake tensors too) ----------

@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .._validate import multiple_of
-from .common import DTYPE_CODE, check_aligned, ext, ptr, stream
+from .common import DTYPE_CODE, NoKernelError, check_aligned, ext, ptr, stream
 
 _MAX_NORM_HIDDEN = {torch.float32: 16384, torch.float16: 32768, torch.bfloat16: 32768}  # csrc/add_rms_norm.h
 
 
 def _check_norm(op: str, x, residual, weight) -> None:
     hidden, limit = x.shape[-1], _MAX_NORM_HIDDEN[x.dtype]
-    multiple_of(op, "hidden", hidden, 8, "the cuda kernel reads 16-byte vectors")
+    if hidden % 8:
+        raise NoKernelError(f"{op}: hidden={hidden} must be a multiple of 8 (the cuda kernel reads 16-byte vectors)")
     if hidden > limit:
-        raise ValueError(f"{op}: hidden={hidden} is above the cuda kernel's limit of {limit} for {x.dtype}; "
-                         "use backend='triton'")  # fmt: skip
+        raise NoKernelError(f"{op}: hidden={hidden} is above the cuda kernel's limit of {limit} for {x.dtype}; "
+                            "use backend='triton'")  # fmt: skip
     check_aligned(op, x=x, residual=residual, weight=weight)
 
 

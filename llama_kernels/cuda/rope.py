@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .common import DTYPE_CODE, check_aligned, ext, ptr, stream
+from .common import DTYPE_CODE, NoKernelError, check_aligned, ext, ptr, stream
 
 FP8 = torch.float8_e4m3fn
 DTYPES = (torch.bfloat16, torch.float16)  # q / k / v (and a non-FP8 cache)
@@ -15,22 +15,22 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping) -> None:
-    """What only the cuda kernel needs beyond ``ops.rope_and_cache``'s checks; raises ValueError
-    before anything is launched (runs on shapes, dtypes and addresses only)."""
+    """What only the cuda kernel needs beyond ``ops.rope_and_cache``'s checks; raises NoKernelError
+    (a ValueError) before anything is launched (runs on shapes, dtypes and addresses only)."""
     op = "rope_and_cache"
     if q.dtype not in DTYPES:
-        raise ValueError(f"{op}: the cuda kernel supports q/k/v dtype bfloat16 or float16, got {q.dtype}; "
-                         "use backend='triton'")  # fmt: skip
+        raise NoKernelError(f"{op}: the cuda kernel supports q/k/v dtype bfloat16 or float16, got {q.dtype}; "
+                            "use backend='triton'")  # fmt: skip
     d = q.shape[-1]
     if d not in HEAD_DIMS:
-        raise ValueError(f"{op}: the cuda kernel supports head_dim D in {HEAD_DIMS}, got D={d}; use backend='triton'")
+        raise NoKernelError(f"{op}: the cuda kernel supports head_dim D in {HEAD_DIMS}, got D={d}; use backend='triton'")
     if k_cache.dtype not in (q.dtype, FP8):
-        raise ValueError(f"{op}: the cuda kernel needs a {q.dtype} or float8_e4m3fn cache, got {k_cache.dtype}")
+        raise NoKernelError(f"{op}: the cuda kernel needs a {q.dtype} or float8_e4m3fn cache, got {k_cache.dtype}")
     for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
         if t.dtype not in INDEX_DTYPES:
-            raise ValueError(f"{op}: argument '{name}' must be int32 or int64 for the cuda kernel, got {t.dtype}")
+            raise NoKernelError(f"{op}: argument '{name}' must be int32 or int64 for the cuda kernel, got {t.dtype}")
     if q.shape[0] >= 2**31:
-        raise ValueError(f"{op}: the cuda kernel takes fewer than 2^31 tokens, got {q.shape[0]}")
+        raise NoKernelError(f"{op}: the cuda kernel takes fewer than 2^31 tokens, got {q.shape[0]}")
     check_aligned(op, q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache)
 
 

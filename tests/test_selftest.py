@@ -1,0 +1,290 @@
+"""`llama-kernels selftest` and the dispatch that reads its record: the CPU run (Triton under the
+interpreter), a wrong kernel reported as FAIL, the record of a (faked) GPU run, and automatic
+dispatch trusting what passed, never what failed, preferring the fastest, and falling back when a
+kernel has no variant for a shape."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_kernels
+from llama_kernels import backends, ops, selftest
+
+GPU = torch.device("cuda", 0)  # a device object only: no GPU is touched by these tests
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """No forced backend, and a private record file: the user's real record is never read or written."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setenv(backends.RECORD_ENV_VAR, str(tmp_path / "validated.json"))
+    backends.reload_user_record()
+    yield
+    backends.reload_user_record()
+
+
+def _args(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    selftest.add_arguments(parser)
+    args = parser.parse_args([])
+    args.__dict__.update(kw)
+    return args
+
+
+def test_every_op_has_a_case_builder():
+    assert set(backends.ops()) <= set(selftest.CASES), "add the new op's case builder to selftest.CASES"
+
+
+def test_cli_selftest_without_a_gpu_checks_triton_under_the_interpreter(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the no-GPU path")
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}  # it must set it itself
+    done = subprocess.run([sys.executable, "-m", "llama_kernels", "selftest", "--json", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(llama_kernels.__file__).parents[1], env=env)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no CUDA GPU present" in done.stdout
+    rows = json.loads(out.read_text())
+    assert {r["op"] for r in rows} == set(backends.ops())
+    assert all(r["backend"] == "triton" and r["passed"] and r["relerr"] <= r["tol"] for r in rows)
+    assert all({"op", "backend", "shape", "relerr", "passed"} <= set(r) for r in rows)
+    assert not Path(backends.user_record_path()).exists()  # nothing recorded without a GPU
+
+
+def test_a_wrong_kernel_fails_and_the_exit_code_says_so(monkeypatch, capsys):
+    good = backends._REGISTRY["rms_norm"]["triton"]
+    wrong = backends.Impl(lambda x, w, eps: good.fn(x, w, eps) * 1.02)  # 2% off: over the bf16 tolerance
+    monkeypatch.setitem(backends._REGISTRY["rms_norm"], "triton", wrong)
+    assert selftest.run(_args(op=["rms_norm", "add_rms_norm"], backends="triton")) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "FAILED: ['rms_norm on triton']" in out
+    assert "add_rms_norm       small 1x256" in out  # the other op still ran and passed
+
+
+def test_a_crashing_kernel_is_an_error_row(monkeypatch, tmp_path):
+    def crash(x, w, eps):
+        raise RuntimeError("illegal memory access")
+
+    monkeypatch.setitem(backends._REGISTRY["rms_norm"], "triton", backends.Impl(crash))
+    out = tmp_path / "rows.json"
+    assert selftest.run(_args(op=["rms_norm"], backends="triton", json=str(out))) == 1
+    rows = json.loads(out.read_text())
+    assert rows and all(r["status"] == "error" and not r["passed"] and "illegal memory" in r["detail"] for r in rows)
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys):
+    assert selftest.run(_args(op=["gemm"])) == 2
+    assert "--op 'gemm' is not an op" in capsys.readouterr().err
+    assert selftest.run(_args(backends="cuda,fast")) == 2
+    assert "'fast' is not a backend" in capsys.readouterr().err
+
+
+# --- the record and dispatch, on a faked GPU ------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend device cuda:0 is an H100 on which the cuda and triton backends can run."""
+    monkeypatch.setattr(backends, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake H100")
+    monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
+    monkeypatch.setattr(backends, "_triton_reason", lambda device: None)
+    monkeypatch.setattr(selftest, "environment", lambda device: {
+        "device": "Fake H100", "capability": "9.0", "driver": "999.1", "torch": torch.__version__, "cuda": "13.0",
+        "triton": "3.6.0", "date": "2026-11-30T10:00:00+00:00"})  # fmt: skip
+    monkeypatch.setattr(backends, "is_validated", lambda op, backend, cap: False)
+
+
+def _row(op, backend, shape, status="pass", us=None, rows=1):
+    return selftest.Row(op, shape, backend, backends.row_bucket(rows), status, relerr=1e-3, tol=8e-3, us=us)
+
+
+def test_without_a_record_the_gpu_default_is_triton_and_info_says_why(fake_gpu):
+    name, why = backends.explain("fp8_gemm", GPU)
+    assert name == "triton" and "the cuda kernel has not passed llama-kernels selftest on this GPU" in why
+
+
+def test_record_then_dispatch_trusts_what_passed_and_never_what_failed(fake_gpu, monkeypatch):
+    rows = [
+        _row("fp8_gemm", "cuda", "a"), _row("fp8_gemm", "triton", "a"),
+        _row("rms_norm", "cuda", "a"), _row("rms_norm", "cuda", "b", status="FAIL"), _row("rms_norm", "triton", "a"),
+        _row("add_rms_norm", "triton", "a", status="error"), _row("add_rms_norm", "cuda", "a", status="no kernel"),
+        _row("quantize_fp8", "torch", "a"),
+    ]  # fmt: skip
+    path, entry = selftest.record(GPU, rows, bench=False)
+    data = json.loads(Path(path).read_text())
+    kernels = data["devices"]["Fake H100 (sm_90)"]["kernels"]
+    assert kernels["fp8_gemm:cuda"]["passed"] and kernels["fp8_gemm:cuda"]["driver"] == "999.1"
+    assert not kernels["rms_norm:cuda"]["passed"] and kernels["rms_norm:cuda"]["failed"][0].startswith("b: FAIL")
+    assert "add_rms_norm:cuda" not in kernels  # it had no kernel for the shapes: nothing to record
+    assert "quantize_fp8:torch" not in kernels  # the reference is not a kernel under test
+    assert backends.explain("fp8_gemm", GPU)[0] == "cuda"
+    assert "passed llama-kernels selftest on this GPU (2026-11-30" in backends.explain("fp8_gemm", GPU)[1]
+    name, why = backends.explain("rms_norm", GPU)
+    assert name == "triton" and "the cuda kernel failed llama-kernels selftest on this GPU" in why
+    name, why = backends.explain("add_rms_norm", GPU)
+    assert name == "torch" and "the triton kernel failed" in why
+    # a shipped validated entry does not override a failure recorded on this GPU
+    monkeypatch.setattr(backends, "is_validated", lambda op, backend, cap: True)
+    backends.reload_user_record()
+    assert backends.explain("rms_norm", GPU)[0] == "triton"
+
+
+def test_a_record_made_with_other_code_does_not_count(fake_gpu, monkeypatch):
+    selftest.record(GPU, [_row("fp8_gemm", "cuda", "a")], bench=False)
+    assert backends.explain("fp8_gemm", GPU)[0] == "cuda"
+    monkeypatch.setattr(backends, "code_id", lambda backend: "rebuilt")
+    backends.reload_user_record()
+    assert backends.explain("fp8_gemm", GPU)[0] == "triton"
+
+
+def test_bench_prefers_the_fastest_passing_backend_per_bucket(fake_gpu):
+    rows = [
+        _row("fp8_gemm", "cuda", "1x8", us=5.0, rows=1), _row("fp8_gemm", "triton", "1x8", us=9.0, rows=1),
+        _row("fp8_gemm", "cuda", "4096x8", us=90.0, rows=4096), _row("fp8_gemm", "triton", "4096x8", us=60.0, rows=4096),
+        _row("fp8_gemm", "torch", "4096x8", us=1.0, rows=4096),  # the reference never wins: it syncs the host
+        _row("int4_gemm", "cuda", "1x8", us=1.0), _row("int4_gemm", "cuda", "2", status="FAIL"),
+        _row("int4_gemm", "triton", "1x8", us=7.0),
+    ]  # fmt: skip
+    _, entry = selftest.record(GPU, rows, bench=True)
+    assert entry["fastest"] == {"fp8_gemm": {"1": "cuda", ">128": "triton"}, "int4_gemm": {"1": "triton"}}
+    x1, x4096 = torch.empty(1, 8), torch.empty(4096, 8)
+    assert backends.auto_order("fp8_gemm", GPU, backends.args_bucket((x1,)))[0][0] == "cuda"
+    first = backends.auto_order("fp8_gemm", GPU, backends.args_bucket((x4096,)))[0]
+    assert first[0] == "triton" and "fastest passing backend for >128 rows" in first[1]
+    assert backends.auto_order("int4_gemm", GPU, "1")[0][0] == "triton"  # the failing cuda kernel: never
+    assert backends.explain("fp8_gemm", GPU)[1].endswith("by rows, after selftest --bench: 1: cuda, >128: triton")
+
+
+def test_auto_dispatch_falls_back_when_a_kernel_has_no_variant_for_the_shape(monkeypatch):
+    calls = []
+
+    def no_kernel(x, w, eps):
+        calls.append("cuda")
+        raise backends.NoKernelError("rms_norm: hidden=100 must be a multiple of 8")
+
+    def triton(x, w, eps):
+        calls.append("triton")
+        return x
+
+    monkeypatch.setitem(backends._REGISTRY["rms_norm"], "cuda", backends.Impl(no_kernel))
+    monkeypatch.setitem(backends._REGISTRY["rms_norm"], "triton", backends.Impl(triton))
+    monkeypatch.setattr(backends, "auto_order", lambda op, device, bucket=None: (("cuda", ""), ("triton", ""), ("torch", "")))
+    x = torch.randn(2, 100)
+    assert backends.call("rms_norm", torch.device("cpu"), None, (x, torch.ones(100), 1e-5)) is x
+    assert calls == ["cuda", "triton"]
+    monkeypatch.setattr(backends, "unavailable_reason", lambda op, backend, device: None)
+    with pytest.raises(backends.NoKernelError, match="hidden=100"):  # a forced backend: no fallback
+        backends.call("rms_norm", torch.device("cpu"), "cuda", (x, torch.ones(100), 1e-5))
+
+
+def test_cuda_shape_refusals_are_no_kernel_errors():
+    """The cuda wrappers' shape checks raise NoKernelError (a ValueError), which dispatch falls back on."""
+    from llama_kernels.cuda import attention, norm
+
+    q = torch.empty(1, 4, 96, dtype=torch.bfloat16)
+    cache = torch.empty(2, 16, 2, 96, dtype=torch.bfloat16)
+    with pytest.raises(backends.NoKernelError, match="head_dim D in"):
+        attention.check_decode_attention(q, cache, cache, torch.zeros(1, 2, dtype=torch.int32), torch.ones(1))
+    with pytest.raises(backends.NoKernelError, match="hidden=100 must be a multiple of 8"):
+        norm._check_norm("rms_norm", torch.empty(2, 100), None, torch.empty(100))
+    assert issubclass(backends.NoKernelError, ValueError)
+
+
+def test_user_record_path_default_and_override(monkeypatch, tmp_path):
+    monkeypatch.delenv(backends.RECORD_ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert backends.user_record_path() == tmp_path / "llama-kernels" / "validated.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert backends.user_record_path() == Path.home() / ".cache" / "llama-kernels" / "validated.json"
+    monkeypatch.setenv(backends.RECORD_ENV_VAR, str(tmp_path / "x.json"))
+    assert backends.user_record_path() == tmp_path / "x.json"
+
+
+def test_gpu_selftest_shapes_cover_the_llama_layers():
+    """The GPU shapes: the 8B, 70B/8 and 405B/8 layers at M = 1, 16, 128, 4096."""
+    shapes, rows = selftest._gemm_shapes(small=False)
+    assert {"8B gate_up", "70B/8 qkv", "405B/8 down"} <= set(shapes) and rows == (1, 16, 128, 4096)
+    assert {(m, h) for _, m, h in selftest._norm_shapes(small=False)} == {
+        (m, h) for m in (1, 16, 128, 4096) for h in (4096, 8192, 16384)}
+    assert {"8B", "70B/8", "405B/8"} == set(selftest._heads(small=False))
+
+
+# --- benchmarks/gpu_check.sh (its CPU-runnable parts) ----------------------------------------
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def _gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, **(env or {})})  # fmt: skip
+
+
+def test_gpu_check_script_parses_and_its_dry_run_prints_the_plan(tmp_path):
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+    done = _gpu_check(str(tmp_path / "out"), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    for step in ("environment", "build", "selftest", "pytest_gpu", "bench_gemm", "bench_attention", "bench_norm_rope",
+                 "generate_8b_fp8", "generate_8b_int4"):  # fmt: skip
+        assert f"\n{step} " in done.stdout, step
+    assert "LLAMA_KERNELS_CUDA_ARCHS=90a" in done.stdout and "--no-build-isolation --no-deps" in done.stdout
+    assert "selftest --bench --json" in done.stdout and "-m gpu" in done.stdout
+    assert "--batch-sizes 1,8" in done.stdout
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    assert _gpu_check().returncode == 2 and _gpu_check("a", "b").returncode == 2
+
+
+def test_gpu_check_keeps_going_past_failing_steps_and_lists_them(tmp_path):
+    """With a python that always fails every python step fails; all still run, and the summary says which."""
+    out = tmp_path / "out"
+    done = _gpu_check(str(out), env={"PYTHON": "false"})
+    assert done.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    failed = summary.split("FAILED steps: ")[1].split()
+    assert {"build", "selftest", "pytest_gpu", "bench_gemm", "generate_8b_int4"} <= set(failed)
+    assert (out / "generate_8b_int4.log").exists()  # the last step ran after the first failures
+
+
+def test_gpu_check_stops_starting_steps_when_its_time_budget_is_spent(tmp_path):
+    done = _gpu_check(str(tmp_path), env={"GPU_CHECK_BUDGET_S": "3", "PYTHON": "false"})
+    assert done.returncode == 1
+    assert "build: SKIPPED (time budget spent)" in (tmp_path / "summary.txt").read_text()
+
+
+def test_bench_rows_have_times_rates_and_percent_of_peak(capsys):
+    """The --bench path (CUDA events on a GPU; the host clock here, with made-up peaks)."""
+    peaks = {"copy_Bps": 1e10, "bf16_flops": 1e11, "fp8_flops": 2e11}
+    rows, missing = selftest.run_cases(torch.device("cpu"), True, ["triton"], ["rms_norm", "fp8_gemm"], True, peaks)
+    assert not missing and {r.op for r in rows} == {"rms_norm", "fp8_gemm"} and all(r.passed for r in rows)
+    for r in rows:
+        assert r.us > 0 and r.gbps > 0 and r.pct_of_peak > 0 and r.bound in ("memory", "compute")
+        assert (r.tflops is not None) == (r.op == "fp8_gemm")
+        assert {"us", "pct_of_peak"} <= set(r.to_json())
+    assert " GB/s " in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_selftest_on_the_gpu_records_and_dispatch_follows(gpu, tmp_path):
+    """On a GPU: two ops on every backend with --bench; the record then drives dispatch."""
+    out = tmp_path / "rows.json"
+    code = selftest.run(_args(op=["add_rms_norm", "decode_attention"], bench=True, json=str(out)))
+    rows = json.loads(out.read_text())
+    assert {r["backend"] for r in rows} >= {"triton", "torch"}
+    assert all(r["us"] > 0 and r["pct_of_peak"] > 0 for r in rows if r["passed"])
+    assert code == (0 if all(r["passed"] or r["status"] == "no kernel" for r in rows) else 1)
+    record = json.loads(backends.user_record_path().read_text())
+    (entry,) = record["devices"].values()
+    for op in ("add_rms_norm", "decode_attention"):
+        for name in ("cuda", "triton"):
+            result = entry["kernels"].get(f"{op}:{name}")
+            if result is not None and not result["passed"]:
+                assert backends.explain(op, gpu)[0] != name  # a failed kernel is never chosen
+        if entry["kernels"].get(f"{op}:cuda", {}).get("passed"):
+            assert backends.explain(op, gpu)[0] == "cuda"  # passed here: used (calls without a row bucket)
