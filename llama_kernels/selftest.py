@@ -223,6 +223,36 @@ def decode_attention_cases(device: torch.device, small: bool) -> Iterator[Case]:
                            4 * tokens * hq * d)  # fmt: skip
 
 
+def paged_prefill_attention_cases(device: torch.device, small: bool) -> Iterator[Case]:
+    """Chunks of new tokens at the end of cached prefixes (several sequences of mixed lengths packed in
+    one call), a shuffled block table with spare columns, FP8 caches with per-head scales."""
+    g = torch.Generator(device).manual_seed(9)
+    block = 16
+    # (new tokens, cached prefix) per sequence of one call
+    layouts = [[(5, 0), (17, 20)]] if small else [[(2048, 0)], [(512, 8192)], [(300, 0), (1000, 3000), (128, 77)]]
+    for name, (hq, hkv, d) in _heads(small).items():
+        for layout in layouts:
+            for cache_dtype in (torch.bfloat16, FP8) if small or name == "8B" else (torch.bfloat16,):
+                q_lens = torch.tensor([m for m, _ in layout], dtype=torch.int32, device=device)
+                lens = torch.tensor([m + p for m, p in layout], dtype=torch.int32, device=device)
+                b, longest = len(layout), int(lens.max())
+                max_blocks = -(-longest // block) + 2  # spare columns: the table is wider than any sequence
+                n_blocks = b * max_blocks
+                table = torch.randperm(n_blocks, generator=g, device=device).int().view(b, max_blocks)
+                k_scale, v_scale = _cache_scale(g, device, hkv, cache_dtype), _cache_scale(g, device, hkv, cache_dtype)
+                kc, vc = (_rand(g, device, n_blocks, block, hkv, d, scale=4.0 if cache_dtype == FP8 else 1.0,
+                                dtype=cache_dtype) for _ in range(2))  # fmt: skip
+                t = int(q_lens.sum())
+                q = _rand(g, device, t, hq, d)
+                attended = sum(m * p + m * (m + 1) // 2 for m, p in layout)  # (query, key) pairs under the causal mask
+                elt = kc.element_size()
+                yield Case(f"{name} {'+'.join(f'{m}@{p}' for m, p in layout)} {hq}/{hkv}x{d} {str(cache_dtype)[6:]}",
+                           lambda q=q, kc=kc, vc=vc, tb=table, n=lens, ql=q_lens, ks=k_scale, vs=v_scale:
+                           (q, kc, vc, tb, n, ql, None, ks, vs),
+                           lambda args, out: [out], TOL_BF16, 2 * int(lens.sum()) * hkv * d * elt + 2 * q.numel() * 2,
+                           4 * attended * hq * d)  # fmt: skip
+
+
 # One builder per op of the contract (backends.ops()); a new op adds its entry here.
 CASES: dict[str, Callable[[torch.device, bool], Iterator[Case]]] = {
     "quantize_fp8": quantize_fp8_cases,
@@ -233,7 +263,7 @@ CASES: dict[str, Callable[[torch.device, bool], Iterator[Case]]] = {
     "add_rms_norm_fp8": add_rms_norm_fp8_cases,
     "rope_and_cache": rope_and_cache_cases,
     "decode_attention": decode_attention_cases,
-    # "paged_prefill_attention": paged_prefill_attention_cases,  (issue 11's op: its builder goes here)
+    "paged_prefill_attention": paged_prefill_attention_cases,
 }
 
 
@@ -305,7 +335,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _print_row(row: Row, bench: bool) -> None:
-    line = f"{row.op:<18} {row.shape:<38} {row.backend:<7} {_fmt(row.relerr, '.2e'):>9} {row.status:<9}"
+    line = f"{row.op:<23} {row.shape:<40} {row.backend:<7} {_fmt(row.relerr, '.2e'):>9} {row.status:<9}"
     if bench:
         rate = f"{row.tflops:.1f} TF/s" if row.bound == "compute" else f"{row.gbps:.0f} GB/s" if row.gbps else "-"
         line += f" {_fmt(row.us, '9.1f'):>9} {rate:>11} {_fmt(row.pct_of_peak, '5.1f'):>6}"
@@ -502,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
         peaks = measure_peaks(device, smoke=False)
         print(f"# peaks measured here: copy {peaks['copy_Bps'] / 1e9:.0f} GB/s, bf16 {peaks['bf16_flops'] / 1e12:.0f} "
               f"TFLOP/s" + (f", fp8 {peaks['fp8_flops'] / 1e12:.0f} TFLOP/s" if "fp8_flops" in peaks else ""))  # fmt: skip
-    head = f"{'op':<18} {'shape':<38} {'backend':<7} {'relerr':>9} {'result':<9}"
+    head = f"{'op':<23} {'shape':<40} {'backend':<7} {'relerr':>9} {'result':<9}"
     print((head + (f" {'us':>9} {'rate':>11} {'%peak':>6}" if bench else "")).rstrip(), flush=True)
     record_here = device.type == "cuda" and not args.no_record
 
