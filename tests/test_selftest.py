@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_a_wrong_kernel_fails_and_the_exit_code_says_so(monkeypatch, capsys):
     assert selftest.run(_args(op=["rms_norm", "add_rms_norm"], backends="triton")) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "FAILED: ['rms_norm on triton']" in out
-    assert "add_rms_norm       small 1x256" in out  # the other op still ran and passed
+    assert re.search(r"add_rms_norm +small 1x256 +triton .* pass", out)  # the other op still ran and passed
 
 
 def test_a_crashing_kernel_is_an_error_row(monkeypatch, tmp_path):
