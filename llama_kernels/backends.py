@@ -15,6 +15,7 @@ Selection, per call:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -120,6 +121,13 @@ def sm_count(index: int) -> int:
 
 def _sm(capability: tuple[int, int]) -> str:
     return f"sm_{capability[0]}{capability[1]}"
+
+
+def on_device(where: torch.Tensor | torch.device) -> contextlib.AbstractContextManager:
+    """Make the GPU of a tensor (or device) the current device for the launches inside: kernels launch
+    on the current device and stream, which for a cuda:1 tensor need not be cuda:1's. Nothing on the CPU."""
+    device = where.device if isinstance(where, torch.Tensor) else where
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --- availability ----------------------------------------------------------------------
@@ -230,3 +238,56 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
             raise BackendUnavailableError(f"{op}: {source}{forced!r} cannot run here: {reason}")
         name = forced
     return name, _REGISTRY[op][name].fn
+
+
+# --- what the runner asks before it loads and captures -----------------------------------
+
+# Reference ops that synchronize with the host (int(seq_lens[b]); boolean-mask indexing), so
+# that a CUDA graph cannot capture them; every cuda and triton kernel can be captured.
+HOST_SYNCING_REFERENCE = frozenset({"decode_attention", "rope_and_cache"})
+
+# The ops each FP8 format runs in every forward pass: their torch reference on a GPU (float32
+# dequantized weights, an N x K x 4-byte temporary per GEMM) must never be the hot loop.
+FP8_WEIGHT_OPS = ("fp8_gemm", "quantize_fp8", "add_rms_norm_fp8")
+FP8_KV_OPS = ("rope_and_cache", "decode_attention")
+
+
+def graph_safe(op: str, device: torch.device, backend: str | None = None) -> bool:
+    """Whether the implementation select() picks for `op` on `device` can be captured in a CUDA
+    graph (decode then runs eagerly when an op of its step cannot)."""
+    return not (select(op, device, backend)[0] == "torch" and op in HOST_SYNCING_REFERENCE)
+
+
+def fallback_reason(op: str, device: torch.device) -> str | None:
+    """Why automatic selection on the CUDA `device` does not run `op` on the cuda backend (and,
+    when it runs the torch reference, why not on triton); None on the CPU or when it does."""
+    if device.type != "cuda":
+        return None
+    name = default_backend(op, device)
+    if name == "cuda":
+        return None
+    cuda = unavailable_reason(op, "cuda", device) or (
+        f"its kernel has not passed the GPU tests on {_sm(device_capability(device_index(device)))} "
+        f"(not in {VALIDATED_FILE.name})"
+    )
+    if name == "triton":
+        return f"cuda: {cuda}"
+    return f"cuda: {cuda}; triton: {unavailable_reason(op, 'triton', device)}"
+
+
+def check_formats(device: torch.device, fp8_weights: bool, fp8_kv: bool) -> None:
+    """Refuse, before anything loads, FP8 weights or an FP8 KV cache on a CUDA device where one of
+    the ops they run every step has no GPU kernel (the torch reference would be the hot loop):
+    ValueError, one line. A backend forced by LLAMA_KERNELS_BACKEND is left alone."""
+    if device.type != "cuda" or forced_backend(None) is not None:
+        return
+    formats = [("FP8 weights (--quant fp8 or an FP8 checkpoint)", FP8_WEIGHT_OPS, "use --quant int4 or bf16 weights")]
+    formats += [("an FP8 KV cache", FP8_KV_OPS, "use a bf16/fp16 KV cache")]
+    for (what, needed, instead), wanted in zip(formats, (fp8_weights, fp8_kv)):
+        for op in needed if wanted else ():
+            if default_backend(op, device) == "torch":
+                cap = device_capability(device_index(device))
+                raise ValueError(
+                    f"{what} cannot run on this {_sm(cap)} GPU ({device}): no GPU kernel for {op} "
+                    f"({fallback_reason(op, device)}); {instead}"
+                )

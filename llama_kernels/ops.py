@@ -36,7 +36,9 @@ FP8 = torch.float8_e4m3fn
 
 
 def _call(op: str, device: torch.device, backend: str | None, *args):
-    return backends.select(op, device, backend)[1](*args)
+    fn = backends.select(op, device, backend)[1]
+    with backends.on_device(device):  # kernels launch on the current device: make it the inputs'
+        return fn(*args)
 
 
 # --- FP8 ------------------------------------------------------------------------------

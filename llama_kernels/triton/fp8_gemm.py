@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from .gemm_configs import DECODE_MAX_M, GemmConfig, get_config, num_sms
+from .gemm_configs import DECODE_MAX_M, GemmConfig, get_config, gpu_of, num_sms
 
 # Epilogue scale modes (X_SCALE / W_SCALE): none, per-tensor (0-d), row-wise ([M] / [N]).
 NO_SCALE, TENSOR_SCALE, ROW_SCALE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -84,14 +84,15 @@ def run_gemm(kernel, args: tuple, kwargs: dict, out: torch.Tensor, k: int, cfg: 
     total = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) * cfg.split_k
     dst = out if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=out.device)
     programs = total if m <= DECODE_MAX_M else min(total, num_sms(out.device))  # prefill: persistent
-    kernel[(programs,)](
-        *args, dst, m, n, k, **kwargs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if cfg.split_k > 1:
-        splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
-            dst, out, m, n, **epi, SPLIT_K=cfg.split_k, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    with backends.on_device(out):
+        kernel[(programs,)](
+            *args, dst, m, n, k, **kwargs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, EVEN_K=k % cfg.block_k == 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if cfg.split_k > 1:
+            splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+                dst, out, m, n, **epi, SPLIT_K=cfg.split_k, BLOCK=_REDUCE_BLOCK, num_warps=4)
     return out
 
 
@@ -133,7 +134,10 @@ def _fp8_gemm_kernel(
                 k_left = K - kt * BLOCK_K
                 x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
                 w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(x, w, acc)
+            # Hopper's wgmma accumulates e4m3 products in reduced precision; promote them to the float32
+            # accumulator every K step (as CUTLASS without fast accumulation and DeepGEMM do), so that
+            # prefill tiles (wgmma) sum like decode tiles (mma) and the reference.
+            acc = tl.dot(x, w, acc, max_num_imprecise_acc=BLOCK_K)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if SPLIT_K == 1:
@@ -164,7 +168,7 @@ def launch(
     """
     m, k = xq.shape
     n = wq.shape[0]
-    cfg = config or get_config("fp8_gemm", m, n, k, num_sms(xq.device))
+    cfg = config or get_config("fp8_gemm", m, n, k, gpu_of(xq.device))
     epi = dict(x_scale_ptr=x_scale, w_scale_ptr=w_scale, bias_ptr=bias, HAS_BIAS=bias is not None,
                X_SCALE=_scale_mode(x_scale), W_SCALE=_scale_mode(w_scale))  # fmt: skip
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
