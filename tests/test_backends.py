@@ -3,7 +3,10 @@ backend cannot run, the validated-kernel record, and the torch.library registrat
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +125,99 @@ def test_cuda_ops_are_registered_with_torch_library():
         yq, ys, r2 = torch.ops.llama_kernels.add_rms_norm_fp8_cuda(x, None, w, 1e-5, 4.0)
     assert y.shape == y2.shape == r.shape == r2.shape == (3, 64) and y.device.type == "cuda"
     assert yq.dtype == torch.float8_e4m3fn and ys.shape == (3,) and ys.dtype == torch.float32
+
+
+# --- what the runner asks on a GPU (a CUDA device of a monkeypatched capability) -------------
+
+GPU0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def sm(monkeypatch):
+    """Make cuda:0 look like a GPU of the given capability (no validated cuda kernels: triton or torch)."""
+    monkeypatch.setattr(backends, "validated_kernels", lambda: [])
+
+    def set_capability(capability):
+        monkeypatch.setattr(backends, "device_capability", lambda index: capability)
+
+    return set_capability
+
+
+def test_fp8_weights_are_refused_at_load_below_sm89(sm):
+    sm((8, 0))
+    with pytest.raises(ValueError, match=r"^FP8 weights .* cannot run on this sm_80 GPU \(cuda:0\): no GPU kernel for "
+                                         r"fp8_gemm \(.*needs compute capability >= 8\.9.*\); use --quant int4"):  # fmt: skip
+        backends.check_formats(GPU0, fp8_weights=True, fp8_kv=False)
+    backends.check_formats(GPU0, fp8_weights=False, fp8_kv=True)  # FP8 KV runs on sm_80 (integer e4m3 codes)
+    for capability in ((8, 9), (9, 0)):
+        sm(capability)
+        backends.check_formats(GPU0, fp8_weights=True, fp8_kv=True)
+    backends.check_formats(CPU, fp8_weights=True, fp8_kv=True)  # the CPU runs the reference by design
+
+
+def test_llm_refuses_fp8_on_sm80_before_loading(sm, monkeypatch):
+    from llama_kernels.llm import LLM
+    from llama_kernels.model import LlamaConfig
+
+    sm((8, 0))
+    monkeypatch.setattr("llama_kernels.llm.random_model", lambda *a, **k: pytest.fail("weights were built"))
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=64)  # fmt: skip
+    with pytest.raises(ValueError, match=r"FP8 weights .* sm_80"):
+        LLM.from_config(config, quant="fp8", device="cuda:0", max_context=32)
+
+
+def test_every_fp8_op_selects_a_gpu_kernel_from_sm80_except_the_fp8_gemm(sm):
+    sm((8, 0))
+    for op in backends.FP8_KV_OPS + ("quantize_fp8", "add_rms_norm_fp8"):
+        assert backends.default_backend(op, GPU0) == "triton", op
+    assert backends.default_backend("fp8_gemm", GPU0) == "torch"
+
+
+def test_graph_safe(sm):
+    assert not backends.graph_safe("decode_attention", CPU) and not backends.graph_safe("rope_and_cache", CPU)
+    assert backends.graph_safe("rms_norm", CPU) and backends.graph_safe("fp8_gemm", CPU)
+    sm((9, 0))
+    assert all(backends.graph_safe(op, GPU0) for op in CONTRACT)
+    assert not backends.graph_safe("decode_attention", GPU0, backend="torch")
+
+
+def test_fallback_reason_says_why_not_cuda_and_why_not_triton(sm, monkeypatch):
+    monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
+    sm((8, 0))
+    assert backends.fallback_reason("rms_norm", CPU) is None
+    assert backends.fallback_reason("rms_norm", GPU0) == (
+        "cuda: its kernel has not passed the GPU tests on sm_80 (not in validated_kernels.json)")
+    why = backends.fallback_reason("fp8_gemm", GPU0)
+    assert why.startswith("cuda: the cuda fp8_gemm kernel needs compute capability >= 8.9") and (
+        "; triton: the triton fp8_gemm kernel needs compute capability >= 8.9" in why)  # fmt: skip
+
+
+# --- launches happen on the inputs' GPU ----------------------------------------------------
+
+
+def test_ops_dispatch_on_the_inputs_device(monkeypatch):
+    """Kernels launch on the current device and stream: ops make the inputs' device current first."""
+    seen = []
+
+    def on_device(where):
+        seen.append(where)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(backends, "on_device", on_device)
+    ops.rms_norm(randn(2, 64), randn(64))
+    assert seen == [CPU]
+
+
+def test_every_triton_launch_is_guarded_by_the_inputs_device():
+    """Each `kernel[grid](...)` in llama_kernels/triton sits inside `with backends.on_device(...)`."""
+    unguarded = []
+    for path in sorted(Path(backends.__file__).parent.joinpath("triton").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = {id(node) for w in ast.walk(tree) if isinstance(w, ast.With)
+                   and any("on_device" in ast.unparse(item.context_expr) for item in w.items)
+                   for node in ast.walk(w)}  # fmt: skip
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and id(node) not in guarded:
+                unguarded.append(f"{path.name}:{node.lineno}")
+    assert not unguarded, unguarded
