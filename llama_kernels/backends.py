@@ -40,6 +40,9 @@ class Impl:
     fn: Callable  # the implementation, same signature as the public op (minus `backend`)
     min_capability: tuple[int, int] | None = None  # GPU compute capability it needs, if any
     instead: str = ""  # what to use on GPUs below min_capability
+    # prepare(weight, dtype) -> weight: once per weight at load, the layout this kernel reads in
+    # place of the plain one (which only this backend can then read); None: it reads the plain one
+    prepare: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
@@ -51,11 +54,17 @@ def register(
     fn: Callable,
     min_capability: tuple[int, int] | None = None,
     instead: str = "",
+    prepare: Callable | None = None,
 ) -> None:
     """Make `fn` the `backend` implementation of `op`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, min_capability, instead)
+    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, min_capability, instead, prepare)
+
+
+def preparer(op: str, backend: str) -> Callable | None:
+    """The `backend` implementation's load-time weight preparation for `op` (Impl.prepare), if any."""
+    return _REGISTRY[op][backend].prepare
 
 
 def ops() -> list[str]:

@@ -63,7 +63,8 @@ def collect_info() -> dict:
         entry["ops"] = {}
         for op in backends.ops():
             try:
-                entry["ops"][op] = backends.select(op, device)[0]
+                why = backends.fallback_reason(op, device)  # on a GPU: why not cuda (and why not triton)
+                entry["ops"][op] = backends.select(op, device)[0] + (f" ({why})" if why else "")
             except (backends.BackendUnavailableError, ValueError) as err:
                 entry["ops"][op] = f"error: {err}"
         info["devices"].append(entry)

@@ -143,13 +143,12 @@ def sm(monkeypatch):
     return set_capability
 
 
-def test_fp8_weights_are_refused_at_load_below_sm89(sm):
-    sm((8, 0))
-    with pytest.raises(ValueError, match=r"^FP8 weights .* cannot run on this sm_80 GPU \(cuda:0\): no GPU kernel for "
-                                         r"fp8_gemm \(.*needs compute capability >= 8\.9.*\); use --quant int4"):  # fmt: skip
+def test_fp8_weights_are_refused_at_load_where_no_fp8_gemm_runs(sm):
+    sm((7, 5))
+    with pytest.raises(ValueError, match=r"^FP8 weights .* cannot run on this sm_75 GPU \(cuda:0\): no GPU kernel for "
+                                         r"fp8_gemm \(.*needs compute capability >= 8\.0.*\); use --quant int4"):  # fmt: skip
         backends.check_formats(GPU0, fp8_weights=True, fp8_kv=False)
-    backends.check_formats(GPU0, fp8_weights=False, fp8_kv=True)  # FP8 KV runs on sm_80 (integer e4m3 codes)
-    for capability in ((8, 9), (9, 0)):
+    for capability in ((8, 0), (8, 9), (9, 0)):  # sm_80 reads e4m3 as codes
         sm(capability)
         backends.check_formats(GPU0, fp8_weights=True, fp8_kv=True)
     backends.check_formats(CPU, fp8_weights=True, fp8_kv=True)  # the CPU runs the reference by design
@@ -159,18 +158,20 @@ def test_llm_refuses_fp8_on_sm80_before_loading(sm, monkeypatch):
     from llama_kernels.llm import LLM
     from llama_kernels.model import LlamaConfig
 
-    sm((8, 0))
+    sm((7, 5))
     monkeypatch.setattr("llama_kernels.llm.random_model", lambda *a, **k: pytest.fail("weights were built"))
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
                          num_kv_heads=2, head_dim=16, max_position_embeddings=64)  # fmt: skip
-    with pytest.raises(ValueError, match=r"FP8 weights .* sm_80"):
+    with pytest.raises(ValueError, match=r"FP8 weights .* sm_75"):
         LLM.from_config(config, quant="fp8", device="cuda:0", max_context=32)
 
 
-def test_every_fp8_op_selects_a_gpu_kernel_from_sm80_except_the_fp8_gemm(sm):
+def test_every_fp8_op_selects_a_gpu_kernel_from_sm80(sm):
+    """Ampere has no e4m3 type; the Triton kernels read and write it as uint8 codes there."""
     sm((8, 0))
-    for op in backends.FP8_KV_OPS + ("quantize_fp8", "add_rms_norm_fp8"):
+    for op in backends.FP8_KV_OPS + backends.FP8_WEIGHT_OPS:
         assert backends.default_backend(op, GPU0) == "triton", op
+    sm((7, 5))
     assert backends.default_backend("fp8_gemm", GPU0) == "torch"
 
 
@@ -188,9 +189,11 @@ def test_fallback_reason_says_why_not_cuda_and_why_not_triton(sm, monkeypatch):
     assert backends.fallback_reason("rms_norm", CPU) is None
     assert backends.fallback_reason("rms_norm", GPU0) == (
         "cuda: its kernel has not passed the GPU tests on sm_80 (not in validated_kernels.json)")
-    why = backends.fallback_reason("fp8_gemm", GPU0)
-    assert why.startswith("cuda: the cuda fp8_gemm kernel needs compute capability >= 8.9") and (
-        "; triton: the triton fp8_gemm kernel needs compute capability >= 8.9" in why)  # fmt: skip
+    assert backends.fallback_reason("fp8_gemm", GPU0).startswith("cuda: the cuda fp8_gemm kernel needs compute "
+                                                                 "capability >= 8.9")  # fmt: skip
+    sm((7, 5))
+    assert "; triton: the triton fp8_gemm kernel needs compute capability >= 8.0" in backends.fallback_reason(
+        "fp8_gemm", GPU0)  # fmt: skip
 
 
 # --- launches happen on the inputs' GPU ----------------------------------------------------
@@ -221,3 +224,47 @@ def test_every_triton_launch_is_guarded_by_the_inputs_device():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and id(node) not in guarded:
                 unguarded.append(f"{path.name}:{node.lineno}")
     assert not unguarded, unguarded
+
+
+def test_info_explains_each_fallback(sm, monkeypatch):
+    from llama_kernels import cli
+
+    sm((7, 5))
+    monkeypatch.setattr(cli, "_devices", lambda: [GPU0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    ops_ = cli.collect_info()["devices"][0]["ops"]
+    assert ops_["rms_norm"].startswith("triton (cuda: ")
+    assert ops_["fp8_gemm"].startswith("torch (cuda: ") and "; triton: the triton fp8_gemm kernel needs" in ops_["fp8_gemm"]
+
+
+# --- load-time weight preparation --------------------------------------------------------------
+
+
+def test_int4_weight_is_repacked_once_at_load_in_place_of_its_layout(monkeypatch):
+    """Where the cuda INT4 kernel is selected, Int4Linear.load repacks the weight into its tile layout
+    once, and the repacked words replace qweight (no second copy, nothing repacked at the first call);
+    the layer then asks for that backend."""
+    from llama_kernels.cuda import int4_gemm as cuda_int4
+    from llama_kernels.cuda.common import NoKernelError
+    from llama_kernels.model import Int4Linear
+
+    w = randn(64, 256, seed=3)
+    plain = ops.quantize_int4(w, group_size=128, symmetric=False)
+    lin = Int4Linear(256, 64, torch.float32, 128)
+    lin.load(w)  # on the CPU: the torch backend, plain layout
+    assert lin.backend is None and torch.equal(lin.qweight, plain.qweight)
+
+    monkeypatch.setattr(backends, "default_backend", lambda op, device: "cuda" if op == "int4_gemm" else "torch")
+    lin.load(w)
+    packed = lin.weight.__dict__["_cuda_int4_packed"][torch.bfloat16]
+    assert lin.backend == "cuda" and lin.qweight.data_ptr() == packed.qpacked.data_ptr()
+    assert lin.qweight.shape == plain.qweight.shape and lin.qweight.dtype == torch.int32
+    assert torch.equal(packed.qpacked, cuda_int4.repack_int4(plain, torch.bfloat16).qpacked)
+    assert cuda_int4.repack_int4(lin.weight, torch.bfloat16) is packed  # the first call finds it
+    with pytest.raises(NoKernelError, match=r"repacked in place for \[torch.bfloat16\]; x is torch.float16"):
+        cuda_int4.repack_int4(lin.weight, torch.float16)
+    seen = []
+    monkeypatch.setattr(ops, "int4_gemm", lambda x, weight, backend=None: seen.append(backend) or x[:, :64])
+    lin(randn(3, 256))
+    assert seen == ["cuda"]

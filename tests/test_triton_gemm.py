@@ -22,8 +22,8 @@ from llama_kernels.triton.gemm_configs import TABLE, TABLES, GemmConfig, Gpu
 from triton_compile import compile_for, ptxas_report
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_fp8 = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9),
-                               reason="the triton FP8 GEMM needs sm_89 or newer")  # fmt: skip
+needs_fp8 = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 0),
+                               reason="the triton FP8 GEMM needs sm_80 or newer")  # fmt: skip
 
 # (M, N, K, label): Llama 3.1 TP 8 projections shrunk, SmolLM2-135M (hidden 576, intermediate
 # 1536, 3 KV heads of 64), and N, K that are no multiple of any block.
@@ -133,6 +133,19 @@ def test_decode_split_k_is_bit_reproducible():
     assert torch.equal(y1.view(torch.int16), y2.view(torch.int16))
 
 
+@needs_fp8
+@pytest.mark.parametrize("m,n,k", [(3, 256, 1024), (65, 200, 592)])
+def test_fp8_gemm_on_gpus_without_e4m3_reads_codes_as_fp16(m, n, k, monkeypatch):
+    """The sm_80 path (e4m3 codes moved into fp16 fields, products scaled by 2^-16) computes the same
+    exact products and sums: bit-identical to the e4m3 path, decode (split-K) and prefill tiles."""
+    xq, xs, wq, ws = _fp8_inputs(m, n, k, seed=m)
+    want = ops.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton")
+    monkeypatch.setattr(fp8_gemm, "fp8_as_codes", lambda device: True)
+    got = ops.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton")
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert_rel_close(got, reference.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), TOL[torch.bfloat16], "fp8 as fp16")
+
+
 # Explicit configurations: splits that leave some empty (split_k > K tiles), other block shapes,
 # and the persistent walk with fewer programs than tiles (a 3-SM "GPU").
 EXPLICIT = [GemmConfig(16, 32, 64, 1, 16, 4, 3), GemmConfig(32, 128, 256, 1, 3, 4, 3),
@@ -167,7 +180,7 @@ def test_custom_ops_trace():
 
 def test_registration_and_config_table():
     impl = backends._REGISTRY["fp8_gemm"]["triton"]
-    assert impl.min_capability == (8, 9) and "Ada" in impl.instead
+    assert impl.min_capability == (8, 0) and "Ampere" in impl.instead
     assert "triton" in backends._REGISTRY["int4_gemm"]
     assert eval(gemm_configs.format_table(TABLE).split("=", 1)[1]) == TABLE
     for op, entries in TABLE.items():
@@ -234,23 +247,28 @@ _FP8_SIGNATURE = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", M="i32", N="i32", K="i
 
 
 def _fp8_build(cfg: GemmConfig, capability: int):
+    """On sm_80 (no e4m3) the operands are e4m3 codes, multiplied as fp16."""
     signature = dict(_FP8_SIGNATURE, out_ptr="*bf16" if cfg.split_k == 1 else "*fp32")
+    if capability < 89:
+        signature.update(x_ptr="*u8", w_ptr="*u8")
     signature = {name: signature[name] for name in ("x_ptr", "w_ptr", "out_ptr", "M", "N", "K", "x_scale_ptr",
                                                     "w_scale_ptr", "bias_ptr")}  # fmt: skip
-    constexprs = dict(X_SCALE=2, W_SCALE=2, HAS_BIAS=True)
+    constexprs = dict(X_SCALE=2, W_SCALE=2, HAS_BIAS=True, AS_F16=capability < 89)
     return _compile(fp8_gemm._fp8_gemm_kernel, tuple(signature.items()), tuple(constexprs.items()), cfg, capability)
 
 
-FP8_BUILDS = [(cap, cfg) for cap in (89, 90) for cfg in _launch_configs("fp8_gemm", cap)]
+FP8_BUILDS = [(cap, cfg) for cap in (80, 89, 90) for cfg in _launch_configs("fp8_gemm", cap)]
 
 
 @pytest.mark.parametrize("capability,cfg", FP8_BUILDS, ids=str)
 def test_fp8_kernel_builds_without_spills(cfg, capability):
     # Hopper's wgmma takes e4m3 directly (M tiles >= 64); Ada's mma.sync takes e4m3 at any M.
     # Hopper's mma.sync (decode tiles of 16 rows) has no e4m3 form: Triton upcasts to f16 there.
+    # Ampere multiplies the e4m3 codes as fp16.
     wgmma = capability == 90 and cfg.block_m >= 64
-    want = r"wgmma\.mma_async.*e4m3\.e4m3" if wgmma else (r"mma\.sync.*e4m3" if capability == 89 else r"mma\.sync")
-    _check_build(_fp8_build(cfg, capability), capability, want, str(cfg))
+    want = {80: r"mma\.sync.*f16\.f16", 89: r"mma\.sync.*e4m3", 90: r"wgmma\.mma_async.*e4m3\.e4m3" if wgmma
+            else r"mma\.sync"}[capability]  # fmt: skip
+    _check_build(_fp8_build(cfg, capability), capability, want, f"sm_{capability} {cfg}")
 
 
 @pytest.mark.parametrize("cfg", [c for c in _launch_configs("fp8_gemm", 90) if c.block_m >= 64], ids=str)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from .norm import fp8_bits, fp8_ptx
+from .norm import fp8_as_codes, fp8_bits
 
 FP8 = torch.float8_e4m3fn
 HEAD_DIMS = (64, 128)
@@ -203,12 +203,6 @@ def _sm_count(device: torch.device) -> int:
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def fp8_as_codes(device: torch.device) -> bool:
-    """Whether FP8 caches are read as uint8 codes and decoded in integer arithmetic: on GPUs without
-    an e4m3 type (sm_80), where Triton refuses to compile float8e4nv."""
-    return device.type == "cuda" and not fp8_ptx(device)
 
 
 def group_block(group: int, cap: int = 64) -> int:

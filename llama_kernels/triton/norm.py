@@ -38,6 +38,12 @@ def fp8_ptx(device: torch.device) -> bool:
     return backends.device_capability(backends.device_index(device)) >= FP8_PTX_NEEDS
 
 
+def fp8_as_codes(device: torch.device) -> bool:
+    """Whether kernels on `device` read e4m3 tensors as uint8 codes and decode them in integer
+    arithmetic: on GPUs without an e4m3 type (sm_80), where Triton refuses to compile float8e4nv."""
+    return device.type == "cuda" and not fp8_ptx(device)
+
+
 def fp8_bits(t: torch.Tensor) -> torch.Tensor:
     """A float8_e4m3fn tensor as the uint8 codes the kernels read and write (no fp8 type reaches
     Triton, so the kernels also build for sm_80, which has none)."""
