@@ -52,7 +52,8 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
     On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, with the real
     activation dtype (also the unquantized weights') and KV-cache dtype, for each of `gpus`
     tensor-parallel GPUs of gpu_mem_bytes (default: the device's FREE memory now, as other
-    processes may hold some) holding max_batch sequences: max_context None means the largest context that fits (whole KV blocks, capped by max_position_embeddings); a
+    processes may hold some) holding max_batch sequences: max_context None means the largest
+    context that fits (whole KV blocks, capped by max_position_embeddings); a
     model or a max_context that does not fit raises ValueError with the planner's table
     (plan.check_fits). On the CPU there is no planning: None means min(max_position_embeddings, 4096).
     """

@@ -589,8 +589,8 @@ def run(args, parser) -> int:
     except ValueError as e:
         parser.error(f"--gpu-mem: {e}")
     try:
-        p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, dtype=args.dtype, gpus=args.gpus, gpu_mem_bytes=gpu_mem,
-                 max_context=args.max_context, batch=args.batch, group_size=args.group_size,
+        p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, dtype=args.dtype, gpus=args.gpus,
+                 gpu_mem_bytes=gpu_mem, max_context=args.max_context, batch=args.batch, group_size=args.group_size,
                  prefill_chunk=args.prefill_chunk)  # fmt: skip
     except ValueError as e:
         parser.error(str(e))

@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import randn
-from llama_kernels import BackendUnavailableError, backends, ops
+from llama_kernels import BackendUnavailableError, backends, ops, reference
 
 CPU = torch.device("cpu")
 CONTRACT = ["quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm", "add_rms_norm_fp8",
@@ -145,8 +145,9 @@ def sm(monkeypatch):
 
 def test_fp8_weights_are_refused_at_load_where_no_fp8_gemm_runs(sm):
     sm((7, 5))
-    with pytest.raises(ValueError, match=r"^FP8 weights .* cannot run on this sm_75 GPU \(cuda:0\): no GPU kernel for "
-                                         r"fp8_gemm \(.*needs compute capability >= 8\.0.*\); use --quant int4"):  # fmt: skip
+    want = (r"^FP8 weights .* cannot run on this sm_75 GPU \(cuda:0\): no GPU kernel for fp8_gemm "
+            r"\(.*needs compute capability >= 8\.0.*\); use --quant int4")
+    with pytest.raises(ValueError, match=want):
         backends.check_formats(GPU0, fp8_weights=True, fp8_kv=False)
     for capability in ((8, 0), (8, 9), (9, 0)):  # sm_80 reads e4m3 as codes
         sm(capability)
@@ -235,7 +236,8 @@ def test_info_explains_each_fallback(sm, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     ops_ = cli.collect_info()["devices"][0]["ops"]
     assert ops_["rms_norm"].startswith("triton (cuda: ")
-    assert ops_["fp8_gemm"].startswith("torch (cuda: ") and "; triton: the triton fp8_gemm kernel needs" in ops_["fp8_gemm"]
+    fp8 = ops_["fp8_gemm"]
+    assert fp8.startswith("torch (cuda: ") and "; triton: the triton fp8_gemm kernel needs" in fp8
 
 
 # --- load-time weight preparation --------------------------------------------------------------
@@ -268,3 +270,26 @@ def test_int4_weight_is_repacked_once_at_load_in_place_of_its_layout(monkeypatch
     monkeypatch.setattr(ops, "int4_gemm", lambda x, weight, backend=None: seen.append(backend) or x[:, :64])
     lin(randn(3, 256))
     assert seen == ["cuda"]
+
+
+@pytest.mark.gpu
+def test_triton_ops_on_a_gpu_that_is_not_the_current_one():
+    """A model on cuda:1 while cuda:0 is current: every launch goes to the inputs' GPU and stream."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from conftest import TOL, assert_rel_close, paged_attention_case
+
+    dev = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        x, w = randn(5, 576, dtype=torch.bfloat16, device=dev), randn(576, dtype=torch.bfloat16, device=dev)
+        assert_rel_close(ops.rms_norm(x, w, backend="triton"), reference.rms_norm(x, w, 1e-5), TOL[torch.bfloat16])
+        xq, xs = ops.quantize_fp8(x, backend="triton")
+        wq, ws = ops.quantize_fp8(randn(64, 576, device=dev) / 24, backend="triton")
+        y = ops.fp8_gemm(xq, xs, wq, ws, backend="triton")
+        assert_rel_close(y, reference.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), TOL[torch.bfloat16])
+        w4 = ops.quantize_int4(randn(64, 576, device=dev), group_size=64)
+        assert_rel_close(ops.int4_gemm(x, w4, backend="triton"), reference.int4_gemm(x, w4), TOL[torch.bfloat16])
+        args = paged_attention_case([3, 300], 8, 2, 128, 16, torch.bfloat16, torch.bfloat16, seed=1, device=dev)
+        out = ops.decode_attention(*args[:5], None, *args[5:], backend="triton")
+        assert_rel_close(out, reference.decode_attention(*args[:5], None, *args[5:]), TOL[torch.bfloat16])
+        torch.cuda.synchronize(dev)

@@ -61,8 +61,11 @@ def test_block_sizes_and_custom_scale(block_size):
     _check(args, scale=0.05, name=f"block_size {block_size}")
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
-                                               (torch.float16, torch.bfloat16), (torch.float32, torch.float16)])  # fmt: skip
+MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+         (torch.float32, torch.float16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", MIXED)
 def test_q_and_cache_of_different_dtypes(dtype, cache_dtype):
     # float32 q and an fp16 cache: q and p enter the fp16 dots as hi + lo parts, still within float32's tolerance.
     _check(_case([9, 100], 4, 1, 64, 16, dtype, cache_dtype, seed=5))

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TOL, assert_rel_close, poison_allocator, randn
 from llama_kernels import ops, reference
-from llama_kernels.triton import norm, rope
+from llama_kernels.triton import rope
 from test_triton_norm import DEVICE, e4m3_conversions
 from triton_compile import compile_for, ptxas_report
 
