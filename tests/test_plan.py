@@ -283,6 +283,8 @@ def test_cli_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data == plan("llama-3.1-70b", quant="fp8", gpu_mem_bytes=H100).to_dict()
     assert data["fits"] is True and data["max_context"] == data["max_context_at_batch"] > 8192
+    assert cli.main(["plan", "llama-3.2-1b", "--dtype", "fp32", "--kv-dtype", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == plan("llama-3.2-1b", dtype="fp32", kv_dtype="fp32").to_dict()
 
 
 @pytest.mark.parametrize(
