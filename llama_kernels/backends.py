@@ -11,6 +11,11 @@ Selection, per call:
 2. Otherwise on a CUDA device: ``cuda`` if its kernel for the op has passed the GPU tests on
    this architecture (recorded in ``validated_kernels.json``), else ``triton`` if available,
    else ``torch``. On the CPU: ``torch``.
+
+For the runner: :func:`check_formats` refuses FP8 weights or an FP8 KV cache at load on a GPU
+where one of their ops has no GPU kernel; :func:`graph_safe` says whether selection's pick can be
+captured in a CUDA graph; :func:`fallback_reason` says why an op does not run on ``cuda`` (shown
+by ``llama-kernels info``); :func:`on_device` makes the inputs' GPU current around launches.
 """
 
 from __future__ import annotations
