@@ -192,8 +192,8 @@ _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 def _split_report(q: str, cache: str, group: int, d: int, capability: int) -> dict:
     """ptxas's report on the split kernel as a launch on sm_<capability> configures it (on sm_80
     FP8 caches are read as uint8 codes)."""
-    plan = attention.dot_plan(_TORCH[q], _TORCH[cache], interpreted=False)
     bits = cache == "fp8e4nv" and capability < 89
+    plan = attention.dot_plan(_TORCH[q], _TORCH[cache], bits, interpreted=False)
     ptr = "*u8" if bits else f"*{cache}"
     constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_G=attention.group_block(group, plan.max_block_g),
                       BLOCK_N=plan.block_n, IS_FP8=cache == "fp8e4nv", FP8_BITS=bits, SPLIT_Q=plan.split_q)  # fmt: skip

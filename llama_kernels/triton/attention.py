@@ -226,18 +226,21 @@ class DotPlan(NamedTuple):
     max_block_g: int  # cap of group_block
 
 
-def dot_plan(q_dtype: torch.dtype, cache_dtype: torch.dtype, interpreted: bool | None = None) -> DotPlan:
+def dot_plan(q_dtype: torch.dtype, cache_dtype: torch.dtype, codes: bool = False,
+             interpreted: bool | None = None) -> DotPlan:  # fmt: skip
     """q and a cache of one 16-bit dtype (or e4m3, exact in it) meet in that dtype, 64-token tiles.
     A 16-bit or e4m3 cache and a q of another dtype: hi + lo parts, 32-token tiles. A float32 cache:
     float32 dots, 16-token tiles of up to 16 heads (float32 dots on 64-token tiles, or on q split the
-    same way, spill 5-35 KB per thread). Under the interpreter, whose tl.dot multiplies bf16 bit
-    patterns, anything bf16 goes through float32."""
+    same way, spill 5-35 KB per thread); e4m3 caches take up to 32 heads, and 32-token tiles when read
+    as codes (`codes`: sm_80). Under the interpreter, whose tl.dot multiplies bf16 bit patterns,
+    anything bf16 goes through float32."""
     interpreted = _interpreted() if interpreted is None else interpreted
     if interpreted and torch.bfloat16 in (q_dtype, cache_dtype) or cache_dtype == torch.float32:
         return DotPlan(False, True, 16, 16)
     if cache_dtype != q_dtype and not (cache_dtype == FP8 and q_dtype != torch.float32):
         return DotPlan(True, False, 32, 32)
-    return DotPlan(False, False, BLOCK_N, 64)
+    # e4m3 tiles converted in registers: 64 heads (or 64 tokens decoded from codes) spill on Triton 3.6
+    return DotPlan(False, False, 32 if codes else BLOCK_N, 32 if cache_dtype == FP8 else 64)
 
 
 def split_partials(
@@ -258,7 +261,8 @@ def split_partials(
     if d not in HEAD_DIMS:
         raise ValueError(f"decode_attention: the triton kernel supports head_dim D in {HEAD_DIMS}, got D={d}")
     is_fp8 = k_cache.dtype == FP8
-    plan = dot_plan(q.dtype, k_cache.dtype)
+    fp8_as_bits = is_fp8 and fp8_as_codes(q.device)
+    plan = dot_plan(q.dtype, k_cache.dtype, fp8_as_bits)
     group = hq // hkv
     block_g = group_block(group, plan.max_block_g)
     chunks = triton.cdiv(group, block_g)
@@ -267,7 +271,6 @@ def split_partials(
     min_split_len = plan.block_n if splits is not None else MIN_SPLIT_TOKENS
     if splits is None:
         splits = num_splits(batch, hkv * chunks, block_table.shape[1] * block_size, _sm_count(q.device))
-    fp8_as_bits = is_fp8 and fp8_as_codes(q.device)
     if fp8_as_bits:
         k_cache, v_cache = fp8_bits(k_cache), fp8_bits(v_cache)
     q_dot = q.float() if plan.fp32 else q
