@@ -16,10 +16,16 @@ Selection, per call:
    failed on this GPU is never chosen automatically. When the chosen kernel has no variant for a
    call's shape (:class:`NoKernelError`, raised before any launch) the next backend runs it.
    On the CPU: ``torch``.
+
+For the runner: :func:`check_formats` refuses FP8 weights or an FP8 KV cache at load on a GPU
+where one of their ops has no GPU kernel; :func:`graph_safe` says whether selection's pick can be
+captured in a CUDA graph; :func:`explain` says which backend an op uses and why (shown by
+``llama-kernels info``); :func:`on_device` makes the inputs' GPU current around launches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -53,6 +59,9 @@ class Impl:
     fn: Callable  # the implementation, same signature as the public op (minus `backend`)
     min_capability: tuple[int, int] | None = None  # GPU compute capability it needs, if any
     instead: str = ""  # what to use on GPUs below min_capability
+    # prepare(weight, dtype) -> weight: once per weight at load, the layout this kernel reads in
+    # place of the plain one (which only this backend can then read); None: it reads the plain one
+    prepare: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
@@ -64,11 +73,17 @@ def register(
     fn: Callable,
     min_capability: tuple[int, int] | None = None,
     instead: str = "",
+    prepare: Callable | None = None,
 ) -> None:
     """Make `fn` the `backend` implementation of `op`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, min_capability, instead)
+    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, min_capability, instead, prepare)
+
+
+def preparer(op: str, backend: str) -> Callable | None:
+    """The `backend` implementation's load-time weight preparation for `op` (Impl.prepare), if any."""
+    return _REGISTRY[op][backend].prepare
 
 
 def ops() -> list[str]:
@@ -134,6 +149,13 @@ def sm_count(index: int) -> int:
 
 def _sm(capability: tuple[int, int]) -> str:
     return f"sm_{capability[0]}{capability[1]}"
+
+
+def on_device(where: torch.Tensor | torch.device) -> contextlib.AbstractContextManager:
+    """Make the GPU of a tensor (or device) the current device for the launches inside: kernels launch
+    on the current device and stream, which for a cuda:1 tensor need not be cuda:1's. Nothing on the CPU."""
+    device = where.device if isinstance(where, torch.Tensor) else where
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --- availability ----------------------------------------------------------------------
@@ -388,3 +410,39 @@ def call(op: str, device: torch.device, backend: str | None, args: tuple):
         except NoKernelError:
             continue  # raised before any launch: nothing ran, the next backend takes the call
     return _REGISTRY[op][order[-1][0]].fn(*args)
+
+
+# --- what the runner asks before it loads and captures -----------------------------------
+
+# Reference ops that synchronize with the host (int(seq_lens[b]); boolean-mask indexing), so
+# that a CUDA graph cannot capture them; every cuda and triton kernel can be captured.
+HOST_SYNCING_REFERENCE = frozenset({"decode_attention", "rope_and_cache"})
+
+# The ops each FP8 format runs in every forward pass: their torch reference on a GPU (float32
+# dequantized weights, an N x K x 4-byte temporary per GEMM) must never be the hot loop.
+FP8_WEIGHT_OPS = ("fp8_gemm", "quantize_fp8", "add_rms_norm_fp8")
+FP8_KV_OPS = ("rope_and_cache", "decode_attention")
+
+
+def graph_safe(op: str, device: torch.device, backend: str | None = None) -> bool:
+    """Whether the implementation select() picks for `op` on `device` can be captured in a CUDA
+    graph (decode then runs eagerly when an op of its step cannot)."""
+    return not (select(op, device, backend)[0] == "torch" and op in HOST_SYNCING_REFERENCE)
+
+
+def check_formats(device: torch.device, fp8_weights: bool, fp8_kv: bool) -> None:
+    """Refuse, before anything loads, FP8 weights or an FP8 KV cache on a CUDA device where one of
+    the ops they run every step has no GPU kernel (the torch reference would be the hot loop):
+    ValueError, one line. A backend forced by LLAMA_KERNELS_BACKEND is left alone."""
+    if device.type != "cuda" or forced_backend(None) is not None:
+        return
+    formats = [("FP8 weights (--quant fp8 or an FP8 checkpoint)", FP8_WEIGHT_OPS, "use --quant int4 or bf16 weights")]
+    formats += [("an FP8 KV cache", FP8_KV_OPS, "use a bf16/fp16 KV cache")]
+    for (what, needed, instead), wanted in zip(formats, (fp8_weights, fp8_kv)):
+        for op in needed if wanted else ():
+            if default_backend(op, device) == "torch":
+                cap = device_capability(device_index(device))
+                raise ValueError(
+                    f"{what} cannot run on this {_sm(cap)} GPU ({device}): no GPU kernel for {op} "
+                    f"({explain(op, device)[1]}); {instead}"
+                )

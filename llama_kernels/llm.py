@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import distributed
+from . import backends, distributed
 from . import plan as planner
 from .generate import DecodeGraphs, GenerationStats, generate
 from .loader import Tokenizer, load_model, open_checkpoint
@@ -40,14 +40,20 @@ def planner_config(config: LlamaConfig) -> dict:
                 max_position_embeddings=config.max_position_embeddings)  # fmt: skip
 
 
+_PLAN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8"}
+
+
 def size_context(config: LlamaConfig, device: torch.device, max_context: int | None = None, *,
                  quant: str | None = None, policy: str = "all", kv_dtype: torch.dtype = torch.bfloat16,
-                 max_batch: int = 8, gpu_mem_bytes: int | None = None, gpus: int = 1) -> int:  # fmt: skip
+                 dtype: torch.dtype = torch.bfloat16, max_batch: int = 8, gpu_mem_bytes: int | None = None,
+                 gpus: int = 1) -> int:  # fmt: skip
     """Tokens per sequence to allocate the KV cache for; raises ValueError when the model cannot fit.
 
-    On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, for each of `gpus`
-    tensor-parallel GPUs of gpu_mem_bytes (default: the device's total memory) holding max_batch
-    sequences: max_context None means the largest context that fits (whole KV blocks, capped by max_position_embeddings); a
+    On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, with the real
+    activation dtype (also the unquantized weights') and KV-cache dtype, for each of `gpus`
+    tensor-parallel GPUs of gpu_mem_bytes (default: the device's FREE memory now, as other
+    processes may hold some) holding max_batch sequences: max_context None means the largest
+    context that fits (whole KV blocks, capped by max_position_embeddings); a
     model or a max_context that does not fit raises ValueError with the planner's table
     (plan.check_fits). On the CPU there is no planning: None means min(max_position_embeddings, 4096).
     """
@@ -57,9 +63,9 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
     if gpu_mem_bytes is None and device.type != "cuda":
         return max_context or min(config.max_position_embeddings, CPU_MAX_CONTEXT)
     if gpu_mem_bytes is None:
-        gpu_mem_bytes = torch.cuda.get_device_properties(device).total_memory
+        gpu_mem_bytes = torch.cuda.mem_get_info(device)[0]
     weights = {None: "bf16", "fp8": "fp8-meta" if policy == "meta" else "fp8", "int4": "int4"}[quant]
-    p = planner.plan(planner_config(config), quant=weights, kv_dtype="fp8" if kv_dtype.itemsize == 1 else "bf16",
+    p = planner.plan(planner_config(config), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype], dtype=_PLAN_DTYPES[dtype],
                      gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch)  # fmt: skip
     planner.check_fits(p)
     return p.max_context
@@ -145,9 +151,11 @@ class LLM:
             shard = distributed.TensorParallel.current(ckpt.config, tp)
             device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
         progress = progress and distributed.is_main()
+        backends.check_formats(device, quant == "fp8" or any(s.kind.startswith("fp8") for s in ckpt.quantized.values()),
+                               kv_dtype == torch.float8_e4m3fn)  # fmt: skip
         requested = max_context
         max_context = size_context(ckpt.config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   max_batch=max_batch, gpus=tp)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch, gpus=tp)  # fmt: skip
         if progress and requested is None:
             _say_context(device, max_context, max_batch, ckpt.config)
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
@@ -160,8 +168,9 @@ class LLM:
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
         and checked like from_pretrained (same arguments): for tokens/s without a checkpoint, and tests."""
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch)
+        backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   max_batch=max_batch)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch)  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
         return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs)
 

@@ -23,6 +23,7 @@ __all__ = [
     "fp8_gemm",
     "quantize_int4",
     "int4_gemm",
+    "prepare_int4",
     "rms_norm",
     "add_rms_norm",
     "add_rms_norm_fp8",
@@ -37,7 +38,8 @@ FP8 = torch.float8_e4m3fn
 
 
 def _call(op: str, device: torch.device, backend: str | None, *args):
-    return backends.call(op, device, backend, args)
+    with backends.on_device(device):  # kernels launch on the current device: make it the inputs'
+        return backends.call(op, device, backend, args)
 
 
 # --- FP8 ------------------------------------------------------------------------------
@@ -139,6 +141,16 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight, *, backend: str | None = None) -> 
     if w.qweight.device != x.device:
         raise ValueError(f"{op}: argument 'w' is on {w.qweight.device}; expected {x.device} (the device of 'x')")
     return _call(op, x.device, backend, x, w)
+
+
+def prepare_int4(w: Int4Weight, dtype: torch.dtype, *, backend: str | None = None) -> tuple[Int4Weight, str | None]:
+    """Once per weight, at load: (w in the layout of the int4_gemm backend selected for its device,
+    the backend to pass to int4_gemm for it). A backend that reads its own layout (the cuda kernel's
+    tiles) gets it in place of qweight's, and is then the only one that can read the weight; the
+    others read w as is (returned with None). dtype: the activations' (bfloat16 or float16)."""
+    name = backends.select("int4_gemm", w.qweight.device, backend)[0]
+    prepare = backends.preparer("int4_gemm", name)
+    return (w, None) if prepare is None else (prepare(w, dtype), name)
 
 
 # --- RMSNorm ---------------------------------------------------------------------------

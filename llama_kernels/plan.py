@@ -91,10 +91,12 @@ QUANTS = {
     "int4": "every decoder linear INT4 with, per group of group_size inputs of a row, a 16-bit (fp16/bf16) "
             "scale and a uint8 zero point (Int4Weight's layout)",
 }  # fmt: skip
+#: Activation dtypes (the runner's --dtype): bytes per element of the unquantized weights (and
+#: of embedding, lm_head, norms, biases) and of the activations.
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 #: Bytes per KV-cache element.
-KV_DTYPES = {"bf16": 2, "fp8": 1}
+KV_DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
-BF16 = 2  # bytes: weights kept in bf16, activations, biases
 FP32 = 4  # bytes: FP8 weight/activation/KV scales, logits
 INT4_SCALE = 2  # bytes: Int4Weight.scales in fp16/bf16
 INT4_ZERO = 1  # bytes: Int4Weight.zeros in uint8
@@ -259,10 +261,12 @@ def parameter_counts(config: Mapping | str) -> dict[str, int]:
 # --- bytes per GPU -----------------------------------------------------------------------
 
 
-def _linear_bytes(fmt: str, name: str, rows: int, cols: int, group_size: int, gpus: int) -> tuple[int, int]:
-    """(weight bytes, scale bytes) of a [rows, cols] linear in format bf16, fp8 or int4."""
+def _linear_bytes(fmt: str, name: str, rows: int, cols: int, group_size: int, gpus: int,
+                  act: int) -> tuple[int, int]:  # fmt: skip
+    """(weight bytes, scale bytes) of a [rows, cols] linear in format bf16 (unquantized: `act` bytes
+    per element, the activation dtype's), fp8 or int4."""
     if fmt == "bf16":
-        return BF16 * rows * cols, 0
+        return act * rows * cols, 0
     if fmt == "fp8":
         return rows * cols, FP32 * rows
     if cols % group_size:
@@ -271,14 +275,14 @@ def _linear_bytes(fmt: str, name: str, rows: int, cols: int, group_size: int, gp
     return rows * cols // 2, rows * (cols // group_size) * (INT4_SCALE + INT4_ZERO)
 
 
-def _weight_bytes(m: _Model, gpus: int, quant: str, group_size: int) -> dict[str, int]:
+def _weight_bytes(m: _Model, gpus: int, quant: str, group_size: int, act: int) -> dict[str, int]:
     vocab_rows = math.ceil(m.vocab / gpus)  # vocab-parallel; the last shard padded
     out = {
-        "embedding": BF16 * vocab_rows * m.hidden,
+        "embedding": act * vocab_rows * m.hidden,
         "attention": 0,
         "mlp": 0,
-        "lm_head": 0 if m.tied else BF16 * vocab_rows * m.hidden,
-        "norms": BF16 * (2 * m.layers + 1) * m.hidden,
+        "lm_head": 0 if m.tied else act * vocab_rows * m.hidden,
+        "norms": act * (2 * m.layers + 1) * m.hidden,
         "scales": 0,
     }
     for layer in range(m.layers):
@@ -286,8 +290,8 @@ def _weight_bytes(m: _Model, gpus: int, quant: str, group_size: int) -> dict[str
             fmt = quant
             if quant == "fp8-meta":
                 fmt = "fp8" if part == "mlp" and 0 < layer < m.layers - 1 else "bf16"
-            weight, scales = _linear_bytes(fmt, name, rows, cols, group_size, gpus)
-            out[part] += weight + BF16 * bias
+            weight, scales = _linear_bytes(fmt, name, rows, cols, group_size, gpus, act)
+            out[part] += weight + act * bias
             out["scales"] += scales
     return out
 
@@ -305,22 +309,23 @@ def _kv_per_token(m: _Model, gpus: int, kv_dtype: str) -> int:
     return 2 * m.layers * _kv_heads_per_gpu(m, gpus) * m.head_dim * KV_DTYPES[kv_dtype]
 
 
-def _activation_bytes(m: _Model, gpus: int, quant: str, tokens: int, seqs: int) -> int:
+def _activation_bytes(m: _Model, gpus: int, quant: str, tokens: int, seqs: int, act: int) -> int:
     """Peak activations of a forward pass over ``tokens`` tokens of ``seqs`` sequences, in bytes,
     summed over the attention and MLP blocks (an upper bound: they are not live at once):
 
-    tokens x [2 x (3 hidden                 residual, normed input, block output (all-reduced in place)
+    tokens x [act x (3 hidden                 residual, normed input, block output (all-reduced in place)
                    + (Hq + 2 Hkv) head_dim  q, k, v
                    + Hq head_dim            attention output
                    + 3 I)                   gate, up, silu(gate) * up
               + hidden + Hq head_dim + I + 3 x 4]   fp8 only: FP8 copies of the GEMM inputs + row scales
     + seqs x (ceil(vocab / N) + vocab) x 4  float32 logits of each sequence's last token, local + gathered
     + GEMM_WORKSPACE,
-    with Hq, Hkv and I the query heads, KV heads and intermediate size on one GPU."""
+    with Hq, Hkv and I the query heads, KV heads and intermediate size on one GPU and act the
+    activation dtype's bytes."""
     q = m.heads // gpus * m.head_dim
     kv = _kv_heads_per_gpu(m, gpus) * m.head_dim
     i = m.intermediate // gpus
-    per_token = BF16 * (3 * m.hidden + q + 2 * kv + q + 3 * i)
+    per_token = act * (3 * m.hidden + q + 2 * kv + q + 3 * i)
     if quant.startswith("fp8"):
         per_token += m.hidden + q + i + 3 * FP32
     logits = seqs * (math.ceil(m.vocab / gpus) + m.vocab) * FP32
@@ -328,18 +333,18 @@ def _activation_bytes(m: _Model, gpus: int, quant: str, tokens: int, seqs: int) 
 
 
 def _runtime_bytes(m: _Model, gpus: int, quant: str, kv_dtype: str, weights: int, context: int, batch: int,
-                   prefill_chunk: int, block_size: int) -> dict[str, int]:  # fmt: skip
+                   prefill_chunk: int, block_size: int, act: int) -> dict[str, int]:  # fmt: skip
     """Everything but the weights, for ``batch`` sequences of ``context`` tokens."""
     kv_heads = _kv_heads_per_gpu(m, gpus)
     kv = batch * math.ceil(context / block_size) * block_size * _kv_per_token(m, gpus, kv_dtype)
     if kv_dtype == "fp8":
         kv += 2 * m.layers * kv_heads * FP32
     rope = context * m.head_dim * FP32  # cos and sin, [context, head_dim / 2] float32 each
-    activations = _activation_bytes(m, gpus, quant, min(prefill_chunk, batch * context), batch) + rope
+    activations = _activation_bytes(m, gpus, quant, min(prefill_chunk, batch * context), batch, act) + rope
     # decode_attention's partial outputs and log-sum-exps: [batch, q heads, splits, head_dim + 1] f32
     batch_splits = batch * math.ceil(2 * GPU_SMS / (batch * kv_heads))
     partials = batch_splits * m.heads // gpus * (m.head_dim + 1) * FP32
-    graph_pool = _activation_bytes(m, gpus, quant, batch, batch) + partials
+    graph_pool = _activation_bytes(m, gpus, quant, batch, batch, act) + partials
     return {
         "kv_cache": kv,
         "activations": activations,
@@ -368,6 +373,7 @@ class Plan:
     quant: str
     group_size: int
     kv_dtype: str
+    dtype: str  # activation dtype: also the unquantized weights' and the embedding's
     gpus: int
     gpu_mem_bytes: int
     max_context: int
@@ -427,7 +433,7 @@ class Plan:
         cap = " (the model's maximum)" if self.max_context_at_batch == self.max_positions else ""
         lines = [
             f"{self.model}: {self.parameters / 1e9:.2f}B parameters",
-            f"weights {self.quant}: {QUANTS[self.quant]}{group}; embedding, lm_head, norms bf16"
+            f"weights {self.quant}: {QUANTS[self.quant]}{group}; embedding, lm_head, norms {self.dtype}"
             + ("; lm_head tied to the embedding" if w["lm_head"] == 0 else ""),
             f"KV cache {self.kv_dtype}; {self.gpus} x {self.gpu_mem_bytes / GiB:.2f} GiB GPU"
             + (f"s, tensor parallel over {self.gpus}" if self.gpus > 1 else ""),
@@ -469,6 +475,7 @@ def plan(
     *,
     quant: str = "bf16",
     kv_dtype: str = "bf16",
+    dtype: str = "bf16",
     gpus: int = 1,
     gpu_mem_bytes: int = 80 * GiB,
     max_context: int | None = None,
@@ -481,12 +488,15 @@ def plan(
     config.json path) on ``gpus`` GPUs of ``gpu_mem_bytes`` bytes each, for ``batch`` sequences of
     ``max_context`` tokens.  The default context is the runner's: as much as fits (whole KV
     blocks), capped by max_position_embeddings; one block when nothing fits.  ``quant`` is one of
-    :data:`QUANTS`, ``group_size`` the INT4 group (input channels), ``kv_dtype`` bf16 or fp8.
+    :data:`QUANTS`, ``group_size`` the INT4 group (input channels), ``kv_dtype`` one of
+    :data:`KV_DTYPES`, ``dtype`` the activation dtype (:data:`DTYPES`; unquantized weights too).
     Raises ValueError on a bad argument, naming it and the valid choices."""
     m = _model(config)
     _check_gpus(m, gpus)
     _check_choice("quant", quant, QUANTS)
     _check_choice("kv_dtype", kv_dtype, KV_DTYPES)
+    _check_choice("dtype", dtype, DTYPES)
+    act = DTYPES[dtype]
     for name, value in [("gpu_mem_bytes", gpu_mem_bytes), ("batch", batch), ("group_size", group_size),
                         ("prefill_chunk", prefill_chunk), ("block_size", block_size)]:  # fmt: skip
         _check_positive(name, value)
@@ -495,11 +505,11 @@ def plan(
         if max_context > m.max_positions:
             raise ValueError(f"max_context={max_context} exceeds {m.name}'s max_position_embeddings={m.max_positions}")
 
-    weight_bytes = _weight_bytes(m, gpus, quant, group_size)
+    weight_bytes = _weight_bytes(m, gpus, quant, group_size, act)
     weights = sum(weight_bytes.values())
 
     def runtime(ctx: int, b: int) -> dict[str, int]:
-        return _runtime_bytes(m, gpus, quant, kv_dtype, weights, ctx, b, prefill_chunk, block_size)
+        return _runtime_bytes(m, gpus, quant, kv_dtype, weights, ctx, b, prefill_chunk, block_size, act)
 
     def fits(ctx: int, b: int) -> bool:
         return weights + sum(runtime(ctx, b).values()) <= gpu_mem_bytes
@@ -515,7 +525,7 @@ def plan(
     r = runtime(context, batch)
     return Plan(
         model=m.name, parameters=parameter_counts(config)["total"], quant=quant, group_size=group_size,
-        kv_dtype=kv_dtype, gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=context, batch=batch,
+        kv_dtype=kv_dtype, dtype=dtype, gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=context, batch=batch,
         prefill_chunk=prefill_chunk, block_size=block_size, max_positions=m.max_positions,
         weight_bytes=weight_bytes, kv_cache_bytes=r["kv_cache"], activation_bytes=r["activations"],
         cuda_graph_pool_bytes=r["cuda_graph_pool"], communication_bytes=r["communication"],
@@ -560,6 +570,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quant", choices=list(QUANTS), default="bf16", help="weight format (default bf16)")
     parser.add_argument("--group-size", type=int, default=128, help="INT4 group size in input channels (default 128)")
     parser.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16", help="KV-cache dtype (default bf16)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                        help="activation dtype, also of unquantized weights (default bf16)")  # fmt: skip
     parser.add_argument("--gpus", type=int, default=1, help="GPUs for tensor parallel (default 1)")
     parser.add_argument("--gpu-mem", default="80GiB", help="memory of each GPU, e.g. 80GiB or 141GB (default 80GiB)")
     parser.add_argument("--max-context", type=int,
@@ -577,8 +589,8 @@ def run(args, parser) -> int:
     except ValueError as e:
         parser.error(f"--gpu-mem: {e}")
     try:
-        p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, gpus=args.gpus, gpu_mem_bytes=gpu_mem,
-                 max_context=args.max_context, batch=args.batch, group_size=args.group_size,
+        p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, dtype=args.dtype, gpus=args.gpus,
+                 gpu_mem_bytes=gpu_mem, max_context=args.max_context, batch=args.batch, group_size=args.group_size,
                  prefill_chunk=args.prefill_chunk)  # fmt: skip
     except ValueError as e:
         parser.error(str(e))

@@ -3,14 +3,17 @@ backend cannot run, the validated-kernel record, and the torch.library registrat
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import randn
-from llama_kernels import BackendUnavailableError, backends, ops
+from llama_kernels import BackendUnavailableError, backends, ops, reference
 
 CPU = torch.device("cpu")
 CONTRACT = ["quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm", "add_rms_norm_fp8",
@@ -122,3 +125,170 @@ def test_cuda_ops_are_registered_with_torch_library():
         yq, ys, r2 = torch.ops.llama_kernels.add_rms_norm_fp8_cuda(x, None, w, 1e-5, 4.0)
     assert y.shape == y2.shape == r.shape == r2.shape == (3, 64) and y.device.type == "cuda"
     assert yq.dtype == torch.float8_e4m3fn and ys.shape == (3,) and ys.dtype == torch.float32
+
+
+# --- what the runner asks on a GPU (a CUDA device of a monkeypatched capability) -------------
+
+GPU0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def sm(monkeypatch):
+    """Make cuda:0 look like a GPU of the given capability (no validated cuda kernels: triton or torch)."""
+    monkeypatch.setattr(backends, "validated_kernels", lambda: [])
+
+    def set_capability(capability):
+        monkeypatch.setattr(backends, "device_capability", lambda index: capability)
+
+    return set_capability
+
+
+def test_fp8_weights_are_refused_at_load_where_no_fp8_gemm_runs(sm):
+    sm((7, 5))
+    want = (r"^FP8 weights .* cannot run on this sm_75 GPU \(cuda:0\): no GPU kernel for fp8_gemm "
+            r"\(.*needs compute capability >= 8\.0.*\); use --quant int4")
+    with pytest.raises(ValueError, match=want):
+        backends.check_formats(GPU0, fp8_weights=True, fp8_kv=False)
+    for capability in ((8, 0), (8, 9), (9, 0)):  # sm_80 reads e4m3 as codes
+        sm(capability)
+        backends.check_formats(GPU0, fp8_weights=True, fp8_kv=True)
+    backends.check_formats(CPU, fp8_weights=True, fp8_kv=True)  # the CPU runs the reference by design
+
+
+def test_llm_refuses_fp8_on_sm80_before_loading(sm, monkeypatch):
+    from llama_kernels.llm import LLM
+    from llama_kernels.model import LlamaConfig
+
+    sm((7, 5))
+    monkeypatch.setattr("llama_kernels.llm.random_model", lambda *a, **k: pytest.fail("weights were built"))
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=64)  # fmt: skip
+    with pytest.raises(ValueError, match=r"FP8 weights .* sm_75"):
+        LLM.from_config(config, quant="fp8", device="cuda:0", max_context=32)
+
+
+def test_every_fp8_op_selects_a_gpu_kernel_from_sm80(sm):
+    """Ampere has no e4m3 type; the Triton kernels read and write it as uint8 codes there."""
+    sm((8, 0))
+    for op in backends.FP8_KV_OPS + backends.FP8_WEIGHT_OPS:
+        assert backends.default_backend(op, GPU0) == "triton", op
+    sm((7, 5))
+    assert backends.default_backend("fp8_gemm", GPU0) == "torch"
+
+
+def test_graph_safe(sm):
+    assert not backends.graph_safe("decode_attention", CPU) and not backends.graph_safe("rope_and_cache", CPU)
+    assert backends.graph_safe("rms_norm", CPU) and backends.graph_safe("fp8_gemm", CPU)
+    sm((9, 0))
+    assert all(backends.graph_safe(op, GPU0) for op in CONTRACT)
+    assert not backends.graph_safe("decode_attention", GPU0, backend="torch")
+
+
+def test_explain_says_why_not_cuda_and_why_not_triton(sm, monkeypatch):
+    monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
+    sm((8, 0))
+    assert backends.explain("rms_norm", CPU)[0] == "torch"
+    name, why = backends.explain("rms_norm", GPU0)
+    assert name == "triton" and "the cuda kernel has not passed llama-kernels selftest on this GPU" in why
+    name, why = backends.explain("fp8_gemm", GPU0)
+    assert "cuda: the cuda fp8_gemm kernel needs compute capability >= 8.9" in why
+    sm((7, 5))
+    name, why = backends.explain("fp8_gemm", GPU0)
+    assert name == "torch" and "; triton: the triton fp8_gemm kernel needs compute capability >= 8.0" in why
+
+
+# --- launches happen on the inputs' GPU ----------------------------------------------------
+
+
+def test_ops_dispatch_on_the_inputs_device(monkeypatch):
+    """Kernels launch on the current device and stream: ops make the inputs' device current first."""
+    seen = []
+
+    def on_device(where):
+        seen.append(where)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(backends, "on_device", on_device)
+    ops.rms_norm(randn(2, 64), randn(64))
+    assert seen == [CPU]
+
+
+def test_every_triton_launch_is_guarded_by_the_inputs_device():
+    """Each `kernel[grid](...)` in llama_kernels/triton sits inside `with backends.on_device(...)`."""
+    unguarded = []
+    for path in sorted(Path(backends.__file__).parent.joinpath("triton").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = {id(node) for w in ast.walk(tree) if isinstance(w, ast.With)
+                   and any("on_device" in ast.unparse(item.context_expr) for item in w.items)
+                   for node in ast.walk(w)}  # fmt: skip
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and id(node) not in guarded:
+                unguarded.append(f"{path.name}:{node.lineno}")
+    assert not unguarded, unguarded
+
+
+def test_info_explains_each_fallback(sm, monkeypatch):
+    from llama_kernels import cli
+
+    sm((7, 5))
+    monkeypatch.setattr(cli, "_devices", lambda: [GPU0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    dev = cli.collect_info()["devices"][0]
+    assert dev["ops"]["rms_norm"] == "triton" and "cuda: " in dev["why"]["rms_norm"]
+    assert dev["ops"]["fp8_gemm"] == "torch" and "; triton: the triton fp8_gemm kernel needs" in dev["why"]["fp8_gemm"]
+
+
+# --- load-time weight preparation --------------------------------------------------------------
+
+
+def test_int4_weight_is_repacked_once_at_load_in_place_of_its_layout(monkeypatch):
+    """Where the cuda INT4 kernel is selected, Int4Linear.load repacks the weight into its tile layout
+    once, and the repacked words replace qweight (no second copy, nothing repacked at the first call);
+    the layer then asks for that backend."""
+    from llama_kernels.cuda import int4_gemm as cuda_int4
+    from llama_kernels.cuda.common import NoKernelError
+    from llama_kernels.model import Int4Linear
+
+    w = randn(64, 256, seed=3)
+    plain = ops.quantize_int4(w, group_size=128, symmetric=False)
+    lin = Int4Linear(256, 64, torch.float32, 128)
+    lin.load(w)  # on the CPU: the torch backend, plain layout
+    assert lin.backend is None and torch.equal(lin.qweight, plain.qweight)
+
+    monkeypatch.setattr(backends, "default_backend", lambda op, device: "cuda" if op == "int4_gemm" else "torch")
+    lin.load(w)
+    packed = lin.weight.__dict__["_cuda_int4_packed"][torch.bfloat16]
+    assert lin.backend == "cuda" and lin.qweight.data_ptr() == packed.qpacked.data_ptr()
+    assert lin.qweight.shape == plain.qweight.shape and lin.qweight.dtype == torch.int32
+    assert torch.equal(packed.qpacked, cuda_int4.repack_int4(plain, torch.bfloat16).qpacked)
+    assert cuda_int4.repack_int4(lin.weight, torch.bfloat16) is packed  # the first call finds it
+    with pytest.raises(NoKernelError, match=r"repacked in place for \[torch.bfloat16\]; x is torch.float16"):
+        cuda_int4.repack_int4(lin.weight, torch.float16)
+    seen = []
+    monkeypatch.setattr(ops, "int4_gemm", lambda x, weight, backend=None: seen.append(backend) or x[:, :64])
+    lin(randn(3, 256))
+    assert seen == ["cuda"]
+
+
+@pytest.mark.gpu
+def test_triton_ops_on_a_gpu_that_is_not_the_current_one():
+    """A model on cuda:1 while cuda:0 is current: every launch goes to the inputs' GPU and stream."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from conftest import TOL, assert_rel_close, paged_attention_case
+
+    dev = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        x, w = randn(5, 576, dtype=torch.bfloat16, device=dev), randn(576, dtype=torch.bfloat16, device=dev)
+        assert_rel_close(ops.rms_norm(x, w, backend="triton"), reference.rms_norm(x, w, 1e-5), TOL[torch.bfloat16])
+        xq, xs = ops.quantize_fp8(x, backend="triton")
+        wq, ws = ops.quantize_fp8(randn(64, 576, device=dev) / 24, backend="triton")
+        y = ops.fp8_gemm(xq, xs, wq, ws, backend="triton")
+        assert_rel_close(y, reference.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), TOL[torch.bfloat16])
+        w4 = ops.quantize_int4(randn(64, 576, device=dev), group_size=64)
+        assert_rel_close(ops.int4_gemm(x, w4, backend="triton"), reference.int4_gemm(x, w4), TOL[torch.bfloat16])
+        args = paged_attention_case([3, 300], 8, 2, 128, 16, torch.bfloat16, torch.bfloat16, seed=1, device=dev)
+        out = ops.decode_attention(*args[:5], None, *args[5:], backend="triton")
+        assert_rel_close(out, reference.decode_attention(*args[:5], None, *args[5:]), TOL[torch.bfloat16])
+        torch.cuda.synchronize(dev)

@@ -168,6 +168,40 @@ def test_fp8_kv_cache_halves_the_cache_and_adds_per_head_scales():
     assert fp8.max_batch_at_context > 1.9 * bf16.max_batch_at_context
 
 
+def test_float32_activations_and_cache_are_planned_at_4_bytes():
+    """The runner's dtype=float32 on CUDA holds float32 weights, activations and KV cache: planning
+    them as bf16 under-counted by about 2x."""
+    bf16 = plan("llama-3.2-1b", max_context=4096, batch=2)
+    fp32 = plan("llama-3.2-1b", dtype="fp32", kv_dtype="fp32", max_context=4096, batch=2)
+    assert fp32.kv_cache_bytes == 2 * bf16.kv_cache_bytes
+    assert fp32.weight_bytes == {k: 2 * v for k, v in bf16.weight_bytes.items()}
+    assert fp32.activation_bytes > 1.5 * bf16.activation_bytes
+    int4 = (plan("llama-3.2-1b", quant="int4", dtype=d, max_context=4096) for d in ("bf16", "fp32"))
+    assert next(int4).weight_bytes["mlp"] == next(int4).weight_bytes["mlp"]  # quantized linears keep their format
+    assert "norms fp32" in fp32.format()
+
+
+def test_runner_plans_real_dtypes_against_free_memory(monkeypatch):
+    """llm.size_context on CUDA: the activation and KV dtypes it will allocate, and the memory that is
+    free now (other processes may hold some), not the device's total."""
+    from llama_kernels.llm import size_context
+    from llama_kernels.model import LlamaConfig
+
+    free, total = 48 * GiB, 80 * GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    c = PRESETS["llama-3.1-8b"]
+    config = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                         intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+                         num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"], head_dim=128,
+                         max_position_embeddings=c["max_position_embeddings"])  # fmt: skip
+    gpu = torch.device("cuda", 0)
+    ctx = size_context(config, gpu, max_batch=4, dtype=torch.float32, kv_dtype=torch.float32)
+    assert ctx == plan("llama-3.1-8b", dtype="fp32", kv_dtype="fp32", batch=4, gpu_mem_bytes=free).max_context
+    assert ctx < plan("llama-3.1-8b", batch=4, gpu_mem_bytes=free).max_context // 1.9
+    assert size_context(config, gpu, max_batch=4) == plan("llama-3.1-8b", batch=4, gpu_mem_bytes=free).max_context
+    assert size_context(config, gpu, max_batch=4) < plan("llama-3.1-8b", batch=4, gpu_mem_bytes=total).max_context
+
+
 def test_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**PRESETS["llama-3.1-8b"], "model_type": "llama"}))
     assert load_config(str(tmp_path)) == load_config(str(tmp_path / "config.json"))
@@ -211,7 +245,8 @@ def test_parse_bytes_rejects(text):
         ({**PRESETS["llama-3.1-8b"], "num_hidden_layers": 0}, {}, r"num_hidden_layers=0; expected a positive integer"),
         ({**PRESETS["llama-3.1-8b"], "num_key_value_heads": 5}, {}, r"num_attention_heads=32 is not a multiple of"),
         ("llama-3.1-8b", dict(quant="fp4"), r"quant='fp4'; expected one of bf16, fp8, fp8-meta, int4"),
-        ("llama-3.1-8b", dict(kv_dtype="int8"), r"kv_dtype='int8'; expected one of bf16, fp8"),
+        ("llama-3.1-8b", dict(kv_dtype="int8"), r"kv_dtype='int8'; expected one of bf16, fp16, fp32, fp8"),
+        ("llama-3.1-8b", dict(dtype="fp8"), r"dtype='fp8'; expected one of bf16, fp16, fp32"),
         ("llama-3.1-8b", dict(max_context=200000), r"max_context=200000 exceeds .*=131072"),
         ("llama-3.1-8b", dict(batch=0), r"batch=0; expected a positive integer"),
         ("llama-3.1-8b", dict(quant="int4", group_size=96), r"group_size=96 does not divide the 4096 input columns"),
@@ -248,6 +283,8 @@ def test_cli_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data == plan("llama-3.1-70b", quant="fp8", gpu_mem_bytes=H100).to_dict()
     assert data["fits"] is True and data["max_context"] == data["max_context_at_batch"] > 8192
+    assert cli.main(["plan", "llama-3.2-1b", "--dtype", "fp32", "--kv-dtype", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == plan("llama-3.2-1b", dtype="fp32", kv_dtype="fp32").to_dict()
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ import functools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from conftest import TOL, assert_rel_close, paged_attention_case, poison_allocator
 from llama_kernels import ops, reference
@@ -59,10 +61,57 @@ def test_block_sizes_and_custom_scale(block_size):
     _check(args, scale=0.05, name=f"block_size {block_size}")
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
-                                               (torch.float16, torch.bfloat16)])  # fmt: skip
+MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+         (torch.float32, torch.float16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", MIXED)
 def test_q_and_cache_of_different_dtypes(dtype, cache_dtype):
+    # float32 q and an fp16 cache: q and p enter the fp16 dots as hi + lo parts, still within float32's tolerance.
     _check(_case([9, 100], 4, 1, 64, 16, dtype, cache_dtype, seed=5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp8_cache_read_as_codes(monkeypatch, dtype):
+    """The sm_80 path: e4m3 caches read as uint8 codes and decoded in integer arithmetic."""
+    monkeypatch.setattr(attention, "fp8_as_codes", lambda device: True)
+    _check(_case([1, 17, 300], 8, 2, 64, 16, dtype, FP8, seed=7), name=f"FP8 as codes, q {dtype}")
+
+
+def test_e4m3_decode_is_exact():
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[torch.isfinite(codes.view(FP8).float())]
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    _decode_kernel[(1,)](codes, out, codes.numel(), BLOCK=256)
+    assert torch.equal(out, codes.view(FP8).float())
+
+
+@triton.jit
+def _decode_kernel(CODES, OUT, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(OUT + offs, attention.e4m3_decode(tl.load(CODES + offs, mask=offs < N)), mask=offs < N)
+
+
+def test_split_ranges_follow_live_seq_lens():
+    """Each sequence's splits share its live length, whatever the block table's width (under CUDA
+    graphs, the whole max_context): a wide table gives the same result and the same non-empty
+    splits as a tight one, and each split's tokens are bounded by seq_len / splits."""
+    lens, splits, block_size = [1, 17, 300, 700], 8, 16
+    tight = _case(lens, 8, 2, 64, block_size, torch.float32, torch.float32, seed=21)
+    wide = list(tight)  # the same sequences, with 250 more unused (out-of-cache) table entries each
+    wide[3] = torch.cat([tight[3], torch.full((len(lens), 250), 1 << 30, dtype=torch.int32, device=DEVICE)], 1)
+    assert wide[3].shape[1] * block_size > 4096 > 4 * tight[3].shape[1] * block_size
+    out_tight = _check(tight, splits=splits)
+    out_wide = _check(wide, splits=splits)
+    assert_rel_close(out_wide, out_tight, TOL[torch.float32], "wide vs tight block table")
+    for args in (tight, wide):
+        _, lse = attention.split_partials(*args[:5], None, *args[5:], splits=splits)
+        busy = torch.isfinite(lse[:, 0]).sum(-1).tolist()  # non-empty splits of each sequence
+        tile = attention.dot_plan(torch.float32, torch.float32).block_n
+        per_split = [-(--(-n // splits) // tile) * tile for n in lens]  # seq_len / splits in whole tiles
+        assert busy == [-(-n // p) for n, p in zip(lens, per_split)], busy
+    # Split by the table's width (4096+ tokens / 8 = 512+ per split), 700 tokens took 2 splits; now all 8.
+    assert busy[-1] == splits
 
 
 @pytest.mark.parametrize("splits", [5, 24])
@@ -136,21 +185,41 @@ def test_num_splits_policy_holds_across_shapes():
 # --- compile for sm_90 -------------------------------------------------------------------
 
 
-_SPLIT_INTS = ("split_len", "num_splits", "num_kv_heads", "max_blocks")
-_SPLIT_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_G", "BLOCK_N", "IS_FP8")
+_SPLIT_INTS = ("min_split_len", "num_splits", "num_kv_heads", "max_blocks")
+_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8e4nv": FP8}
 
 
-@pytest.mark.parametrize("cache", ["bf16", "fp8e4nv"])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("group", [1, 4, 8, 16])
-def test_split_kernel_compiles_for_sm90_without_spills(group, d, cache):
-    signature = {"q_ptr": "*bf16", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", "table_ptr": "*i32",
+def _split_report(q: str, cache: str, group: int, d: int, capability: int) -> dict:
+    """ptxas's report on the split kernel as a launch on sm_<capability> configures it (on sm_80
+    FP8 caches are read as uint8 codes)."""
+    bits = cache == "fp8e4nv" and capability < 89
+    plan = attention.dot_plan(_TORCH[q], _TORCH[cache], bits, interpreted=False)
+    ptr = "*u8" if bits else f"*{cache}"
+    constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_G=attention.group_block(group, plan.max_block_g),
+                      BLOCK_N=plan.block_n, IS_FP8=cache == "fp8e4nv", FP8_BITS=bits, SPLIT_Q=plan.split_q)  # fmt: skip
+    signature = {"q_ptr": "*fp32" if plan.fp32 else f"*{q}", "k_ptr": ptr, "v_ptr": ptr, "table_ptr": "*i32",
                  "lens_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "part_ptr": "*fp32",
                  "lse_ptr": "*fp32", "qk_scale": "fp32", **dict.fromkeys(_SPLIT_INTS, "i32"),
-                 **dict.fromkeys(_SPLIT_CONSTEXPRS, "constexpr")}  # fmt: skip
-    constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_G=attention.group_block(group),
-                      BLOCK_N=attention.BLOCK_N, IS_FP8=cache == "fp8e4nv")  # fmt: skip
-    report = ptxas_report(compile_for(attention._split_kernel, signature, constexprs))
+                 **dict.fromkeys(constexprs, "constexpr")}  # fmt: skip
+    return ptxas_report(compile_for(attention._split_kernel, signature, constexprs, capability), capability)
+
+
+@pytest.mark.parametrize("capability", [80, 89, 90])
+@pytest.mark.parametrize("cache", ["bf16", "fp8e4nv"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 64])
+def test_split_kernel_compiles_without_spills(group, d, cache, capability):
+    report = _split_report("bf16", cache, group, d, capability)
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["log"]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("q,cache", [("fp32", "bf16"), ("fp32", "fp16"), ("fp16", "bf16"), ("fp32", "fp8e4nv"),
+                                     ("fp32", "fp32"), ("bf16", "fp32")])  # fmt: skip
+@pytest.mark.parametrize("group", [64])
+def test_split_kernel_with_mixed_dtypes_compiles_without_spills(group, q, cache, capability):
+    # float32 dots on 64-token tiles spilled 6-35 KB per thread (float32 q, 16-bit cache)
+    report = _split_report(q, cache, group, 128, capability)
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["log"]
 
 

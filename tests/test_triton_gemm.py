@@ -2,12 +2,14 @@
 
 Without a GPU the kernels run under the Triton interpreter, so the shapes are per-GPU Llama 3.1
 projections shrunk (ratios and alignments kept) plus SmolLM2-135M's, at M values on both sides of
-the decode / prefill split (M <= 64). The compile tests build every kernel at the table's
-configurations for sm_90 (and sm_89 for FP8) and read the PTX and ptxas's spill counts.
+the decode / prefill split (M <= 64). The compile tests build every kernel at every configuration
+a launch can pick (the tables' and the defaults') for sm_80 (INT4), sm_89 and sm_90, and read the
+PTX, the TTGIR and ptxas's spill counts.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -16,12 +18,12 @@ import torch
 from conftest import TOL, assert_rel_close, randn
 from llama_kernels import Int4Weight, backends, ops, reference
 from llama_kernels.triton import fp8_gemm, gemm_configs, int4_gemm
-from llama_kernels.triton.gemm_configs import TABLE, GemmConfig
+from llama_kernels.triton.gemm_configs import TABLE, TABLES, GemmConfig, Gpu
 from triton_compile import compile_for, ptxas_report
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_fp8 = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9),
-                               reason="the triton FP8 GEMM needs sm_89 or newer")  # fmt: skip
+needs_fp8 = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 0),
+                               reason="the triton FP8 GEMM needs sm_80 or newer")  # fmt: skip
 
 # (M, N, K, label): Llama 3.1 TP 8 projections shrunk, SmolLM2-135M (hidden 576, intermediate
 # 1536, 3 KV heads of 64), and N, K that are no multiple of any block.
@@ -119,8 +121,9 @@ def test_int4_gemm_act_order_perm(m):
 @needs_fp8
 def test_decode_split_k_is_bit_reproducible():
     m, n, k = 3, 256, 1024
-    assert gemm_configs.get_config("fp8_gemm", m, n, k, gemm_configs.CPU_SMS).split_k > 1
-    assert gemm_configs.get_config("int4_gemm", m, n, k, gemm_configs.CPU_SMS).split_k > 1
+    cpu = Gpu(*gemm_configs.CPU_GPU)
+    assert gemm_configs.get_config("fp8_gemm", m, n, k, cpu).split_k > 1
+    assert gemm_configs.get_config("int4_gemm", m, n, k, cpu).split_k > 1
     xq, xs, wq, ws = _fp8_inputs(m, n, k, seed=7)
     y1, y2 = (ops.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton") for _ in range(2))
     assert torch.equal(y1.view(torch.int16), y2.view(torch.int16))
@@ -128,6 +131,19 @@ def test_decode_split_k_is_bit_reproducible():
     x = randn(m, k, seed=8, dtype=torch.bfloat16, device=DEVICE)
     y1, y2 = (ops.int4_gemm(x, w, backend="triton") for _ in range(2))
     assert torch.equal(y1.view(torch.int16), y2.view(torch.int16))
+
+
+@needs_fp8
+@pytest.mark.parametrize("m,n,k", [(3, 256, 1024), (65, 200, 592)])
+def test_fp8_gemm_on_gpus_without_e4m3_reads_codes_as_fp16(m, n, k, monkeypatch):
+    """The sm_80 path (e4m3 codes moved into fp16 fields, products scaled by 2^-16) computes the same
+    exact products and sums: bit-identical to the e4m3 path, decode (split-K) and prefill tiles."""
+    xq, xs, wq, ws = _fp8_inputs(m, n, k, seed=m)
+    want = ops.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton")
+    monkeypatch.setattr(fp8_gemm, "fp8_as_codes", lambda device: True)
+    got = ops.fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton")
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert_rel_close(got, reference.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), TOL[torch.bfloat16], "fp8 as fp16")
 
 
 # Explicit configurations: splits that leave some empty (split_k > K tiles), other block shapes,
@@ -164,36 +180,53 @@ def test_custom_ops_trace():
 
 def test_registration_and_config_table():
     impl = backends._REGISTRY["fp8_gemm"]["triton"]
-    assert impl.min_capability == (8, 9) and "Ada" in impl.instead
+    assert impl.min_capability == (8, 0) and "Ampere" in impl.instead
     assert "triton" in backends._REGISTRY["int4_gemm"]
     assert eval(gemm_configs.format_table(TABLE).split("=", 1)[1]) == TABLE
     for op, entries in TABLE.items():
         for key, entry in entries.items():
             cfg = GemmConfig(*entry)  # tl.dot needs tiles of at least 16 x 16 x 16
             assert min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16 and cfg.block_k % 16 == 0, (op, key)
-    unknown = ("fp8_gemm", 3, 200, 592, 132)
+    unknown = ("fp8_gemm", 3, 200, 592, Gpu((9, 0), 132))
     assert gemm_configs.get_config(*unknown) == gemm_configs.default_config(*unknown)
+
+
+def test_configs_depend_on_the_gpu():
+    """TABLE was tuned for an H100 SXM (132 SMs): another GPU gets defaults computed for its SM count
+    and architecture (an L4's 58 SMs need more K splits than an H100's 132 to fill the GPU)."""
+    key = next(k for k, v in TABLE["fp8_gemm"].items() if k[0] == 16 and v[4] > 1)
+    h100, l4 = Gpu((9, 0), 132), Gpu((8, 9), 58)
+    for op in ("fp8_gemm", "int4_gemm"):
+        assert gemm_configs.get_config(op, 1, *key[1:], h100) == GemmConfig(*TABLE[op][key])
+        assert gemm_configs.get_config(op, 1, *key[1:], l4) == gemm_configs.default_config(op, 1, *key[1:], l4)
+    small, big = (gemm_configs.default_config("fp8_gemm", 1, 4096, 4096, Gpu((9, 0), sms)) for sms in (58, 132))
+    assert small.split_k < big.split_k
+    assert gemm_configs.default_config("int4_gemm", 100, 4096, 4096, Gpu((8, 0), 108)).num_warps == 8
 
 
 # --- GPU builds ------------------------------------------------------------------------
 
 
-def _compile(kernel, signature: dict, constexprs: dict, cfg: GemmConfig, capability: int):
+@functools.cache
+def _compile(kernel, signature: tuple, constexprs: tuple, cfg: GemmConfig, capability: int):
     """Build `kernel` for sm_<capability> as a launch specializes it: pointers and N, K 16-aligned
-    (as for the table's shapes), so loads vectorize and pipeline like on the GPU."""
-    constexprs = {**constexprs, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+    (as for the table's shapes), so loads vectorize and pipeline like on the GPU. Cached: a
+    configuration several tests check compiles once per session."""
+    constexprs = {**dict(constexprs), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                   "GROUP_M": cfg.group_m, "SPLIT_K": cfg.split_k, "EVEN_K": True}  # fmt: skip
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    signature = {**dict(signature), **{name: "constexpr" for name in constexprs}}
     return compile_for(kernel, signature, constexprs, capability, aligned_ints=("N", "K"),
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
 
 
-def _table_configs(op: str) -> list[GemmConfig]:
-    """The table's distinct configurations, counting split-K values > 1 as one (only the
-    SPLIT_K > 1 code path differs, not the code)."""
-    seen = {}
-    for entry in TABLE[op].values():
-        cfg = GemmConfig(*entry)
+def _launch_configs(op: str, capability: int) -> list[GemmConfig]:
+    """Every configuration a launch on sm_<capability> can pick: each table's entries and the defaults
+    for each M regime and SM count, split-K values > 1 counted once (only SPLIT_K > 1's code differs)."""
+    gpus = [Gpu(divmod(capability, 10), sms) for sms in (58, 108, 132)]
+    cfgs = [GemmConfig(*e) for table in TABLES.values() for e in table[op].values()]
+    cfgs += [gemm_configs.default_config(op, m, 4096, 4096, gpu) for m in (1, 16, 64, 128, 4096) for gpu in gpus]
+    seen: dict = {}
+    for cfg in cfgs:
         seen.setdefault(cfg._replace(split_k=min(cfg.split_k, 2)), cfg)
     return list(seen.values())
 
@@ -209,37 +242,60 @@ def _check_build(compiled, capability: int, want: str, label: str) -> None:
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{label}: {report['log']}"
 
 
-FP8_CFGS = _table_configs("fp8_gemm")
+_FP8_SIGNATURE = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", M="i32", N="i32", K="i32", x_scale_ptr="*fp32",
+                      w_scale_ptr="*fp32", bias_ptr="*bf16")  # fmt: skip
 
 
-@pytest.mark.parametrize("capability", [90, 89])
-@pytest.mark.parametrize("cfg", FP8_CFGS, ids=str)
+def _fp8_build(cfg: GemmConfig, capability: int):
+    """On sm_80 (no e4m3) the operands are e4m3 codes, multiplied as fp16."""
+    signature = dict(_FP8_SIGNATURE, out_ptr="*bf16" if cfg.split_k == 1 else "*fp32")
+    if capability < 89:
+        signature.update(x_ptr="*u8", w_ptr="*u8")
+    signature = {name: signature[name] for name in ("x_ptr", "w_ptr", "out_ptr", "M", "N", "K", "x_scale_ptr",
+                                                    "w_scale_ptr", "bias_ptr")}  # fmt: skip
+    constexprs = dict(X_SCALE=2, W_SCALE=2, HAS_BIAS=True, AS_F16=capability < 89)
+    return _compile(fp8_gemm._fp8_gemm_kernel, tuple(signature.items()), tuple(constexprs.items()), cfg, capability)
+
+
+FP8_BUILDS = [(cap, cfg) for cap in (80, 89, 90) for cfg in _launch_configs("fp8_gemm", cap)]
+
+
+@pytest.mark.parametrize("capability,cfg", FP8_BUILDS, ids=str)
 def test_fp8_kernel_builds_without_spills(cfg, capability):
-    out = "*bf16" if cfg.split_k == 1 else "*fp32"
-    signature = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", out_ptr=out, M="i32", N="i32", K="i32",
-                     x_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*bf16")  # fmt: skip
-    compiled = _compile(fp8_gemm._fp8_gemm_kernel, signature, dict(X_SCALE=2, W_SCALE=2, HAS_BIAS=True), cfg,
-                        capability)  # fmt: skip
     # Hopper's wgmma takes e4m3 directly (M tiles >= 64); Ada's mma.sync takes e4m3 at any M.
     # Hopper's mma.sync (decode tiles of 16 rows) has no e4m3 form: Triton upcasts to f16 there.
+    # Ampere multiplies the e4m3 codes as fp16.
     wgmma = capability == 90 and cfg.block_m >= 64
-    want = r"wgmma\.mma_async.*e4m3\.e4m3" if wgmma else (r"mma\.sync.*e4m3" if capability == 89 else r"mma\.sync")
-    _check_build(compiled, capability, want, str(cfg))
+    want = {80: r"mma\.sync.*f16\.f16", 89: r"mma\.sync.*e4m3", 90: r"wgmma\.mma_async.*e4m3\.e4m3" if wgmma
+            else r"mma\.sync"}[capability]  # fmt: skip
+    _check_build(_fp8_build(cfg, capability), capability, want, f"sm_{capability} {cfg}")
 
 
-INT4_CFGS = _table_configs("int4_gemm")
+@pytest.mark.parametrize("cfg", [c for c in _launch_configs("fp8_gemm", 90) if c.block_m >= 64], ids=str)
+def test_fp8_wgmma_promotes_accumulation_every_k_step(cfg):
+    """Hopper's wgmma sums e4m3 products in reduced precision; Triton's default lets it do so over all
+    of K (maxNumImpreciseAcc 2^30). The kernel caps it at BLOCK_K, so each K step's partial sum is
+    added to the float32 accumulator (as decode's mma tiles and the reference sum)."""
+    ttgir = _fp8_build(cfg, 90).asm["ttgir"]
+    caps = set(re.findall(r"maxNumImpreciseAcc = (\d+)", ttgir))
+    assert caps == {str(cfg.block_k)}, caps
 
 
-@pytest.mark.parametrize("group", [128, 32])
-@pytest.mark.parametrize("cfg", INT4_CFGS, ids=str)
-def test_int4_kernel_builds_without_spills(cfg, group):
+INT4_BUILDS = [(cap, cfg, 128) for cap in (80, 89, 90) for cfg in _launch_configs("int4_gemm", cap)]
+INT4_BUILDS += [(90, cfg, 32) for cfg in _launch_configs("int4_gemm", 90)]  # groups shorter than BLOCK_K
+
+
+@pytest.mark.parametrize("capability,cfg,group", INT4_BUILDS, ids=str)
+def test_int4_kernel_builds_without_spills(cfg, group, capability):
     out = "*bf16" if cfg.split_k == 1 else "*fp32"
     signature = dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*u8", out_ptr=out,
                      M="i32", N="i32", K="i32")  # fmt: skip
-    compiled = _compile(int4_gemm._int4_gemm_kernel, signature,
-                        dict(GROUP_SIZE=group, HAS_ZEROS=True, DOT_F32=False), cfg, 90)  # fmt: skip
-    want = r"wgmma\.mma_async.*bf16\.bf16" if cfg.block_m >= 64 else r"mma\.sync.*bf16\.bf16"
-    _check_build(compiled, 90, want, f"{cfg} g{group}")
+    constexprs = dict(GROUP_SIZE=group, HAS_ZEROS=True, DOT_F32=False)
+    compiled = _compile(int4_gemm._int4_gemm_kernel, tuple(signature.items()), tuple(constexprs.items()), cfg,
+                        capability)  # fmt: skip
+    wgmma = capability == 90 and cfg.block_m >= 64
+    want = r"wgmma\.mma_async.*bf16\.bf16" if wgmma else r"mma\.sync.*bf16\.bf16"
+    _check_build(compiled, capability, want, f"sm_{capability} {cfg} g{group}")
 
 
 def test_splitk_reduce_builds_without_spills():

@@ -11,19 +11,15 @@ import torch
 
 from conftest import TOL, assert_rel_close, poison_allocator, randn
 from llama_kernels import ops, reference
-from llama_kernels.triton import norm, rope
-from test_triton_norm import DEVICE, compile_checked
+from llama_kernels.triton import rope
+from test_triton_norm import DEVICE, e4m3_conversions
+from triton_compile import compile_for, ptxas_report
 
 FP8 = torch.float8_e4m3fn
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (T, Hq, Hkv, D, index dtype): SmolLM2-135M (9/3 heads, D 64), Llama GQA 32/8 shrunk to 8/2 (D 128).
 SHAPES = [(1, 9, 3, 64, torch.int32), (17, 8, 2, 128, torch.int64)]
 BLOCKS, BLOCK_SIZE, MAX_POS = 5, 4, 4096
-
-
-def _skip_without_fp8(cache_dtype) -> None:
-    if cache_dtype == FP8 and DEVICE.type == "cuda" and torch.cuda.get_device_capability() < norm.FP8_NEEDS:
-        pytest.skip("triton float8e4nv needs compute capability >= 8.9")
 
 
 def _case(t, hq, hkv, d, dtype, cache_dtype, index_dtype, seed):
@@ -90,7 +86,6 @@ def _run_and_compare(args, interleaved, dtype):
 @pytest.mark.parametrize("t,hq,hkv,d,index_dtype", SHAPES)
 def test_rope_and_cache(dtype, fp8_cache, interleaved, t, hq, hkv, d, index_dtype):
     cache_dtype = FP8 if fp8_cache else dtype
-    _skip_without_fp8(cache_dtype)
     args = _case(t, hq, hkv, d, dtype, cache_dtype, index_dtype, seed=t + d)
     _run_and_compare(args, interleaved, dtype)
     if fp8_cache:  # the scales are small enough that some values saturate
@@ -130,16 +125,28 @@ def test_custom_op_schema_and_fake():
 # --- compiles for the GPU, without spills -----------------------------------------------
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128), (128, 8, 128)])
-@pytest.mark.parametrize("fp8_cache,capability", [(False, 90), (True, 90), (True, 89)])
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_rope_kernel_compiles_without_spills(hq, hkv, d, fp8_cache, capability, interleaved):
+def _rope_build(hq, hkv, d, fp8_cache, capability, interleaved):
     (block_hq, block_half), (block_hkv, _) = rope.config(hq, d), rope.config(hkv, d)
-    cache = "*fp8e4nv" if fp8_cache else "*bf16"
+    cache = "*u8" if fp8_cache else "*bf16"  # FP8 caches are written as e4m3 codes
     sig = dict(Q="*bf16", K="*bf16", V="*bf16", POS="*i64", COS="*fp32", SIN="*fp32", K_CACHE=cache, V_CACHE=cache,
                SLOTS="*i64", K_SCALE="*fp32", V_SCALE="*fp32", Q_OUT="*bf16", K_OUT="*bf16",
                HQ="i32", HKV="i32", D="i32", HALF="i32")  # fmt: skip
-    constexprs = dict(INTERLEAVED=interleaved, FP8_CACHE=fp8_cache, EMULATE_CASTS=False,
+    constexprs = dict(INTERLEAVED=interleaved, FP8_CACHE=fp8_cache, EMULATE_CASTS=False, FP8_PTX=capability >= 89,
                       BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half)  # fmt: skip
-    report = compile_checked(rope._rope_and_cache_kernel, sig, constexprs, capability, rope.NUM_WARPS)
+    return compile_for(rope._rope_and_cache_kernel, {**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
+                       capability, num_warps=rope.NUM_WARPS)  # fmt: skip
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128), (128, 8, 128)])
+@pytest.mark.parametrize("fp8_cache,capability", [(False, 90), (True, 90), (True, 89), (True, 80)])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_kernel_compiles_without_spills(hq, hkv, d, fp8_cache, capability, interleaved):
+    report = ptxas_report(_rope_build(hq, hkv, d, fp8_cache, capability, interleaved), capability)
     assert (report["spill_stores"], report["spill_loads"]) == (0, 0), report["log"]
+
+
+@pytest.mark.parametrize("capability", [89, 90])
+def test_fp8_cache_write_rounds_once_to_nearest_even(capability):
+    """As test_triton_norm's: FP8 KV writes never go through Triton's per-version float8e4nv cast."""
+    got = e4m3_conversions(_rope_build(32, 8, 128, True, capability, False))
+    assert got["triton_cast"] == 0 and got["to_f16"] == 0 and got["e4m3_other"] == 0 and got["rn_e4m3_f32"], got

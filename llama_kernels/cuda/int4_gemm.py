@@ -5,11 +5,10 @@ dtype by :func:`repack_int4` (plain torch ops on the weight's device; layout doc
 csrc/int4_gemm.h and below). The result is cached on the Int4Weight object, so the first
 ``ops.int4_gemm(..., backend="cuda")`` call repacks and later calls reuse it.
 
-Runner usage: call ``repack_int4(w, dtype)`` once per INT4 layer right after loading (with the
-activation dtype), before any CUDA-graph capture or torch.compile tracing: the cached tensors are
-then found by every later call, and nothing is allocated or converted in the decode loop. The
-repacked copy is as large as qweight plus 2 x scales; drop the Int4Weight's cache with
-``w.__dict__.pop("_cuda_int4_packed", None)`` to free it.
+Runner usage: the model calls ``ops.prepare_int4`` once per INT4 layer right after loading, which
+(when this backend is selected) runs :func:`repack_in_place`: the repacked words replace qweight
+(no second copy), before any CUDA-graph capture or torch.compile tracing, so nothing is allocated
+or converted in the decode loop. A plain ``repack_int4(w, dtype)`` instead keeps both layouts.
 """
 
 from __future__ import annotations
@@ -60,6 +59,8 @@ def repack_int4(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> Int4Packe
     hit = cache.get(dtype)
     if hit is not None and hit.qpacked.device == w.qweight.device:
         return hit
+    if any(p.qpacked.data_ptr() == w.qweight.data_ptr() for p in cache.values()):  # see repack_in_place
+        raise NoKernelError(f"int4_gemm: the weight was repacked in place for {list(cache)}; x is {dtype}")
     n, k = w.shape
     g_size = w.group_size
     check_int4_shape(n, k, g_size)
@@ -89,6 +90,20 @@ def repack_int4(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> Int4Packe
     packed = Int4Packed(qpacked, scale_zero, g_size, n, k, dtype)
     cache[dtype] = packed
     return packed
+
+
+def repack_in_place(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
+    """Repack ``w`` once, at load, in place of its layout: an Int4Weight whose qweight is the kernel's
+    words (a [N, K/8] view of qpacked: the same bytes when K % 32 == 0), the repack cached on it, so
+    the plain layout is freed (no second copy) and nothing is repacked at the first call. Only this
+    backend reads it (Int4Linear then calls int4_gemm with backend="cuda"). The cuda backend's
+    load-time hook (backends.Impl.prepare, called by ops.prepare_int4)."""
+    packed = repack_int4(w, dtype)
+    if packed.qpacked.numel() != w.qweight.numel():  # K padded to 32: both layouts stay
+        return w
+    out = Int4Weight(packed.qpacked.view(w.qweight.shape), w.scales, w.zeros, w.group_size, w.perm)
+    out.__dict__[_CACHE_ATTR] = {dtype: packed}
+    return out
 
 
 def plan(x: torch.Tensor, packed: Int4Packed, capability: tuple[int, int] = (9, 0), sms: int = 132) -> Choice:
@@ -144,7 +159,8 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 backends.register(
     "int4_gemm", "cuda", int4_gemm, min_capability=(8, 0),
-    instead="the INT4 kernel needs Ampere (sm_80) or newer; use backend='torch'",
+    instead="the INT4 kernel needs Ampere (sm_80) or newer; use backend='torch'", prepare=repack_in_place,
 )  # fmt: skip
 
-__all__ = ["Int4Packed", "NIBBLE_POS", "MAGIC", "repack_int4", "int4_gemm", "int4_gemm_packed", "launch", "plan"]
+__all__ = ["Int4Packed", "NIBBLE_POS", "MAGIC", "repack_int4", "repack_in_place", "int4_gemm", "int4_gemm_packed",
+           "launch", "plan"]  # fmt: skip

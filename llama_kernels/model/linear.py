@@ -188,6 +188,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.empty(groups, dtype=torch.uint8, device=device))
         self.register_buffer("perm", None)  # [K] int64 input permutation (GPTQ act-order) or None
         self._weight: Int4Weight | None = None  # the buffers as an Int4Weight, rebuilt when they change
+        # the int4_gemm backend qweight was repacked for at load (its layout then), or None: the plain layout
+        self.backend: str | None = None
 
     def load(self, w: torch.Tensor | Int4Weight) -> None:
         """Quantize w [N, K] (asymmetric, round to nearest) with this layer's group size, or store a
@@ -200,18 +202,23 @@ class Int4Linear(nn.Module):
         else:
             _check_weight(self, w)
             q = ops.quantize_int4(w, group_size=self.group_size, symmetric=False)
+        # Once, here: the layout the selected kernel reads, in place of the plain one (no second copy).
+        q, self.backend = ops.prepare_int4(q, _gemm_dtype(self.dtype))
         self.qweight, self.scales, self.zeros, self.perm = q.qweight, q.scales, q.zeros, q.perm
         self._weight = q
 
     @property
     def weight(self) -> Int4Weight:
         if self._weight is None or self._weight.qweight is not self.qweight:  # not yet built, or moved
+            if self.backend is not None:
+                raise RuntimeError(f"Int4Linear: qweight was repacked for the {self.backend} backend at load and "
+                                   "cannot be moved; load the model on its device")  # fmt: skip
             self._weight = Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
         return self._weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in the activation dtype."""
-        return ops.int4_gemm(x.to(_gemm_dtype(self.dtype)), self.weight).to(self.dtype)
+        return ops.int4_gemm(x.to(_gemm_dtype(self.dtype)), self.weight, backend=self.backend).to(self.dtype)
 
 
 def int4_group_size(in_features: int) -> int:

@@ -1,8 +1,10 @@
 """Triton FP8 (e4m3) GEMM with row-wise or per-tensor scales: the triton backend of ops.fp8_gemm.
 
 y[m, n] = sum_k xq[m, k] wq[n, k] * x_scale[m] * w_scale[n] (+ bias[n]), accumulated in float32
-by tl.dot on e4m3 operands (wgmma on Hopper, mma on Ada). One kernel serves both regimes; the
-configuration (gemm_configs) decides how it runs:
+by tl.dot on e4m3 operands (wgmma on Hopper, mma on Ada). Ampere (sm_80) has no e4m3: there the
+kernel reads the e4m3 bytes as uint8 and moves their bits into fp16 fields (exact, value x 2^-8),
+and fp16 tensor cores compute the same exact products (the bytes read are the same). One kernel
+serves both regimes; the configuration (gemm_configs) decides how it runs:
 
 - decode (M <= 64): one BLOCK_M tile covers M, and SPLIT_K > 1 splits K so that N tiles x
   splits fill the GPU, one program per (tile, split). Each split writes its float32 partial to a
@@ -21,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from .gemm_configs import DECODE_MAX_M, GemmConfig, get_config, num_sms
+from .gemm_configs import DECODE_MAX_M, GemmConfig, get_config, gpu_of, num_sms
+from .norm import fp8_as_codes, fp8_bits
 
 # Epilogue scale modes (X_SCALE / W_SCALE): none, per-tensor (0-d), row-wise ([M] / [N]).
 NO_SCALE, TENSOR_SCALE, ROW_SCALE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -84,15 +87,24 @@ def run_gemm(kernel, args: tuple, kwargs: dict, out: torch.Tensor, k: int, cfg: 
     total = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) * cfg.split_k
     dst = out if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=out.device)
     programs = total if m <= DECODE_MAX_M else min(total, num_sms(out.device))  # prefill: persistent
-    kernel[(programs,)](
-        *args, dst, m, n, k, **kwargs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if cfg.split_k > 1:
-        splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
-            dst, out, m, n, **epi, SPLIT_K=cfg.split_k, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    with backends.on_device(out):
+        kernel[(programs,)](
+            *args, dst, m, n, k, **kwargs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, EVEN_K=k % cfg.block_k == 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if cfg.split_k > 1:
+            splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+                dst, out, m, n, **epi, SPLIT_K=cfg.split_k, BLOCK=_REDUCE_BLOCK, num_warps=4)
     return out
+
+
+@triton.jit
+def e4m3_as_f16(code):
+    """e4m3 codes (uint8) -> float16 holding the value x 2^-8, exactly (subnormals included): the sign,
+    exponent and mantissa bits moved into fp16's fields (exponent biases 7 and 15)."""
+    c = code.to(tl.uint16)
+    return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -107,6 +119,7 @@ def _fp8_gemm_kernel(
     GROUP_M: tl.constexpr,  # row tiles per L2 group in the tile walk
     SPLIT_K: tl.constexpr,  # > 1: write float32 partials to out_ptr = workspace [SPLIT_K, M, N], no epilogue
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
+    AS_F16: tl.constexpr,  # x and w are e4m3 codes (uint8), multiplied as float16 (GPUs without e4m3)
 ):  # fmt: skip
     """out [M, N] = epilogue(x [M, K] @ w [N, K].T), x and w e4m3 with rows of K contiguous."""
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -133,9 +146,16 @@ def _fp8_gemm_kernel(
                 k_left = K - kt * BLOCK_K
                 x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
                 w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(x, w, acc)
+            if AS_F16:
+                x, w = e4m3_as_f16(x), e4m3_as_f16(w)
+            # Hopper's wgmma accumulates e4m3 products in reduced precision; promote them to the float32
+            # accumulator every K step (as CUTLASS without fast accumulation and DeepGEMM do), so that
+            # prefill tiles (wgmma) sum like decode tiles (mma) and the reference.
+            acc = tl.dot(x, w, acc, max_num_imprecise_acc=BLOCK_K)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if AS_F16:
+            acc = acc * 65536.0  # both operands were scaled by 2^-8
         if SPLIT_K == 1:
             epilogue(acc, offs_m[:, None], offs_n[None, :], M, N, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr,
                      X_SCALE, W_SCALE, HAS_BIAS)  # fmt: skip
@@ -164,11 +184,14 @@ def launch(
     """
     m, k = xq.shape
     n = wq.shape[0]
-    cfg = config or get_config("fp8_gemm", m, n, k, num_sms(xq.device))
+    cfg = config or get_config("fp8_gemm", m, n, k, gpu_of(xq.device))
     epi = dict(x_scale_ptr=x_scale, w_scale_ptr=w_scale, bias_ptr=bias, HAS_BIAS=bias is not None,
                X_SCALE=_scale_mode(x_scale), W_SCALE=_scale_mode(w_scale))  # fmt: skip
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    return run_gemm(_fp8_gemm_kernel, (xq, wq), epi, out, k, cfg, epi)
+    as_f16 = fp8_as_codes(xq.device)
+    if as_f16:
+        xq, wq = fp8_bits(xq), fp8_bits(wq)
+    return run_gemm(_fp8_gemm_kernel, (xq, wq), dict(epi, AS_F16=as_f16), out, k, cfg, epi)
 
 
 @torch.library.custom_op("llama_kernels::fp8_gemm_triton", mutates_args=())
@@ -190,6 +213,6 @@ def _(xq, x_scale, wq, w_scale, out_dtype, bias):
 
 
 backends.register(
-    "fp8_gemm", "triton", fp8_gemm, min_capability=(8, 9),
-    instead="FP8 GEMM needs Ada (sm_89) or Hopper (sm_90); use int4_gemm or a bf16 linear",
+    "fp8_gemm", "triton", fp8_gemm, min_capability=(8, 0),
+    instead="the FP8 GEMM needs Ampere (sm_80) or newer; use int4_gemm or a bf16 linear",
 )  # fmt: skip

@@ -1,18 +1,21 @@
 """Launch configurations of the Triton GEMMs (fp8_gemm, int4_gemm), chosen per call without autotuning.
 
-``TABLE[op][(m_bucket(M), N, K)]`` holds a configuration for the Llama 3.1 projections that
-benchmarks/bench_gemm.py times (8B at TP 1, 70B and 405B at TP 8; M = 1, 16, 64, 256, 4096); any
-other shape gets :func:`default_config`. Two regimes:
+``TABLES[(arch, SM count)][op][(m_bucket(M), N, K)]`` holds a configuration for the Llama 3.1
+projections that benchmarks/bench_gemm.py times (8B at TP 1, 70B and 405B at TP 8; M = 1, 16, 64,
+256, 4096) on one GPU model: a split-K tuned for 132 SMs is wrong for an L4's 58, so a GPU, or a
+shape, without a table entry gets :func:`default_config`, computed for its architecture and SM
+count. Two regimes:
 
 - decode (M <= DECODE_MAX_M): the weight is streamed once, so the grid must fill the GPU from N
   alone: BLOCK_M covers all of M (16 minimum for tl.dot), and SPLIT_K splits K until
   tiles x splits reaches about two programs per SM (one program per work item, not persistent).
 - prefill: compute-bound; 128x128 tiles, persistent programs (one per SM), GROUP_M grouping.
 
-The seed entries below are what :func:`default_config` picks on an H100 (132 SMs); they have not
-been timed yet. To regenerate: for each key, time ``fp8_gemm.launch(..., config=c)`` /
-``int4_gemm.launch(..., config=c)`` over ``candidates(op, M)`` on the target GPU, keep the fastest,
-and replace the TABLE literal with ``format_table(new_table)``.
+The seed entries below (TABLE, for sm_90 with 132 SMs: H100/H200 SXM) are what
+:func:`default_config` picks there; they have not been timed yet. To regenerate, or add a GPU: for
+each key, time ``fp8_gemm.launch(..., config=c)`` / ``int4_gemm.launch(..., config=c)`` over
+``candidates(op, M)`` on the target GPU (``bench_gemm.py --tune``), keep the fastest, and paste
+``format_table(new_table)`` as that GPU's entry of TABLES.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from .. import backends
 DECODE_MAX_M = 64  # M up to this runs the decode (split-K) configurations
 M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # larger M uses the 4096 entry
 MAX_SPLIT_K = 16  # beyond this the float32 partials cost more traffic than the weight itself
-CPU_SMS = 132  # SM count assumed under the interpreter: run the configurations an H100 would
+CPU_GPU = ((9, 0), 132)  # (capability, SM count) assumed under the interpreter: run what an H100 would
+
+
+class Gpu(NamedTuple):
+    """What the configurations depend on: the architecture and the number of SMs."""
+
+    capability: tuple[int, int]
+    sms: int
 
 
 class GemmConfig(NamedTuple):
@@ -147,6 +157,9 @@ TABLE: dict[str, dict[tuple[int, int, int], tuple[int, ...]]] = {
 # fmt: on
 
 
+TABLES: dict[tuple[str, int], dict] = {("sm_90", 132): TABLE}  # (arch, SM count) -> a tuned TABLE
+
+
 def m_bucket(m: int) -> int:
     """The smallest bucket >= M (4096 for anything larger)."""
     return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
@@ -158,13 +171,14 @@ def _split_k(tiles: int, k_tiles: int, sms: int) -> int:
     return max(1, min(2 * sms // tiles, k_tiles // 2, MAX_SPLIT_K))
 
 
-def default_config(op: str, m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """The heuristic configuration for a shape missing from TABLE (`sms`: the GPU's SM count)."""
+def default_config(op: str, m: int, n: int, k: int, gpu: Gpu) -> GemmConfig:
+    """The heuristic configuration for a GPU or shape missing from TABLES: split-K from the GPU's SM
+    count, tiles that fit its registers (every one compiles without spills on sm_80, sm_89, sm_90)."""
     if m <= DECODE_MAX_M:
         block_m = max(16, triton.next_power_of_2(m))
         block_n, block_k = 64, 128
         tiles = -(-m // block_m) * -(-n // block_n)
-        split = _split_k(tiles, -(-k // block_k), sms)
+        split = _split_k(tiles, -(-k // block_k), gpu.sms)
         if op == "fp8_gemm":
             return GemmConfig(block_m, block_n, block_k, 1, split, 4, 4)
         return GemmConfig(block_m, block_n, block_k, 1, split, 8, 3)  # 8 warps: room for the dequantized tile
@@ -172,13 +186,19 @@ def default_config(op: str, m: int, n: int, k: int, sms: int) -> GemmConfig:
     warps = 8 if block_m == 128 else 4
     if op == "fp8_gemm":
         return GemmConfig(block_m, 128, 128, 8, 1, warps, 4)
+    if gpu.capability < (9, 0):  # mma.sync holds the dequantized tile in registers: 4 warps spill 80+ B/thread
+        warps = 8
     return GemmConfig(block_m, 128, 64, 8, 1, warps, 3)
 
 
-def get_config(op: str, m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """TABLE's configuration for (m_bucket(M), N, K), else default_config."""
-    entry = TABLE[op].get((m_bucket(m), n, k))
-    return GemmConfig(*entry) if entry is not None else default_config(op, m, n, k, sms)
+def arch_name(capability: tuple[int, int]) -> str:
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def get_config(op: str, m: int, n: int, k: int, gpu: Gpu) -> GemmConfig:
+    """The configuration TABLES holds for this GPU (arch, SM count) and (m_bucket(M), N, K), else default_config."""
+    entry = TABLES.get((arch_name(gpu.capability), gpu.sms), {}).get(op, {}).get((m_bucket(m), n, k))
+    return GemmConfig(*entry) if entry is not None else default_config(op, m, n, k, gpu)
 
 
 def candidates(op: str, m: int) -> list[GemmConfig]:
@@ -204,6 +224,14 @@ def format_table(table: dict[str, dict[tuple[int, int, int], tuple[int, ...]]]) 
     return "\n".join(lines + ["}"])
 
 
+def gpu_of(device: torch.device) -> Gpu:
+    """The architecture and SM count of `device` (CPU_GPU under the interpreter)."""
+    if device.type != "cuda":
+        return Gpu(*CPU_GPU)
+    index = backends.device_index(device)
+    return Gpu(backends.device_capability(index), backends.sm_count(index))
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (CPU_SMS under the interpreter)."""
-    return backends.sm_count(backends.device_index(device)) if device.type == "cuda" else CPU_SMS
+    """Streaming multiprocessors of `device` (persistent grids launch one program per SM)."""
+    return gpu_of(device).sms

@@ -23,7 +23,7 @@ import triton.language as tl
 from .. import backends
 from ..int4 import Int4Weight
 from .fp8_gemm import NO_EPILOGUE, NO_SCALE, epilogue, run_gemm, tile_coords
-from .gemm_configs import GemmConfig, get_config, num_sms
+from .gemm_configs import GemmConfig, get_config, gpu_of
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def launch(
     n = qweight.shape[0]
     if perm is not None:
         x = x.index_select(1, perm)
-    cfg = config or get_config("int4_gemm", m, n, k, num_sms(x.device))
+    cfg = config or get_config("int4_gemm", m, n, k, gpu_of(x.device))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = (x, qweight.contiguous(), scales.contiguous(), None if zeros is None else zeros.contiguous())
     meta = dict(GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,

@@ -21,12 +21,33 @@ from ..reference import FP8_MAX, FP8_MIN_SCALE
 FP8 = torch.float8_e4m3fn
 MAX_BLOCK = 16384  # longest row kept in registers (Llama 3 405B's hidden size)
 CHUNK = 4096  # chunk size of the looping path for longer rows
-FP8_NEEDS = (8, 9)  # Triton converts to float8e4nv only on sm_89+
+FP8_PTX_NEEDS = (8, 9)  # cvt.rn.satfinite.e4m3x2.f32 exists from sm_89; sm_80 rounds in integer arithmetic
 _FP8_MAX = tl.constexpr(FP8_MAX)  # jit functions read globals only as constexprs
 _FP8_MIN_SCALE = tl.constexpr(FP8_MIN_SCALE)
 # The Triton interpreter truncates float32 -> bfloat16 and rounds float32 -> float8e4nv half-up
 # with a broken carry; under it the kernels round to nearest even themselves (as the GPU does).
 EMULATE_CASTS = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fp8_ptx(device: torch.device) -> bool:
+    """Whether kernels on `device` convert float32 to e4m3 with cvt.rn.satfinite.e4m3x2.f32 (sm_89+),
+    else in integer arithmetic (sm_80, the interpreter). Never with Triton's own float8e4nv cast:
+    Triton 3.6 lowers it on sm_89 as cvt.rz.f16.f32 then f16 -> e4m3, rounding twice."""
+    if device.type != "cuda" or EMULATE_CASTS:
+        return False
+    return backends.device_capability(backends.device_index(device)) >= FP8_PTX_NEEDS
+
+
+def fp8_as_codes(device: torch.device) -> bool:
+    """Whether kernels on `device` read e4m3 tensors as uint8 codes and decode them in integer
+    arithmetic: on GPUs without an e4m3 type (sm_80), where Triton refuses to compile float8e4nv."""
+    return device.type == "cuda" and not fp8_ptx(device)
+
+
+def fp8_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float8_e4m3fn tensor as the uint8 codes the kernels read and write (no fp8 type reaches
+    Triton, so the kernels also build for sm_80, which has none)."""
+    return t.view(torch.uint8)
 
 
 def config(n: int) -> tuple[int, int, int]:
@@ -47,7 +68,7 @@ def _bf16_rne(x):
 
 @triton.jit
 def _e4m3_rne(y):
-    # float32 in [-448, 448] -> float8e4nv rounded to nearest even in integer arithmetic (for the interpreter).
+    # float32 in [-448, 448] -> e4m3 code (uint8) rounded to nearest even in integer arithmetic.
     bits = y.to(tl.uint32, bitcast=True)
     a = tl.abs(y)
     abits = a.to(tl.uint32, bitcast=True)
@@ -55,7 +76,26 @@ def _e4m3_rne(y):
     normal = (abits >> 20) - (120 << 3)  # rebias the exponent from 127 to 7
     subnormal = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.uint32)  # multiples of 2^-9, rounded to even
     code = tl.where(a < 0.015625, subnormal, normal) | ((bits >> 31) << 7)
-    return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_ptx(y):
+    # float32 -> e4m3 code (uint8), one rounding to nearest even, saturating; four values per asm
+    # (cvt packs two codes into 16 bits: the first source operand goes to the upper byte).
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 lo, hi;
+        cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
+        cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
+        mov.b32 $0, {lo, hi};
+        }""",
+        "=r,r,r,r,r",
+        [y],
+        dtype=tl.uint8,
+        is_pure=True,
+        pack=4,
+    )
 
 
 @triton.jit
@@ -67,12 +107,14 @@ def round_to(x, dtype: tl.constexpr, EMULATE_CASTS: tl.constexpr):
 
 
 @triton.jit
-def saturate_fp8(y, EMULATE_CASTS: tl.constexpr):
-    """float32 y -> float8e4nv, clamped to +-448 first so that out-of-range values saturate (never NaN)."""
+def saturate_fp8(y, FP8_PTX: tl.constexpr):
+    """float32 y -> e4m3 code (uint8, stored through a uint8 view: fp8_bits), clamped to +-448 first so
+    that out-of-range values saturate (never NaN), rounded once to nearest even on every GPU and
+    Triton version (see fp8_ptx)."""
     y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
-    if EMULATE_CASTS:
-        return _e4m3_rne(y)
-    return y.to(tl.float8e4nv)
+    if FP8_PTX:
+        return _e4m3_ptx(y)
+    return _e4m3_rne(y)
 
 
 @triton.jit
@@ -100,8 +142,9 @@ def _fp8_scale(amax, scale_ub, HAS_UB: tl.constexpr):
 def _rms_norm_kernel(
     X, R, W, Y, RES_OUT, Y_SCALE, N, eps, scale_ub,
     HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, HAS_UB: tl.constexpr,
-    BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, EMULATE_CASTS: tl.constexpr,
+    BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, EMULATE_CASTS: tl.constexpr, FP8_PTX: tl.constexpr,
 ):  # fmt: skip
+    # Y: y in x's dtype, or e4m3 codes (uint8) when FP8_OUT.
     row = tl.program_id(0)
     start = row.to(tl.int64) * N
     X += start
@@ -117,7 +160,7 @@ def _rms_norm_kernel(
         if FP8_OUT:
             scale = _fp8_scale(tl.max(tl.abs(y), axis=0), scale_ub, HAS_UB)
             tl.store(Y_SCALE + row, scale)
-            tl.store(Y + cols, saturate_fp8(y / scale, EMULATE_CASTS), mask=mask)
+            tl.store(Y + cols, saturate_fp8(y / scale, FP8_PTX), mask=mask)
         else:
             tl.store(Y + cols, round_to(y, Y.dtype.element_ty, EMULATE_CASTS), mask=mask)
     else:
@@ -142,7 +185,7 @@ def _rms_norm_kernel(
             r = _residual_out(X, R, RES_OUT, offs, mask, HAS_RESIDUAL, False, EMULATE_CASTS)
             y = r * inv * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
             if FP8_OUT:
-                tl.store(Y + offs, saturate_fp8(y / scale, EMULATE_CASTS), mask=mask)
+                tl.store(Y + offs, saturate_fp8(y / scale, FP8_PTX), mask=mask)
             else:
                 tl.store(Y + offs, round_to(y, Y.dtype.element_ty, EMULATE_CASTS), mask=mask)
 
@@ -150,8 +193,9 @@ def _rms_norm_kernel(
 @triton.jit
 def _quantize_fp8_kernel(
     X, XQ, SCALE, N, scale_ub,
-    HAS_UB: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, EMULATE_CASTS: tl.constexpr,
+    HAS_UB: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, FP8_PTX: tl.constexpr,
 ):
+    # XQ: e4m3 codes (uint8)
     row = tl.program_id(0)
     start = row.to(tl.int64) * N
     X += start
@@ -161,7 +205,7 @@ def _quantize_fp8_kernel(
         mask = cols < N
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         scale = _fp8_scale(tl.max(tl.abs(x), axis=0), scale_ub, HAS_UB)
-        tl.store(XQ + cols, saturate_fp8(x / scale, EMULATE_CASTS), mask=mask)
+        tl.store(XQ + cols, saturate_fp8(x / scale, FP8_PTX), mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
@@ -172,7 +216,7 @@ def _quantize_fp8_kernel(
             offs = c * BLOCK + cols
             mask = offs < N
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(XQ + offs, saturate_fp8(x / scale, EMULATE_CASTS), mask=mask)
+            tl.store(XQ + offs, saturate_fp8(x / scale, FP8_PTX), mask=mask)
     tl.store(SCALE + row, scale)
 
 
@@ -182,14 +226,15 @@ def _launch_norm(x, residual, weight, eps, y, residual_out=None, y_scale=None, s
     if rows == 0:
         return
     block, chunks, warps = config(n)
-    _rms_norm_kernel[(rows,)](
-        x, x if residual is None else residual, weight, y,
-        x if residual_out is None else residual_out, x if y_scale is None else y_scale,
-        n, eps, 0.0 if scale_ub is None else scale_ub,
-        HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=residual_out is not None,
-        FP8_OUT=y_scale is not None, HAS_UB=scale_ub is not None,
-        BLOCK=block, NUM_CHUNKS=chunks, EMULATE_CASTS=EMULATE_CASTS, num_warps=warps,
-    )  # fmt: skip
+    with backends.on_device(x):
+        _rms_norm_kernel[(rows,)](
+            x, x if residual is None else residual, weight, y if y_scale is None else fp8_bits(y),
+            x if residual_out is None else residual_out, x if y_scale is None else y_scale,
+            n, eps, 0.0 if scale_ub is None else scale_ub,
+            HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=residual_out is not None,
+            FP8_OUT=y_scale is not None, HAS_UB=scale_ub is not None, BLOCK=block, NUM_CHUNKS=chunks,
+            EMULATE_CASTS=EMULATE_CASTS, FP8_PTX=fp8_ptx(x.device), num_warps=warps,
+        )  # fmt: skip
 
 
 @torch.library.custom_op("llama_kernels::rms_norm_triton", mutates_args=())
@@ -246,10 +291,11 @@ def quantize_fp8(x: torch.Tensor, scale_ub: float | None = None) -> tuple[torch.
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         block, chunks, warps = config(n)
-        _quantize_fp8_kernel[(rows,)](
-            x, xq, scale, n, 0.0 if scale_ub is None else scale_ub,
-            HAS_UB=scale_ub is not None, BLOCK=block, NUM_CHUNKS=chunks, EMULATE_CASTS=EMULATE_CASTS, num_warps=warps,
-        )  # fmt: skip
+        with backends.on_device(x):
+            _quantize_fp8_kernel[(rows,)](
+                x, fp8_bits(xq), scale, n, 0.0 if scale_ub is None else scale_ub, HAS_UB=scale_ub is not None,
+                BLOCK=block, NUM_CHUNKS=chunks, FP8_PTX=fp8_ptx(x.device), num_warps=warps,
+            )  # fmt: skip
     return xq, scale
 
 
@@ -260,6 +306,5 @@ def _(x, scale_ub=None):
 
 backends.register("rms_norm", "triton", rms_norm)
 backends.register("add_rms_norm", "triton", add_rms_norm)
-_FP8_INSTEAD = "Triton writes float8_e4m3fn only from sm_89; use backend='cuda' or 'torch'"
-backends.register("add_rms_norm_fp8", "triton", add_rms_norm_fp8, FP8_NEEDS, _FP8_INSTEAD)
-backends.register("quantize_fp8", "triton", quantize_fp8, FP8_NEEDS, _FP8_INSTEAD)
+backends.register("add_rms_norm_fp8", "triton", add_rms_norm_fp8)
+backends.register("quantize_fp8", "triton", quantize_fp8)

@@ -22,7 +22,6 @@ Triton's float8 conversion, which exists only on sm_89+: the kernel runs on sm_8
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -209,7 +208,7 @@ def paged_prefill_attention_triton(
     q_start = torch.cumsum(query_lens, 0, dtype=torch.int32) - query_lens  # [B]
     k, v = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if is_fp8 else (k_cache, v_cache)
     sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with backends.on_device(q):
         _prefill_kernel[(max_tiles, hkv)](
             q, k, v, block_table, seq_lens, query_lens, q_start, tiles_end - tiles, tile_seq,
             k_scale if is_fp8 else out, v_scale if is_fp8 else out,  # placeholders, never read

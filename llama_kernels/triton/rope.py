@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from .norm import EMULATE_CASTS, FP8, FP8_NEEDS, round_to, saturate_fp8
+from .norm import EMULATE_CASTS, FP8, fp8_bits, fp8_ptx, round_to, saturate_fp8
 
 MAX_HEAD_DIM = 512  # largest D tiled here (real models use up to 256)
 TILE = 1024  # elements per half-head tile: BLOCK_H * BLOCK_HALF
@@ -28,10 +28,12 @@ def config(n_heads: int, head_dim: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _store_cache(CACHE, offs, mask, x, FP8_CACHE: tl.constexpr, EMULATE_CASTS: tl.constexpr):
-    # A float32 half-head tile (already divided by the scale for FP8) in the cache's dtype.
+def _store_cache(CACHE, offs, mask, x, FP8_CACHE: tl.constexpr, EMULATE_CASTS: tl.constexpr,
+                 FP8_PTX: tl.constexpr):  # fmt: skip
+    # A float32 half-head tile (already divided by the scale for FP8) in the cache's dtype (e4m3 codes
+    # through a uint8 view for FP8).
     if FP8_CACHE:
-        tl.store(CACHE + offs, saturate_fp8(x, EMULATE_CASTS), mask=mask)
+        tl.store(CACHE + offs, saturate_fp8(x, FP8_PTX), mask=mask)
     else:
         tl.store(CACHE + offs, round_to(x, CACHE.dtype.element_ty, EMULATE_CASTS), mask=mask)
 
@@ -40,7 +42,7 @@ def _store_cache(CACHE, offs, mask, x, FP8_CACHE: tl.constexpr, EMULATE_CASTS: t
 def _rope_and_cache_kernel(
     Q, K, V, POS, COS, SIN, K_CACHE, V_CACHE, SLOTS, K_SCALE, V_SCALE, Q_OUT, K_OUT,
     HQ, HKV, D, HALF,
-    INTERLEAVED: tl.constexpr, FP8_CACHE: tl.constexpr, EMULATE_CASTS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, FP8_CACHE: tl.constexpr, EMULATE_CASTS: tl.constexpr, FP8_PTX: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
@@ -82,10 +84,10 @@ def _rope_and_cache_kernel(
                 k_scale = tl.load(K_SCALE + h, mask=h < HKV, other=1.0)
                 v_scale = tl.load(V_SCALE + h, mask=h < HKV, other=1.0)
                 o1, o2, v1, v2 = o1 / k_scale, o2 / k_scale, v1 / v_scale, v2 / v_scale
-            _store_cache(K_CACHE, cache_row + first, mask, o1, FP8_CACHE, EMULATE_CASTS)
-            _store_cache(K_CACHE, cache_row + second, mask, o2, FP8_CACHE, EMULATE_CASTS)
-            _store_cache(V_CACHE, cache_row + first, mask, v1, FP8_CACHE, EMULATE_CASTS)
-            _store_cache(V_CACHE, cache_row + second, mask, v2, FP8_CACHE, EMULATE_CASTS)
+            _store_cache(K_CACHE, cache_row + first, mask, o1, FP8_CACHE, EMULATE_CASTS, FP8_PTX)
+            _store_cache(K_CACHE, cache_row + second, mask, o2, FP8_CACHE, EMULATE_CASTS, FP8_PTX)
+            _store_cache(V_CACHE, cache_row + first, mask, v1, FP8_CACHE, EMULATE_CASTS, FP8_PTX)
+            _store_cache(V_CACHE, cache_row + second, mask, v2, FP8_CACHE, EMULATE_CASTS, FP8_PTX)
 
 
 @torch.library.custom_op("llama_kernels::rope_and_cache_triton", mutates_args=("k_cache", "v_cache"))
@@ -113,22 +115,20 @@ def rope_and_cache(
     if d > MAX_HEAD_DIM:
         raise ValueError(f"rope_and_cache: the triton kernel supports head_dim D <= {MAX_HEAD_DIM}; got D={d}")
     fp8_cache = k_cache.dtype == FP8
-    if fp8_cache and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < FP8_NEEDS:
-        raise backends.BackendUnavailableError(
-            "rope_and_cache: the triton kernel writes float8_e4m3fn caches only on compute capability >= 8.9; "
-            "use backend='cuda' or 'torch' on this GPU"
-        )
+    if fp8_cache:  # written as e4m3 codes, on every GPU from sm_80
+        k_cache, v_cache = fp8_bits(k_cache), fp8_bits(v_cache)
     q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
     if t:
         block_hq, block_half = config(hq, d)
         block_hkv, _ = config(hkv, d)
-        _rope_and_cache_kernel[(t,)](
-            q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
-            cos if k_scale is None else k_scale, cos if v_scale is None else v_scale,  # placeholders: unread
-            q_rot, k_rot, hq, hkv, d, d // 2,
-            INTERLEAVED=interleaved, FP8_CACHE=fp8_cache, EMULATE_CASTS=EMULATE_CASTS,
-            BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with backends.on_device(q):
+            _rope_and_cache_kernel[(t,)](
+                q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                cos if k_scale is None else k_scale, cos if v_scale is None else v_scale,  # placeholders: unread
+                q_rot, k_rot, hq, hkv, d, d // 2,
+                INTERLEAVED=interleaved, FP8_CACHE=fp8_cache, EMULATE_CASTS=EMULATE_CASTS, FP8_PTX=fp8_ptx(q.device),
+                BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, num_warps=NUM_WARPS,
+            )  # fmt: skip
     return q_rot, k_rot
 
 
