@@ -1,8 +1,11 @@
-"""paged_prefill_attention: the reference against independent definitions, the argument checks.
+"""paged_prefill_attention: the reference against independent definitions, the triton kernel
+against the reference, the argument checks, and compiles of the kernel for sm_90 / sm_89 / sm_80.
 
 The reference (the torch backend) is checked against SDPA with a causal mask when the new tokens
 are the whole sequence, and, with a cached prefix, token by token against decode_attention: new
-token i of sequence b is one decode step over the first p + 1 cached tokens.
+token i of sequence b is one decode step over the first p + 1 cached tokens. Without a GPU the
+triton kernel runs under the interpreter, so the cases are a covering subset of the sizes, not
+their cross product.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOL, assert_rel_close, paged_attention_case, randn
-from llama_kernels import BackendUnavailableError, backends, ops
+from conftest import TOL, assert_rel_close, paged_attention_case, poison_allocator, randn
+from llama_kernels import BackendUnavailableError, backends, ops, reference
+from llama_kernels.triton import prefill_attention
+from triton_compile import compile_for, ptxas_report
 
 FP8 = torch.float8_e4m3fn
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def prefill_case(seq_lens, query_lens, hq, hkv, d, block_size, dtype, cache_dtype, seed, device="cpu"):
@@ -63,6 +69,136 @@ def test_reference_with_prefix_is_decode_token_by_token(group, dtype, cache_dtyp
     args = prefill_case(seq_lens, query_lens, 2 * group, 2, 64, 16, dtype, cache_dtype, seed=group)
     out = ops.paged_prefill_attention(*args[:6], 0.07, *args[6:])
     assert_rel_close(out, decode_token_by_token(*args, scale=0.07), TOL[dtype] + 1e-6)
+
+
+# --- the triton kernel ------------------------------------------------------------------
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Outputs the kernel allocates start as NaN also on the CPU (poison_allocator does it on a
+    GPU), so a row it fails to write shows."""
+    if DEVICE.type == "cuda":
+        poison_allocator(DEVICE)
+        return
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+
+
+def _check_triton(args, scale=None, name="paged_prefill_attention"):
+    want = reference.paged_prefill_attention(*args[:6], scale, *args[6:])
+    out = ops.paged_prefill_attention(*args[:6], scale, *args[6:], backend="triton")
+    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    assert_rel_close(out, want, TOL[args[0].dtype], name)  # also asserts no NaN/inf
+    return out
+
+
+# (seq_lens, query_lens) of 4 sequences packed in one call: query lengths 1, 3, 17, 64 over
+# prefixes 0, 5, 130 in rotating combinations.
+LENS = [([1, 8, 147, 64], [1, 3, 17, 64]),
+        ([135, 17, 69, 3], [5, 17, 64, 3]),
+        ([3, 147, 5, 194], [3, 17, 5, 64]),
+        ([131, 6, 22, 64], [1, 1, 17, 64])]  # fmt: skip
+CASES = [  # (lens, group, D, block_size, q dtype, cache dtype)
+    (LENS[0], 1, 64, 16, torch.float32, torch.float32),
+    (LENS[1], 3, 128, 32, torch.bfloat16, torch.bfloat16),
+    (LENS[2], 4, 64, 32, torch.float16, torch.float16),
+    (LENS[3], 8, 128, 16, torch.bfloat16, FP8),
+    (LENS[0], 16, 64, 16, torch.float16, FP8),
+    (LENS[1], 16, 128, 32, torch.float32, torch.float32),
+    (LENS[2], 8, 64, 16, torch.bfloat16, torch.float32),  # q and cache of different dtypes
+    (LENS[3], 1, 128, 32, torch.float16, torch.bfloat16),
+]
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("lens,group,d,block_size,dtype,cache_dtype", CASES,
+                         ids=[f"g{c[1]}-d{c[2]}-bs{c[3]}-{c[4]}-{c[5]}".replace("torch.", "") for c in CASES])  # fmt: skip
+def test_triton_matches_reference(lens, group, d, block_size, dtype, cache_dtype):
+    args = prefill_case(*lens, 2 * group, 2, d, block_size, dtype, cache_dtype, seed=group + d, device=DEVICE)
+    _check_triton(args, name=f"group {group} D {d} block {block_size} {dtype}/{cache_dtype}")
+
+
+def test_triton_fp8_cache_against_dequantized_float32_cache():
+    # The FP8 decode in the kernel (integer ops) against the same cache dequantized by torch: only
+    # q's and p's roundings differ, so the float32 tolerance (with q in float32) holds.
+    q, kc, vc, table, lens, qlens, ks, vs = prefill_case([150, 9], [20, 9], 8, 2, 64, 16, torch.float32, FP8, 4)
+    out = ops.paged_prefill_attention(q, kc, vc, table, lens, qlens, None, ks, vs, backend="triton")
+    kf, vf = kc.float() * ks[:, None], vc.float() * vs[:, None]
+    want = ops.paged_prefill_attention(q, kf, vf, table, lens, qlens, backend="torch")
+    assert_rel_close(out, want, TOL[torch.float32], "fp8 cache")
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_many_tiles_and_sequences_custom_scale():
+    # 9 sequences, one long (several query tiles of 64 tokens at group 2, a prefix spanning many
+    # KV tiles) among short ones with one or two new tokens: exercises the tile -> sequence map
+    # and the bound on the number of tiles.
+    query_lens = [1, 2, 300, 1, 1, 2, 1, 40, 1]
+    seq_lens = [q + p for q, p in zip(query_lens, [0, 7, 260, 33, 1, 64, 127, 0, 300])]
+    args = prefill_case(seq_lens, query_lens, 4, 2, 64, 16, torch.float32, torch.float32, seed=9, device=DEVICE)
+    _check_triton(args, scale=0.3)
+
+
+@pytest.mark.parametrize("d", [32, 96])
+def test_triton_unsupported_head_dim_raises(d):
+    args = prefill_case([4], [4], 4, 2, d, 16, torch.float16, torch.float16, seed=0)
+    with pytest.raises(ValueError, match=f"head_dim D in \\(64, 128\\), got D={d}"):
+        ops.paged_prefill_attention(*args[:6], backend="triton")
+
+
+def test_triton_fake_registration_matches_kernel():
+    args = prefill_case([30, 5], [10, 5], 4, 2, 64, 16, torch.bfloat16, torch.bfloat16, seed=3)
+    torch.library.opcheck(prefill_attention.paged_prefill_attention, tuple(args[:6]) + (None, *args[6:]),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+def test_tile_config_fits_every_group():
+    for group in (1, 3, 4, 8, 16, 24, 80, 128):
+        for dtype, capability in ((torch.bfloat16, (9, 0)), (torch.bfloat16, (8, 0)), (torch.float32, None)):
+            block_m, block_n, _, _ = prefill_attention.tile_config(group, 128, dtype, capability)
+            assert block_m >= 16 and block_m & (block_m - 1) == 0 and block_n >= 16  # tl.dot's shapes
+            assert block_m // group * group > block_m // 2  # at least one token, padding under half the rows
+
+
+@pytest.mark.gpu
+def test_triton_realistic_sizes():
+    # An 8B-shaped layer (32 query heads, 8 KV heads, D 128): a 2048-token chunk over a 6000-token
+    # prefix packed with a 512-token prompt and three decode-like sequences.
+    query_lens = [2048, 512, 1, 1, 1]
+    seq_lens = [8048, 512, 4000, 17, 1]
+    for cache_dtype in (torch.bfloat16, FP8):
+        args = prefill_case(seq_lens, query_lens, 32, 8, 128, 16, torch.bfloat16, cache_dtype, seed=1, device=DEVICE)
+        _check_triton(args, name=f"8B-shaped {cache_dtype}")
+
+
+# --- compile for sm_90 / sm_89 / sm_80 ---------------------------------------------------------
+
+_INTS = ("num_tokens", "num_seqs", "num_kv_heads", "max_blocks")
+_PTRS = ("table_ptr", "lens_ptr", "qlens_ptr", "q_start_ptr", "tile_start_ptr", "tile_seq_ptr")
+_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N", "IS_FP8", "DOT_F32", "EMULATE_CASTS")
+
+
+@pytest.mark.parametrize("group,d,cache,capability", [
+    (1, 128, "bf16", 90), (8, 128, "bf16", 90), (3, 64, "fp16", 90),
+    (8, 128, "u8", 90), (16, 64, "u8", 90),
+    (8, 128, "u8", 89), (16, 64, "u8", 89), (8, 128, "bf16", 80),
+    (4, 128, "u8", 80),  # FP8 caches decode in integer ops: no sm_89 needed
+])  # fmt: skip
+def test_kernel_compiles_without_spills(group, d, cache, capability):
+    dtype = "fp16" if cache == "fp16" else "bf16"
+    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", **dict.fromkeys(_PTRS, "*i32"),
+                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "qk_scale": "fp32",
+                 **dict.fromkeys(_INTS, "i32"), **dict.fromkeys(_CONSTEXPRS, "constexpr")}  # fmt: skip
+    block_m, block_n, num_warps, num_stages = prefill_attention.tile_config(group, d, torch.bfloat16,
+                                                                            divmod(capability, 10))  # fmt: skip
+    constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_N=block_n,
+                      IS_FP8=cache == "u8", DOT_F32=False, EMULATE_CASTS=False)  # fmt: skip
+    compiled = compile_for(prefill_attention._prefill_kernel, signature, constexprs, capability, num_warps=num_warps,
+                           num_stages=num_stages)  # fmt: skip
+    report = ptxas_report(compiled, capability)
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["log"]
+    assert "mma" in compiled.asm["ptx"]  # the dots run on tensor cores
 
 
 # --- argument checks --------------------------------------------------------------------

@@ -11,4 +11,4 @@ except ImportError:  # the pure-torch install: the triton backend stays empty
     triton = None
 
 if triton is not None:
-    from . import attention, fp8_gemm, int4_gemm, norm, rope  # noqa: F401
+    from . import attention, fp8_gemm, int4_gemm, norm, prefill_attention, rope  # noqa: F401
