@@ -20,9 +20,11 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+import llama_kernels  # noqa: E402
 from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT = str(Path(llama_kernels.__file__).resolve().parent.parent)  # the server runs the llama_kernels tested here
 MODEL = "SmolLM2-135M-Instruct"
 MAX_CONTEXT = 512
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -37,9 +39,9 @@ class ServerProcess:
     def __init__(self, tmp: Path, *args: str, env: dict | None = None, max_context: int = MAX_CONTEXT) -> None:
         self.log = tmp / f"server{os.getpid()}_{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "llama_kernels", "serve", "--port", "0", "--max-context", str(max_context), *args]
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
-                                     env=full_env, cwd=ROOT)  # fmt: skip
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PACKAGE_PARENT, **(env or {})}
+        self.log_file = open(self.log, "w")  # the server's stderr, shown if it fails to start
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log_file, text=True, env=full_env)
         deadline = time.monotonic() + 180
         line = ""
         while "serving" not in line:
@@ -58,6 +60,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log_file.close()
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
@@ -254,7 +257,7 @@ def test_bench_serve_smoke(server, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--url", server.url, "--model", MODEL,
            "--num-requests", "6", "--concurrency", "1", "3", "--input-len", "16", "--output-len", "4", "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     runs = json.loads(out.read_text())["runs"]
     assert [r["concurrency"] for r in runs] == [1, 3]

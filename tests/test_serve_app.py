@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +20,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+import llama_kernels  # noqa: E402
 from llama_kernels.loader import open_checkpoint  # noqa: E402
 from llama_kernels.serve.engine import RequestOutput, SamplingParams  # noqa: E402
 from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
@@ -281,3 +286,44 @@ def test_metrics_exposition(server):
         buckets = [v for k, v in m.items() if k.startswith(f"llama_kernels_{hist}_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == m[f"llama_kernels_{hist}_count"] > 0
         assert f"# TYPE llama_kernels_{hist} histogram" in text
+
+
+def test_disconnect_before_a_non_streamed_answer_aborts(server):
+    body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection) after 0.3 s
+        httpx.post(server.url + COMPLETIONS, json=body, timeout=httpx.Timeout(10, read=0.3))
+    deadline = time.monotonic() + 1.0
+    while server.metrics()["llama_kernels_kv_blocks_used"] != 0 or server.engine.reqs:
+        assert time.monotonic() < deadline, "the abandoned request still runs a second after the disconnect"
+        time.sleep(0.02)
+    _assert_good(server)
+
+
+def test_serve_package_and_cli_import_without_fastapi():
+    code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import llama_kernels.serve, llama_kernels.cli\n"
+            "from llama_kernels.cli import main\n"
+            "sys.exit(main(['serve', '--port', '0']))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(llama_kernels.__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().endswith('pip install "llama-kernels[serve]"') and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--max-num-seqs", "0"], ["--max-num-seqs=0", ">= 1"]),
+    (["--port", "70000"], ["--port=70000", "65535"]),
+    (["/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
+])  # fmt: skip
+def test_serve_command_bad_arguments_are_one_line(argv, words, capsys):
+    import argparse
+
+    from llama_kernels.serve import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    assert serve_cli.run(parser.parse_args(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("llama-kernels serve: "), err
+    for w in words:
+        assert w in err, (w, err)

@@ -7,6 +7,7 @@ stops the server. Imported only by `llama-kernels serve` (FastAPI is the optiona
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -130,7 +131,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         except Exception as err:  # noqa: BLE001  (a template's raise_exception, e.g. roles out of order)
             raise OpenAIError(f"messages: the chat template refused them: {err}", param="messages") from None
         params = sampling(req, prompt_ids, "messages")
-        return await respond(req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=True)
+        return await respond(request, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -146,9 +147,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 raise OpenAIError(f"prompt: token id {bad}; expected ids in [0, {tok.vocab_size})", param="prompt")
             prompt_ids = list(prompt)
         params = sampling(req, prompt_ids, "prompt")
-        return await respond(req, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=False)
+        return await respond(request, req, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=False)
 
-    async def respond(req, request_id: str, prompt_ids: list[int], params: SamplingParams, chat: bool):
+    async def respond(request: Request, req, request_id: str, prompt_ids: list[int], params: SamplingParams, chat: bool):
         outputs = engine.generate(request_id, prompt_ids, params)
         try:
             first = await anext(outputs)  # errors before any output get a proper status code
@@ -163,17 +164,17 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         if req.stream:
             events = stream_events(req, head, first, outputs, len(prompt_ids), chat)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, logprobs, out = [], [], first
-        async with aclosing(outputs):
-            while True:
-                text.append(out.new_text)
-                logprobs += out.new_logprobs or []
-                if out.finished:
-                    break
-                try:
-                    out = await anext(outputs)
-                except (ValueError, EngineError) as err:
-                    raise _engine_error(err) from None
+        collecting = asyncio.ensure_future(collect(first, outputs))
+        hangup = asyncio.ensure_future(request.receive())  # the body is read: the next message is a disconnect
+        try:
+            await asyncio.wait((collecting, hangup), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+        if not collecting.done():  # the client left: abort (collect's aclosing) and answer no one
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+            return JSONResponse(_error("client closed the request", 499).body(), status_code=499)
+        text, logprobs, out = collecting.result()
         usage = _usage(len(prompt_ids), out.completion_tokens)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -182,6 +183,20 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         choice = {"index": 0, "text": "".join(text), "finish_reason": out.finish_reason,
                   "logprobs": completion_logprobs(logprobs) if req.logprobs is not None else None}  # fmt: skip
         return {**head, "choices": [choice], "usage": usage}
+
+    async def collect(first, outputs) -> tuple[list[str], list, object]:
+        """(text pieces, logprobs, the final output) of a whole request."""
+        text, logprobs, out = [], [], first
+        async with aclosing(outputs):
+            while True:
+                text.append(out.new_text)
+                logprobs += out.new_logprobs or []
+                if out.finished:
+                    return text, logprobs, out
+                try:
+                    out = await anext(outputs)
+                except (ValueError, EngineError) as err:
+                    raise _engine_error(err) from None
 
     async def stream_events(req, head: dict, first, outputs, prompt_tokens: int, chat: bool):
         def event(choices: list, usage=None) -> str:
