@@ -242,21 +242,35 @@ class LLM:
         Runs on self.engine: max_batch sequences decode at once, a finished one's place goes to the
         next prompt. With a seed, prompt i samples from its own generator seeded seed + i (so its
         tokens do not depend on the other prompts). stop_ids None: the model's eos ids.
-        Under tensor parallel, sampling without a seed uses rank 0's random seed on every rank."""
+        Under tensor parallel, rank 0's engine schedules and samples, the other ranks run each step's
+        forward (Engine.follow) and receive rank 0's tokens."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         check_context(prompts, max_new_tokens, self.max_context)
-        if self.model.tp is not None and temperature > 0 and seed is None:
-            pick = torch.randint(2**62, (1,)) if distributed.is_main() else torch.zeros(1, dtype=torch.int64)
-            seed = int(self.model.tp.all_reduce(pick.to(self.model.tok_embeddings.weight.device)).item())
         engine = self.engine
         engine.throughput = GenerationStats()
-        ids = {}
-        for i, prompt in enumerate(prompts):
-            ids[f"generate-{i}"] = i
-            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0,
-                                    top_k=top_k, seed=None if seed is None else seed + i,
-                                    stop_token_ids=tuple(stop_ids or ()), ignore_eos=stop_ids is not None)  # fmt: skip
-            engine.add_request(f"generate-{i}", list(prompt), params)
+        tp = self.model.tp is not None
+        if tp and not distributed.is_main():
+            engine.follow()
+            result = distributed.broadcast_object()
+            if isinstance(result, ValueError):
+                raise result
+            self.last_stats = engine.throughput
+            return result
+        requests = {f"generate-{i}": (list(prompt), SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0, top_k=top_k,
+            seed=None if seed is None else seed + i, stop_token_ids=tuple(stop_ids or ()),
+            ignore_eos=stop_ids is not None)) for i, prompt in enumerate(prompts)}  # fmt: skip
+        try:
+            for rid, (prompt, params) in requests.items():
+                engine.check_request(rid, prompt, params)  # all of them before any is queued
+        except ValueError as err:
+            if tp:
+                engine.stop_followers()
+                distributed.broadcast_object(err)
+            raise
+        ids = {rid: i for i, rid in enumerate(requests)}
+        for rid, (prompt, params) in requests.items():
+            engine.add_request(rid, prompt, params)
         out: list[list[int]] = [[] for _ in prompts]
         while engine.has_unfinished():
             for o in engine.step():
@@ -264,6 +278,9 @@ class LLM:
                 out[i] += o.new_token_ids
                 for token in o.new_token_ids if on_token is not None else ():
                     on_token(i, token)
+        if tp:
+            engine.stop_followers()
+            distributed.broadcast_object(out)
         self.last_stats = engine.throughput
         return out
 

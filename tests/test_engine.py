@@ -251,3 +251,15 @@ def test_utf8_text_is_never_broken_on_smollm2(smol):
     pieces = feed(d, smol.tokenizer.encode(text)) + [d.finish()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert pieces.count("") > 0, "some tokens end mid-character"
+
+
+def test_decode_ops_on_the_torch_backend_keep_decode_eager(llm):
+    """The torch backend syncs with the host, so a CUDA graph cannot capture it: the runner lists the
+    decode ops that would run there (on the CPU: all of them) and then decodes eagerly."""
+    from llama_kernels.serve.runner import decode_ops, graph_blockers
+
+    assert decode_ops(llm.model) == {"add_rms_norm", "rope_and_cache", "decode_attention"}
+    fp8 = LLM.from_config(CONFIG, quant="fp8", device="cpu", max_context=32, max_batch=1)
+    assert decode_ops(fp8.model) >= {"add_rms_norm_fp8", "quantize_fp8", "fp8_gemm"}
+    assert graph_blockers(fp8.model, torch.device("cpu")) == sorted(decode_ops(fp8.model))
+    assert llm.graphs is None and fp8.graphs is None

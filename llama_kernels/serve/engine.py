@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import distributed
 from .. import plan as planner
 from ..model.model import Transformer
 from .detokenizer import Detokenizer
@@ -114,6 +115,8 @@ class Engine:
         self.runner = ModelRunner(llm.model, llm.cache, max_num_seqs, llm.max_context, llm.cuda_graphs)
         self.runner.calibrate(self.allocator, self.tokenizer, llm.max_context)
         self.device = llm.model.tok_embeddings.weight.device
+        # under tensor parallel, rank 0 schedules and sends each step to the other ranks (see follow())
+        self.lead = llm.model.tp is not None and distributed.is_main()
         self.eos_ids = tuple(llm.stop_ids)  # the model's eos ids
         self.throughput = GenerationStats()  # counters since the last reset (LLM.generate resets it)
         self._seqs: dict[str, Sequence] = {}  # unfinished requests by id
@@ -126,6 +129,19 @@ class Engine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (naming the field and value) before any state change."""
+        prompt = self.check_request(request_id, prompt_ids, params)
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
+            generator = torch.Generator(self.device).manual_seed(seed)
+        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        seq = Sequence(request_id, prompt, params, generator, detok)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def check_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The checks of add_request, changing nothing: ValueError naming the field and value, else
+        the prompt as a list."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"Engine.add_request: request_id={request_id!r}; expected a non-empty string")
         if request_id in self._seqs:
@@ -149,14 +165,7 @@ class Engine:
                              f"needs more than the {self.allocator.num_blocks} KV blocks of the pool")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise ValueError(f"Engine.add_request: stop={params.stop!r} needs a tokenizer; this model has none")
-        generator = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
-            generator = torch.Generator(self.device).manual_seed(seed)
-        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        seq = Sequence(request_id, prompt, params, generator, detok)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        return prompt
 
     def abort(self, request_id: str) -> None:
         """Free the request's blocks now; the next step() returns its final output (finish_reason
@@ -189,7 +198,7 @@ class Engine:
         for seq, n in scheduled:
             start = seq.num_computed
             chunks.append(Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids)))
-        logits = self.runner.run(chunks)  # [N, V] float32: the chunks that end their sequence's known tokens
+        logits = self.runner.run(chunks, lead=self.lead)  # [N, V] float32: the chunks that end their sequence's known tokens
         for seq, n in scheduled:
             seq.num_computed += n
         sampling = [seq for seq, n in scheduled if seq.num_computed == len(seq.ids)]
@@ -255,6 +264,20 @@ class Engine:
             s.decode_bytes += self._weight_bytes + kv_tokens * self.llm.cache.bytes_per_token
         else:
             s.prefill_s += seconds
+
+    # --- tensor parallel ------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Under tensor parallel, on every rank but 0: run the forward of each step rank 0's engine
+        takes, until rank 0 calls stop_followers(). Requests are added to rank 0's engine only."""
+        if self.llm.model.tp is None or distributed.is_main():
+            raise RuntimeError("Engine.follow: only ranks other than 0 of a tensor-parallel model follow")
+        self.runner.follow()
+
+    def stop_followers(self) -> None:
+        """Rank 0 under tensor parallel: end the other ranks' follow() (no-op otherwise)."""
+        if self.lead:
+            self.runner.stop_followers()
 
     # --- whole-sequence logits (LLM.logits) ----------------------------------------------------
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import backends
+from .. import backends, distributed
 from ..model.kv_cache import AttentionBatch, KVCache
 from ..model.linear import Fp8Linear, Fp8StaticLinear, Int4Linear
 from ..model.model import Transformer
@@ -25,6 +25,7 @@ CALIBRATION_TEXT = (
     "<|user|> Summarize the text above in one sentence. <|assistant|> A famous iron tower in Paris, built by Eiffel."
 )
 CALIBRATION_TOKENS = 256  # token ids of a checkpoint without a tokenizer: this many seeded random ids
+_said_eager: list[bool] = []  # whether "decode runs eagerly" was printed (once per process)
 
 
 @dataclass
@@ -140,16 +141,20 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # decode steps as CUDA graphs; None: eager
         if cuda_graphs and self.device.type == "cuda":
             blockers = graph_blockers(model, self.device)
-            if blockers:
+            if blockers and not _said_eager:
+                _said_eager.append(True)
                 print(f"decode runs eagerly, without CUDA graphs: {', '.join(blockers)} would run on the torch "
                       "backend, whose host syncs a graph cannot capture", file=sys.stderr)  # fmt: skip
-            else:
+            if not blockers:
                 self.graphs = DecodeGraphs(model, cache, max_num_seqs, max_context)
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk], all_logits: bool = False) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], all_logits: bool = False, lead: bool = False) -> torch.Tensor:
         """Logits [N, V] float32 of the chunks that ask for them (their last tokens, in order), or with
-        all_logits of every token [T, V]. A step whose chunks are all one token is a decode step."""
+        all_logits of every token [T, V]. A step whose chunks are all one token is a decode step.
+        With lead (rank 0 under tensor parallel), the step is first sent to the ranks in follow()."""
+        if lead:
+            distributed.broadcast_object(("run", chunks, all_logits))
         bs = self.cache.block_size
         tokens = [t for c in chunks for t in c.tokens]
         positions = [c.start + i for c in chunks for i in range(len(c.tokens))]
@@ -172,6 +177,19 @@ class ModelRunner:
             return logits[want].float()
         index = None if all_logits else want.to(dev)
         return self.model(ids, batch, self.cache, index).float()
+
+    def follow(self) -> None:
+        """Under tensor parallel, on ranks other than 0: run each step rank 0 leads, until it stops."""
+        while True:
+            message = distributed.broadcast_object()
+            if message[0] == "stop":
+                return
+            self.run(*message[1:])
+
+    @staticmethod
+    def stop_followers() -> None:
+        """Rank 0: end the other ranks' follow()."""
+        distributed.broadcast_object(("stop",))
 
     def calibrate(self, allocator: BlockAllocator, tokenizer, max_context: int) -> None:
         """Fix the FP8 KV scales (no-op unless the cache is FP8 and not yet calibrated) from one
