@@ -195,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="prompt and arrival randomness")
     parser.add_argument("--warmup", type=int, default=1, help="requests sent (and not measured) before the runs")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. how the server was started)")
+    parser.add_argument("--server-info", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="facts about the server stored in the JSON (versions, flags, threads)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     for name in ("num_requests", "input_len", "output_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
+    if any("=" not in kv for kv in args.server_info):
+        parser.error(f"--server-info {args.server_info}: expected KEY=VALUE pairs")
     if args.concurrency and args.request_rate:
         parser.error("give --concurrency or --request-rate, not both")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "url": args.url,
         "model": model, "endpoint": args.endpoint, "input_len_words": args.input_len, "output_len": args.output_len,
         "temperature": args.temperature, "ignore_eos": not args.no_ignore_eos, "client_machine": machine(),
-        "note": args.note, "runs": runs,
+        "server": dict(kv.split("=", 1) for kv in args.server_info), "note": args.note, "runs": runs,
     }  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

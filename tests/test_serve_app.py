@@ -56,6 +56,9 @@ class FakeEngine:
         if self.reqs.pop(request_id, None) is not None:
             self.aborted.append(request_id)
 
+    def stop_followers(self) -> None:  # tensor parallel only
+        pass
+
     def has_unfinished(self) -> bool:
         return bool(self.reqs or self.aborted)
 

@@ -118,6 +118,7 @@ class AsyncEngine:
                 while not (self._adds or self._aborts or self._stop or live):
                     self._cv.wait()
                 if self._stop:
+                    self._call(live, list(live), self.engine.stop_followers)  # tensor parallel: release the other ranks
                     break
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []

@@ -31,10 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
+                        "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
+                        "HTTP and schedules; every rank runs the forward)")  # fmt: skip
 
 
 def _check(args: argparse.Namespace) -> str | None:
-    for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes"):
+    for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')}={value}; expected an integer >= 1"
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f'llama-kernels serve needs FastAPI and uvicorn ({err}): pip install "llama-kernels[serve]"',
               file=sys.stderr)  # fmt: skip
         return 1
+    from ..distributed import is_main
     from ..llm import LLM
     from .api_server import build_app
     from .async_engine import AsyncEngine
@@ -64,11 +68,14 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
-                                  max_batch=args.kv_cache_seqs or args.max_num_seqs)  # fmt: skip
+                                  max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp)  # fmt: skip
         engine = Engine(llm, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"llama-kernels serve: {err}", file=sys.stderr)
         return 2
+    if not is_main():  # tensor parallel: the other ranks run rank 0's steps until it stops them
+        engine.follow()
+        return 0
     async_engine = AsyncEngine(engine)
     app = build_app(async_engine, name, api_key, args.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
