@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import distributed
-from .. import plan as planner
 from ..model.model import Transformer
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
@@ -92,8 +91,8 @@ class Engine:
     Args:
         llm: a loaded LLM (its model, cache, block allocator, tokenizer and eos ids).
         max_num_seqs: sequences running at once.
-        prefill_chunk: new tokens of one sequence per step at most (default llm.prefill_chunk, the
-            planner's PREFILL_CHUNK unless loaded with another).
+        prefill_chunk: new tokens of one sequence per step at most (default llm.prefill_chunk: the
+            planner's PREFILL_CHUNK unless loaded with another, so the planner's activation budget holds).
         max_num_batched_tokens: tokens per step at most, decodes included (default
             max(prefill_chunk, max_num_seqs); must be >= max_num_seqs so every running sequence
             decodes every step).
@@ -102,8 +101,7 @@ class Engine:
     def __init__(self, llm: LLM, *, max_num_seqs: int = 8, prefill_chunk: int | None = None,
                  max_num_batched_tokens: int | None = None) -> None:  # fmt: skip
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
-        prefill_chunk = _positive_int("prefill_chunk", getattr(llm, "prefill_chunk", planner.PREFILL_CHUNK)
-                                      if prefill_chunk is None else prefill_chunk)  # fmt: skip
+        prefill_chunk = _positive_int("prefill_chunk", llm.prefill_chunk if prefill_chunk is None else prefill_chunk)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(prefill_chunk, max_num_seqs)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens, max_num_seqs)
@@ -121,8 +119,8 @@ class Engine:
         self.throughput = GenerationStats()  # counters since the last reset (LLM.generate resets it)
         self._seqs: dict[str, Sequence] = {}  # unfinished requests by id
         self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()
-        self._prompt_total = 0
-        self._generated_total = 0
+        self._prompt_total = 0  # prompt tokens of every request admitted since start-up (stats())
+        self._generated_total = 0  # tokens sampled since start-up (stats())
         self._weight_bytes = weight_bytes(llm.model)
 
     # --- requests ------------------------------------------------------------------------------
