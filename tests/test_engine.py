@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import socket
 
 import pytest
 import torch
@@ -263,3 +264,45 @@ def test_decode_ops_on_the_torch_backend_keep_decode_eager(llm):
     assert decode_ops(fp8.model) >= {"add_rms_norm_fp8", "quantize_fp8", "fp8_gemm"}
     assert graph_blockers(fp8.model, torch.device("cpu")) == sorted(decode_ops(fp8.model))
     assert llm.graphs is None and fp8.graphs is None
+
+
+TP_PROMPTS = [[5, 17, 99, 3, 42, 8, 77, 12], [9, 1, 100], [4] * 12, list(range(30, 50))]
+
+
+def tp_engine_tokens(path, tp: int) -> tuple[dict[str, list[int]], int]:
+    """({id: tokens}, preemptions) of 4 requests on a 4-block pool with chunks of 8, on this rank of
+    tp (rank 0 schedules; the other ranks follow and return nothing)."""
+    llm = LLM.from_pretrained(path, max_context=64, max_batch=1, progress=False, tp=tp)
+    engine = Engine(llm, max_num_seqs=4, prefill_chunk=8)
+    if llm.model.tp is not None and torch.distributed.get_rank() != 0:
+        engine.follow()
+        return {}, 0
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
+    engine.stop_followers()
+    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().num_preemptions
+
+
+def _tp_worker(rank: int, tp: int, port: int, path, out) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+    result = tp_engine_tokens(path, tp)
+    if rank == 0:
+        torch.save(result, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_engine_matches_one_process(tmp_path):
+    """TP=2 over gloo: rank 0 schedules (chunked prefill, preemption) and broadcasts each step; rank 1
+    follows. The greedy tokens equal the single-process engine's."""
+    from test_tensor_parallel import write_model
+
+    path = write_model(tmp_path / "model", 6, 6, True)
+    ref, ref_preemptions = tp_engine_tokens(path, tp=1)
+    assert ref_preemptions > 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_tp_worker, args=(2, port, path, tmp_path / "tp2.pt"), nprocs=2)
+    got, preemptions = torch.load(tmp_path / "tp2.pt")
+    assert got == ref and preemptions == ref_preemptions
