@@ -21,7 +21,7 @@ def _load(name: str):
 @pytest.mark.parametrize("script,ops", [
     ("bench_gemm", {"fp8_gemm", "int4_gemm"}),
     ("bench_norm_rope", {"add_rms_norm", "add_rms_norm_fp8", "quantize_fp8", "rope_and_cache"}),
-    ("bench_attention", {"decode_attention"}),
+    ("bench_attention", {"decode_attention", "paged_prefill_attention"}),
 ])  # fmt: skip
 def test_benchmark_smoke(script, ops, tmp_path):
     out = tmp_path / "result.json"

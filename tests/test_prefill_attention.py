@@ -87,6 +87,7 @@ def poisoned_outputs(monkeypatch):
 
 def _check_triton(args, scale=None, name="paged_prefill_attention"):
     want = reference.paged_prefill_attention(*args[:6], scale, *args[6:])
+    assert torch.isfinite(want).all()  # the reference writes every row (outputs start as NaN here)
     out = ops.paged_prefill_attention(*args[:6], scale, *args[6:], backend="triton")
     assert out.dtype == args[0].dtype and out.shape == args[0].shape
     assert_rel_close(out, want, TOL[args[0].dtype], name)  # also asserts no NaN/inf
@@ -120,9 +121,11 @@ def test_triton_matches_reference(lens, group, d, block_size, dtype, cache_dtype
 
 
 def test_triton_fp8_cache_against_dequantized_float32_cache():
-    # The FP8 decode in the kernel (integer ops) against the same cache dequantized by torch: only
-    # q's and p's roundings differ, so the float32 tolerance (with q in float32) holds.
-    q, kc, vc, table, lens, qlens, ks, vs = prefill_case([150, 9], [20, 9], 8, 2, 64, 16, torch.float32, FP8, 4)
+    # The FP8 decode in the kernel (integer ops, scales folded into the logit scale and the output)
+    # against the same cache dequantized by torch: with q in float32 all the math is float32, so the
+    # float32 tolerance holds.
+    q, kc, vc, table, lens, qlens, ks, vs = prefill_case([150, 9], [20, 9], 8, 2, 64, 16, torch.float32, FP8, 4,
+                                                         device=DEVICE)  # fmt: skip
     out = ops.paged_prefill_attention(q, kc, vc, table, lens, qlens, None, ks, vs, backend="triton")
     kf, vf = kc.float() * ks[:, None], vc.float() * vs[:, None]
     want = ops.paged_prefill_attention(q, kf, vf, table, lens, qlens, backend="torch")
@@ -131,9 +134,9 @@ def test_triton_fp8_cache_against_dequantized_float32_cache():
 
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_triton_many_tiles_and_sequences_custom_scale():
-    # 9 sequences, one long (several query tiles of 64 tokens at group 2, a prefix spanning many
-    # KV tiles) among short ones with one or two new tokens: exercises the tile -> sequence map
-    # and the bound on the number of tiles.
+    # 9 sequences, one long (10 query tiles of 32 tokens at group 2 in float32, a prefix spanning
+    # several KV tiles) among short ones with one or two new tokens: exercises the tile -> sequence
+    # map and the bound on the number of tiles.
     query_lens = [1, 2, 300, 1, 1, 2, 1, 40, 1]
     seq_lens = [q + p for q, p in zip(query_lens, [0, 7, 260, 33, 1, 64, 127, 0, 300])]
     args = prefill_case(seq_lens, query_lens, 4, 2, 64, 16, torch.float32, torch.float32, seed=9, device=DEVICE)
@@ -156,9 +159,10 @@ def test_triton_fake_registration_matches_kernel():
 def test_tile_config_fits_every_group():
     for group in (1, 3, 4, 8, 16, 24, 80, 128):
         for dtype, capability in ((torch.bfloat16, (9, 0)), (torch.bfloat16, (8, 0)), (torch.float32, None)):
-            block_m, block_n, _, _ = prefill_attention.tile_config(group, 128, dtype, capability)
-            assert block_m >= 16 and block_m & (block_m - 1) == 0 and block_n >= 16  # tl.dot's shapes
-            assert block_m // group * group > block_m // 2  # at least one token, padding under half the rows
+            for fp8 in (False, True):
+                block_m, block_n, _, _ = prefill_attention.tile_config(group, 128, dtype, fp8, capability)
+                assert block_m >= 16 and block_m & (block_m - 1) == 0 and block_n >= 16  # tl.dot's shapes
+                assert block_m // group * group > block_m // 2  # at least one token, padding under half the rows
 
 
 @pytest.mark.gpu
@@ -182,7 +186,7 @@ _CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N", "IS_FP8"
 @pytest.mark.parametrize("group,d,cache,capability", [
     (1, 128, "bf16", 90), (8, 128, "bf16", 90), (3, 64, "fp16", 90),
     (8, 128, "u8", 90), (16, 64, "u8", 90),
-    (8, 128, "u8", 89), (16, 64, "u8", 89), (8, 128, "bf16", 80),
+    (8, 128, "u8", 89), (16, 64, "u8", 89), (8, 128, "bf16", 80), (1, 128, "fp16", 89),
     (4, 128, "u8", 80),  # FP8 caches decode in integer ops: no sm_89 needed
 ])  # fmt: skip
 def test_kernel_compiles_without_spills(group, d, cache, capability):
@@ -190,8 +194,8 @@ def test_kernel_compiles_without_spills(group, d, cache, capability):
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", **dict.fromkeys(_PTRS, "*i32"),
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "qk_scale": "fp32",
                  **dict.fromkeys(_INTS, "i32"), **dict.fromkeys(_CONSTEXPRS, "constexpr")}  # fmt: skip
-    block_m, block_n, num_warps, num_stages = prefill_attention.tile_config(group, d, torch.bfloat16,
-                                                                            divmod(capability, 10))  # fmt: skip
+    config = prefill_attention.tile_config(group, d, torch.bfloat16, cache == "u8", divmod(capability, 10))
+    block_m, block_n, num_warps, num_stages = config
     constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_N=block_n,
                       IS_FP8=cache == "u8", DOT_F32=False, EMULATE_CASTS=False)  # fmt: skip
     compiled = compile_for(prefill_attention._prefill_kernel, signature, constexprs, capability, num_warps=num_warps,

@@ -151,18 +151,22 @@ def _prefill_kernel(
     tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty, EMULATE_CASTS), mask=row_ok[:, None])
 
 
-def tile_config(group: int, d: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dot dtype on a GPU of `capability` (None:
-    the interpreter, which takes Hopper's). Rows are query tokens x group heads, at least the group.
+def tile_config(
+    group: int, d: int, dtype: torch.dtype, fp8: bool, capability: tuple[int, int] | None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for dots in `dtype` over a cache that is FP8 or
+    not, on a GPU of `capability` (None: the interpreter, which takes Hopper's). Rows are query
+    tokens x group heads, at least the group.
 
-    Chosen so that ptxas spills nothing (the gathered K/V tiles need a 64-bit pointer per element):
-    128 x 64 tiles on 8 warps with wgmma (sm_90); before Hopper, D 128 fits only 64 x 32 tiles on 4
-    warps in two stages; float32 (a test dtype) takes 64 rows, its ieee dots needing twice the registers.
+    Chosen so that ptxas spills nothing with triton 3.6 and 3.9: 128 x 64 tiles on 8 warps with
+    wgmma (sm_90); before Hopper D 128 fits only 64 x 32 tiles on 4 warps in two stages, 64 x 16
+    with the FP8 decode; float32 (a test dtype) takes 64 rows, its ieee dots needing twice the
+    registers.
     """
     if dtype == torch.float32:
         block_m, block_n, warps, stages = 64, 64, 4, 2
     elif capability is not None and capability < (9, 0) and d == 128:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
+        block_m, block_n, warps, stages = 64, 16 if fp8 else 32, 4, 2
     else:
         block_m, block_n, warps, stages = 128, 64, 8, 3
     return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
@@ -191,7 +195,8 @@ def paged_prefill_attention_triton(
     is_fp8 = k_cache.dtype == FP8
     dot_f32 = (not is_fp8 and k_cache.dtype != q.dtype) or (q.dtype == torch.bfloat16 and _interpreted())
     capability = backends.device_capability(backends.device_index(q.device)) if q.is_cuda else None
-    block_m, block_n, num_warps, num_stages = tile_config(group, d, torch.float32 if dot_f32 else q.dtype, capability)
+    dot_dtype = torch.float32 if dot_f32 else q.dtype
+    block_m, block_n, num_warps, num_stages = tile_config(group, d, dot_dtype, is_fp8, capability)
     tokens = block_m // group
     max_tiles = (t + batch * (tokens - 1)) // tokens  # sum of ceil(query_lens / tokens) is at most this
     if max_tiles == 0:
