@@ -306,3 +306,14 @@ def test_tensor_parallel_engine_matches_one_process(tmp_path):
     torch.multiprocessing.spawn(_tp_worker, args=(2, port, path, tmp_path / "tp2.pt"), nprocs=2)
     got, preemptions = torch.load(tmp_path / "tp2.pt")
     assert got == ref and preemptions == ref_preemptions
+
+
+def test_fp8_kv_scales_are_fixed_at_start_up():
+    """One calibration pass when the LLM (and its engine) is built; no prompt changes them later."""
+    llm = LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=2, seed=3, kv_cache_dtype="fp8")
+    scales = [s.clone() for s in llm.cache.k_scale + llm.cache.v_scale]
+    assert llm.cache.calibrated and all(((s > 0) & torch.isfinite(s)).all() for s in scales)
+    assert llm.allocator.used == 0, "the calibration pass gave its blocks back"
+    Engine(llm)  # a second engine on the same LLM does not calibrate again
+    llm.generate_ids([PROMPTS[3], [250] * 60], max_new_tokens=4)
+    assert all(torch.equal(a, b) for a, b in zip(scales, llm.cache.k_scale + llm.cache.v_scale))

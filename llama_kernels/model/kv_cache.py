@@ -7,7 +7,7 @@ engine's business (llama_kernels.serve.block_allocator); the cache only stores.
 
 FP8 caches (float8_e4m3fn) store x / scale with one float32 scale per KV head and layer, fixed
 before any sequence is written: the engine runs one calibration pass at start-up (a fixed
-built-in text, see llama_kernels.serve.runner.calibrate) with `calibrating` set, and each
+built-in text, see llama_kernels.serve.runner.ModelRunner.calibrate) with `calibrating` set; each
 layer's scales come from that pass: per head, FP8_KV_HEADROOM x the amax of v, and for k the
 largest norm of a rotary pair (i, i + D/2) of the pre-RoPE keys, which bounds every rotated
 component at any position. They are never re-derived from a user's prompt. Values that later
