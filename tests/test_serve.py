@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -36,10 +37,13 @@ PROMPTS = [(" ".join(WORDS[: 1 + i % len(WORDS)]) + f" {i}", 3 + (i * 5) % 14) f
 class ServerProcess:
     """`python -m llama_kernels serve --port 0 ...` until the ready line gives its address."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict | None = None, max_context: int = MAX_CONTEXT) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None, max_context: int = MAX_CONTEXT,
+                 launcher: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.log = tmp / f"server{os.getpid()}_{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "llama_kernels", "serve", "--port", "0", "--max-context", str(max_context), *args]
+        cmd = [sys.executable, "-m", *launcher, "llama_kernels", "serve", "--port", "0", "--max-context",
+               str(max_context), *args]  # fmt: skip
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PACKAGE_PARENT, **(env or {})}
+        self.killed = False  # whether stop() had to SIGKILL it
         self.log_file = open(self.log, "w")  # the server's stderr, shown if it fails to start
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log_file, text=True, env=full_env)
         deadline = time.monotonic() + 180
@@ -58,6 +62,7 @@ class ServerProcess:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 self.proc.kill()
                 self.proc.wait()
         self.log_file.close()
@@ -100,17 +105,17 @@ def alone(llm) -> list[list[int]]:
     return [llm.generate_ids([llm.tokenizer.encode(p)], max_new_tokens=n, temperature=0.0)[0] for p, n in PROMPTS]
 
 
-def _run_concurrently(s: ServerProcess, **kw) -> list:
+def _run_concurrently(s: ServerProcess, prompts=PROMPTS, **kw) -> list:
     async def go():
         async with s.async_client(**kw) as client:
             return await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=n,
-                                                                    temperature=0) for p, n in PROMPTS))  # fmt: skip
+                                                                    temperature=0) for p, n in prompts))  # fmt: skip
 
     return asyncio.run(go())
 
 
-def _assert_same_as_alone(results, alone, tokenizer) -> None:
-    for (prompt, n), res, ref in zip(PROMPTS, results, alone, strict=True):
+def _assert_same_as_alone(results, alone, tokenizer, prompts=PROMPTS) -> None:
+    for (prompt, n), res, ref in zip(prompts, results, alone, strict=True):
         choice = res.choices[0]
         assert choice.text == tokenizer.decode(ref), f"prompt {prompt!r}: served {choice.text!r}"
         assert res.usage.completion_tokens == len(ref), prompt
@@ -266,3 +271,20 @@ def test_bench_serve_smoke(server, tmp_path):
         assert r["output_tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0 and r["itl_s"]["p99"] >= r["itl_s"]["p50"]
     assert "output tok/s" in proc.stdout
     server.assert_no_blocks_held()
+
+
+def test_tensor_parallel_serves_the_same_greedy_answers(tmp_path, alone, llm):
+    """torchrun with gloo, 3 ranks (SmolLM2's 9 query and 3 KV heads split 3 ways): rank 0 serves."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = ("torch.distributed.run", "--nproc-per-node", "3", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                "-m")  # then the module to run
+    s = ServerProcess(tmp_path, "--tp", "3", "--max-num-seqs", "8", launcher=launcher)
+    try:
+        test_paris(s)
+        _assert_same_as_alone(_run_concurrently(s, PROMPTS[:8]), alone[:8], llm.tokenizer, PROMPTS[:8])
+        s.assert_no_blocks_held()
+    finally:
+        s.stop()
+    assert not s.killed, "the ranks did not stop within 15 s of SIGTERM"
