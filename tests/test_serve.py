@@ -288,3 +288,25 @@ def test_tensor_parallel_serves_the_same_greedy_answers(tmp_path, alone, llm):
     finally:
         s.stop()
     assert not s.killed, "the ranks did not stop within 15 s of SIGTERM"
+
+
+# odd but well-formed values: each gets an answer or a 400, never a 5xx, and the server carries on
+EDGE = [
+    {"temperature": 1e-45}, {"temperature": 2, "top_p": 1e-45, "seed": 1}, {"temperature": 1, "top_k": 10**9},
+    {"seed": 2**64}, {"seed": -1, "temperature": 1}, {"max_tokens": 2**70}, {"stop": ["\n"] * 50},
+    {"stop": "\u00e9\U0001f600"}, {"logprobs": True, "top_logprobs": 20}, {"temperature": 1e308},
+    {"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}, {"messages": [{"role": "user", "content": ""}]},
+    {"messages": [{"role": "assistant", "content": "hi"}] * 3}, {"messages": [{"role": "user", "content": "\u0000" * 10}]},
+]
+
+
+def test_edge_values_never_fail_the_server(server):
+    for extra in EDGE:
+        body = json.dumps({"model": MODEL, "messages": PARIS, "max_tokens": 3, **extra})
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=60,
+                       headers={"content-type": "application/json"})  # fmt: skip
+        assert r.status_code in (200, 400), (extra, r.status_code, r.text)
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] is not None or "JSON" in r.json()["error"]["message"], (extra, r.text)
+    test_paris(server)
+    server.assert_no_blocks_held()

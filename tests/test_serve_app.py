@@ -330,3 +330,19 @@ def test_serve_command_bad_arguments_are_one_line(argv, words, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("llama-kernels serve: "), err
     for w in words:
         assert w in err, (w, err)
+
+
+def test_a_dead_engine_thread_answers_500_and_health_503(tokenizer):
+    s = Server(tokenizer)
+    try:
+        def crash(*args):
+            raise RuntimeError("a bug in the engine loop")
+
+        s.async_engine._deliver = crash  # the thread's own code fails (not the engine's)
+        r = _post(s, CHAT, {"messages": MSG, "max_tokens": 2})
+        assert r.status_code == 500 and "engine thread died" in r.json()["error"]["message"], r.text
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 503
+        r = _post(s, CHAT, {"messages": MSG, "max_tokens": 2})  # later requests are refused at once, not hung
+        assert r.status_code == 500 and "not running" in r.json()["error"]["message"], r.text
+    finally:
+        s.stop()

@@ -24,6 +24,7 @@ from .async_engine import AsyncEngine, EngineError
 from .engine import SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
 _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                  413: "invalid_request_error", 500: "internal_server_error", 503: "service_unavailable"}  # fmt: skip
 
@@ -92,8 +93,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             raise OpenAIError(f"{name}={max_tokens} with a {n}-token prompt needs {n + max_tokens} tokens; expected "
                               f"prompt + {name} <= the context of {ctx} tokens ({name} <= {ctx - n})", param=name)  # fmt: skip
         top_k = req.top_k if req.top_k not in (None, -1, 0) else None
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        temperature = 1.0 if req.temperature is None else req.temperature
+        params = SamplingParams(  # temperatures that would overflow logits / T mean greedy (as in vLLM)
+            max_tokens=max_tokens, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed, stop=req.stops,
             ignore_eos=req.ignore_eos, logprobs=req.num_logprobs,
         )  # fmt: skip

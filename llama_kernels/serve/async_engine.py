@@ -57,6 +57,7 @@ class AsyncEngine:
         self._aborts: list[str] = []  # request ids
         self._streams: dict[str, _Stream] = {}  # request id -> stream, from generate() until finished/aborted
         self._stop = False
+        self._closed = False  # the thread has ended: generate() refuses new requests
         self._thread = threading.Thread(target=self._run, name="llama-kernels-engine", daemon=True)
         self.metrics.set_gauges(engine.stats())
 
@@ -80,10 +81,10 @@ class AsyncEngine:
         params.validate() runs here (ValueError at once); errors inside the engine raise EngineError.
         Closing or cancelling the iterator before the end aborts the request."""
         params.validate()
-        if not self.alive:
-            raise EngineError("the engine thread is not running")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:
+            if self._closed or self._stop or not self._thread.is_alive():
+                raise EngineError("the engine thread is not running")
             if request_id in self._streams:
                 raise ValueError(f"request_id={request_id!r} is already running")
             self._streams[request_id] = stream
@@ -112,6 +113,18 @@ class AsyncEngine:
     # --- the engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # noqa: BLE001  (a bug here: say so, and answer everyone still waiting)
+            log.critical("the engine thread died:\n%s", traceback.format_exc())
+        finally:
+            with self._cv:
+                self._closed = True
+                streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                stream.put(EngineError("the server is shutting down" if self._stop else "the engine thread died"))
+
+    def _loop(self) -> None:
         live: set[str] = set()  # ids added to the engine and not yet finished there
         while True:
             with self._cv:

@@ -74,7 +74,7 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)  # None: 1.0 (OpenAI's default); 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # extension (vLLM's): -1 or 0 mean off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a torch.Generator seed
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
