@@ -153,30 +153,18 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     async def respond(request: Request, req, request_id: str, prompt_ids: list[int], params: SamplingParams, chat: bool):
         outputs = engine.generate(request_id, prompt_ids, params)
-        try:
-            first = await anext(outputs)  # errors before any output get a proper status code
-        except (ValueError, EngineError) as err:
-            await outputs.aclose()
-            raise _engine_error(err) from None
-        except BaseException:
-            await outputs.aclose()
-            raise
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": served_model_name}  # fmt: skip
-        if req.stream:
+        if req.stream:  # the first output before the headers: errors until then get a proper status code
+            first = await _until_hangup(request, _first_output(outputs))
+            if first is _HUNG_UP:
+                return _hung_up()
             events = stream_events(req, head, first, outputs, len(prompt_ids), chat)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        collecting = asyncio.ensure_future(collect(first, outputs))
-        hangup = asyncio.ensure_future(request.receive())  # the body is read: the next message is a disconnect
-        try:
-            await asyncio.wait((collecting, hangup), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            hangup.cancel()
-        if not collecting.done():  # the client left: abort (collect's aclosing) and answer no one
-            collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
-            return JSONResponse(_error("client closed the request", 499).body(), status_code=499)
-        text, logprobs, out = collecting.result()
+        result = await _until_hangup(request, _collect(outputs))
+        if result is _HUNG_UP:
+            return _hung_up()
+        text, logprobs, out = result
         usage = _usage(len(prompt_ids), out.completion_tokens)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -185,20 +173,6 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         choice = {"index": 0, "text": "".join(text), "finish_reason": out.finish_reason,
                   "logprobs": completion_logprobs(logprobs) if req.logprobs is not None else None}  # fmt: skip
         return {**head, "choices": [choice], "usage": usage}
-
-    async def collect(first, outputs) -> tuple[list[str], list, object]:
-        """(text pieces, logprobs, the final output) of a whole request."""
-        text, logprobs, out = [], [], first
-        async with aclosing(outputs):
-            while True:
-                text.append(out.new_text)
-                logprobs += out.new_logprobs or []
-                if out.finished:
-                    return text, logprobs, out
-                try:
-                    out = await anext(outputs)
-                except (ValueError, EngineError) as err:
-                    raise _engine_error(err) from None
 
     async def stream_events(req, head: dict, first, outputs, prompt_tokens: int, chat: bool):
         def event(choices: list, usage=None) -> str:
@@ -255,6 +229,54 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in items], "text_offset": offsets}  # fmt: skip
 
     return app
+
+
+_HUNG_UP = object()  # _until_hangup's result when the client left first
+
+
+async def _until_hangup(request: Request, work):
+    """The result of the coroutine `work`, or _HUNG_UP if the client disconnects first (work is
+    then cancelled, which aborts its request: AsyncEngine.generate's iterator closes)."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(request.receive())  # the body is read: the next message is a disconnect
+    try:
+        await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return _HUNG_UP
+
+
+def _hung_up() -> JSONResponse:
+    return JSONResponse(_error("client closed the request", 499).body(), status_code=499)  # read by no one
+
+
+async def _first_output(outputs):
+    """The first output of AsyncEngine.generate's iterator (closed on any error)."""
+    try:
+        return await anext(outputs)
+    except (ValueError, EngineError) as err:
+        await outputs.aclose()
+        raise _engine_error(err) from None
+    except BaseException:
+        await outputs.aclose()
+        raise
+
+
+async def _collect(outputs) -> tuple[list[str], list, object]:
+    """(text pieces, logprobs, the final output) of a whole request."""
+    text, logprobs = [], []
+    async with aclosing(outputs):
+        try:
+            async for out in outputs:
+                text.append(out.new_text)
+                logprobs += out.new_logprobs or []
+        except (ValueError, EngineError) as err:
+            raise _engine_error(err) from None
+    return text, logprobs, out
 
 
 def _error(message: str, status: int, code: str | None = None) -> OpenAIError:
