@@ -31,7 +31,8 @@ import httpx
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
          "problem hand part place case week company system program question work government number night point "
          "home water room mother area money story fact month lot right study book eye job word business issue "
-         "side kind head house service friend father power hour game line end member law car city community name").split()  # fmt: skip
+         "side kind head house service friend father power hour game line end member law car city community "
+         "name").split()  # fmt: skip
 
 
 @dataclass
@@ -213,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
         print(f"bench_serve: cannot list the models of {args.url}: {err}", file=sys.stderr)
         return 1
-    plans = [(None, r) for r in args.request_rate] if args.request_rate else [(c, None) for c in args.concurrency or [1]]
+    if args.request_rate:
+        plans = [(None, r) for r in args.request_rate]
+    else:
+        plans = [(c, None) for c in args.concurrency or [1]]
     if args.warmup:
         warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup})
         asyncio.run(run_load(warm, model, 1, None))

@@ -25,7 +25,7 @@ import llama_kernels  # noqa: E402
 from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_PARENT = str(Path(llama_kernels.__file__).resolve().parent.parent)  # the server runs the llama_kernels tested here
+PACKAGE_PARENT = str(Path(llama_kernels.__file__).resolve().parent.parent)  # servers run the llama_kernels under test
 MODEL = "SmolLM2-135M-Instruct"
 MAX_CONTEXT = 512
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -163,13 +163,15 @@ def test_logprobs(server):
     res = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=5, temperature=0, logprobs=True,
                                          top_logprobs=3)  # fmt: skip
     content = res.choices[0].logprobs.content
-    assert len(content) == res.usage.completion_tokens and "".join(c.token for c in content) == res.choices[0].message.content
+    assert len(content) == res.usage.completion_tokens
+    assert "".join(c.token for c in content) == res.choices[0].message.content
     for c in content:  # greedy: the chosen token is the most likely one
         assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token and c.logprob <= 0
         assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
     res = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=4, temperature=0, logprobs=2)
     lp = res.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4 and "".join(lp.tokens) == res.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == res.choices[0].text
 
 
 def test_concurrent_greedy_equals_alone(server, alone, llm):
@@ -245,7 +247,8 @@ def test_load_run_no_errors_no_leaks(server):
             async def one(i: int):
                 async with gate:
                     return await client.completions.create(model=MODEL, prompt=f"Item {i}: a", max_tokens=1 + i % 3,
-                                                           temperature=0.7, seed=i, extra_body={"ignore_eos": True})  # fmt: skip
+                                                           temperature=0.7, seed=i,
+                                                           extra_body={"ignore_eos": True})  # fmt: skip
 
             return await asyncio.gather(*(one(i) for i in range(200)), return_exceptions=True)
 
@@ -261,7 +264,8 @@ def test_load_run_no_errors_no_leaks(server):
 def test_bench_serve_smoke(server, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--url", server.url, "--model", MODEL,
-           "--num-requests", "6", "--concurrency", "1", "3", "--input-len", "16", "--output-len", "4", "--json", str(out)]  # fmt: skip
+           "--num-requests", "6", "--concurrency", "1", "3", "--input-len", "16", "--output-len", "4",
+           "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     runs = json.loads(out.read_text())["runs"]
@@ -278,8 +282,8 @@ def test_tensor_parallel_serves_the_same_greedy_answers(tmp_path, alone, llm):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    launcher = ("torch.distributed.run", "--nproc-per-node", "3", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                "-m")  # then the module to run
+    launcher = ("torch.distributed.run", "--nproc-per-node", "3", "--master-addr", "127.0.0.1",
+                "--master-port", str(port), "-m")  # fmt: skip
     s = ServerProcess(tmp_path, "--tp", "3", "--max-num-seqs", "8", launcher=launcher)
     try:
         test_paris(s)
@@ -295,8 +299,9 @@ EDGE = [
     {"temperature": 1e-45}, {"temperature": 2, "top_p": 1e-45, "seed": 1}, {"temperature": 1, "top_k": 10**9},
     {"seed": 2**64}, {"seed": -1, "temperature": 1}, {"max_tokens": 2**70}, {"stop": ["\n"] * 50},
     {"stop": "\u00e9\U0001f600"}, {"logprobs": True, "top_logprobs": 20}, {"temperature": 1e308},
-    {"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}, {"messages": [{"role": "user", "content": ""}]},
-    {"messages": [{"role": "assistant", "content": "hi"}] * 3}, {"messages": [{"role": "user", "content": "\u0000" * 10}]},
+    {"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]},
+    {"messages": [{"role": "user", "content": ""}]}, {"messages": [{"role": "assistant", "content": "hi"}] * 3},
+    {"messages": [{"role": "user", "content": "\u0000" * 10}]},
 ]
 
 

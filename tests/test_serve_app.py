@@ -143,8 +143,8 @@ COMPLETIONS = "/v1/completions"
 
 def _post(server: Server, path: str, body, headers=None) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json", **(headers or {})},
-                      timeout=30)  # fmt: skip
+    headers = {"content-type": "application/json", **(headers or {})}
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=30)
 
 
 def _assert_good(server: Server) -> None:

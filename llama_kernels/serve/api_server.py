@@ -91,7 +91,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         elif n + max_tokens > ctx:
             name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
             raise OpenAIError(f"{name}={max_tokens} with a {n}-token prompt needs {n + max_tokens} tokens; expected "
-                              f"prompt + {name} <= the context of {ctx} tokens ({name} <= {ctx - n})", param=name)  # fmt: skip
+                              f"prompt + {name} <= the context of {ctx} tokens ({name} <= {ctx - n})",
+                              param=name)  # fmt: skip
         top_k = req.top_k if req.top_k not in (None, -1, 0) else None
         temperature = 1.0 if req.temperature is None else req.temperature
         params = SamplingParams(  # temperatures that would overflow logits / T mean greedy (as in vLLM)
@@ -119,8 +120,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
-                                            "owned_by": "llama-kernels", "max_model_len": engine.max_context}]}  # fmt: skip
+        model = {"id": served_model_name, "object": "model", "created": created, "owned_by": "llama-kernels",
+                 "max_model_len": engine.max_context}  # fmt: skip
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -151,7 +153,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         params = sampling(req, prompt_ids, "prompt")
         return await respond(request, req, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=False)
 
-    async def respond(request: Request, req, request_id: str, prompt_ids: list[int], params: SamplingParams, chat: bool):
+    async def respond(request: Request, req, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      chat: bool):  # fmt: skip
         outputs = engine.generate(request_id, prompt_ids, params)
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": served_model_name}  # fmt: skip
@@ -168,7 +171,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         usage = _usage(len(prompt_ids), out.completion_tokens)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                      "logprobs": chat_logprobs(logprobs) if req.logprobs else None, "finish_reason": out.finish_reason}  # fmt: skip
+                      "logprobs": chat_logprobs(logprobs) if req.logprobs else None,
+                      "finish_reason": out.finish_reason}  # fmt: skip
             return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
         choice = {"index": 0, "text": "".join(text), "finish_reason": out.finish_reason,
                   "logprobs": completion_logprobs(logprobs) if req.logprobs is not None else None}  # fmt: skip
@@ -226,7 +230,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             offsets.append(at)
             at += len(t)
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-                "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in items], "text_offset": offsets}  # fmt: skip
+                "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in items],
+                "text_offset": offsets}  # fmt: skip
 
     return app
 

@@ -96,7 +96,8 @@ class Metrics:
                    [f"{p}_num_requests_waiting {g.num_waiting}"])  # fmt: skip
             metric("kv_blocks_used", "gauge", "KV-cache blocks held by requests.",
                    [f"{p}_kv_blocks_used {g.kv_blocks_used}"])  # fmt: skip
-            metric("kv_blocks_total", "gauge", "KV-cache blocks in the pool.", [f"{p}_kv_blocks_total {g.kv_blocks_total}"])
+            metric("kv_blocks_total", "gauge", "KV-cache blocks in the pool.",
+                   [f"{p}_kv_blocks_total {g.kv_blocks_total}"])  # fmt: skip
             metric("num_preemptions_total", "counter", "Requests preempted (blocks given back, recomputed later).",
                    [f"{p}_num_preemptions_total {g.num_preemptions}"])  # fmt: skip
             metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.",
@@ -104,7 +105,8 @@ class Metrics:
             metric("generation_tokens_total", "counter", "Tokens generated.",
                    [f"{p}_generation_tokens_total {g.generation_tokens_total}"])  # fmt: skip
             metric("request_success_total", "counter", "Finished requests by finish reason.",
-                   [f'{p}_request_success_total{{finished_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())])  # fmt: skip
+                   [f'{p}_request_success_total{{finished_reason="{r}"}} {n}'
+                    for r, n in sorted(self.finished.items())])  # fmt: skip
             metric("time_to_first_token_seconds", "histogram", "Time from arrival to the first token.",
                    self.ttft.lines(f"{p}_time_to_first_token_seconds"))  # fmt: skip
             metric("inter_token_latency_seconds", "histogram", "Time between successive outputs of a request.",
