@@ -261,15 +261,17 @@ def test_load_run_no_errors_no_leaks(server):
     assert after.get(ok, 0) + after.get(stop, 0) - before.get(ok, 0) - before.get(stop, 0) == 200
 
 
-def test_bench_serve_smoke(server, tmp_path):
+@pytest.mark.parametrize("load", [["--concurrency", "1", "3"], ["--request-rate", "20"]], ids=["concurrency", "rate"])
+def test_bench_serve_smoke(server, tmp_path, load):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--url", server.url, "--model", MODEL,
-           "--num-requests", "6", "--concurrency", "1", "3", "--input-len", "16", "--output-len", "4",
+           "--num-requests", "6", *load, "--input-len", "16", "--output-len", "4", "--endpoint", "chat",
            "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     runs = json.loads(out.read_text())["runs"]
-    assert [r["concurrency"] for r in runs] == [1, 3]
+    assert [(r["concurrency"], r["request_rate"]) for r in runs] == ([(1, None), (3, None)] if len(load) == 3
+                                                                     else [(None, 20.0)])  # fmt: skip
     for r in runs:
         assert r["completed"] == 6 and r["errors"] == 0 and r["output_tokens"] == 24
         assert r["output_tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0 and r["itl_s"]["p99"] >= r["itl_s"]["p50"]
