@@ -346,3 +346,21 @@ def test_a_dead_engine_thread_answers_500_and_health_503(tokenizer):
         assert r.status_code == 500 and "not running" in r.json()["error"]["message"], r.text
     finally:
         s.stop()
+
+
+def test_serve_command_busy_port_fails_before_loading(capsys):
+    import argparse
+
+    from llama_kernels.serve import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        assert serve_cli.run(parser.parse_args(["--port", str(port)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llama-kernels serve: cannot listen on 127.0.0.1:{port}: Address already in use", err
+    assert time.monotonic() - start < 1.0  # no model was loaded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     from .async_engine import AsyncEngine
     from .engine import Engine
 
+    serves_http = args.tp == 1 or os.environ.get("RANK", "0") == "0"  # torchrun's rank 0 (before any process group)
+    try:  # before the weights load: a busy port fails at once
+        sock = _listen(args.host, args.port) if serves_http else None
+    except OSError as err:
+        print(f"llama-kernels serve: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 2
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp)  # fmt: skip
         engine = Engine(llm, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        if sock is not None:
+            sock.close()
         print(f"llama-kernels serve: {err}", file=sys.stderr)
         return 2
     if not is_main():  # tensor parallel: the other ranks run rank 0's steps until it stops them
@@ -82,19 +91,30 @@ def run(args: argparse.Namespace) -> int:
                                            access_log=False, timeout_graceful_shutdown=5))  # fmt: skip
     async_engine.start()
     try:
-        asyncio.run(_serve(server, name))
-    except SystemExit as stop:  # uvicorn exits when it cannot bind (it has logged why)
-        return int(stop.code or 1)
+        asyncio.run(_serve(server, sock, name))
     finally:
         async_engine.shutdown()
     return 0
 
 
-async def _serve(server, name: str) -> None:
-    task = asyncio.create_task(server.serve())
+def _listen(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _serve(server, sock: socket.socket, name: str) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
         print(f"serving {name} on http://{host}:{port}", flush=True)
     await task
