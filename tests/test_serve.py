@@ -31,7 +31,7 @@ MAX_CONTEXT = 512
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 # 32 prompts of different lengths, each with its own max_tokens
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
-PROMPTS = [(" ".join(WORDS[: 1 + i % len(WORDS)]) + f" {i}", 3 + (i * 5) % 14) for i in range(32)]
+PROMPTS = [(" ".join(WORDS[: 1 + i % len(WORDS)]) + f" {i}", 2 + (i * 5) % 9) for i in range(32)]
 
 
 class ServerProcess:
@@ -180,9 +180,9 @@ def test_concurrent_greedy_equals_alone(server, alone, llm):
 
 
 def test_preemption_keeps_outputs_and_api_key(tmp_path, alone, llm):
-    # up to 16 running requests of 2-3 blocks each over a pool of one 128-token sequence (8 blocks)
+    # up to 16 running requests of 1-2 blocks each (16 tokens a block) over a pool of one 48-token sequence (3 blocks)
     s = ServerProcess(tmp_path, "--max-num-seqs", "16", "--kv-cache-seqs", "1", env={"LLAMA_KERNELS_API_KEY": "k3y"},
-                      max_context=128)  # fmt: skip
+                      max_context=48)  # fmt: skip
     try:
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").completions.create(model=MODEL, prompt="hi", max_tokens=1)
