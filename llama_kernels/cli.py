@@ -12,6 +12,7 @@ import torch
 
 from . import backends, ops  # noqa: F401  (importing ops registers every backend)
 from . import plan, selftest
+from .serve import serve_cli as serve
 
 
 def _triton_version() -> str:
@@ -108,6 +109,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default on CUDA: as "
                         "much as fits, per the memory planner; on the CPU: min(the model's, 4096))")  # fmt: skip
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
+    parser.add_argument("--prefill-chunk", type=int, default=plan.PREFILL_CHUNK, help="prompt tokens per "
+                        f"forward pass at most; longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK})")
 
 
 def _load(args: argparse.Namespace):
@@ -116,7 +119,7 @@ def _load(args: argparse.Namespace):
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. the INT4 group size
     return LLM.from_pretrained(args.model, quant=args.quant, device=args.device, policy=args.policy,
                                max_context=args.max_context, cuda_graphs=not args.eager,
-                               tp=getattr(args, "tp", 1))  # fmt: skip
+                               tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk)  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="layout: fbgemm (default) or compressed-tensors for fp8; awq for int4")  # fmt: skip
     quantize.add_argument("--policy", choices=("all", "meta"), default="all",
                           help="FP8: every decoder linear, or Meta's (FFN only, first/last layers kept)")  # fmt: skip
+    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)"))
     args = parser.parse_args(argv)
 
     if args.command == "quantize":
@@ -213,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "chat":
         return _run_chat(args)
+
+    if args.command == "serve":
+        return serve.run(args)
 
     if args.command == "plan":
         return plan.run(args, plan_parser)

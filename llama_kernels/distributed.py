@@ -51,6 +51,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def broadcast_object(obj=None):
+    """Rank 0's `obj` (any picklable value) on every rank; the other ranks' argument is ignored."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def valid_tp(num_heads: int, num_kv_heads: int, intermediate_size: int) -> list[int]:
     """Every tp that splits the model evenly."""
     return [t for t in range(1, num_heads + 1)

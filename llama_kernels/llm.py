@@ -12,10 +12,12 @@ from torch import nn
 
 from . import backends, distributed
 from . import plan as planner
-from .generate import DecodeGraphs, GenerationStats, generate
 from .loader import Tokenizer, load_model, open_checkpoint
 from .model import KVCache, LlamaConfig, Transformer, quantize_model
-from .model.kv_cache import AttentionBatch
+from .serve.block_allocator import BlockAllocator
+from .serve.detokenizer import Detokenizer
+from .serve.engine import Engine, GenerationStats
+from .serve.sampling import SamplingParams
 
 CPU_MAX_CONTEXT = 4096  # default tokens per sequence on the CPU (capped by the model's own)
 BLOCK_SIZE = planner.KV_BLOCK_SIZE  # tokens per KV-cache block
@@ -46,7 +48,7 @@ _PLAN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 def size_context(config: LlamaConfig, device: torch.device, max_context: int | None = None, *,
                  quant: str | None = None, policy: str = "all", kv_dtype: torch.dtype = torch.bfloat16,
                  dtype: torch.dtype = torch.bfloat16, max_batch: int = 8, gpu_mem_bytes: int | None = None,
-                 gpus: int = 1) -> int:  # fmt: skip
+                 gpus: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK) -> int:  # fmt: skip
     """Tokens per sequence to allocate the KV cache for; raises ValueError when the model cannot fit.
 
     On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, with the real
@@ -66,7 +68,8 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
         gpu_mem_bytes = torch.cuda.mem_get_info(device)[0]
     weights = {None: "bf16", "fp8": "fp8-meta" if policy == "meta" else "fp8", "int4": "int4"}[quant]
     p = planner.plan(planner_config(config), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype], dtype=_PLAN_DTYPES[dtype],
-                     gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch)  # fmt: skip
+                     gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch,
+                     prefill_chunk=prefill_chunk)  # fmt: skip
     planner.check_fits(p)
     return p.max_context
 
@@ -96,29 +99,37 @@ def random_model(config: LlamaConfig, dtype: torch.dtype, device: torch.device, 
 
 
 class LLM:
-    """A loaded model, its tokenizer and a KV cache of max_batch sequences of max_context tokens."""
+    """A loaded model, its tokenizer, a KV cache of max_batch sequences of max_context tokens, and the
+    engine (llama_kernels.serve.Engine) that generate(), generate_ids() and logits() run on."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cache: KVCache, max_context: int,
-                 max_batch: int, cuda_graphs: bool = True) -> None:  # fmt: skip
+                 max_batch: int, cuda_graphs: bool = True,
+                 prefill_chunk: int = planner.PREFILL_CHUNK) -> None:  # fmt: skip
         self.model = model  # the Transformer, set up for max_context positions
         self.tokenizer = tokenizer  # Tokenizer, or None if the checkpoint has none
         self.cache = cache  # paged KV cache for max_batch * max_context tokens
+        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)  # its blocks, for every engine
         self.max_context = max_context  # tokens per sequence: prompt + new tokens
-        self.max_batch = max_batch  # sequences per forward pass (larger batches run in chunks)
-        on_cuda = model.tok_embeddings.weight.device.type == "cuda"
-        # decode steps replayed as CUDA graphs (one per batch-size bucket); None: eager
-        self.graphs = DecodeGraphs(model, cache, max_batch, max_context) if cuda_graphs and on_cuda else None
+        self.max_batch = max_batch  # sequences decoded at once by generate()
+        self.cuda_graphs = cuda_graphs  # on CUDA, replay decode steps as CUDA graphs
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass at most (the planner's number)
+        self.engine = Engine(self, max_num_seqs=max_batch)  # fixes FP8 KV scales once (calibration pass)
         self.last_stats: GenerationStats | None = None  # throughput of the last generate call
 
     @property
     def config(self) -> LlamaConfig:
         return self.model.config
 
+    @property
+    def graphs(self):
+        """The engine's DecodeGraphs (decode steps as CUDA graphs), or None when decode runs eagerly."""
+        return self.engine.runner.graphs
+
     @classmethod
     def from_pretrained(cls, path=None, quant: str | None = None, device=None, dtype=None,
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
-                        tp: int = 1) -> LLM:  # fmt: skip
+                        tp: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
         Args:
@@ -137,12 +148,14 @@ class LLM:
             max_batch: sequences the KV cache holds at once.
             progress: print the context size and a loading progress line on stderr.
             cuda_graphs: on CUDA, replay decode steps as CUDA graphs (False: eager).
+            prefill_chunk: prompt tokens per forward pass at most; longer prompts are prefilled in
+                chunks over the paged cache. The planner budgets activations for this many tokens.
             tp: tensor-parallel ranks, inside a torchrun job of tp processes (its process group is
                 initialized here unless the caller did): each loads and runs its share of the model;
                 every rank returns the same tokens and logits. Must split the heads evenly
                 (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
         """
-        device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch)
+        device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         ckpt = open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
         shard = None
@@ -155,35 +168,36 @@ class LLM:
                                kv_dtype == torch.float8_e4m3fn)  # fmt: skip
         requested = max_context
         max_context = size_context(ckpt.config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   dtype=dtype, max_batch=max_batch, gpus=tp)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch, gpus=tp, prefill_chunk=prefill_chunk)  # fmt: skip
         if progress and requested is None:
             _say_context(device, max_context, max_batch, ckpt.config)
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
-        return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs)
+        return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk)
 
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
                     max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None, max_batch: int = 8,
-                    seed: int = 0, cuda_graphs: bool = True) -> LLM:  # fmt: skip
+                    seed: int = 0, cuda_graphs: bool = True,
+                    prefill_chunk: int = planner.PREFILL_CHUNK) -> LLM:  # fmt: skip
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
         and checked like from_pretrained (same arguments): for tokens/s without a checkpoint, and tests."""
-        device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch)
+        device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   dtype=dtype, max_batch=max_batch)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
-        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs)
+        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk)
 
     @classmethod
     def _build(cls, model: Transformer, tokenizer: Tokenizer | None, kv_dtype: torch.dtype, max_context: int,
-               max_batch: int, cuda_graphs: bool) -> LLM:  # fmt: skip
+               max_batch: int, cuda_graphs: bool, prefill_chunk: int) -> LLM:  # fmt: skip
         c = model.config
         model.setup(max_context)
         blocks = max_batch * -(-max_context // BLOCK_SIZE)
         device = model.tok_embeddings.weight.device
         kv_heads = model.layers[0].attention.num_kv_heads  # this rank's, under tensor parallel
         cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
-        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs)
+        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -233,20 +247,54 @@ class LLM:
         """generate() on token ids: returns the new ids of each prompt (stop token excluded);
         on_token(prompt index, token id) is called for each kept token as it is decoded.
 
-        Under tensor parallel, sampling without a seed uses rank 0's random seed on every rank."""
-        if self.model.tp is not None and temperature > 0 and seed is None:
-            pick = torch.randint(2**62, (1,)) if distributed.is_main() else torch.zeros(1, dtype=torch.int64)
-            seed = int(self.model.tp.all_reduce(pick.to(self.model.tok_embeddings.weight.device)).item())
-        out, self.last_stats = generate(
-            self.model, self.cache, prompts, max_new_tokens, max_context=self.max_context, max_batch=self.max_batch,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop_ids=self.stop_ids if stop_ids is None else stop_ids, graphs=self.graphs, on_token=on_token,
-        )  # fmt: skip
+        Runs on self.engine: max_batch sequences decode at once, a finished one's place goes to the
+        next prompt. With a seed, prompt i samples from its own generator seeded seed + i (so its
+        tokens do not depend on the other prompts). stop_ids None: the model's eos ids.
+        Under tensor parallel, rank 0's engine schedules and samples, the other ranks run each step's
+        forward (Engine.follow) and receive rank 0's tokens."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_context(prompts, max_new_tokens, self.max_context)
+        engine = self.engine
+        engine.throughput = GenerationStats()
+        tp = self.model.tp is not None
+        if tp and not distributed.is_main():
+            engine.follow()
+            result = distributed.broadcast_object()
+            if isinstance(result, ValueError):
+                raise result
+            self.last_stats = engine.throughput
+            return result
+        requests = {f"generate-{i}": (list(prompt), SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0, top_k=top_k,
+            seed=None if seed is None else seed + i, stop_token_ids=tuple(stop_ids or ()),
+            ignore_eos=stop_ids is not None)) for i, prompt in enumerate(prompts)}  # fmt: skip
+        try:
+            for rid, (prompt, params) in requests.items():
+                engine.check_request(rid, prompt, params)  # all of them before any is queued
+        except ValueError as err:
+            if tp:
+                engine.stop_followers()
+                distributed.broadcast_object(err)
+            raise
+        ids = {rid: i for i, rid in enumerate(requests)}
+        for rid, (prompt, params) in requests.items():
+            engine.add_request(rid, prompt, params)
+        out: list[list[int]] = [[] for _ in prompts]
+        while engine.has_unfinished():
+            for o in engine.step():
+                i = ids[o.request_id]
+                out[i] += o.new_token_ids
+                for token in o.new_token_ids if on_token is not None else ():
+                    on_token(i, token)
+        if tp:
+            engine.stop_followers()
+            distributed.broadcast_object(out)
+        self.last_stats = engine.throughput
         return out
 
-    @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
-        """Logits of a whole sequence: input_ids [T] (list or tensor) -> float32 [T, V] on the model's device."""
+        """Logits of a whole sequence: input_ids [T] (list or tensor) -> float32 [T, V] on the model's
+        device, prefilled in chunks of prefill_chunk tokens."""
         ids = torch.as_tensor(input_ids, dtype=torch.int64).flatten()
         t = ids.numel()
         if not 1 <= t <= self.max_context:
@@ -254,41 +302,61 @@ class LLM:
                 f"LLM.logits: input_ids has {t} tokens; expected 1 to max_context={self.max_context} "
                 "(load with a larger max_context)"
             )
-        device = self.model.tok_embeddings.weight.device
-        self.cache.reset()
-        table = self.cache.allocate([t])
-        positions = torch.arange(t, device=device)
-        slots = self.cache.slots(table, positions, torch.zeros(t, dtype=torch.int64, device=device))
-        return self.model(ids.to(device), AttentionBatch(positions, slots, prefill_lens=[t]), self.cache).float()
+        return self.engine.logits(ids.tolist())
 
 
 class TextStream:
-    """on_token for one sequence: decodes the growing token list and hands `write` the new suffix,
-    holding it back while it ends in an incomplete UTF-8 character (decoded as U+FFFD)."""
+    """on_token for one sequence: hands `write` each new piece of its text, holding a piece back
+    while it ends in an incomplete UTF-8 character (llama_kernels.serve.detokenizer)."""
 
     def __init__(self, tokenizer: Tokenizer, write: Callable[[str], None]) -> None:
-        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
         self.write = write  # receives each new piece of text
-        self.ids: list[int] = []  # tokens so far
-        self.shown = 0  # characters of their text already written
+
+    @property
+    def shown(self) -> int:
+        """Characters of the text already written."""
+        return self.detokenizer.emitted
 
     def __call__(self, index: int, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self._show(text)
+        self._show(self.detokenizer.add([token]))
 
     def finish(self) -> None:
         """Write what is held back (a sequence that really ends in U+FFFD) once generation is over."""
-        self._show(self.tokenizer.decode(self.ids))
+        self._show(self.detokenizer.finish())
 
-    def _show(self, text: str) -> None:
-        if len(text) > self.shown:
-            self.write(text[self.shown :])
-            self.shown = len(text)
+    def _show(self, piece: str) -> None:
+        if piece:
+            self.write(piece)
 
 
-def _resolve(quant, device, dtype, kv_cache_dtype, max_batch) -> tuple[torch.device, torch.dtype, torch.dtype]:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the argument unless the sampling settings are usable."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens!r}; expected an int >= 1")
+    if not temperature >= 0:
+        raise ValueError(f"generate: temperature={temperature!r}; expected >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k={top_k!r}; expected an int >= 1 or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p={top_p!r}; expected 0 < top_p <= 1 or None")
+
+
+def check_context(prompts: list[list[int]], max_new_tokens: int, max_context: int) -> None:
+    """Raise ValueError before any work if a prompt plus max_new_tokens does not fit the context."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+        if len(p) + max_new_tokens > max_context:
+            raise ValueError(
+                f"generate: prompt {i} has {len(p)} tokens and max_new_tokens={max_new_tokens}: "
+                f"{len(p) + max_new_tokens} > the allocated context of {max_context} tokens; shorten the prompt, "
+                "lower max_new_tokens or load with a larger max_context"
+            )
+
+
+def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,
+             prefill_chunk) -> tuple[torch.device, torch.dtype, torch.dtype]:  # fmt: skip
     """(device, activation dtype, KV-cache dtype) from from_pretrained's arguments, checked."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -304,6 +372,8 @@ def _resolve(quant, device, dtype, kv_cache_dtype, max_batch) -> tuple[torch.dev
         kv_dtype = _dtype("kv_cache_dtype", kv_cache_dtype)
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"LLM.from_pretrained: max_batch={max_batch!r}; expected an int >= 1")
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"LLM.from_pretrained: prefill_chunk={prefill_chunk!r}; expected an int >= 1")
     return device, dtype, kv_dtype
 
 

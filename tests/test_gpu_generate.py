@@ -10,10 +10,9 @@ import pytest
 import torch
 from conftest import assert_rel_close
 
-from llama_kernels import generate as generate_module
-from llama_kernels.generate import DecodeGraphs
 from llama_kernels.llm import LLM
 from llama_kernels.model import AttentionBatch, LlamaConfig
+from llama_kernels.serve.runner import DecodeGraphs
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=64, max_position_embeddings=64)  # fmt: skip
@@ -27,13 +26,13 @@ def test_padded_static_inputs_give_the_live_rows_logits():
     llm = LLM.from_config(CONFIG, device="cpu", max_context=64, max_batch=4, seed=0)
     model, cache = llm.model, llm.cache
     lens = [7, 3, 2]
-    cache.reset()
-    table = cache.allocate([n + 1 for n in lens])  # [3, 1]: one block each
+    table = torch.arange(3, dtype=torch.int32)[:, None]  # [3, 1]: one block each
     positions = torch.cat([torch.arange(n) for n in lens])
     rows = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
+    n_new = torch.tensor(lens, dtype=torch.int32)
     with torch.inference_mode():
         model(torch.tensor([t for p in PROMPTS[:3] for t in p]),
-              AttentionBatch(positions, cache.slots(table, positions, rows), prefill_lens=lens), cache)  # fmt: skip
+              AttentionBatch(positions, cache.slots(table, positions, rows), table, n_new, n_new), cache)  # fmt: skip
         pos = torch.tensor(lens)
         tokens = torch.tensor([11, 12, 13])
         batch = AttentionBatch(pos, cache.slots(table, pos, torch.arange(3)), block_table=table,
@@ -64,9 +63,9 @@ def test_no_graphs_off_cuda():
 def _sampled_logits(llm: LLM, prompts, monkeypatch) -> tuple[list[torch.Tensor], list[list[int]]]:
     """(the logits each step sampled from, float32, the greedy tokens)."""
     seen = []
-    sample = generate_module.sample
-    monkeypatch.setattr(generate_module, "sample", lambda logits, *a: seen.append(logits.float().clone())
-                        or sample(logits, *a))  # fmt: skip
+    runner = llm.engine.runner
+    run = runner.run
+    monkeypatch.setattr(runner, "run", lambda *a, **k: seen.append(run(*a, **k).clone()) or seen[-1])
     tokens = llm.generate_ids(prompts, max_new_tokens=6, stop_ids=())
     monkeypatch.undo()
     return seen, tokens

@@ -2,7 +2,7 @@
 tokens with every op on the `triton` backend (under the interpreter without a GPU) as on the `torch`
 backend, in bf16, FP8 and INT4: a batched prefill of two prompts, then several decode steps, so each
 Triton kernel runs where the model calls it (norms, FP8 quantization and GEMM, INT4 GEMM, RoPE + cache
-write, decode attention)."""
+write, paged prefill attention, decode attention)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ SEED = 1  # weights whose greedy choices are decisive: top-2 logit margins >= 0.
 TOLS = {None: 0.02, "fp8": 0.08, "int4": 0.03}
 
 
-OPS = {None: {"add_rms_norm", "rope_and_cache", "decode_attention"}}
+OPS = {None: {"add_rms_norm", "rope_and_cache", "paged_prefill_attention", "decode_attention"}}
 OPS["fp8"] = OPS[None] | {"add_rms_norm_fp8", "quantize_fp8", "fp8_gemm"}
 OPS["int4"] = OPS[None] | {"int4_gemm"}
 

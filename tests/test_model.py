@@ -70,12 +70,13 @@ def teacher_forced(llm: LLM, seqs: list[torch.Tensor], n_prefill: list[int]) -> 
     """Logits [T_b, V] of each sequence: a batched prefill of its first n_prefill[b] tokens, then one
     batched decode step per remaining token (sequences drop out of the batch as they end)."""
     model, cache = llm.model, llm.cache
-    cache.reset()
-    table = cache.allocate([len(s) for s in seqs])
+    width = -(-max(len(s) for s in seqs) // cache.block_size)
+    table = torch.arange(len(seqs) * width, dtype=torch.int32).view(len(seqs), width)  # whole blocks each
     lens = list(n_prefill)
     positions = torch.cat([torch.arange(n) for n in lens])
     rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lens))
-    batch = AttentionBatch(positions, cache.slots(table, positions, rows), prefill_lens=lens)
+    n_new = torch.tensor(lens, dtype=torch.int32)
+    batch = AttentionBatch(positions, cache.slots(table, positions, rows), table, n_new, query_lens=n_new)
     with torch.inference_mode():
         logits = model(torch.cat([s[:n] for s, n in zip(seqs, lens)]), batch, cache).float()
         out = [[*logits.split(lens)[b]] for b in range(len(seqs))]
@@ -116,11 +117,9 @@ def test_fp8_kv_cache_decode_close_to_transformers(tiny):
     got = teacher_forced(llm, seqs, [30, 12])
     assert all(((s > 0) & torch.isfinite(s)).all() for s in llm.cache.k_scale + llm.cache.v_scale)
     for b in range(2):
-        ref = hf_logits(hf, seqs[b])
-        n = [30, 12][b]
-        assert_rel_close(got[b][:n], ref[:n], 1e-5, "prefill logits (attends to unquantized k/v)")
-        # measured 0.043: one e4m3 rounding of every cached k and v (FP8_TOL is 0.045 for one rounding)
-        assert_rel_close(got[b][n:], ref[n:], 0.06, "decode logits over the FP8 cache")
+        # prefill (chunked prefill attends over the cache too) and decode read FP8 k/v: measured 0.043-0.047,
+        # one e4m3 rounding of every cached k and v (FP8_TOL is 0.045 for one rounding)
+        assert_rel_close(got[b], hf_logits(hf, seqs[b]), 0.06, f"sequence {b} logits over the FP8 cache")
 
 
 def test_bfloat16_model_close_to_transformers(tiny):

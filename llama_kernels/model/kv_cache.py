@@ -2,14 +2,16 @@
 
 Each layer has a K and a V tensor [num_blocks, block_size, Hkv, D]. A sequence owns a row of
 the block table: its token t lives in block block_table[b, t // block_size] at offset
-t % block_size, i.e. in slot block * block_size + offset. Blocks are handed out per batch by
-:meth:`KVCache.allocate` after :meth:`KVCache.reset`.
+t % block_size, i.e. in slot block * block_size + offset. Which blocks a sequence owns is the
+engine's business (llama_kernels.serve.block_allocator); the cache only stores.
 
-FP8 caches (float8_e4m3fn) store x / scale with one float32 scale per KV head and layer. The
-scales come from the first prefill after a reset, without calibration data: per head,
-FP8_KV_HEADROOM x the amax of v, and for k the largest norm of a rotary pair (i, i + D/2) of the
-pre-RoPE keys, which bounds every rotated component at any position. Values that later exceed
-the headroom saturate at +-448 * scale.
+FP8 caches (float8_e4m3fn) store x / scale with one float32 scale per KV head and layer, fixed
+before any sequence is written: the engine runs one calibration pass at start-up (a fixed
+built-in text, see llama_kernels.serve.runner.ModelRunner.calibrate) with `calibrating` set; each
+layer's scales come from that pass: per head, FP8_KV_HEADROOM x the amax of v, and for k the
+largest norm of a rotary pair (i, i + D/2) of the pre-RoPE keys, which bounds every rotated
+component at any position. They are never re-derived from a user's prompt. Values that later
+exceed the headroom saturate at +-448 * scale.
 """
 
 from __future__ import annotations
@@ -21,26 +23,28 @@ import torch
 from ..reference import FP8_MAX
 
 FP8 = torch.float8_e4m3fn
-FP8_KV_HEADROOM = 2.0  # FP8 scales cover this multiple of the amax seen in the calibrating prefill
+FP8_KV_HEADROOM = 2.0  # FP8 scales cover this multiple of the amax seen in the calibration pass
 
 
 @dataclass
 class AttentionBatch:
-    """Where the tokens of one forward pass sit in their sequences and in the cache.
+    """Where the T tokens of one forward pass sit in their B sequences and in the cache.
 
-    Prefill: the prompts are packed one after another (prefill_lens says how many tokens each has,
-    all starting at position 0). Decode: one token per sequence, attending to its whole cache row.
+    The tokens of each sequence are packed one sequence after another; sequence b contributes its
+    last query_lens[b] tokens of seq_lens[b] (the earlier ones are already in the cache). A decode
+    step (query_lens None) has exactly one token per sequence and runs ops.decode_attention; any
+    other pass (prefill chunks, possibly mixed with one-token decodes) runs ops.paged_prefill_attention.
     """
 
     positions: torch.Tensor  # [T] int64: position of each token in its sequence
-    slot_mapping: torch.Tensor  # [T] int64: cache slot that receives each token's k and v
-    prefill_lens: list[int] | None = None  # prefill: tokens of each packed sequence (sum = T); None in decode
-    block_table: torch.Tensor | None = None  # decode: [B, max_blocks] int32 block ids of each sequence
-    seq_lens: torch.Tensor | None = None  # decode: [B] int32 tokens in each sequence's cache, the new one included
+    slot_mapping: torch.Tensor  # [T] int64: cache slot that receives each token's k and v (-1: none)
+    block_table: torch.Tensor  # [B, W] int32: block ids of each sequence (unused entries: any valid id)
+    seq_lens: torch.Tensor  # [B] int32: tokens of each sequence in the cache after this pass
+    query_lens: torch.Tensor | None = None  # [B] int32: new tokens of each sequence (sum T); None: decode
 
     @property
-    def is_prefill(self) -> bool:
-        return self.prefill_lens is not None
+    def is_decode(self) -> bool:
+        return self.query_lens is None
 
 
 class KVCache:
@@ -66,36 +70,14 @@ class KVCache:
         ones = (lambda: torch.ones(num_kv_heads, dtype=torch.float32, device=device)) if fp8 else (lambda: None)
         self.k_scale = [ones() for _ in range(num_layers)]  # L x [Hkv] float32 (FP8 only, else None)
         self.v_scale = [ones() for _ in range(num_layers)]  # L x [Hkv] float32 (FP8 only, else None)
-        self._calibrated = [not fp8] * num_layers  # FP8 scales set since the last reset, per layer
-        self._next_block = 0  # first block not handed out since the last reset
+        self.calibrated = not fp8  # FP8 scales fixed (by a calibration pass or from a checkpoint)
+        self.calibrating = False  # set by the calibration pass: scales() derives each layer's from its k and v
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes of K and V that one cached token occupies across all layers."""
         k = self.k[0]
         return 2 * len(self.k) * k.shape[2] * k.shape[3] * k.element_size()
-
-    def reset(self) -> None:
-        """Forget every sequence: all blocks free, FP8 scales to be set by the next prefill."""
-        self._next_block = 0
-        self._calibrated = [self.dtype != FP8] * len(self.k)
-
-    def allocate(self, lengths: list[int]) -> torch.Tensor:
-        """Blocks for sequences of at most lengths[b] tokens; returns the block table [B, max_blocks] int32.
-
-        Unused entries point at block 0 (never read: seq_lens bounds every read).
-        """
-        counts = [-(-n // self.block_size) for n in lengths]
-        if self._next_block + sum(counts) > self.num_blocks:
-            raise ValueError(
-                f"KVCache: {sum(counts)} blocks of {self.block_size} tokens needed for lengths {lengths}, "
-                f"{self.num_blocks - self._next_block} free; reset() the cache or allocate a larger one"
-            )
-        table = torch.zeros(len(lengths), max(counts, default=0), dtype=torch.int32)
-        for b, n in enumerate(counts):
-            table[b, :n] = torch.arange(self._next_block, self._next_block + n, dtype=torch.int32)
-            self._next_block += n
-        return table.to(self.k[0].device)
 
     def slots(self, block_table: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Cache slots [T] int64 of tokens at positions [T] of the sequences block_table[rows [T]]."""
@@ -105,14 +87,13 @@ class KVCache:
     def scales(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(k_scale, v_scale) [Hkv] float32 of a layer (None, None unless FP8).
 
-        The first call after a reset sets them from this pass's pre-RoPE k and v [T, Hkv, D].
+        During the calibration pass they are set from this pass's pre-RoPE k and v [T, Hkv, D].
         """
-        if not self._calibrated[layer]:
+        if self.calibrating:
             half = k.shape[-1] // 2
             kf, vf = k.float(), v.float()
             pair_norm = torch.sqrt(kf[..., :half] ** 2 + kf[..., half:] ** 2)  # bounds |k_rot| at every position
             k_amax, v_amax = pair_norm.amax(dim=(0, 2)), vf.abs().amax(dim=(0, 2))  # [Hkv]
             self.k_scale[layer].copy_((k_amax * FP8_KV_HEADROOM).clamp(min=1e-6) / FP8_MAX)
             self.v_scale[layer].copy_((v_amax * FP8_KV_HEADROOM).clamp(min=1e-6) / FP8_MAX)
-            self._calibrated[layer] = True
         return self.k_scale[layer], self.v_scale[layer]

@@ -4,8 +4,8 @@ Linears are the swappable modules of ``linear.py`` (quantize_model replaces them
 residual stream runs through ops.add_rms_norm, or ops.add_rms_norm_fp8 when the linear that
 reads the norm's output takes FP8 activations. With a TensorParallel (llama_kernels.distributed)
 the model holds one rank's share: its heads, feed-forward rows and vocabulary rows. Attention writes k and v through
-ops.rope_and_cache into the paged cache, then runs SDPA per sequence in prefill and
-ops.decode_attention in decode.
+ops.rope_and_cache into the paged cache, then attends over the cache: ops.paged_prefill_attention
+for a pass with prefill chunks (one call per layer for all sequences), ops.decode_attention for a decode step.
 """
 
 from __future__ import annotations
@@ -82,18 +82,12 @@ class Attention(nn.Module):
         k_scale, v_scale = cache.scales(layer, k, v)
         q, k = ops.rope_and_cache(q, k, v, batch.positions, cos, sin, cache.k[layer], cache.v[layer],
                                   batch.slot_mapping, k_scale, v_scale)  # fmt: skip
-        if batch.is_prefill:
-            out = torch.empty_like(q)  # [T, Hq, D]
-            start = 0
-            for n in batch.prefill_lens:
-                qs, ks, vs = (z[start : start + n].transpose(0, 1) for z in (q, k, v))  # [heads, n, D]
-                out[start : start + n] = F.scaled_dot_product_attention(
-                    qs, ks, vs, is_causal=True, enable_gqa=hq != hkv
-                ).transpose(0, 1)
-                start += n
-        else:
+        if batch.is_decode:
             out = ops.decode_attention(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
                                        k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+        else:  # prefill chunks (and one-token decodes beside them): each sequence over its whole cached prefix
+            out = ops.paged_prefill_attention(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
+                                              batch.query_lens, k_scale=k_scale, v_scale=v_scale)  # fmt: skip
         out = self.wo(out.reshape(t, hq * d))
         return out if self.tp is None else self.tp.all_reduce(out)
 
@@ -162,7 +156,8 @@ class Transformer(nn.Module):
         """Logits of one forward pass.
 
         Args:
-            tokens: [T] int64, the packed prompts (prefill) or one token per sequence (decode).
+            tokens: [T] int64, the packed new tokens of each sequence (prefill chunks), or one token per
+                sequence (decode).
             batch: positions, cache slots and sequence layout of the tokens.
             cache: the paged KV cache; the tokens' k and v are written to it.
             logits_index: [N] int64 rows of T to compute logits for (e.g. each prompt's last

@@ -1,0 +1,242 @@
+"""Load generator for any OpenAI-compatible server (ours, vLLM, SGLang, llama-server, trtllm-serve).
+
+Sends N streamed /v1/completions (or chat) requests at a fixed concurrency or a Poisson request rate,
+with synthetic prompts of about --input-len tokens and --output-len new tokens each (ignore_eos, so
+every request generates exactly that many where the server supports it), and reports requests/s,
+output tokens/s, time to first token (TTFT), time per output token after the first (TPOT) and
+inter-token latency (ITL) at p50/p90/p99, as a table and optionally JSON.
+
+    python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --num-requests 64 --concurrency 1 4 16
+
+Needs only httpx (no torch), so it runs from any client machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+# Common English words: with a leading space most are one token in a byte-level BPE vocabulary.
+WORDS = ("time year people way day man thing woman life child world school state family student group country "
+         "problem hand part place case week company system program question work government number night point "
+         "home water room mother area money story fact month lot right study book eye job word business issue "
+         "side kind head house service friend father power hour game line end member law car city community "
+         "name").split()  # fmt: skip
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    error: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0  # seconds from sending to the first text
+    latency: float = 0.0  # seconds from sending to the end of the stream
+    itl: list[float] = field(default_factory=list)  # seconds between successive text chunks
+
+
+def make_prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, chat: bool) -> Result:
+    res = Result()
+    start = time.perf_counter()
+    last = None
+    chunks = 0
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    res.error = str(data["error"])[:200]
+                    return res
+                if data.get("usage"):
+                    res.prompt_tokens = data["usage"]["prompt_tokens"]
+                    res.output_tokens = data["usage"]["completion_tokens"]
+                for choice in data.get("choices") or ():
+                    text = choice.get("delta", {}).get("content") if chat else choice.get("text")
+                    if text:
+                        now = time.perf_counter()
+                        if last is None:
+                            res.ttft = now - start
+                        else:
+                            res.itl.append(now - last)
+                        last = now
+                        chunks += 1
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        res.error = f"{type(err).__name__}: {err}"
+        return res
+    res.latency = time.perf_counter() - start
+    res.output_tokens = res.output_tokens or chunks  # a server without usage in streams: one token per chunk
+    res.ok = last is not None
+    if not res.ok:
+        res.error = "no text in the stream"
+    return res
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    v = sorted(values)
+
+    def pct(q: float) -> float:  # nearest-rank
+        return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
+
+    return {"p50": pct(50), "p90": pct(90), "p99": pct(99), "mean": sum(v) / len(v)}
+
+
+async def run_load(args: argparse.Namespace, model: str, concurrency: int | None, rate: float | None) -> dict:
+    chat = args.endpoint == "chat"
+    url = args.url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
+    rng = random.Random(args.seed)
+    bodies = []
+    for _ in range(args.num_requests):
+        prompt = make_prompt(rng, args.input_len)
+        body = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+        if not args.no_ignore_eos:
+            body["ignore_eos"] = True
+        bodies.append(body)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    gate = asyncio.Semaphore(concurrency or args.num_requests)
+    limits = httpx.Limits(max_connections=concurrency or args.num_requests, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=args.timeout, headers=headers, limits=limits) as client:
+
+        async def limited(body: dict) -> Result:
+            async with gate:
+                return await one_request(client, url, body, chat)
+
+        start = time.perf_counter()
+        tasks = []
+        for body in bodies:
+            tasks.append(asyncio.create_task(limited(body)))
+            if rate is not None:  # Poisson arrivals: exponential gaps
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    errors = [r.error for r in results if not r.ok]
+    return {
+        "concurrency": concurrency, "request_rate": rate, "num_requests": args.num_requests, "completed": len(ok),
+        "errors": len(errors), "first_errors": errors[:3], "duration_s": duration,
+        "requests_per_s": len(ok) / duration, "input_tokens": sum(r.prompt_tokens for r in ok),
+        "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / duration,
+        "ttft_s": percentiles([r.ttft for r in ok]), "tpot_s": percentiles(tpot),
+        "itl_s": percentiles([x for r in ok for x in r.itl]),
+    }  # fmt: skip
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "httpx": httpx.__version__}  # fmt: skip
+
+
+def table(runs: list[dict]) -> str:
+    def ms(d: dict, k: str) -> str:
+        return "-" if d[k] is None else f"{d[k] * 1000:.0f}"
+
+    head = (f"{'conc':>5} {'rate':>6} {'ok/err':>8} {'req/s':>7} {'output tok/s':>12} | {'TTFT ms p50/p90/p99':>20} | "
+            f"{'TPOT ms p50/p90/p99':>20} | {'ITL ms p50/p90/p99':>20}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        t, p, i = r["ttft_s"], r["tpot_s"], r["itl_s"]
+        rate = "inf" if r["request_rate"] is None else f"{r['request_rate']:g}"
+        lines.append(
+            f"{r['concurrency'] or '-':>5} {rate:>6} {str(r['completed']) + '/' + str(r['errors']):>8} "
+            f"{r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>12.1f} | "
+            f"{'/'.join(ms(t, k) for k in ('p50', 'p90', 'p99')):>20} | "
+            f"{'/'.join(ms(p, k) for k in ('p50', 'p90', 'p99')):>20} | "
+            f"{'/'.join(ms(i, k) for k in ('p50', 'p90', 'p99')):>20}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without /v1)")
+    parser.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="requests in flight at most; several values run one after another (default 1)")
+    parser.add_argument("--request-rate", type=float, nargs="+", default=None,
+                        help="Poisson arrivals per second instead of a fixed concurrency (one run per value)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt length in words (~tokens)")
+    parser.add_argument("--output-len", type=int, default=64, help="max_tokens of each request")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers without it)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--seed", type=int, default=0, help="prompt and arrival randomness")
+    parser.add_argument("--warmup", type=int, default=1, help="requests sent (and not measured) before the runs")
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. how the server was started)")
+    parser.add_argument("--server-info", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="facts about the server stored in the JSON (versions, flags, threads)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    args = parser.parse_args(argv)
+    for name in ("num_requests", "input_len", "output_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
+    if any("=" not in kv for kv in args.server_info):
+        parser.error(f"--server-info {args.server_info}: expected KEY=VALUE pairs")
+    if args.concurrency and args.request_rate:
+        parser.error("give --concurrency or --request-rate, not both")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        models = httpx.get(args.url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
+        model = args.model or models["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
+        print(f"bench_serve: cannot list the models of {args.url}: {err}", file=sys.stderr)
+        return 1
+    if args.request_rate:
+        plans = [(None, r) for r in args.request_rate]
+    else:
+        plans = [(c, None) for c in args.concurrency or [1]]
+    if args.warmup:
+        warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup})
+        asyncio.run(run_load(warm, model, 1, None))
+    runs = []
+    for concurrency, rate in plans:
+        runs.append(asyncio.run(run_load(args, model, concurrency, rate)))
+        print(table(runs[-1:]) if len(runs) == 1 else table(runs[-1:]).splitlines()[-1], flush=True)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "url": args.url,
+        "model": model, "endpoint": args.endpoint, "input_len_words": args.input_len, "output_len": args.output_len,
+        "temperature": args.temperature, "ignore_eos": not args.no_ignore_eos, "client_machine": machine(),
+        "server": dict(kv.split("=", 1) for kv in args.server_info), "note": args.note, "runs": runs,
+    }  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0 if all(r["errors"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

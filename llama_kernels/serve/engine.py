@@ -1,0 +1,294 @@
+"""The engine: requests in, RequestOutputs out, one scheduler iteration per step() (continuous
+batching with chunked prefill over the paged KV cache). LLM.generate and the HTTP server both
+run on it. Synchronous: one thread calls it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import distributed
+from ..model.model import Transformer
+from .detokenizer import Detokenizer
+from .runner import Chunk, ModelRunner
+from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from .scheduler import Scheduler, Sequence
+
+if TYPE_CHECKING:
+    from ..llm import LLM
+
+
+@dataclass
+class RequestOutput:
+    """One per request per engine step that produced something for it."""
+
+    request_id: str
+    new_text: str  # detokenized text since the previous output (UTF-8-safe, stop strings withheld)
+    new_token_ids: list[int]  # tokens since the previous output (stop token excluded)
+    new_logprobs: list[TokenLogprob] | None  # their logprobs, when the request asked for them
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished, else None
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated so far (stop token excluded)
+
+
+@dataclass
+class EngineStats:
+    num_running: int  # admitted sequences
+    num_waiting: int  # queued (new or preempted) sequences
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prompt_tokens_total: int  # prompt tokens of every admitted request
+    generation_tokens_total: int  # tokens sampled (stop tokens included)
+    num_preemptions: int
+
+
+@dataclass
+class GenerationStats:
+    """Throughput counters of the engine's steps (LLM.generate reports those of one call)."""
+
+    prompt_tokens: int = 0  # prompt tokens admitted
+    new_tokens: int = 0  # tokens sampled (stop tokens included)
+    prefill_s: float = 0.0  # seconds in steps that held prefill chunks (their sampling included)
+    decode_s: float = 0.0  # seconds in pure decode steps
+    decode_steps: int = 0  # pure decode steps
+    decode_tokens: int = 0  # tokens those steps produced (a sequence's first token comes from its prefill)
+    decode_bytes: int = 0  # weight + KV bytes the decode steps read
+    batch_sizes: list[int] = field(default_factory=list)  # requests admitted per step that admitted any
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def decode_gb_per_s(self) -> float:
+        """Achieved bandwidth of decode: (weight bytes + KV bytes read per step) summed over steps / time."""
+        return self.decode_bytes / self.decode_s / 1e9 if self.decode_s else 0.0
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (unless it is the lm_head)."""
+    total = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    return total if model.output is None else total - model.tok_embeddings.weight.nbytes
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Engine: {name}={value!r}; expected an int >= {minimum}")
+    return value
+
+
+class Engine:
+    """Continuous batching over `llm`'s model and KV-cache pool.
+
+    Args:
+        llm: a loaded LLM (its model, cache, block allocator, tokenizer and eos ids).
+        max_num_seqs: sequences running at once.
+        prefill_chunk: new tokens of one sequence per step at most (default llm.prefill_chunk: the
+            planner's PREFILL_CHUNK unless loaded with another, so the planner's activation budget holds).
+        max_num_batched_tokens: tokens per step at most, decodes included (default
+            max(prefill_chunk, max_num_seqs); must be >= max_num_seqs so every running sequence
+            decodes every step).
+    """
+
+    def __init__(self, llm: LLM, *, max_num_seqs: int = 8, prefill_chunk: int | None = None,
+                 max_num_batched_tokens: int | None = None) -> None:  # fmt: skip
+        max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
+        prefill_chunk = _positive_int("prefill_chunk", llm.prefill_chunk if prefill_chunk is None else prefill_chunk)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(prefill_chunk, max_num_seqs)
+        _positive_int("max_num_batched_tokens", max_num_batched_tokens, max_num_seqs)
+        self.llm = llm
+        self.tokenizer = llm.tokenizer  # encode / decode / apply_chat_template (None for a random model)
+        self.max_context = llm.max_context  # tokens per sequence (prompt + output)
+        self.allocator = llm.allocator  # the block pool, shared by every engine of this LLM
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, prefill_chunk, max_num_batched_tokens)
+        self.runner = ModelRunner(llm.model, llm.cache, max_num_seqs, llm.max_context, llm.cuda_graphs)
+        self.runner.calibrate(self.allocator, self.tokenizer, llm.max_context)
+        self.device = llm.model.tok_embeddings.weight.device
+        # under tensor parallel, rank 0 schedules and sends each step to the other ranks (see follow())
+        self.lead = llm.model.tp is not None and distributed.is_main()
+        self.eos_ids = tuple(llm.stop_ids)  # the model's eos ids
+        self.throughput = GenerationStats()  # counters since the last reset (LLM.generate resets it)
+        self._seqs: dict[str, Sequence] = {}  # unfinished requests by id
+        self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()
+        self._prompt_total = 0  # prompt tokens of every request admitted since start-up (stats())
+        self._generated_total = 0  # tokens sampled since start-up (stats())
+        self._weight_bytes = weight_bytes(llm.model)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError (naming the field and value) before any state change."""
+        prompt = self.check_request(request_id, prompt_ids, params)
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
+            generator = torch.Generator(self.device).manual_seed(seed)
+        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        seq = Sequence(request_id, prompt, params, generator, detok)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def check_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The checks of add_request, changing nothing: ValueError naming the field and value, else
+        the prompt as a list."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"Engine.add_request: request_id={request_id!r}; expected a non-empty string")
+        if request_id in self._seqs:
+            raise ValueError(f"Engine.add_request: request_id={request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"Engine.add_request: params={params!r}; expected a SamplingParams")
+        params.validate()
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("Engine.add_request: prompt_ids is empty; expected at least one token")
+        vocab = self.llm.config.vocab_size
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"Engine.add_request: prompt_ids[{i}]={t!r}; expected a token id in [0, {vocab})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_context:
+            raise ValueError(f"Engine.add_request: prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} "
+                             f"= {total} > max_context={self.max_context}")  # fmt: skip
+        if self.allocator.blocks_for(total) > self.allocator.num_blocks:
+            raise ValueError(f"Engine.add_request: prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} "
+                             f"needs more than the {self.allocator.num_blocks} KV blocks of the pool")  # fmt: skip
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"Engine.add_request: stop={params.stop!r} needs a tokenizer; this model has none")
+        return prompt
+
+    def abort(self, request_id: str) -> None:
+        """Free the request's blocks now; the next step() returns its final output (finish_reason
+        "abort"). Unknown or finished ids are ignored."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.remove(seq)
+        self._pending.append(self._output(seq, "abort"))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs or self._pending)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.allocator.used, self.allocator.num_blocks,
+                           self._prompt_total, self._generated_total, s.num_preemptions)  # fmt: skip
+
+    # --- one iteration -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once over every scheduled chunk, sample, detokenize."""
+        outputs, self._pending = self._pending, []
+        scheduled, admitted = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        t0 = time.perf_counter()
+        decode = all(seq.is_decoding for seq, _ in scheduled)
+        chunks = []
+        for seq, n in scheduled:
+            start = seq.num_computed
+            chunks.append(Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids)))
+        logits = self.runner.run(chunks, lead=self.lead)  # [N, V] float32: the chunks that end their sequence's known tokens
+        for seq, n in scheduled:
+            seq.num_computed += n
+        sampling = [seq for seq, n in scheduled if seq.num_computed == len(seq.ids)]
+        tokens = self._sample(sampling, logits)
+        for seq, row, token in zip(sampling, logits, tokens):
+            out = self._append(seq, row, token)
+            if out is not None:
+                outputs.append(out)
+        self._account(time.perf_counter() - t0, decode, scheduled, admitted, len(sampling))
+        return outputs
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Each sequence's next token from its row of logits [N, V], with its own parameters and generator."""
+        greedy = logits.argmax(dim=-1).tolist() if seqs else []
+        return [g if s.params.temperature == 0 else
+                int(sample(logits[i : i + 1], s.params.temperature, s.params.top_k, s.params.top_p, s.generator))
+                for i, (s, g) in enumerate(zip(seqs, greedy))]  # fmt: skip
+
+    def _append(self, seq: Sequence, logits: torch.Tensor, token: int) -> RequestOutput | None:
+        """Take a sampled token; the request's output for this step (None if nothing to report)."""
+        p = seq.params
+        stop_ids = p.stop_token_ids if p.ignore_eos else (*self.eos_ids, *p.stop_token_ids)
+        if token in stop_ids:
+            return self._finish(seq, "stop")
+        seq.ids.append(token)
+        seq.new_ids.append(token)
+        if p.logprobs is not None:
+            seq.new_logprobs.append(token_logprob(logits, token, p.logprobs))
+        text = seq.detokenizer.add([token]) if seq.detokenizer is not None else ""
+        if seq.detokenizer is not None and seq.detokenizer.stopped:
+            return self._finish(seq, "stop", text)
+        if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_context:
+            return self._finish(seq, "length", text)
+        return self._output(seq, None, text)
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "") -> RequestOutput:
+        if seq.detokenizer is not None:
+            text += seq.detokenizer.finish()  # what was held back ('' after a stop string)
+        del self._seqs[seq.request_id]
+        self.scheduler.remove(seq)
+        return self._output(seq, reason, text)
+
+    def _output(self, seq: Sequence, reason: str | None, text: str = "") -> RequestOutput:
+        out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
+                            else None, reason is not None, reason, seq.prompt_len, len(seq.output_ids))  # fmt: skip
+        seq.new_ids, seq.new_logprobs = [], []
+        return out
+
+    def _account(self, seconds: float, decode: bool, scheduled, admitted: list[Sequence], sampled: int) -> None:
+        s = self.throughput
+        prompt = sum(seq.prompt_len for seq in admitted)
+        self._prompt_total += prompt
+        self._generated_total += sampled
+        s.prompt_tokens += prompt
+        s.new_tokens += sampled
+        if admitted:
+            s.batch_sizes.append(len(admitted))
+        if decode:
+            s.decode_s += seconds
+            s.decode_steps += 1
+            s.decode_tokens += sampled
+            kv_tokens = sum(seq.num_computed for seq, _ in scheduled)
+            s.decode_bytes += self._weight_bytes + kv_tokens * self.llm.cache.bytes_per_token
+        else:
+            s.prefill_s += seconds
+
+    # --- tensor parallel ------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Under tensor parallel, on every rank but 0: run the forward of each step rank 0's engine
+        takes, until rank 0 calls stop_followers(). Requests are added to rank 0's engine only."""
+        if self.llm.model.tp is None or distributed.is_main():
+            raise RuntimeError("Engine.follow: only ranks other than 0 of a tensor-parallel model follow")
+        self.runner.follow()
+
+    def stop_followers(self) -> None:
+        """Rank 0 under tensor parallel: end the other ranks' follow() (no-op otherwise)."""
+        if self.lead:
+            self.runner.stop_followers()
+
+    # --- whole-sequence logits (LLM.logits) ----------------------------------------------------
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] float32 of every position of one sequence, prefilled in chunks of
+        prefill_chunk tokens on free blocks of the pool (given back at the end)."""
+        blocks: list[int] = []
+        if not self.allocator.grow(blocks, len(ids)):
+            raise ValueError(f"Engine.logits: {len(ids)} tokens need {self.allocator.blocks_for(len(ids))} KV "
+                             f"blocks; {self.allocator.num_free} are free")  # fmt: skip
+        step = self.scheduler.prefill_chunk
+        try:
+            return torch.cat([self.runner.run([Chunk(ids[i : i + step], i, blocks, True)], all_logits=True)
+                              for i in range(0, len(ids), step)])  # fmt: skip
+        finally:
+            self.allocator.free(blocks)

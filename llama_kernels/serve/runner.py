@@ -1,0 +1,213 @@
+"""The model runner: turns one scheduled step (a chunk of new tokens per sequence) into an
+AttentionBatch, runs the model (a decode step as a CUDA graph where it can), and calibrates the
+FP8 KV scales once at start-up."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends, distributed
+from ..model.kv_cache import AttentionBatch, KVCache
+from ..model.linear import Fp8Linear, Fp8StaticLinear, Int4Linear
+from ..model.model import Transformer
+from .block_allocator import BlockAllocator
+
+# The fixed text whose k and v set the FP8 KV-cache scales at start-up (prose, digits, code and
+# non-Latin script, so the scales see more than one kind of token).
+CALIBRATION_TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the "
+    "engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. In 2023 it welcomed "
+    "6.3 million visitors; its height is 330 m (1,083 ft).\n\ndef fib(n: int) -> int:\n    return n if n < 2 else "
+    "fib(n - 1) + fib(n - 2)\n\nQ: What is 17 * 23? A: 391.\n東京は日本の首都です。Москва — столица России. "
+    "<|user|> Summarize the text above in one sentence. <|assistant|> A famous iron tower in Paris, built by Eiffel."
+)
+CALIBRATION_TOKENS = 256  # token ids of a checkpoint without a tokenizer: this many seeded random ids
+_said_eager: list[bool] = []  # whether "decode runs eagerly" was printed (once per process)
+
+
+@dataclass
+class Chunk:
+    """New tokens of one sequence in one step."""
+
+    tokens: list[int]  # the tokens to run (their k/v are written to the cache)
+    start: int  # position of tokens[0] in its sequence (tokens before it are in the cache)
+    blocks: list[int]  # the sequence's cache blocks (enough for start + len(tokens) tokens)
+    logits: bool  # compute the logits of its last token
+
+
+def decode_ops(model: Transformer) -> set[str]:
+    """The ops one decode step of `model` calls."""
+    used = {"add_rms_norm", "rope_and_cache", "decode_attention"}
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            used |= {"add_rms_norm_fp8", "quantize_fp8", "fp8_gemm"}
+        elif isinstance(m, Fp8StaticLinear):
+            used |= {"fp8_gemm"}
+        elif isinstance(m, Int4Linear):
+            used |= {"int4_gemm"}
+    return used
+
+
+def graph_blockers(model: Transformer, device: torch.device) -> list[str]:
+    """Decode ops whose implementation on `device` a CUDA graph cannot capture (the torch references
+    that sync with the host: backends.graph_safe)."""
+    return sorted(op for op in decode_ops(model) if not backends.graph_safe(op, device))
+
+
+class DecodeGraphs:
+    """The decode step as CUDA graphs, one per batch-size bucket (1, 2, 4, ..., the first >= max_batch),
+    each captured on first use and replayed with the live batch copied into its static buffers.
+
+    Static inputs of bucket B: tokens [B] int64, positions [B] int64, slots [B] int64, block_table
+    [B, W] int32 (W = blocks of max_context), seq_lens [B] int32; output: logits [B, V]. Rows past
+    the live batch are padding: slot -1 (rope_and_cache skips the cache write), seq_len 1, block 0;
+    their logits are dropped. The graphs share one memory pool. A graph bakes in the cache's
+    tensors and FP8 scales by address (both are updated in place). Capture and replay run under
+    the model's device (torch.cuda.device), whichever device is current.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, max_batch: int, max_context: int) -> None:
+        device = model.tok_embeddings.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"DecodeGraphs: the model is on {device}; CUDA graphs need a CUDA device")
+        self.model, self.cache, self.device = model, cache, device
+        self.width = -(-max_context // cache.block_size)  # W: block-table columns of a full-length sequence
+        self.buckets = [1 << i for i in range((max_batch - 1).bit_length() + 1)]  # 1, 2, 4, ..., >= max_batch
+        with torch.cuda.device(device):
+            self.pool = torch.cuda.graph_pool_handle()  # shared by every bucket's graph
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+    def __call__(self, tokens: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Logits [n, V] of one decode step: tokens [n] and a decode AttentionBatch of n sequences."""
+        n = tokens.shape[0]
+        size = next(b for b in self.buckets if b >= n)
+        with torch.cuda.device(self.device):
+            if size in self.graphs:
+                graph, bufs, logits = self.graphs[size]
+                self.fill(bufs, tokens, batch)
+            else:
+                bufs = self.static_inputs(size, self.width, tokens.device)
+                self.fill(bufs, tokens, batch)
+                graph, logits = self._capture(bufs)
+                self.graphs[size] = graph, bufs, logits
+            graph.replay()
+        return logits[:n]
+
+    @staticmethod
+    def static_inputs(size: int, width: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(tokens [B] int64, positions [B] int64, slots [B] int64, block_table [B, W] int32, seq_lens [B] int32)."""
+        i64 = dict(dtype=torch.int64, device=device)
+        return (torch.zeros(size, **i64), torch.zeros(size, **i64), torch.full((size,), -1, **i64),
+                torch.zeros(size, width, dtype=torch.int32, device=device),
+                torch.ones(size, dtype=torch.int32, device=device))  # fmt: skip
+
+    @staticmethod
+    def fill(bufs: tuple[torch.Tensor, ...], tokens: torch.Tensor, batch: AttentionBatch) -> None:
+        """Copy a live decode batch of n <= B sequences into static_inputs; rows n: become padding."""
+        tok, pos, slots, table, lens = bufs
+        n = tokens.shape[0]
+        for buf, live, pad in ((tok, tokens, 0), (pos, batch.positions, 0), (slots, batch.slot_mapping, -1),
+                               (lens, batch.seq_lens, 1)):  # fmt: skip
+            buf[:n].copy_(live)
+            buf[n:].fill_(pad)
+        table.zero_()
+        table[:n, : batch.block_table.shape[1]].copy_(batch.block_table)
+
+    def _capture(self, bufs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (Triton compiles, cuBLAS plans), then capture one step over bufs."""
+        tok, pos, slots, table, lens = bufs
+        batch = AttentionBatch(pos, slots, block_table=table, seq_lens=lens)
+        stream = torch.cuda.Stream(tok.device)
+        stream.wait_stream(torch.cuda.current_stream(tok.device))
+        with torch.cuda.stream(stream):
+            self.model(tok, batch, self.cache)  # rewrites the same k/v the replay writes
+        torch.cuda.current_stream(tok.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(tok, batch, self.cache)
+        return graph, logits
+
+
+class ModelRunner:
+    """Runs steps of the model over the paged cache: prefill chunks and decode steps alike."""
+
+    def __init__(self, model: Transformer, cache: KVCache, max_num_seqs: int, max_context: int,
+                 cuda_graphs: bool) -> None:  # fmt: skip
+        self.model, self.cache = model, cache
+        self.device = model.tok_embeddings.weight.device
+        self.graphs: DecodeGraphs | None = None  # decode steps as CUDA graphs; None: eager
+        if cuda_graphs and self.device.type == "cuda":
+            blockers = graph_blockers(model, self.device)
+            if blockers and not _said_eager:
+                _said_eager.append(True)
+                print(f"decode runs eagerly, without CUDA graphs: {', '.join(blockers)} would run on the torch "
+                      "backend, whose host syncs a graph cannot capture", file=sys.stderr)  # fmt: skip
+            if not blockers:
+                self.graphs = DecodeGraphs(model, cache, max_num_seqs, max_context)
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk], all_logits: bool = False, lead: bool = False) -> torch.Tensor:
+        """Logits [N, V] float32 of the chunks that ask for them (their last tokens, in order), or with
+        all_logits of every token [T, V]. A step whose chunks are all one token is a decode step.
+        With lead (rank 0 under tensor parallel), the step is first sent to the ranks in follow()."""
+        if lead:
+            distributed.broadcast_object(("run", chunks, all_logits))
+        bs = self.cache.block_size
+        tokens = [t for c in chunks for t in c.tokens]
+        positions = [c.start + i for c in chunks for i in range(len(c.tokens))]
+        slots = [c.blocks[p // bs] * bs + p % bs for c in chunks for p in range(c.start, c.start + len(c.tokens))]
+        width = max(len(c.blocks) for c in chunks)
+        table = torch.tensor([c.blocks + [0] * (width - len(c.blocks)) for c in chunks], dtype=torch.int32)
+        lens = [len(c.tokens) for c in chunks]
+        decode = all(n == 1 for n in lens)
+        dev = self.device
+        batch = AttentionBatch(
+            torch.tensor(positions, device=dev), torch.tensor(slots, device=dev), table.to(dev),
+            torch.tensor([c.start + n for c, n in zip(chunks, lens)], dtype=torch.int32, device=dev),
+            None if decode else torch.tensor(lens, dtype=torch.int32, device=dev),
+        )  # fmt: skip
+        ids = torch.tensor(tokens, device=dev)
+        ends = torch.tensor(lens).cumsum(0) - 1  # row of each chunk's last token
+        want = ends[[c.logits for c in chunks]]
+        if decode and not all_logits:  # a decode step: every sequence's logits
+            logits = self.graphs(ids, batch) if self.graphs is not None else self.model(ids, batch, self.cache)
+            return logits[want].float()
+        index = None if all_logits else want.to(dev)
+        return self.model(ids, batch, self.cache, index).float()
+
+    def follow(self) -> None:
+        """Under tensor parallel, on ranks other than 0: run each step rank 0 leads, until it stops."""
+        while True:
+            message = distributed.broadcast_object()
+            if message[0] == "stop":
+                return
+            self.run(*message[1:])
+
+    @staticmethod
+    def stop_followers() -> None:
+        """Rank 0: end the other ranks' follow()."""
+        distributed.broadcast_object(("stop",))
+
+    def calibrate(self, allocator: BlockAllocator, tokenizer, max_context: int) -> None:
+        """Fix the FP8 KV scales (no-op unless the cache is FP8 and not yet calibrated) from one
+        prefill of CALIBRATION_TEXT (or seeded random ids without a tokenizer)."""
+        if self.cache.calibrated:
+            return
+        if tokenizer is not None:
+            ids = tokenizer.encode(CALIBRATION_TEXT)
+        else:
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(self.model.config.vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
+        ids = ids[: min(max_context, allocator.num_free * allocator.block_size)]
+        blocks: list[int] = []
+        allocator.grow(blocks, len(ids))
+        self.cache.calibrating = True
+        try:
+            self.run([Chunk(ids, 0, blocks, True)])
+        finally:
+            self.cache.calibrating = False
+            allocator.free(blocks)
+        self.cache.calibrated = True

@@ -1,0 +1,119 @@
+"""Continuous-batching scheduler: which tokens of which sequences run in the next step.
+
+Every step, all running sequences that are decoding get their one token; running sequences still
+prefilling get their next chunk; then waiting requests are admitted first come first served while
+the step's token budget, max_num_seqs and the free KV blocks allow. A prompt longer than
+prefill_chunk (or than the budget left) is prefilled over several steps, so one step may hold the
+tail of one prompt and the head of the next. When the pool runs out, the most recently admitted
+running sequence is preempted: its blocks go back to the pool and it waits at the front of the
+queue to be recomputed (prompt + tokens so far, as one more prefill; its sampling state is kept,
+so its output is the one it would have had).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .block_allocator import BlockAllocator
+from .detokenizer import Detokenizer
+from .sampling import SamplingParams, TokenLogprob
+
+
+class Sequence:
+    """One request's state."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 generator: torch.Generator | None, detokenizer: Detokenizer | None) -> None:  # fmt: skip
+        self.request_id = request_id
+        self.params = params
+        self.prompt_len = len(prompt_ids)  # tokens of the prompt
+        self.ids = list(prompt_ids)  # prompt + generated tokens (the stop token excluded)
+        self.generator = generator  # per-request sampling RNG (None: greedy)
+        self.detokenizer = detokenizer  # incremental text (None without a tokenizer)
+        self.blocks: list[int] = []  # its KV-cache blocks
+        self.num_computed = 0  # tokens of ids whose k/v are in the cache
+        self.admitted = False  # admitted at least once (its prompt counted)
+        self.new_ids: list[int] = []  # tokens not yet reported in a RequestOutput
+        self.new_logprobs: list[TokenLogprob] = []  # their logprobs (when asked for)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.ids[self.prompt_len :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.ids) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        """Its next step is one decode token (the prompt and every earlier token are cached)."""
+        return self.num_uncomputed == 1 and len(self.ids) > self.prompt_len
+
+
+class Scheduler:
+    """Waiting and running sequences over one block pool."""
+
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, prefill_chunk: int,
+                 max_num_batched_tokens: int) -> None:  # fmt: skip
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs  # running sequences at most
+        self.prefill_chunk = prefill_chunk  # new tokens of one sequence per step at most
+        self.max_num_batched_tokens = max_num_batched_tokens  # tokens per step at most (>= max_num_seqs)
+        self.waiting: deque[Sequence] = deque()  # not admitted, or preempted (at the front), in order
+        self.running: list[Sequence] = []  # admitted, oldest first
+        self.num_preemptions = 0  # sequences preempted so far
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence (finished or aborted) and give its blocks back."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.blocks)
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """(the (sequence, new tokens) pairs of the next step, in running order; the sequences
+        admitted for the first time in it)."""
+        budget = self.max_num_batched_tokens
+        step: dict[Sequence, int] = {}
+        decoding = [s for s in self.running if s.is_decoding]
+        prefilling = [s for s in self.running if not s.is_decoding]
+        for seq in decoding + prefilling:
+            if seq not in self.running:  # preempted for an older sequence in this loop
+                continue
+            n = min(seq.num_uncomputed, self.prefill_chunk, budget)
+            if n and self._grow(seq, n):
+                step[seq] = n
+                budget -= n
+        new = []
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, self.prefill_chunk, budget)
+            if not self.allocator.grow(seq.blocks, seq.num_computed + n):
+                break  # first come first served: nobody overtakes it
+            self.waiting.popleft()
+            self.running.append(seq)
+            if not seq.admitted:
+                seq.admitted = True
+                new.append(seq)
+            step[seq] = n
+            budget -= n
+        return [(s, step[s]) for s in self.running if s in step], new
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        """Blocks for n more tokens of a running sequence, preempting the most recently admitted
+        ones until they fit; False if `seq` itself had to go."""
+        while not self.allocator.grow(seq.blocks, seq.num_computed + n):
+            victim = self.running.pop()
+            self.allocator.free(victim.blocks)
+            victim.num_computed = 0  # recomputed from scratch: prompt + tokens so far
+            self.waiting.appendleft(victim)
+            self.num_preemptions += 1
+            if victim is seq:
+                return False
+        return True

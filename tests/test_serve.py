@@ -1,0 +1,319 @@
+"""`llama-kernels serve` end to end: a live server process (the embedded SmolLM2, fp32 CPU) on
+127.0.0.1 and a free port, driven by the real `openai` client. Greedy outputs of concurrent requests
+(with and without preemption) equal the same requests run alone in-process; streaming equals not;
+a disconnect frees its blocks; bad input never stops the server; a load run leaks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import llama_kernels  # noqa: E402
+from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT = str(Path(llama_kernels.__file__).resolve().parent.parent)  # servers run the llama_kernels under test
+MODEL = "SmolLM2-135M-Instruct"
+MAX_CONTEXT = 512
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+# 32 prompts of different lengths, each with its own max_tokens
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+PROMPTS = [(" ".join(WORDS[: 1 + i % len(WORDS)]) + f" {i}", 2 + (i * 5) % 9) for i in range(32)]
+
+
+class ServerProcess:
+    """`python -m llama_kernels serve --port 0 ...` until the ready line gives its address."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None, max_context: int = MAX_CONTEXT,
+                 launcher: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.log = tmp / f"server{os.getpid()}_{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", *launcher, "llama_kernels", "serve", "--port", "0", "--max-context",
+               str(max_context), *args]  # fmt: skip
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PACKAGE_PARENT, **(env or {})}
+        self.killed = False  # whether stop() had to SIGKILL it
+        self.log_file = open(self.log, "w")  # the server's stderr, shown if it fails to start
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log_file, text=True, env=full_env)
+        deadline = time.monotonic() + 180
+        line = ""
+        while "serving" not in line:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the server did not start: {self.log.read_text()[-3000:]}")
+        self.url = line.split(" on ")[1].strip()
+        assert line.startswith(f"serving {MODEL} on http://127.0.0.1:"), line
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
+                             timeout=120, **kw)  # fmt: skip
+
+    def async_client(self, **kw) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
+                                  timeout=300, **kw)  # fmt: skip
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
+
+    def assert_no_blocks_held(self, within: float = 1.0) -> None:
+        deadline = time.monotonic() + within
+        while (used := self.metrics()["llama_kernels_kv_blocks_used"]) != 0:
+            assert time.monotonic() < deadline, f"{used} KV blocks still held {within} s later"
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ServerProcess(tmp_path_factory.mktemp("serve"), "--max-num-seqs", "16")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(one_thread):
+    from llama_kernels.llm import LLM
+
+    return LLM.from_pretrained(max_context=MAX_CONTEXT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def alone(llm) -> list[list[int]]:
+    """Each of PROMPTS run alone (batch of one) through LLM.generate_ids, greedy: its new token ids."""
+    return [llm.generate_ids([llm.tokenizer.encode(p)], max_new_tokens=n, temperature=0.0)[0] for p, n in PROMPTS]
+
+
+def _run_concurrently(s: ServerProcess, prompts=PROMPTS, **kw) -> list:
+    async def go():
+        async with s.async_client(**kw) as client:
+            return await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=n,
+                                                                    temperature=0) for p, n in prompts))  # fmt: skip
+
+    return asyncio.run(go())
+
+
+def _assert_same_as_alone(results, alone, tokenizer, prompts=PROMPTS) -> None:
+    for (prompt, n), res, ref in zip(prompts, results, alone, strict=True):
+        choice = res.choices[0]
+        assert choice.text == tokenizer.decode(ref), f"prompt {prompt!r}: served {choice.text!r}"
+        assert res.usage.completion_tokens == len(ref), prompt
+        assert res.usage.prompt_tokens == len(tokenizer.encode(prompt)), prompt
+        assert choice.finish_reason == ("length" if len(ref) == n else "stop"), prompt
+
+
+def test_paris(server):
+    res = server.client().chat.completions.create(model=MODEL, messages=PARIS, max_tokens=16, temperature=0)
+    assert "Paris" in res.choices[0].message.content
+    assert res.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_stream_joins_to_non_stream_and_usage_is_the_tokenizers(server, llm, chat):
+    client, tok = server.client(), llm.tokenizer
+    if chat:
+        prompt_ids = tok.apply_chat_template(PARIS)
+        args = dict(model=MODEL, messages=PARIS, max_tokens=24, temperature=0)
+        full = client.chat.completions.create(**args)
+        text = full.choices[0].message.content
+        chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    else:
+        prompt = "The three primary colors are"
+        prompt_ids = tok.encode(prompt)
+        args = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        full = client.completions.create(**args)
+        text = full.choices[0].text
+        chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
+    ref = llm.generate_ids([prompt_ids], max_new_tokens=24, temperature=0.0)[0]
+    assert tok.decode(ref) == text
+    assert full.usage.prompt_tokens == len(prompt_ids) and full.usage.completion_tokens == len(ref)
+    assert full.usage.total_tokens == len(prompt_ids) + len(ref)
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump() and chunks[-1].choices == []
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+
+
+def test_logprobs(server):
+    client = server.client()
+    res = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=5, temperature=0, logprobs=True,
+                                         top_logprobs=3)  # fmt: skip
+    content = res.choices[0].logprobs.content
+    assert len(content) == res.usage.completion_tokens
+    assert "".join(c.token for c in content) == res.choices[0].message.content
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token and c.logprob <= 0
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+    res = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=4, temperature=0, logprobs=2)
+    lp = res.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == res.choices[0].text
+
+
+def test_concurrent_greedy_equals_alone(server, alone, llm):
+    _assert_same_as_alone(_run_concurrently(server), alone, llm.tokenizer)
+    server.assert_no_blocks_held()
+
+
+def test_preemption_keeps_outputs_and_api_key(tmp_path, alone, llm):
+    # up to 16 running requests of 1-2 blocks each (16 tokens a block) over a pool of one 48-token sequence (3 blocks)
+    s = ServerProcess(tmp_path, "--max-num-seqs", "16", "--kv-cache-seqs", "1", env={"LLAMA_KERNELS_API_KEY": "k3y"},
+                      max_context=48)  # fmt: skip
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").completions.create(model=MODEL, prompt="hi", max_tokens=1)
+        _assert_same_as_alone(_run_concurrently(s, api_key="k3y"), alone, llm.tokenizer)
+        m = s.metrics()
+        assert m["llama_kernels_num_preemptions_total"] > 0, "the pool was large enough: no preemption tested"
+        s.assert_no_blocks_held()
+    finally:
+        s.stop()
+
+
+def test_disconnect_mid_stream_frees_blocks_within_a_second(server):
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events == 3:
+                assert server.metrics()["llama_kernels_kv_blocks_used"] > 0
+                break
+    server.assert_no_blocks_held(within=1.0)
+    assert server.metrics()['llama_kernels_request_success_total{finished_reason="abort"}'] >= 1
+
+
+# (endpoint, body, status, param): every kind of bad input the brief lists, on the real server
+BAD = [
+    ("chat/completions", b"{'messages': oops", 400, None),
+    ("chat/completions", {"model": MODEL, "messages": PARIS, "temperature": "warm"}, 400, "temperature"),
+    ("chat/completions", {"model": MODEL}, 400, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": PARIS, "max_tokens": 0}, 400, "max_tokens"),
+    ("chat/completions", {"model": MODEL, "messages": PARIS, "max_tokens": MAX_CONTEXT}, 400, "max_tokens"),
+    ("chat/completions", {"model": MODEL, "messages": PARIS, "n": 3}, 400, "n"),
+    ("chat/completions", {"model": "llama-9000", "messages": PARIS}, 404, "model"),
+    ("completions", {"model": MODEL, "prompt": "x" * (2 << 20)}, 413, None),
+]
+
+
+def test_bad_inputs_then_a_good_request(server):
+    for path, body, status, param in BAD:
+        content = body if isinstance(body, bytes) else json.dumps(body)
+        r = httpx.post(f"{server.url}/v1/{path}", content=content, headers={"content-type": "application/json"},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == status, (body if len(content) < 200 else path, r.text)
+        assert r.json()["error"]["param"] == param
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                   json={"model": MODEL, "messages": PARIS, "max_tokens": MAX_CONTEXT})  # fmt: skip
+    assert "max_tokens=512" in r.json()["error"]["message"] and "512" in r.json()["error"]["message"]
+    test_paris(server)
+    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
+    assert server.client().models.list().data[0].id == MODEL
+
+
+def test_load_run_no_errors_no_leaks(server):
+    before = server.metrics()
+    ok = 'llama_kernels_request_success_total{finished_reason="length"}'
+    stop = 'llama_kernels_request_success_total{finished_reason="stop"}'
+
+    async def go():
+        gate = asyncio.Semaphore(32)
+        async with server.async_client() as client:
+
+            async def one(i: int):
+                async with gate:
+                    return await client.completions.create(model=MODEL, prompt=f"Item {i}: a", max_tokens=1 + i % 3,
+                                                           temperature=0.7, seed=i,
+                                                           extra_body={"ignore_eos": True})  # fmt: skip
+
+            return await asyncio.gather(*(one(i) for i in range(200)), return_exceptions=True)
+
+    results = asyncio.run(go())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, f"{len(errors)} errors, first: {errors[0]!r}"
+    assert [r.usage.completion_tokens for r in results] == [1 + i % 3 for i in range(200)]
+    server.assert_no_blocks_held()
+    after = server.metrics()
+    assert after.get(ok, 0) + after.get(stop, 0) - before.get(ok, 0) - before.get(stop, 0) == 200
+
+
+@pytest.mark.parametrize("load", [["--concurrency", "1", "3"], ["--request-rate", "20"]], ids=["concurrency", "rate"])
+def test_bench_serve_smoke(server, tmp_path, load):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--url", server.url, "--model", MODEL,
+           "--num-requests", "6", *load, "--input-len", "16", "--output-len", "4", "--endpoint", "chat",
+           "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["concurrency"], r["request_rate"]) for r in runs] == ([(1, None), (3, None)] if len(load) == 3
+                                                                     else [(None, 20.0)])  # fmt: skip
+    for r in runs:
+        assert r["completed"] == 6 and r["errors"] == 0 and r["output_tokens"] == 24
+        assert r["output_tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0 and r["itl_s"]["p99"] >= r["itl_s"]["p50"]
+    assert "output tok/s" in proc.stdout
+    server.assert_no_blocks_held()
+
+
+def test_tensor_parallel_serves_the_same_greedy_answers(tmp_path, alone, llm):
+    """torchrun with gloo, 3 ranks (SmolLM2's 9 query and 3 KV heads split 3 ways): rank 0 serves."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = ("torch.distributed.run", "--nproc-per-node", "3", "--master-addr", "127.0.0.1",
+                "--master-port", str(port), "-m")  # fmt: skip
+    s = ServerProcess(tmp_path, "--tp", "3", "--max-num-seqs", "8", launcher=launcher)
+    try:
+        test_paris(s)
+        _assert_same_as_alone(_run_concurrently(s, PROMPTS[:8]), alone[:8], llm.tokenizer, PROMPTS[:8])
+        s.assert_no_blocks_held()
+    finally:
+        s.stop()
+    assert not s.killed, "the ranks did not stop within 15 s of SIGTERM"
+
+
+# odd but well-formed values: each gets an answer or a 400, never a 5xx, and the server carries on
+EDGE = [
+    {"temperature": 1e-45}, {"temperature": 2, "top_p": 1e-45, "seed": 1}, {"temperature": 1, "top_k": 10**9},
+    {"seed": 2**64}, {"seed": -1, "temperature": 1}, {"max_tokens": 2**70}, {"stop": ["\n"] * 50},
+    {"stop": "\u00e9\U0001f600"}, {"logprobs": True, "top_logprobs": 20}, {"temperature": 1e308},
+    {"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]},
+    {"messages": [{"role": "user", "content": ""}]}, {"messages": [{"role": "assistant", "content": "hi"}] * 3},
+    {"messages": [{"role": "user", "content": "\u0000" * 10}]},
+]
+
+
+def test_edge_values_never_fail_the_server(server):
+    for extra in EDGE:
+        body = json.dumps({"model": MODEL, "messages": PARIS, "max_tokens": 3, **extra})
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=60,
+                       headers={"content-type": "application/json"})  # fmt: skip
+        assert r.status_code in (200, 400), (extra, r.status_code, r.text)
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] is not None or "JSON" in r.json()["error"]["message"], (extra, r.text)
+    test_paris(server)
+    server.assert_no_blocks_held()

@@ -1,0 +1,366 @@
+"""The HTTP layer (api_server, protocol, async_engine, metrics) in-process over a fake engine: every bad
+input gets its OpenAI-shaped error and the server keeps serving; an engine failure fails only its
+requests; auth, body size, disconnects. Fast (no model forward); the live-model tests are test_serve.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import llama_kernels  # noqa: E402
+from llama_kernels.loader import open_checkpoint  # noqa: E402
+from llama_kernels.serve.engine import RequestOutput, SamplingParams  # noqa: E402
+from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
+
+BLOCK = 16
+POISON = "POISON"  # a prompt containing it makes the fake engine's step raise
+
+
+class FakeEngine:
+    """serve.Engine's interface without a model: every request replies with REPLY's tokens in turn
+    (then eos), one token per step; blocks are counted per 16 tokens held."""
+
+    def __init__(self, tokenizer, max_context: int = 256, blocks_total: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.blocks_total = blocks_total
+        self.reply = tokenizer.encode(" The capital of France is Paris.")[-8:]  # no BOS
+        self.eos = 2
+        self.poison = tokenizer.encode(POISON)[-1]
+        self.reqs: dict[str, dict] = {}  # id -> {"prompt", "params", "out"}
+        self.aborted: list[str] = []  # ids with a final "abort" output pending
+        self.prompt_total = self.gen_total = 0
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.reqs:
+            raise ValueError(f"request_id={request_id!r} already exists")
+        if len(prompt_ids) + params.max_tokens > self.max_context:
+            raise ValueError(f"max_tokens={params.max_tokens}: over the context")
+        self.reqs[request_id] = {"prompt": prompt_ids, "params": params, "out": []}
+        self.prompt_total += len(prompt_ids)
+
+    def abort(self, request_id: str) -> None:
+        if self.reqs.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def stop_followers(self) -> None:  # tensor parallel only
+        pass
+
+    def has_unfinished(self) -> bool:
+        return bool(self.reqs or self.aborted)
+
+    def step(self) -> list[RequestOutput]:
+        if any(self.poison in r["prompt"] for r in self.reqs.values()):
+            raise RuntimeError("injected failure")
+        outs = [RequestOutput(rid, "", [], None, True, "abort", 0, 0) for rid in self.aborted]
+        self.aborted = []
+        for rid, r in list(self.reqs.items()):
+            p, out = r["params"], r["out"]
+            token = self.reply[len(out)] if len(out) < len(self.reply) else self.eos
+            done_eos = token == self.eos and not p.ignore_eos
+            if not done_eos:
+                out.append(token)
+                self.gen_total += 1
+            finished = done_eos or len(out) >= p.max_tokens
+            text = self.tokenizer.decode(out[-1:]) if not done_eos else ""
+            reason = ("stop" if done_eos else "length") if finished else None
+            outs.append(RequestOutput(rid, text, [] if done_eos else [token], None, finished, reason,
+                                      len(r["prompt"]), len(out)))  # fmt: skip
+            if finished:
+                del self.reqs[rid]
+        time.sleep(0.01)  # a step takes time, as a real one does
+        return outs
+
+    def stats(self):
+        used = sum(-(-(len(r["prompt"]) + len(r["out"])) // BLOCK) for r in self.reqs.values())
+        return type("Stats", (), dict(num_running=len(self.reqs), num_waiting=0, kv_blocks_used=used,
+                                      kv_blocks_total=self.blocks_total, prompt_tokens_total=self.prompt_total,
+                                      generation_tokens_total=self.gen_total, num_preemptions=0))  # fmt: skip
+
+
+class Server:
+    """build_app over a FakeEngine, served by uvicorn on a free port in a thread."""
+
+    def __init__(self, tokenizer, **app_args) -> None:
+        import uvicorn
+
+        from llama_kernels.serve.api_server import build_app
+        from llama_kernels.serve.async_engine import AsyncEngine
+
+        self.engine = FakeEngine(tokenizer)
+        self.async_engine = AsyncEngine(self.engine)
+        self.async_engine.start()
+        app = build_app(self.async_engine, "fake", **app_args)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the test server did not start in 20 s"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.async_engine.shutdown()
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_checkpoint(None).tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    s = Server(tokenizer, max_body_bytes=4096)
+    yield s
+    s.stop()
+
+
+MSG = [{"role": "user", "content": "What is the capital of France?"}]
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def _post(server: Server, path: str, body, headers=None) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    headers = {"content-type": "application/json", **(headers or {})}
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=30)
+
+
+def _assert_good(server: Server) -> None:
+    r = _post(server, CHAT, {"model": "fake", "messages": MSG, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == " The capital of France"
+
+
+# (path, body, status, param, words the message must contain)
+BAD = [
+    (CHAT, b"{not json", 400, None, ["malformed JSON"]),
+    (CHAT, b"[1, 2]", 400, None, ["JSON object"]),
+    (CHAT, {"model": "fake"}, 400, "messages", ["messages", "required"]),
+    (CHAT, {"messages": []}, 400, "messages", ["messages", "at least 1"]),
+    (CHAT, {"messages": "hi"}, 400, "messages", ["'hi'", "array"]),
+    (CHAT, {"messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0].role", ["'bot'", "'user'"]),
+    (CHAT, {"messages": [{"role": "user", "content": 7}]}, 400, "messages[0].content", ["=7", "string"]),
+    (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens", ["max_tokens=0", "greater than or equal to 1"]),
+    (CHAT, {"messages": MSG, "max_tokens": "5"}, 400, "max_tokens", ["max_tokens='5'", "integer"]),
+    (CHAT, {"messages": MSG, "max_completion_tokens": -3}, 400, "max_completion_tokens", ["-3"]),
+    (CHAT, {"messages": MSG, "max_tokens": 100000}, 400, "max_tokens", ["max_tokens=100000", "256"]),
+    (CHAT, {"messages": MSG, "temperature": "hot"}, 400, "temperature", ["'hot'", "number"]),
+    (CHAT, {"messages": MSG, "temperature": 3}, 400, "temperature", ["temperature=3", "less than or equal to 2"]),
+    (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p", ["top_p=0", "greater than 0"]),
+    (CHAT, {"messages": MSG, "stop": 5}, 400, "stop", ["stop=5", "string"]),
+    (CHAT, {"messages": MSG, "n": 2}, 400, "n", ["n=2", "n=1"]),
+    (CHAT, {"messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty", ["0.5"]),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", ["tools"]),
+    (CHAT, {"messages": MSG, "frobnicate": 1}, 400, "frobnicate", ["unrecognized", "frobnicate=1"]),
+    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", ["stream=true"]),
+    (CHAT, {"messages": MSG, "top_logprobs": 3}, 400, "top_logprobs", ["logprobs=true"]),
+    (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", ["21", "20"]),
+    (CHAT, {"model": "gpt-4o", "messages": MSG}, 404, "model", ["'gpt-4o'", "'fake'"]),
+    (COMPLETIONS, {"prompt": ""}, 400, "prompt", ["empty"]),
+    (COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt", ["2 strings"]),
+    (COMPLETIONS, {"prompt": [1, 99999999]}, 400, "prompt", ["99999999", "49152"]),
+    (COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo", ["echo"]),
+    (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "logprobs", ["21"]),
+    (COMPLETIONS, {"prompt": "x " * 300, "max_tokens": 1}, 400, "prompt", ["tokens", "256"]),
+    (COMPLETIONS, {"prompt": "hi", "model": "nope"}, 404, "model", ["'nope'"]),
+    (COMPLETIONS, "x" * 5000, 413, None, ["5000", "4096"]),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,words", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input_gets_openai_error_and_server_keeps_serving(server, path, body, status, param, words):
+    r = _post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param
+    for w in words:
+        assert w in err["message"], (w, err["message"])
+    _assert_good(server)
+
+
+def test_unknown_route_and_method_are_openai_errors(server):
+    r = httpx.get(server.url + "/v1/nothing", timeout=10)
+    assert r.status_code == 404 and "/v1/nothing" in r.json()["error"]["message"]
+    r = httpx.get(server.url + CHAT, timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_chunked_oversized_body_is_413(server):
+    def chunks():
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = httpx.post(server.url + CHAT, content=chunks(), timeout=10)
+    assert r.status_code == 413, r.text
+    _assert_good(server)
+
+
+def test_api_key(tokenizer):
+    s = Server(tokenizer, api_key="sekret")
+    try:
+        body = {"messages": MSG, "max_tokens": 2}
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"}):
+            r = _post(s, CHAT, body, headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, r.text)
+        assert httpx.get(s.url + "/v1/models", timeout=10).status_code == 401
+        assert _post(s, CHAT, body, {"authorization": "Bearer sekret"}).status_code == 200
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200  # probes need no key
+    finally:
+        s.stop()
+
+
+def test_engine_failure_fails_only_its_request(server):
+    r = _post(server, COMPLETIONS, {"prompt": f"say {POISON}", "max_tokens": 3})
+    assert r.status_code == 500, r.text
+    assert "injected failure" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
+    _assert_good(server)
+    assert server.metrics()["llama_kernels_kv_blocks_used"] == 0
+
+
+def test_stream_format_and_usage(server):
+    body = {"messages": MSG, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + CHAT, json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == " The capital of France is"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_disconnect_aborts_and_frees_blocks(server):
+    async def go():
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"prompt": "hello " * 40, "max_tokens": 200, "stream": True, "ignore_eos": True}
+            async with client.stream("POST", server.url + COMPLETIONS, json=body) as r:
+                seen = 0
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen == 3:  # read the gauge, then hang up
+                        return server.metrics()["llama_kernels_kv_blocks_used"]
+
+    before = server.metrics().get('llama_kernels_request_success_total{finished_reason="abort"}', 0)
+    assert asyncio.run(go()) > 0  # still held while streaming
+    deadline = time.monotonic() + 1.0
+    while server.metrics()["llama_kernels_kv_blocks_used"] != 0:
+        assert time.monotonic() < deadline, "blocks not freed within a second of the disconnect"
+        time.sleep(0.02)
+    assert server.metrics()['llama_kernels_request_success_total{finished_reason="abort"}'] == before + 1
+
+
+def test_metrics_exposition(server):
+    _assert_good(server)
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    m = parse_metrics(text)
+    for name in ("num_requests_running", "num_requests_waiting", "kv_blocks_used", "kv_blocks_total",
+                 "prompt_tokens_total", "generation_tokens_total"):  # fmt: skip
+        assert f"llama_kernels_{name}" in m, name
+    assert m["llama_kernels_kv_blocks_total"] == 64 and m["llama_kernels_generation_tokens_total"] >= 4
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds"):
+        buckets = [v for k, v in m.items() if k.startswith(f"llama_kernels_{hist}_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == m[f"llama_kernels_{hist}_count"] > 0
+        assert f"# TYPE llama_kernels_{hist} histogram" in text
+
+
+def test_disconnect_before_a_non_streamed_answer_aborts(server):
+    body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection) after 0.3 s
+        httpx.post(server.url + COMPLETIONS, json=body, timeout=httpx.Timeout(10, read=0.3))
+    deadline = time.monotonic() + 1.0
+    while server.metrics()["llama_kernels_kv_blocks_used"] != 0 or server.engine.reqs:
+        assert time.monotonic() < deadline, "the abandoned request still runs a second after the disconnect"
+        time.sleep(0.02)
+    _assert_good(server)
+
+
+def test_serve_package_and_cli_import_without_fastapi():
+    code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import llama_kernels.serve, llama_kernels.cli\n"
+            "from llama_kernels.cli import main\n"
+            "sys.exit(main(['serve', '--port', '0']))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(llama_kernels.__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().endswith('pip install "llama-kernels[serve]"') and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--max-num-seqs", "0"], ["--max-num-seqs=0", ">= 1"]),
+    (["--port", "70000"], ["--port=70000", "65535"]),
+    (["/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
+])  # fmt: skip
+def test_serve_command_bad_arguments_are_one_line(argv, words, capsys):
+    import argparse
+
+    from llama_kernels.serve import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    assert serve_cli.run(parser.parse_args(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("llama-kernels serve: "), err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_a_dead_engine_thread_answers_500_and_health_503(tokenizer):
+    s = Server(tokenizer)
+    try:
+        def crash(*args):
+            raise RuntimeError("a bug in the engine loop")
+
+        s.async_engine._deliver = crash  # the thread's own code fails (not the engine's)
+        r = _post(s, CHAT, {"messages": MSG, "max_tokens": 2})
+        assert r.status_code == 500 and "engine thread died" in r.json()["error"]["message"], r.text
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 503
+        r = _post(s, CHAT, {"messages": MSG, "max_tokens": 2})  # later requests are refused at once, not hung
+        assert r.status_code == 500 and "not running" in r.json()["error"]["message"], r.text
+    finally:
+        s.stop()
+
+
+def test_serve_command_busy_port_fails_before_loading(capsys):
+    import argparse
+
+    from llama_kernels.serve import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        assert serve_cli.run(parser.parse_args(["--port", str(port)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llama-kernels serve: cannot listen on 127.0.0.1:{port}: Address already in use", err
+    assert time.monotonic() - start < 1.0  # no model was loaded
