@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .int4 import Int4Weight, int4_linear_reference, quantize_int4
 
@@ -295,7 +296,8 @@ def decode_attention(
     return out
 
 
-PREFILL_ROWS = 1024  # query tokens per step of paged_prefill_attention: bounds its [Hq, rows, n] logits
+PREFILL_ROWS = 1024  # query tokens per step of paged_prefill_attention: bounds its [rows, n] mask (and the
+# [Hq, rows, n] logits where SDPA has no fused kernel for the inputs, e.g. float32 on CUDA with GQA)
 
 
 def paged_prefill_attention(
@@ -315,27 +317,26 @@ def paged_prefill_attention(
     the last query_lens[b] of the seq_lens[b] tokens of sequence b in the cache, so query token i
     of b sits at position p = seq_lens[b] - query_lens[b] + i and attends to cache positions 0..p.
     Caches, block_table, scales and the head mapping as in decode_attention. out [T, Hq, D] in
-    q's dtype. The logits of at most PREFILL_ROWS query tokens exist at once (rows are independent,
-    so this does not change the result).
+    q's dtype. Math: the gathered (dequantized) cache and q in float32, softmax of the masked
+    logits, through scaled_dot_product_attention (on the CPU its fused flash kernel: no logits
+    tensor). At most PREFILL_ROWS query tokens are attended at once (rows are independent, so
+    this does not change the result).
     """
-    _, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    group = hq // hkv
-    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    sm_scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     out = torch.empty_like(q)
     start = 0
     for b in range(seq_lens.shape[0]):
         n, m = int(seq_lens[b]), int(query_lens[b])
-        k = gather_kv(k_cache, block_table[b], n, k_scale)  # [n, Hkv, D]
-        v = gather_kv(v_cache, block_table[b], n, v_scale)
+        k = gather_kv(k_cache, block_table[b], n, k_scale).transpose(0, 1)  # [Hkv, n, D]
+        v = gather_kv(v_cache, block_table[b], n, v_scale).transpose(0, 1)
         for r0 in range(0, m, PREFILL_ROWS):
             rows = min(PREFILL_ROWS, m - r0)
-            qb = q[start + r0 : start + r0 + rows].float().view(rows, hkv, group, d)  # [rows, Hkv, G, D]
-            logits = torch.einsum("rhgd,nhd->hgrn", qb, k) * sm_scale  # [Hkv, G, rows, n]
-            pos = n - m + r0 + torch.arange(rows, device=q.device)  # absolute position of each row
-            future = torch.arange(n, device=q.device)[None, :] > pos[:, None]  # [rows, n]
-            probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
-            o = torch.einsum("hgrn,nhd->rhgd", probs, v)  # [rows, Hkv, G, D]
-            out[start + r0 : start + r0 + rows] = o.reshape(rows, hq, d).to(q.dtype)
+            end = n - m + r0 + rows  # one past the last row's position: no row sees a later key
+            qb = q[start + r0 : start + r0 + rows].float().transpose(0, 1)  # [Hq, rows, D]
+            # Row i sits at position end - rows + i: causal aligned to the bottom-right corner.
+            visible = torch.ones(rows, end, dtype=torch.bool, device=q.device).tril(end - rows)  # [rows, end]
+            kb, vb = k[None, :, :end], v[None, :, :end]  # [1, Hkv, end, D]
+            o = F.scaled_dot_product_attention(qb[None], kb, vb, attn_mask=visible, scale=sm_scale, enable_gqa=True)
+            out[start + r0 : start + r0 + rows] = o[0].transpose(0, 1).to(q.dtype)  # o [1, Hq, rows, D]
         start += m
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import TOL, assert_rel_close, paged_attention_case, poison_allocator, randn
 from llama_kernels import BackendUnavailableError, backends, ops, reference
@@ -61,14 +62,26 @@ def test_reference_without_prefix_is_causal_sdpa(group, dtype):
         start += n
 
 
+@pytest.mark.parametrize("rows", [reference.PREFILL_ROWS, 5])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, FP8)])
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_reference_with_prefix_is_decode_token_by_token(group, dtype, cache_dtype):
-    # Prefixes 0, 5 and 130 (cached tokens before the new ones), mixed query lengths.
+def test_reference_with_prefix_is_decode_token_by_token(group, dtype, cache_dtype, rows, monkeypatch):
+    # Prefixes 0, 5 and 130 (cached tokens before the new ones), mixed query lengths; with 5 rows
+    # per step the 17 new tokens take 4 steps, each over the keys up to its own last position.
+    monkeypatch.setattr(reference, "PREFILL_ROWS", rows)
     seq_lens, query_lens = [3, 22, 147, 1], [3, 17, 17, 1]
     args = prefill_case(seq_lens, query_lens, 2 * group, 2, 64, 16, dtype, cache_dtype, seed=group)
     out = ops.paged_prefill_attention(*args[:6], 0.07, *args[6:])
     assert_rel_close(out, decode_token_by_token(*args, scale=0.07), TOL[dtype] + 1e-6)
+
+
+def test_reference_runs_on_the_fused_cpu_kernel():
+    # On the CPU the reference must not fall back to SDPA's math kernel (the [Hq, rows, n] logits
+    # in memory, several times slower): with only the flash kernel allowed it still runs.
+    args = prefill_case([150, 9], [20, 9], 12, 4, 64, 16, torch.bfloat16, FP8, seed=5)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = ops.paged_prefill_attention(*args[:6], None, *args[6:])
+    assert_rel_close(out, decode_token_by_token(*args), TOL[torch.bfloat16] + 1e-6)
 
 
 # --- the triton kernel ------------------------------------------------------------------
