@@ -97,6 +97,9 @@ def _print_info(info: dict) -> None:
 
 DEBUG_ENV = "LLAMA_KERNELS_DEBUG"  # =1: tracebacks instead of one-line errors (like --debug)
 DEFAULT_MAX_NEW_TOKENS = 256  # the same as LLM.generate's
+POLICY_HELP = ("FP8 policy: 'all' quantizes every decoder linear; 'meta' is Meta's (FFN only, first and last layers "
+               "kept, activations clamped to 1200): models whose activations exceed 1200 lose accuracy under it, "
+               "e.g. SmolLM2, whose down_proj inputs reach ~3065")  # fmt: skip
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,11 +120,6 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
 
 
-POLICY_HELP = ("FP8 policy: 'all' quantizes every decoder linear; 'meta' is Meta's (FFN only, first and last layers "
-               "kept, activations clamped to 1200): models whose activations exceed 1200 lose accuracy under it, "
-               "e.g. SmolLM2, whose down_proj inputs reach ~3000")  # fmt: skip
-
-
 def _check_before_load(args: argparse.Namespace) -> None:
     """Every check that needs no checkpoint, so that a bad value never waits for the weights to load."""
     from .generate import check_sampling
@@ -133,7 +131,7 @@ def _check_before_load(args: argparse.Namespace) -> None:
     tp = getattr(args, "tp", 1)
     if tp < 1:
         raise ValueError(f"--tp {tp}; expected an int >= 1")
-    if tp > 1 and not dist_initialized() and ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ):
+    if tp > 1 and not _dist_initialized() and ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ):
         raise ValueError(f"--tp {tp} runs one process per rank under torchrun: torchrun --nproc-per-node {tp} "
                          f"-m llama_kernels {args.command} ... --tp {tp}")  # fmt: skip
     if tp > 1 and int(os.environ.get("WORLD_SIZE", tp)) != tp:
@@ -142,7 +140,7 @@ def _check_before_load(args: argparse.Namespace) -> None:
     resolve_device(args.device)
 
 
-def dist_initialized() -> bool:
+def _dist_initialized() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -169,9 +167,10 @@ def _write(text: str) -> None:
 
 def _read_prompt(args: argparse.Namespace) -> str:
     """The prompt text: the argument, or -f FILE (- = stdin), decoded as UTF-8; ValueError if missing or empty."""
-    if (args.prompt is None) == (args.file is None):
-        raise ValueError("give the prompt either as an argument or with -f FILE (- for stdin), not both"
-                         if args.prompt is not None else "no prompt: pass the text, or -f FILE (- for stdin)")  # fmt: skip
+    if args.prompt is not None and args.file is not None:
+        raise ValueError("give the prompt either as an argument or with -f FILE (- for stdin), not both")
+    if args.prompt is None and args.file is None:
+        raise ValueError("no prompt: pass the text, or -f FILE (- for stdin)")
     if args.file is not None:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         where = "stdin" if args.file == "-" else args.file

@@ -320,7 +320,7 @@ def resolve_device(device) -> torch.device:
         if not torch.cuda.is_available():
             why = "a CPU-only build" if torch.version.cuda is None else "no usable GPU or driver"
             raise ValueError(f"device={str(device)!r} but torch {torch.__version__} has no CUDA ({why}): use "
-                             "device='cpu', or install a CUDA build of torch on a machine with an NVIDIA GPU")  # fmt: skip
+                             "device='cpu', or a CUDA build of torch on a machine with an NVIDIA GPU")  # fmt: skip
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":
