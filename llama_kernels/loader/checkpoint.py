@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..distributed import TensorParallel
 from ..int4 import Int4Weight
@@ -80,23 +81,27 @@ def split_of(name: str, tp: TensorParallel | None) -> tuple[int, int, int] | Non
     return None if tp is None or place is None else tp.split(place[0], place[1])
 
 
-class _Progress:
-    """One stderr line, rewritten at most 5 times a second: bytes loaded and the rate."""
+class ByteProgress:
+    """Bytes done out of a total, on stderr: a tqdm bar redrawn in place on a terminal; elsewhere (a log,
+    a pipe) one line when done, instead of a stream of redraws."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
-        self.done, self.start, self.shown = 0, time.perf_counter(), 0.0
+        self.label, self.enabled = label, enabled
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+                        disable=not (enabled and self.tty), mininterval=0.2)  # fmt: skip
+        self.done, self.start = 0, time.perf_counter()  # bytes so far; start time
 
-    def update(self, nbytes: int, final: bool = False) -> None:
+    def update(self, nbytes: int) -> None:
         self.done += nbytes
-        now = time.perf_counter()
-        if not self.enabled or (not final and now - self.shown < 0.2):
-            return
-        self.shown = now
-        rate = self.done / max(now - self.start, 1e-9) / 1e6
-        end = "\n" if final else ""
-        print(f"\rloading {self.label}: {self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB, {rate:.0f} MB/s",
-              end=end, file=sys.stderr, flush=True)  # fmt: skip
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled and not self.tty:
+            secs = time.perf_counter() - self.start
+            print(f"{self.label}: {self.done / 1e6:.0f} MB in {secs:.1f} s ({self.done / 1e6 / max(secs, 1e-9):.0f} "
+                  "MB/s)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant: str | None = None,
@@ -121,7 +126,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant
         quantize_model(model, quant, policy)
     modules = dict(model.named_modules())
     pending: dict[str, dict[int, torch.Tensor]] = {}
-    bar = _Progress(ckpt.path.name, ckpt.nbytes, progress)
+    bar = ByteProgress(f"loading {ckpt.path.name}", ckpt.nbytes, progress)
     for name, tensor, nbytes in ckpt.tensors(tp):
         try:
             place = target(name)
@@ -144,7 +149,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant
             tensor = fuse([got[i] for i in range(parts)], f"{ckpt.path}: {path}")
             del pending[path]
         _load_module(modules[path], tensor, f"{ckpt.path}: tensor {name!r}", dtype)
-    bar.update(0, final=True)
+    bar.close()
     if pending:
         raise CheckpointError(
             f"{ckpt.path}: some of q/k/v or gate/up are missing from the checkpoint for {sorted(pending)}"

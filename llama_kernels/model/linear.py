@@ -110,6 +110,7 @@ class Fp8Linear(nn.Module):
         self.out_features = out_features  # N
         self.dtype = dtype  # activation (input and output) dtype
         self.scale_ub = scale_ub  # upper bound on a token's activation amax, or None
+        self.bound_checked = scale_ub is None  # whether the first input was checked against scale_ub
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
                                                    device=device))  # [N, K] e4m3  # fmt: skip
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))  # [N]
@@ -128,9 +129,29 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """x [M, K] (or its FP8 form) -> [M, N] in the activation dtype."""
+        if not self.bound_checked and self.scale_ub is not None and isinstance(x, torch.Tensor):
+            self._check_bound(x)
         xq, x_scale = x if isinstance(x, Fp8Activation) else ops.quantize_fp8(x, self.scale_ub)
         y = ops.fp8_gemm(xq, x_scale, self.weight, self.weight_scale, out_dtype=_gemm_dtype(self.dtype))
         return y.to(self.dtype)
+
+
+    def _check_bound(self, x: torch.Tensor) -> None:
+        """On the first input only (no calibration, out of the steady state): warn once per process when
+        activations exceed scale_ub, which the quantization then saturates at the bound."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # no host sync inside a CUDA graph capture; a later eager call checks
+        self.bound_checked = True
+        amax = x.detach().abs().amax().item()
+        global _warned_bound
+        if amax > self.scale_ub and not _warned_bound:
+            _warned_bound = True
+            logger.warning(
+                "FP8 policy 'meta': activations reach %.0f, above its bound of %.0f, and are clamped to it; "
+                "this model may lose accuracy: quantize with policy 'all' (--policy all)", amax, self.scale_ub)
+
+
+_warned_bound = False  # Fp8Linear._check_bound has warned
 
 
 class Fp8StaticLinear(nn.Module):
