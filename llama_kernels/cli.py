@@ -228,12 +228,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     llm = _load(args, ckpt, len(ids) + args.max_new_tokens)
     main = is_main()  # under tensor parallel every rank generates; rank 0 alone prints
     stream = TextStream(llm.tokenizer, _write if main else lambda piece: None)
-    llm.generate_ids([ids], on_token=stream, **_sampling(args))
+    out = llm.generate_ids([ids], on_token=stream, **_sampling(args))[0]
     stream.finish()
     if not main:
         return 0
     print()
-    if not stream.ids:
+    if not out:
         hint = ("the model has a chat template: drop --raw to use it" if not chat and ckpt.tokenizer.chat_template
                 else "try another prompt, or sampling (--temperature 0.7)")  # fmt: skip
         print(f"(no text: the model ended at once; {hint})", file=sys.stderr)

@@ -160,6 +160,8 @@ def test_llm_refuses_fp8_on_sm80_before_loading(sm, monkeypatch):
     from llama_kernels.model import LlamaConfig
 
     sm((7, 5))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA build of torch on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr("llama_kernels.llm.random_model", lambda *a, **k: pytest.fail("weights were built"))
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
                          num_kv_heads=2, head_dim=16, max_position_embeddings=64)  # fmt: skip
