@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="layout: fbgemm (default) or compressed-tensors for fp8; awq for int4")  # fmt: skip
     quantize.add_argument("--policy", choices=("all", "meta"), default="all",
                           help="FP8: every decoder linear, or Meta's (FFN only, first/last layers kept)")  # fmt: skip
+    quantize.add_argument("--kv-cache-scales", action="store_true",
+                          help="also write calibrated FP8 KV-cache scales (compressed-tensors kv_cache_scheme); "
+                          "runs the model once, so needs it in memory")  # fmt: skip
     serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)"))
     args = parser.parse_args(argv)
 
@@ -209,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         from .export import quantize_checkpoint
 
         src = None if args.input == "default" else args.input
-        quantize_checkpoint(src, args.output, args.quant, args.format, args.policy)
+        quantize_checkpoint(src, args.output, args.quant, args.format, args.policy,
+                            kv_cache_scales=args.kv_cache_scales)  # fmt: skip
         return 0
 
     if args.command == "generate":

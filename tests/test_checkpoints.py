@@ -611,3 +611,31 @@ def test_fp8_kv_scales_with_quantized_weights_and_tensor_parallel(source, tmp_pa
         for rank, h in enumerate(heads):
             got_k, got_v = read_kv_scales(ckpt, TensorParallel(rank, tp, ckpt.config))
             assert [s.tolist() for s in got_k + got_v] == [s[h].tolist() for s in k + v], (tp, rank)
+
+
+def test_quantize_kv_cache_scales_round_trip(source, tmp_path, capsys):
+    """quantize --kv-cache-scales writes llm-compressor's kv_cache_scheme: per layer the max over KV heads
+    of the calibrated scales; loading it takes them instead of calibrating."""
+    from llama_kernels.cli import main
+    from llama_kernels.export import quantize_checkpoint
+
+    path, _, _, ids, ref = source
+    out = tmp_path / "ct"
+    assert main(["quantize", str(path), str(out), "--quant", "fp8", "--format", "compressed-tensors",
+                 "--kv-cache-scales"]) == 0  # fmt: skip
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    kv = qc["kv_cache_scheme"]
+    assert (kv["type"], kv["num_bits"], kv["strategy"], kv["dynamic"]) == ("float", 8, "tensor", False)
+    assert header(out)["model.layers.1.self_attn.v_scale"] == ("F32", [1])
+    # the same calibration (no tokenizer here: seeded random ids, as many as the 128 positions hold)
+    calibrated = LLM.from_pretrained(path, max_context=128, kv_cache_dtype="fp8", progress=False).cache
+    llm = fp8_kv_llm(out)
+    assert "KV cache: FP8 scales from the checkpoint" in capsys.readouterr().err
+    for mine, theirs in zip(llm.cache.k_scale + llm.cache.v_scale, calibrated.k_scale + calibrated.v_scale):
+        assert torch.equal(mine, theirs.max().expand(2))
+    err = rel_err(llm.logits(ids), ref)  # measured 0.11 (FP8 weights alone: 0.104)
+    assert err < 0.15, err
+    # only the compressed-tensors layout carries them; refused before anything is written
+    with pytest.raises(ValueError, match="compressed-tensors format only"):
+        quantize_checkpoint(path, tmp_path / "fb", "fp8", kv_cache_scales=True)
+    assert not (tmp_path / "fb").exists()
