@@ -287,7 +287,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .export import quantize_checkpoint
 
     src = None if args.input == "default" else args.input
-    quantize_checkpoint(src, args.output, args.quant, args.format, args.policy)
+    quantize_checkpoint(src, args.output, args.quant, args.format, args.policy,
+                        kv_cache_scales=args.kv_cache_scales)  # fmt: skip
     return 0
 
 
@@ -360,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("--format", choices=("fbgemm", "compressed-tensors", "awq"), default=None,
                           help="layout: fbgemm (default) or compressed-tensors for fp8; awq for int4")  # fmt: skip
     quantize.add_argument("--policy", choices=("all", "meta"), default="all", help=POLICY_HELP)
+    quantize.add_argument("--kv-cache-scales", action="store_true",
+                          help="also write calibrated FP8 KV-cache scales (compressed-tensors kv_cache_scheme); "
+                          "runs the model once, so needs it in memory")  # fmt: skip
     serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
                                        parents=[common], formatter_class=fmt))  # fmt: skip
     args = parser.parse_args(argv)

@@ -11,6 +11,11 @@ Layouts (config.json's quantization_config and the tensors of each quantized lin
   K allows it); the whole checkpoint in fp16, as AWQ engines expect.
 The lm_head and embeddings are never quantized. The tokenizer files are copied (written from the
 metadata for a GGUF source).
+
+With kv_cache_scales (compressed-tensors only), the FP8 KV-cache scales the engine fixes at start-up
+(its calibration pass, or the source's own scales) are written as llm-compressor's kv_cache_scheme:
+one float32 [1] `model.layers.N.self_attn.k_scale` / `v_scale` per layer (the max over KV heads:
+the per-tensor form every vLLM version loads); loading it then skips the calibration pass.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from . import ops
 from .loader import CheckpointError, open_checkpoint
 from .loader.checkpoint import ByteProgress
+from .loader.kv_scales import is_attention_scale
 from .loader.quantized import split_linear
 from .model.config import LlamaConfig
 from .model.linear import META_FP8_SCALE_UB, int4_group_size
@@ -38,13 +44,15 @@ _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 
 
 def quantize_checkpoint(src: str | Path | None, out: str | Path, quant: str, fmt: str | None = None,
-                        policy: str = "all", max_shard_bytes: int = 5 << 30,
-                        progress: bool = True) -> Path:  # fmt: skip
+                        policy: str = "all", max_shard_bytes: int = 5 << 30, progress: bool = True,
+                        kv_cache_scales: bool = False) -> Path:  # fmt: skip
     """Quantize the checkpoint `src` (directory, .gguf, None: the embedded default model) into the
     new directory `out`, tensor by tensor on the CPU; returns `out`.
 
     quant "fp8" (fmt "fbgemm", the default, or "compressed-tensors"; policy "all": every decoder
     linear, "meta": FFN only, first and last layers kept) or "int4" (fmt "awq", policy "all").
+    kv_cache_scales (fp8 compressed-tensors): also write FP8 KV-cache scales (see the module doc);
+    this runs the model once, so it needs the full-precision model in memory.
     """
     fmt = fmt or FORMATS.get(quant, ("",))[0]
     if fmt not in FORMATS.get(quant, ()):
@@ -52,6 +60,9 @@ def quantize_checkpoint(src: str | Path | None, out: str | Path, quant: str, fmt
                          "or int4 with awq")  # fmt: skip
     if policy not in ("all", "meta") or (quant == "int4" and policy != "all"):
         raise ValueError(f"quantize: policy={policy!r} for {quant}; expected 'all' (or 'meta' for fp8)")
+    if kv_cache_scales and fmt != "compressed-tensors":
+        raise ValueError(f"quantize: kv_cache_scales with format {fmt!r}; KV-cache scales are written in the "
+                         "compressed-tensors format only (--quant fp8 --format compressed-tensors)")  # fmt: skip
     ckpt = open_checkpoint(src)
     if ckpt.quant_method is not None:
         raise CheckpointError(f"{ckpt.path} is already quantized ({ckpt.quant_method}): start from a bf16 checkpoint")
@@ -74,19 +85,24 @@ def quantize_checkpoint(src: str | Path | None, out: str | Path, quant: str, fmt
         group_0 = {"targets": ["Linear"], "output_activations": None,
                    "weights": {**fp8, "strategy": "channel", "dynamic": False},
                    "input_activations": {**fp8, "strategy": "token", "dynamic": True}}  # fmt: skip
+        kv_scheme = {**fp8, "strategy": "tensor", "dynamic": False} if kv_cache_scales else None
         qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": group_0},
-              "ignore": skip + ["lm_head"], "kv_cache_scheme": None, "quantization_status": "compressed"}  # fmt: skip
+              "ignore": skip + ["lm_head"], "kv_cache_scheme": kv_scheme,
+              "quantization_status": "compressed"}  # fmt: skip
     else:
         qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
               "modules_to_not_convert": None}  # fmt: skip
         if group != 128:
             print(f"quantize: K is not a multiple of 128 in every linear; AWQ group size {group}", file=sys.stderr)
     writer = _ShardWriter(out, max_shard_bytes)
+    if kv_cache_scales:
+        for name, scale in _kv_cache_scales(ckpt.path, c.max_position_embeddings).items():
+            writer.add(name, scale)
     dtype = None
     bar = ByteProgress(f"quantize {fmt}", ckpt.nbytes, progress)
     for name, tensor, nbytes in ckpt.tensors():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
+        if name.endswith("rotary_emb.inv_freq") or (kv_cache_scales and is_attention_scale(name)):
+            continue  # the source's KV scales, if any, are already in _kv_cache_scales
         if dtype is None:  # the checkpoint dtype: fp16 for AWQ, else the source's half dtype (bf16 from fp32/GGUF)
             half = tensor.dtype in (torch.float16, torch.bfloat16)
             dtype = torch.float16 if fmt == "awq" else (tensor.dtype if half else torch.bfloat16)
@@ -110,6 +126,18 @@ def quantize_checkpoint(src: str | Path | None, out: str | Path, quant: str, fmt
     if progress:
         print(f"wrote {out} ({writer.count} shard(s))", file=sys.stderr)
     return out
+
+
+def _kv_cache_scales(src: Path, max_positions: int) -> dict[str, torch.Tensor]:
+    """{model.layers.N.self_attn.k_scale / v_scale: float32 [1]}: per layer, the max over KV heads of the
+    FP8 scales the engine fixes at start-up for `src` (its calibration pass, or the source's scales)."""
+    from .llm import LLM
+
+    context = min(max_positions, 1024)  # room for the whole calibration text (serve.runner.CALIBRATION_TEXT)
+    llm = LLM.from_pretrained(src, max_context=context, kv_cache_dtype="fp8", max_batch=1, progress=False)
+    cache = llm.cache
+    return {f"model.layers.{i}.self_attn.{kind}_scale": scales[i].max().reshape(1).cpu()
+            for i in range(len(cache.k)) for kind, scales in (("k", cache.k_scale), ("v", cache.v_scale))}  # fmt: skip
 
 
 def _quantize(w: torch.Tensor, fmt: str, dtype: torch.dtype, group: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from torch import nn
 from . import backends, distributed
 from . import plan as planner
 from .loader import Checkpoint, Tokenizer, load_model, open_checkpoint
+from .loader.kv_scales import read_kv_scales
 from .model import KVCache, LlamaConfig, Transformer, quantize_model
 from .serve.block_allocator import BlockAllocator
 from .serve.detokenizer import Detokenizer
@@ -181,8 +182,13 @@ class LLM:
                              "max_context (--max-context)")  # fmt: skip
         if progress and requested is None:
             _say_context(device, max_context, max_batch, ckpt.config)
+        # read (and checked) before any weight loads; a cache that is not FP8 ignores them
+        kv_scales = read_kv_scales(ckpt, shard) if kv_dtype == torch.float8_e4m3fn else None
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
-        return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk)
+        if kv_scales is not None and progress:
+            print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
+        return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
+                          kv_scales)  # fmt: skip
 
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
@@ -200,13 +206,18 @@ class LLM:
 
     @classmethod
     def _build(cls, model: Transformer, tokenizer: Tokenizer | None, kv_dtype: torch.dtype, max_context: int,
-               max_batch: int, cuda_graphs: bool, prefill_chunk: int) -> LLM:  # fmt: skip
+               max_batch: int, cuda_graphs: bool, prefill_chunk: int,
+               kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> LLM:  # fmt: skip
+        """The LLM over `model`; kv_scales (a checkpoint's FP8 KV scales) fix the cache's, else the engine
+        calibrates them."""
         c = model.config
         model.setup(max_context)
         blocks = max_batch * -(-max_context // BLOCK_SIZE)
         device = model.tok_embeddings.weight.device
         kv_heads = model.layers[0].attention.num_kv_heads  # this rank's, under tensor parallel
         cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
+        if kv_scales is not None:
+            cache.set_scales(*kv_scales)
         return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk)
 
     @property

@@ -509,3 +509,133 @@ def test_gguf_rope_freqs_to_llama3_scaling(factor):
     with pytest.raises(CheckpointError, match=r"m.gguf: rope_freqs.weight does not follow llama3 RoPE scaling"):
         llama3_rope_scaling(1 + torch.rand(64, generator=torch.Generator().manual_seed(0)), 128, 500000.0,
                             Path("m.gguf"))  # fmt: skip
+
+
+# --- FP8 KV-cache scales in the checkpoint (loader.kv_scales) ---------------------------------------
+
+
+def with_kv_scales(src, out: Path, k: list[torch.Tensor], v: list[torch.Tensor], names=("self_attn.k_scale",
+                   "self_attn.v_scale"), layers=(0, 1), tensors: dict | None = None, **extra) -> Path:  # fmt: skip
+    """The source checkpoint (or `tensors`) plus per-layer k / v scale tensors under `names`
+    (k's name, v's name) for `layers`, and `extra` tensors."""
+    tensors = dict(src[1] if tensors is None else tensors)
+    for i in layers:
+        tensors[f"model.layers.{i}.{names[0]}"] = k[i].clone()  # clones: safetensors refuses shared storage
+        tensors[f"model.layers.{i}.{names[1]}"] = v[i].clone()
+    return write(src[0], out, {**tensors, **extra}, None)
+
+
+def fp8_kv_llm(path: Path, **kw) -> LLM:
+    return LLM.from_pretrained(path, max_context=64, kv_cache_dtype="fp8", **kw)
+
+
+@pytest.mark.parametrize("fmt", ["ct-per-head", "ct-per-tensor-bf16", "output_scale", "modelopt-scalar"])
+def test_fp8_kv_scales_from_the_checkpoint(source, tmp_path, capsys, fmt):
+    """Scales a checkpoint carries are the cache's exactly (a scalar on every head), the engine does
+    not calibrate them over, and the logits equal those of a cache given the same scales by hand."""
+    calibrated = fp8_kv_llm(source[0], progress=False)  # the engine's calibration pass sets these
+    k, v = calibrated.cache.k_scale, calibrated.cache.v_scale  # L x [Hkv=2] float32
+    names = {"output_scale": ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
+             "modelopt-scalar": ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale")}  # fmt: skip
+    names = names.get(fmt, ("self_attn.k_scale", "self_attn.v_scale"))
+    if fmt == "ct-per-head":  # not the calibrated scales, so a calibration pass would show
+        k_ckpt, v_ckpt = [s * torch.tensor([1.25, 1.5]) for s in k], [s * torch.tensor([1.5, 1.25]) for s in v]
+        want_k, want_v = k_ckpt, v_ckpt
+    elif fmt == "ct-per-tensor-bf16":  # llm-compressor's kv_cache_scheme (strategy tensor): [1] in bf16
+        k_ckpt, v_ckpt = [s.max().reshape(1).bfloat16() for s in k], [s.max().reshape(1).bfloat16() for s in v]
+        want_k, want_v = [s.float().expand(2) for s in k_ckpt], [s.float().expand(2) for s in v_ckpt]
+    else:  # scalars []
+        k_ckpt, v_ckpt = [s.max() * 1.5 for s in k], [s.max() * 1.5 for s in v]
+        want_k, want_v = [s.expand(2) for s in k_ckpt], [s.expand(2) for s in v_ckpt]
+    extra = {"model.layers.0.self_attn.q_scale": torch.ones(1)}  # a query scale is skipped
+    path = with_kv_scales(source, tmp_path / fmt, k_ckpt, v_ckpt, names, **extra)
+    capsys.readouterr()
+    llm = fp8_kv_llm(path)
+    assert capsys.readouterr().err.count("KV cache: FP8 scales from the checkpoint") == 1
+    # set before the engine started, and not overwritten by a calibration pass
+    assert all(torch.equal(a, b) for a, b in zip(llm.cache.k_scale + llm.cache.v_scale, want_k + want_v))
+    ids, ref = source[3], source[4]
+    out = llm.logits(ids)
+    assert torch.isfinite(out).all()
+    calibrated.cache.set_scales(want_k, want_v)  # the same scales set by hand: the same logits
+    torch.testing.assert_close(out, calibrated.logits(ids), rtol=0, atol=0)
+    assert rel_err(out, ref) < 0.06, rel_err(out, ref)  # measured 0.042 (calibrated: 0.042)
+    assert len(llm.generate_ids([ids.tolist()], max_new_tokens=4)[0]) == 4
+
+
+def test_fp8_kv_scales_errors_and_clamping(source, tmp_path):
+    ones = [torch.ones(1)] * 2
+    # only layer 0 has them: one line naming layer 1, before any weight loads
+    partial = with_kv_scales(source, tmp_path / "partial", ones, ones, layers=(0,))
+    with pytest.raises(CheckpointError, match=r"layer 1 has no k scale \(model\.layers\.1\.self_attn\.k_scale\)") as e:
+        fp8_kv_llm(partial, progress=False)
+    assert "\n" not in str(e.value)
+    # a cache that is not FP8 ignores them (even a partial set) and needs no scales
+    plain = LLM.from_pretrained(partial, max_context=64, progress=False)
+    torch.testing.assert_close(plain.logits(source[3]), source[4], rtol=0, atol=0)
+    bad = {"nan": [torch.tensor([float("nan")])] * 2, "negative": [torch.tensor(-1.0)] * 2,
+           "size": [torch.ones(3)] * 2}  # fmt: skip
+    for what, scales in bad.items():
+        path = with_kv_scales(source, tmp_path / what, scales, ones)
+        with pytest.raises(CheckpointError, match="model.layers.0.self_attn.k_scale"):
+            fp8_kv_llm(path, progress=False)
+    both = with_kv_scales(source, tmp_path / "both", ones, ones,
+                          **{"model.layers.1.self_attn.k_proj.output_scale": torch.ones(1)})  # fmt: skip
+    with pytest.raises(CheckpointError, match="layer 1 has two k scales"):
+        fp8_kv_llm(both, progress=False)
+    # a zero scale is clamped (x / 0 would be inf, then NaN in attention): finite logits
+    zero = [torch.zeros(1)] * 2
+    llm = fp8_kv_llm(with_kv_scales(source, tmp_path / "zero", zero, zero), progress=False)
+    assert all((s > 0).all() for s in llm.cache.k_scale + llm.cache.v_scale)
+    assert torch.isfinite(llm.logits(source[3])).all()
+
+
+def test_fp8_kv_scales_with_quantized_weights_and_tensor_parallel(source, tmp_path):
+    """k_proj.output_scale beside compressed-tensors FP8 linears is a KV scale, not a linear's tensor;
+    under tensor parallel each rank takes its KV heads' scales (replicated heads: the one it uses)."""
+    from llama_kernels.distributed import TensorParallel
+    from llama_kernels.loader.kv_scales import read_kv_scales
+
+    ct = ct_fp8(source, tmp_path / "ct", static=True)
+    k = [torch.tensor([0.01, 0.02]), torch.tensor([0.03, 0.04])]  # per head, Hkv = 2
+    v = [torch.tensor([0.05, 0.06]), torch.tensor([0.07, 0.08])]
+    path = with_kv_scales(source, tmp_path / "ct-kv", k, v, ("self_attn.k_proj.output_scale",
+                          "self_attn.v_proj.output_scale"), tensors=load_file(ct / "model.safetensors"))  # fmt: skip
+    cfg = json.loads((ct / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg))
+    llm = fp8_kv_llm(path, progress=False)
+    assert type(llm.model.layers[0].attention.wqkv) is Fp8StaticLinear
+    assert all(torch.equal(a, b) for a, b in zip(llm.cache.k_scale + llm.cache.v_scale, k + v))
+    ckpt = open_checkpoint(path)
+    for tp, heads in ((2, [[0], [1]]), (4, [[0], [0], [1], [1]])):
+        for rank, h in enumerate(heads):
+            got_k, got_v = read_kv_scales(ckpt, TensorParallel(rank, tp, ckpt.config))
+            assert [s.tolist() for s in got_k + got_v] == [s[h].tolist() for s in k + v], (tp, rank)
+
+
+def test_quantize_kv_cache_scales_round_trip(source, tmp_path, capsys):
+    """quantize --kv-cache-scales writes llm-compressor's kv_cache_scheme: per layer the max over KV heads
+    of the calibrated scales; loading it takes them instead of calibrating."""
+    from llama_kernels.cli import main
+    from llama_kernels.export import quantize_checkpoint
+
+    path, _, _, ids, ref = source
+    out = tmp_path / "ct"
+    assert main(["quantize", str(path), str(out), "--quant", "fp8", "--format", "compressed-tensors",
+                 "--kv-cache-scales"]) == 0  # fmt: skip
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    kv = qc["kv_cache_scheme"]
+    assert (kv["type"], kv["num_bits"], kv["strategy"], kv["dynamic"]) == ("float", 8, "tensor", False)
+    assert header(out)["model.layers.1.self_attn.v_scale"] == ("F32", [1])
+    # the same calibration (no tokenizer here: seeded random ids, as many as the 128 positions hold)
+    calibrated = LLM.from_pretrained(path, max_context=128, kv_cache_dtype="fp8", progress=False).cache
+    llm = fp8_kv_llm(out)
+    assert "KV cache: FP8 scales from the checkpoint" in capsys.readouterr().err
+    for mine, theirs in zip(llm.cache.k_scale + llm.cache.v_scale, calibrated.k_scale + calibrated.v_scale):
+        assert torch.equal(mine, theirs.max().expand(2))
+    err = rel_err(llm.logits(ids), ref)  # measured 0.11 (FP8 weights alone: 0.104)
+    assert err < 0.15, err
+    # only the compressed-tensors layout carries them; refused before anything is written
+    with pytest.raises(ValueError, match="compressed-tensors format only"):
+        quantize_checkpoint(path, tmp_path / "fb", "fp8", kv_cache_scales=True)
+    assert not (tmp_path / "fb").exists()

@@ -269,27 +269,37 @@ def test_decode_ops_on_the_torch_backend_keep_decode_eager(llm):
 TP_PROMPTS = [[5, 17, 99, 3, 42, 8, 77, 12], [9, 1, 100], [4] * 12, list(range(30, 50))]
 
 
-def tp_engine_tokens(path, tp: int) -> tuple[dict[str, list[int]], int]:
-    """({id: tokens}, preemptions) of 4 requests on a 4-block pool with chunks of 8, on this rank of
-    tp (rank 0 schedules; the other ranks follow and return nothing)."""
-    llm = LLM.from_pretrained(path, max_context=64, max_batch=1, progress=False, tp=tp)
+def tp_engine_tokens(path, tp: int, kv_cache_dtype=None) -> tuple[dict[str, list[int]], int, list]:
+    """({id: tokens}, preemptions, FP8 KV scales k + v of this rank: 2L x [Hkv] or None) of 4 requests
+    on a 4-block pool with chunks of 8, on this rank of tp (rank 0 schedules; the other ranks follow
+    and return no tokens)."""
+    llm = LLM.from_pretrained(path, max_context=64, max_batch=1, progress=False, tp=tp, kv_cache_dtype=kv_cache_dtype)
+    scales = llm.cache.k_scale + llm.cache.v_scale
     engine = Engine(llm, max_num_seqs=4, prefill_chunk=8)
     if llm.model.tp is not None and torch.distributed.get_rank() != 0:
         engine.follow()
-        return {}, 0
+        return {}, 0, scales
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
     engine.stop_followers()
-    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().num_preemptions
+    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().num_preemptions, scales
 
 
-def _tp_worker(rank: int, tp: int, port: int, path, out) -> None:
+def _tp_worker(rank: int, tp: int, port: int, path, out, kv_cache_dtype=None) -> None:
+    """One rank of tp_engine_tokens; each rank saves its result to out.<rank>."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
-    result = tp_engine_tokens(path, tp)
-    if rank == 0:
-        torch.save(result, out)
+    torch.save(tp_engine_tokens(path, tp, kv_cache_dtype), f"{out}.{rank}")
     torch.distributed.destroy_process_group()
+
+
+def spawn_tp2(path, tmp_path, kv_cache_dtype=None) -> list[tuple]:
+    """tp_engine_tokens on both ranks of a gloo group of 2 spawned processes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_tp_worker, args=(2, port, path, tmp_path / "tp2.pt", kv_cache_dtype), nprocs=2)
+    return [torch.load(tmp_path / f"tp2.pt.{rank}") for rank in range(2)]
 
 
 def test_tensor_parallel_engine_matches_one_process(tmp_path):
@@ -298,14 +308,32 @@ def test_tensor_parallel_engine_matches_one_process(tmp_path):
     from test_tensor_parallel import write_model
 
     path = write_model(tmp_path / "model", 6, 6, True)
-    ref, ref_preemptions = tp_engine_tokens(path, tp=1)
+    ref, ref_preemptions, _ = tp_engine_tokens(path, tp=1)
     assert ref_preemptions > 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_tp_worker, args=(2, port, path, tmp_path / "tp2.pt"), nprocs=2)
-    got, preemptions = torch.load(tmp_path / "tp2.pt")
+    got, preemptions, _ = spawn_tp2(path, tmp_path)[0]
     assert got == ref and preemptions == ref_preemptions
+
+
+def test_tensor_parallel_fp8_kv_scales_from_the_checkpoint(tmp_path):
+    """Per-head FP8 KV scales in the checkpoint: at TP=2 each rank's cache holds its 3 KV heads' scales
+    (no calibration pass), and the greedy tokens equal the single-process engine's."""
+    from safetensors.torch import load_file, save_file
+    from test_tensor_parallel import write_model
+
+    path = write_model(tmp_path / "model", 6, 6, True)
+    tensors = load_file(path / "model.safetensors")
+    ref_scales = tp_engine_tokens(path, tp=1, kv_cache_dtype="fp8")[2]  # the calibrated ones
+    given = [s * torch.linspace(1.1, 1.6, 6) for s in ref_scales]  # per head, unlike the calibration's
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = given[i].clone()
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = given[2 + i].clone()
+    save_file(tensors, path / "model.safetensors")
+    ref, _, scales = tp_engine_tokens(path, tp=1, kv_cache_dtype="fp8")
+    assert all(torch.equal(a, b) for a, b in zip(scales, given))
+    ranks = spawn_tp2(path, tmp_path, "fp8")
+    for rank, (_, _, scales) in enumerate(ranks):
+        assert all(torch.equal(a, b[3 * rank : 3 * rank + 3]) for a, b in zip(scales, given)), rank
+    assert ranks[0][0] == ref
 
 
 def test_fp8_kv_scales_are_fixed_at_start_up():

@@ -129,6 +129,27 @@ def test_paris(server):
     assert res.choices[0].finish_reason in ("stop", "length")
 
 
+def test_fp8_kv_cache(tmp_path, monkeypatch, capsys):
+    """--kv-cache-dtype fp8 reaches the LLM; the GGUF carries no KV scales, so one calibration pass fixes them."""
+    from llama_kernels.cli import main
+    from llama_kernels.llm import LLM
+
+    def refuse(path, **kw):
+        raise ValueError(f"kv_cache_dtype={kw['kv_cache_dtype']!r}")
+
+    monkeypatch.setattr(LLM, "from_pretrained", refuse)
+    assert main(["serve", "--port", "0", "--kv-cache-dtype", "fp8"]) == 2
+    assert main(["serve", "--port", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["llama-kernels serve: kv_cache_dtype='fp8'",
+                                                    "llama-kernels serve: kv_cache_dtype=None"]  # fmt: skip
+    s = ServerProcess(tmp_path, "--kv-cache-dtype", "fp8")
+    try:
+        test_paris(s)
+    finally:
+        s.stop()
+    assert "FP8 scales from the checkpoint" not in s.log.read_text()
+
+
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
 def test_stream_joins_to_non_stream_and_usage_is_the_tokenizers(server, llm, chat):
     client, tok = server.client(), llm.tokenizer

@@ -20,6 +20,7 @@ from ..model.config import LlamaConfig
 from ..model.linear import Fp8Weight, quantize_model
 from ..model.model import Transformer
 from .errors import CheckpointError
+from .kv_scales import is_attention_scale
 from .tokenizer import Tokenizer
 
 
@@ -34,6 +35,7 @@ class Checkpoint:
     tensors: Callable[[TensorParallel | None], Iterator[tuple[str, torch.Tensor | Fp8Weight | Int4Weight, int]]]
     quant_method: str | None = None  # the quantization_config's quant_method of a quantized checkpoint
     quantized: dict = field(default_factory=dict)  # {our linear's module path: loader.quantized.Scheme}
+    kv_scales: dict = field(default_factory=dict)  # {FP8 KV-cache scale tensor name: its shard} (loader.kv_scales)
 
 
 # Hugging Face parameter name (without "model.") -> (module path, part, parts) of our model;
@@ -60,7 +62,7 @@ def target(name: str) -> tuple[str, int, int] | None:
     Raises KeyError for a name a Llama checkpoint does not have.
     """
     short = name.removeprefix("model.")
-    if _IGNORED.fullmatch(short):
+    if _IGNORED.fullmatch(short) or is_attention_scale(short):  # KV scales go to the cache (loader.kv_scales)
         return None
     if short in _TOP:
         return _TOP[short], 0, 1

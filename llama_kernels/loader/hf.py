@@ -15,6 +15,7 @@ from ..model.config import LlamaConfig, id_tuple
 from ..distributed import shard_weight
 from .checkpoint import Checkpoint, split_of, target
 from .errors import CheckpointError, check_not_lfs_pointer, safetensors_header
+from .kv_scales import kv_scale_of
 from .quantized import linear_schemes, quant_format, split_linear
 from .tokenizer import Tokenizer
 
@@ -70,6 +71,7 @@ def open_hf_dir(path: Path) -> Checkpoint:
     headers = {}
     nbytes = 0
     linears: dict[str, dict[str, tuple[Path, dict]]] = {}  # quantized checkpoints: prefix -> suffix -> (shard, info)
+    kv_scales: dict[str, Path] = {}  # FP8 KV-cache scale name -> shard
     for shard in shards:
         header = safetensors_header(shard)
         for name, info in header.items():
@@ -87,6 +89,8 @@ def open_hf_dir(path: Path) -> Checkpoint:
                 target(name)
             except KeyError:
                 raise CheckpointError(f"{shard}: unexpected tensor {name!r} for a Llama model") from None
+            if kv_scale_of(name) is not None:
+                kv_scales[name] = shard
         headers[shard] = header
     quantized = {}
     if fmt is not None:
@@ -130,7 +134,7 @@ def open_hf_dir(path: Path) -> Checkpoint:
                         held = 0
 
     method = None if fmt is None else fmt.method
-    return Checkpoint(path, config, tokenizer, nbytes, tensors, method, quantized)
+    return Checkpoint(path, config, tokenizer, nbytes, tensors, method, quantized, kv_scales)
 
 
 def _read(f, name: str, shape: list[int], spec: tuple[int, int, int] | None) -> torch.Tensor:

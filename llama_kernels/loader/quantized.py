@@ -29,6 +29,7 @@ from ..int4 import Int4Weight, unpack_int4
 from ..model.linear import Fp8Linear, Fp8StaticLinear, Fp8Weight, Int4Linear
 from .checkpoint import LAYER_PARTS
 from .errors import CheckpointError
+from .kv_scales import is_attention_scale
 
 FLOAT = ("BF16", "F16", "F32")  # safetensors dtypes of unquantized weights and of scales
 _LINEAR_RE = re.compile(r"((?:model\.)?layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)|lm_head)"
@@ -58,9 +59,9 @@ class Scheme:
 
 def split_linear(name: str) -> tuple[str, str] | None:
     """(module prefix, tensor suffix) of a linear layer's tensor, e.g. ("model.layers.0.mlp.up_proj", "qweight");
-    None for other tensors."""
+    None for other tensors (k_proj.output_scale and the like are KV-cache scales: loader.kv_scales)."""
     m = _LINEAR_RE.fullmatch(name)
-    return (m.group(1), m.group(2)) if m else None
+    return (m.group(1), m.group(2)) if m and not is_attention_scale(name) else None
 
 
 def _listed(prefix: str, modules) -> bool:

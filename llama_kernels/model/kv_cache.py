@@ -6,7 +6,8 @@ t % block_size, i.e. in slot block * block_size + offset. Which blocks a sequenc
 engine's business (llama_kernels.serve.block_allocator); the cache only stores.
 
 FP8 caches (float8_e4m3fn) store x / scale with one float32 scale per KV head and layer, fixed
-before any sequence is written: the engine runs one calibration pass at start-up (a fixed
+before any sequence is written: from the checkpoint when it carries them (set_scales, see
+llama_kernels.loader.kv_scales), else the engine runs one calibration pass at start-up (a fixed
 built-in text, see llama_kernels.serve.runner.ModelRunner.calibrate) with `calibrating` set; each
 layer's scales come from that pass: per head, FP8_KV_HEADROOM x the amax of v, and for k the
 largest norm of a rotary pair (i, i + D/2) of the pre-RoPE keys, which bounds every rotated
@@ -24,6 +25,7 @@ from ..reference import FP8_MAX
 
 FP8 = torch.float8_e4m3fn
 FP8_KV_HEADROOM = 2.0  # FP8 scales cover this multiple of the amax seen in the calibration pass
+MIN_KV_SCALE = 1e-6 / FP8_MAX  # smallest FP8 scale (a zero scale would turn x / scale into NaN)
 
 
 @dataclass
@@ -83,6 +85,17 @@ class KVCache:
         """Cache slots [T] int64 of tokens at positions [T] of the sequences block_table[rows [T]]."""
         blocks = block_table[rows, positions // self.block_size].long()
         return blocks * self.block_size + positions % self.block_size
+
+    def set_scales(self, k_scale: list[torch.Tensor], v_scale: list[torch.Tensor]) -> None:
+        """Fix the FP8 scales to given ones (from a checkpoint): L x [Hkv] float32 each; no calibration follows."""
+        heads = self.k[0].shape[2]
+        if self.dtype != FP8 or len(k_scale) != len(self.k) or len(v_scale) != len(self.k) or any(
+                tuple(s.shape) != (heads,) for s in k_scale + v_scale):  # fmt: skip
+            raise ValueError(f"KVCache.set_scales: expected {len(self.k)} k and v scales of shape [{heads}] for an "
+                             f"FP8 cache; got {len(k_scale)} and {len(v_scale)} for a {self.dtype} cache")  # fmt: skip
+        for mine, given in zip(self.k_scale + self.v_scale, k_scale + v_scale):
+            mine.copy_(given.clamp(min=MIN_KV_SCALE))
+        self.calibrated = True
 
     def scales(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(k_scale, v_scale) [Hkv] float32 of a layer (None, None unless FP8).

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step at most")
     parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="auto: the activation dtype; fp8: e4m3 with per-head scales, from the checkpoint "
+                        "when it carries them, else calibrated once at start-up")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
-                                  max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp)  # fmt: skip
+                                  max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
+                                  kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8")  # fmt: skip
         engine = Engine(llm, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
