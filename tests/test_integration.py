@@ -62,3 +62,16 @@ def test_triton_backend_matches_torch_in_the_model(quant, monkeypatch):
         assert_rel_close(logits[step], ref_logits[step], TOLS[quant], f"{quant or 'bf16'} logits of step {step}")
     assert tokens == ref_tokens
     assert all(len(t) == NEW for t in tokens)
+
+
+def test_prefill_on_a_kernel_backend_never_calls_sdpa(monkeypatch):
+    """Prefill attends through ops.paged_prefill_attention, never through F.scaled_dot_product_attention
+    (whose 3-D calls took the math path on GPUs: fp32 [Hq, n, n] scores): with every op on triton,
+    a prefill in several chunks over the paged cache runs with SDPA made to fail."""
+    llm = LLM.from_config(CONFIG, device="cpu", dtype="bfloat16", max_context=32, max_batch=2, seed=SEED,
+                          prefill_chunk=4)  # fmt: skip
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: pytest.fail("prefill called scaled_dot_product_attention"))  # fmt: skip
+    tokens = llm.generate_ids(PROMPTS, max_new_tokens=2, stop_ids=())
+    assert [len(t) for t in tokens] == [2, 2]
