@@ -3,6 +3,7 @@ inputs, poisoned outputs, and the `gpu` marker's skip."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -106,3 +107,19 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@functools.cache
+def default_model_missing() -> str:
+    """Why the default model (SmolLM2-135M-Instruct GGUF) is unavailable; '' when it is installed, cached, or
+    fetched now (once, into the cache, as `llama-kernels generate` would)."""
+    from llama_kernels.loader import CheckpointError, default_model_path
+
+    try:
+        default_model_path(progress=False)
+    except CheckpointError as err:
+        return str(err)
+    return ""
+
+
+needs_smollm2 = pytest.mark.skipif(bool(default_model_missing()), reason=default_model_missing() or "available")

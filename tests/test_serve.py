@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import needs_smollm2
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -23,6 +24,8 @@ httpx = pytest.importorskip("httpx")
 
 import llama_kernels  # noqa: E402
 from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
+
+pytestmark = needs_smollm2  # the server and the tokenizer are the default model's
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_PARENT = str(Path(llama_kernels.__file__).resolve().parent.parent)  # servers run the llama_kernels under test

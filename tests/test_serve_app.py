@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import needs_smollm2
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -24,6 +25,8 @@ import llama_kernels  # noqa: E402
 from llama_kernels.loader import open_checkpoint  # noqa: E402
 from llama_kernels.serve.engine import RequestOutput, SamplingParams  # noqa: E402
 from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
+
+pytestmark = needs_smollm2  # the tokenizer is the default model's
 
 BLOCK = 16
 POISON = "POISON"  # a prompt containing it makes the fake engine's step raise

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_rel_close, rel_err
+from conftest import assert_rel_close, needs_smollm2, rel_err
 from safetensors.torch import save_file
 
 from llama_kernels.export import quantize_checkpoint
@@ -178,6 +178,7 @@ def _tensors(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
+@needs_smollm2
 def test_smollm2_tp3(tmp_path):
     """SmolLM2 (9 query heads, 3 KV heads; GGUF: read whole, then sliced) at TP=3."""
     cases = {"smollm2": None}
