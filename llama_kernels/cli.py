@@ -233,7 +233,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not main:
         return 0
     print()
-    if not stream.ids:
+    if not stream.detokenizer.ids:
         hint = ("the model has a chat template: drop --raw to use it" if not chat and ckpt.tokenizer.chat_template
                 else "try another prompt, or sampling (--temperature 0.7)")  # fmt: skip
         print(f"(no text: the model ended at once; {hint})", file=sys.stderr)
