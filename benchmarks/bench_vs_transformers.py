@@ -79,7 +79,9 @@ def run_hf(hf, ids: list[int], n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, out[0, len(ids) :].tolist()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Print the side-by-side figures; return {"new_tokens", "agree" (leading tokens both generated alike),
+    "ours", "transformers" (tokens/s of each run)}."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generate (default 64; smoke 4)")
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, ts in times.items():
         rates = sorted(n / t for t in ts)
         print(f"  {name:13s} {statistics.median(rates):6.1f} tok/s  (min {rates[0]:.1f}, max {rates[-1]:.1f})")
+    return {"new_tokens": n, "agree": same} | {name: [n / t for t in ts] for name, ts in times.items()}
 
 
 if __name__ == "__main__":
