@@ -3,7 +3,9 @@ what was expected, and is raised before any kernel launches or any state changes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -80,6 +82,47 @@ def values_in_range(op: str, name: str, t: torch.Tensor, low: int, high: int, wh
     """Check integer values lie in [low, high] where that costs no device sync (CPU tensors only)."""
     if t.device.type != "cpu" or t.numel() == 0:
         return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < low or hi > high:
-        raise ValueError(f"{op}: argument '{name}' has values in [{lo}, {hi}]; expected {what} in [{low}, {high}]")
+
+    def check() -> None:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < low or hi > high:
+            raise ValueError(f"{op}: argument '{name}' has values in [{lo}, {hi}]; expected {what} in [{low}, {high}]")
+
+    once((t,), ("range", low, high), check)
+
+
+# --- value checks done once per forward pass ---------------------------------------------------------------------
+# A forward pass hands the same positions / slot_mapping / block_table / seq_lens tensors to the ops of every layer,
+# whose value checks (a min/max each on the CPU) would otherwise run once per layer with the same answer.
+
+_frozen = threading.local()  # .memo: inside frozen_values(), {key: the tensors it names}; absent outside
+
+
+@contextmanager
+def frozen_values() -> Iterator[None]:
+    """Internal, for the model runner's forward pass: within it, a value check that passed for some tensors is not
+    repeated for the same tensor objects and the same bounds. The caller promises not to write or resize those
+    tensors during the block; every check still runs the first time, so a bad value is still refused
+    before any kernel launches. Outside it (any direct call of an op) every check runs every time."""
+    outer = getattr(_frozen, "memo", None)
+    if outer is None:
+        _frozen.memo = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            del _frozen.memo
+
+
+def once(tensors: tuple[torch.Tensor, ...], bounds: tuple, check: Callable[[], None]) -> None:
+    """Run check() (which raises on bad values of `tensors` against `bounds`), unless inside frozen_values() it
+    already passed for these tensors and bounds. The memo holds the tensors, so their ids cannot be reused by
+    other tensors while it lives."""
+    memo = getattr(_frozen, "memo", None)
+    if memo is None:
+        check()
+        return
+    key = (bounds, *map(id, tensors))
+    if key not in memo:
+        check()
+        memo[key] = tensors

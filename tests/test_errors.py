@@ -182,3 +182,31 @@ def test_decode_attention_errors(change, err, match):
 def test_decode_attention_padding_in_unused_blocks_is_fine():
     out = ops.decode_attention(**_attn_args())  # row 1 has -1 in a block it does not use
     assert torch.isfinite(out.float()).all()
+
+
+def test_value_checks_memoized_only_inside_frozen_values():
+    """Inside _validate.frozen_values (the runner's forward pass) a value check that passed is not repeated for the
+    same tensor objects and bounds; a new tensor, or other bounds, is still checked, and outside every call checks."""
+    from llama_kernels import _validate
+
+    args = _attn_args()
+    bad = torch.tensor([[0, 1, 2], [3, 9, -1]], dtype=torch.int32)
+    with _validate.frozen_values():
+        ops.decode_attention(**args)
+        with pytest.raises(ValueError, match=r"'block_table' has values in \[0, 9\]"):
+            ops.decode_attention(**(args | dict(block_table=bad)))  # other tensor: checked
+        small = dict(k_cache=args["k_cache"][:4], v_cache=args["v_cache"][:4])  # other bounds: checked
+        with pytest.raises(ValueError, match=r"'block_table' has values in \[0, 4\]; expected .* in \[0, 3\]"):
+            ops.decode_attention(**(args | small))
+        ops.decode_attention(**args)  # the same tensors and bounds again: answered by the memo
+    args["block_table"][1, 1] = 9
+    with pytest.raises(ValueError, match=r"'block_table' has values in \[0, 9\]"):
+        ops.decode_attention(**args)  # outside: checked every call
+    calls: list[int] = []
+    t = torch.zeros(3, dtype=torch.int32)
+    with _validate.frozen_values():
+        for bounds in (("b", 1), ("b", 1), ("b", 2), ("b", 1)):
+            _validate.once((t,), bounds, lambda: calls.append(1))
+    assert len(calls) == 2  # once per bounds inside the block
+    _validate.once((t,), ("b", 1), lambda: calls.append(1))
+    assert len(calls) == 3  # and every time outside it

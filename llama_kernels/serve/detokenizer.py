@@ -10,13 +10,19 @@ class Detokenizer:
     minus its longest suffix that is a prefix of a stop string. When a stop string appears, the
     text ends right before it (`stopped` becomes True) and nothing after it is ever shown.
 
-    Relies on decode(ids + more) starting with decode(ids) (byte-level BPE decoders do).
+    Each addition decodes only a window (like vLLM's prefix/read offsets): the tokens since the text last ended on
+    a whole character, in the context of the tokens before them back to the previous such point, so a step costs
+    the same at any output length. Relies on decode(ids + more) starting with decode(ids) (byte-level BPE
+    decoders do), also for the windows.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer  # anything with decode(list[int]) -> str
         self.stop = tuple(stop)  # stop strings
         self.ids: list[int] = []  # tokens so far
+        self.text = ""  # the decoded text of ids[:read], which ends on a whole character
+        self.prefix = 0  # ids[prefix:read]: the context the tokens after read are decoded in
+        self.read = 0  # tokens whose text is in self.text
         self.emitted = 0  # characters of the decoded text already handed out
         self.stopped = False  # a stop string was found: the text is final
 
@@ -25,7 +31,13 @@ class Detokenizer:
         if self.stopped:
             return ""
         self.ids += ids
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")  # an incomplete character decodes as U+FFFD
+        tail = self._tail()
+        if tail.endswith("\ufffd"):  # an incomplete character decodes as U+FFFD: the window stays open
+            text = self.text + tail.rstrip("\ufffd")
+        else:
+            self.text += tail
+            self.prefix, self.read = self.read, len(self.ids)
+            text = self.text
         hits = [i for i in (text.find(s, self.emitted) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
@@ -37,8 +49,13 @@ class Detokenizer:
         really ends in an incomplete character shows U+FFFD)."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
+        text = self.text + self._tail()
         return self._emit(text, len(text))
+
+    def _tail(self) -> str:
+        """The text of ids[read:], decoded after its context ids[prefix:read]."""
+        context = self.tokenizer.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        return self.tokenizer.decode(self.ids[self.prefix :])[len(context) :]
 
     def _held(self, text: str) -> int:
         """Length of the longest suffix of text[emitted:] that is a prefix of a stop string."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends, distributed
+from .._validate import frozen_values
 from ..model.kv_cache import AttentionBatch, KVCache
 from ..model.linear import Fp8Linear, Fp8StaticLinear, Int4Linear
 from ..model.model import Transformer
@@ -172,11 +173,12 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=dev)
         ends = torch.tensor(lens).cumsum(0) - 1  # row of each chunk's last token
         want = ends[[c.logits for c in chunks]]
-        if decode and not all_logits:  # a decode step: every sequence's logits
-            logits = self.graphs(ids, batch) if self.graphs is not None else self.model(ids, batch, self.cache)
-            return logits[want].float()
-        index = None if all_logits else want.to(dev)
-        return self.model(ids, batch, self.cache, index).float()
+        with frozen_values():  # the batch's index tensors are value-checked once, not in every layer
+            if decode and not all_logits:  # a decode step: every sequence's logits
+                logits = self.graphs(ids, batch) if self.graphs is not None else self.model(ids, batch, self.cache)
+                return logits[want].float()
+            index = None if all_logits else want.to(dev)
+            return self.model(ids, batch, self.cache, index).float()
 
     def follow(self) -> None:
         """Under tensor parallel, on ranks other than 0: run each step rank 0 leads, until it stops."""
