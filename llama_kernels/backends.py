@@ -151,11 +151,14 @@ def _sm(capability: tuple[int, int]) -> str:
     return f"sm_{capability[0]}{capability[1]}"
 
 
+_NOTHING = contextlib.nullcontext()  # stateless, so one instance serves every CPU call (no allocation per op call)
+
+
 def on_device(where: torch.Tensor | torch.device) -> contextlib.AbstractContextManager:
     """Make the GPU of a tensor (or device) the current device for the launches inside: kernels launch
     on the current device and stream, which for a cuda:1 tensor need not be cuda:1's. Nothing on the CPU."""
     device = where.device if isinstance(where, torch.Tensor) else where
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else _NOTHING
 
 
 # --- availability ----------------------------------------------------------------------
@@ -317,11 +320,17 @@ def recorded_fastest(op: str, index: int, bucket: str | None) -> tuple[str, str]
 # --- selection -------------------------------------------------------------------------
 
 
+@functools.cache
+def _reference_only(device_type: str) -> tuple[tuple[str, str], ...]:
+    """auto_order off CUDA, built once per device type (it is asked on every op call)."""
+    return (("torch", f"inputs are on {device_type}: the reference implementation"),)
+
+
 def auto_order(op: str, device: torch.device, bucket: str | None = None) -> tuple[tuple[str, str], ...]:
     """The backends automatic dispatch tries for `op` on `device` (first one first; a later one runs
     a call the earlier has no kernel for), each with the reason it is there."""
     if device.type != "cuda":
-        return (("torch", f"inputs are on {device.type}: the reference implementation"),)
+        return _reference_only(device.type)
     index = device_index(device)
     notes = []  # why a better-ranked backend is not used
     order: list[tuple[str, str]] = []
@@ -357,6 +366,8 @@ def auto_order(op: str, device: torch.device, bucket: str | None = None) -> tupl
 def forced_backend(backend: str | None) -> str | None:
     """The backend the caller or the environment forces, or None for automatic selection."""
     choice = backend if backend is not None else os.environ.get(ENV_VAR, "")
+    if not choice:  # the common case, decided without building new strings
+        return None
     choice = choice.strip().lower()
     if choice in ("", "auto"):
         return None
