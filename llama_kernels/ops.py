@@ -268,9 +268,8 @@ def rope_and_cache(
     op = "rope_and_cache"
     check.tensor(op, "q", q, dtypes=check.FLOAT_DTYPES, ndim=3)
     t, hq, d = q.shape
-    check.tensor(op, "k", k, ndim=3, device=q.device)
+    check.tensor(op, "k", k, shape=(t, None, d), device=q.device)
     hkv = k.shape[1]
-    check.tensor(op, "k", k, shape=(t, hkv, d))
     check.tensor(op, "v", v, shape=(t, hkv, d), device=q.device)
     check.same_dtype(op, "k", k, "q", q)
     check.same_dtype(op, "v", v, "q", q)
