@@ -89,21 +89,31 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     return int4_linear_reference(x, w)
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), skipped when t already has it (the same tensor either way; .to's argument parsing costs about
+    a microsecond, and the decode step's norms, RoPE and attention call it hundreds of times)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def _rms_normalize(r: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    rf = r.float()
+    rf = _f32(r)
     inv = torch.rsqrt(rf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return rf * inv * weight.float()
+    return rf * inv * _f32(weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight. x [M, H], weight [H]; y [M, H] in x's dtype."""
-    return _rms_normalize(x, weight, eps).to(x.dtype)
+    return _to(_rms_normalize(x, weight, eps), x.dtype)
 
 
 def _add_residual(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     if residual is None:
         return x.clone()
-    return (x.float() + residual.float()).to(x.dtype)
+    return _to(_f32(x) + _f32(residual), x.dtype)
 
 
 def add_rms_norm(
@@ -114,7 +124,7 @@ def add_rms_norm(
     x, residual [M, H] (residual may be None: residual_out = x); weight [H]; both outputs [M, H].
     """
     residual_out = _add_residual(x, residual)
-    return _rms_normalize(residual_out, weight, eps).to(x.dtype), residual_out
+    return _to(_rms_normalize(residual_out, weight, eps), x.dtype), residual_out
 
 
 def add_rms_norm_fp8(
@@ -214,7 +224,16 @@ def _cache_store(cache: torch.Tensor, values: torch.Tensor, scale: torch.Tensor 
     """values [T, Hkv, D] float32 -> cache dtype; FP8 stores values / scale[h], saturated."""
     if cache.dtype == FP8_DTYPE:
         return _saturate_fp8(values / scale.float()[None, :, None])
-    return values.to(cache.dtype)
+    return _to(values, cache.dtype)
+
+
+def _write_rows(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache [num_blocks, block_size, Hkv, D] (contiguous): token rows [T, Hkv, D] into slots [T] int64 (all >= 0)."""
+    flat = cache.view(-1, *cache.shape[2:])  # [slots, Hkv, D]
+    if cache.dtype == FP8_DTYPE:
+        flat[slots] = rows  # index_copy_ has no float8 kernel on the CPU
+    else:
+        flat.index_copy_(0, slots, rows)  # cheaper than flat[slots] = rows at decode sizes
 
 
 def rope_and_cache(
@@ -238,23 +257,22 @@ def rope_and_cache(
     offset, negative = skip; k_scale/v_scale [Hkv] float32 for FP8 caches.
     Returns (q_rot [T, Hq, D], k_rot [T, Hkv, D]) in q's dtype.
     """
-    pos = positions.long()
-    c = cos.float()[pos][:, None, :]
-    s = sin.float()[pos][:, None, :]
-    q_rot = _rotate(q.float(), c, s, interleaved)
-    k_rot = _rotate(k.float(), c, s, interleaved)
-    slots = slot_mapping.long()
+    c = _f32(cos).index_select(0, positions).unsqueeze(1)  # [T, 1, D/2]; index_select: cheaper than cos[positions]
+    s = _f32(sin).index_select(0, positions).unsqueeze(1)
+    q_rot = _rotate(_f32(q), c, s, interleaved)
+    k_rot = _rotate(_f32(k), c, s, interleaved)
+    slots = _to(slot_mapping, torch.int64)
     if slots.numel() and k_cache.is_contiguous() and v_cache.is_contiguous() and int(slots.min()) >= 0:
         # every token is written (decode, most prefills): rows of the caches' [slots, Hkv, D] views, no masking
-        k_cache.view(-1, *k_cache.shape[2:])[slots] = _cache_store(k_cache, k_rot, k_scale)
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = _cache_store(v_cache, v.float(), v_scale)
-        return q_rot.to(q.dtype), k_rot.to(k.dtype)
+        _write_rows(k_cache, slots, _cache_store(k_cache, k_rot, k_scale))
+        _write_rows(v_cache, slots, _cache_store(v_cache, _f32(v), v_scale))
+        return _to(q_rot, q.dtype), _to(k_rot, k.dtype)
     keep = slots >= 0
     block_size = k_cache.shape[1]
     blocks, offsets = slots[keep] // block_size, slots[keep] % block_size
     k_cache[blocks, offsets] = _cache_store(k_cache, k_rot[keep], k_scale)
-    v_cache[blocks, offsets] = _cache_store(v_cache, v.float()[keep], v_scale)
-    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+    v_cache[blocks, offsets] = _cache_store(v_cache, _f32(v)[keep], v_scale)
+    return _to(q_rot, q.dtype), _to(k_rot, k.dtype)
 
 
 def gather_kv(
@@ -264,7 +282,7 @@ def gather_kv(
     block_size = cache.shape[1]
     n_blocks = (seq_len + block_size - 1) // block_size
     # index_select: a third of the time of advanced indexing at decode sizes
-    kv = cache.index_select(0, block_table_row[:n_blocks]).flatten(0, 1)[:seq_len].float()
+    kv = _f32(cache.index_select(0, block_table_row[:n_blocks]).flatten(0, 1)[:seq_len])
     if cache.dtype == FP8_DTYPE:
         kv = kv * scale.float()[None, :, None]
     return kv
@@ -291,14 +309,13 @@ def decode_attention(
     group = hq // hkv
     sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
-    for b in range(batch):
-        n = int(seq_lens[b])
+    for b, n in enumerate(seq_lens.tolist()):  # one host read for all lengths
         k = gather_kv(k_cache, block_table[b], n, k_scale)  # [n, Hkv, D]
         v = gather_kv(v_cache, block_table[b], n, v_scale)
-        qb = q[b].float().view(hkv, group, d)  # [Hkv, G, D]
+        qb = _f32(q[b]).view(hkv, group, d)  # [Hkv, G, D]
         logits = torch.matmul(qb, k.permute(1, 2, 0)) * sm_scale  # [Hkv, G, n]
         probs = torch.softmax(logits, dim=-1)
-        out[b] = torch.matmul(probs, v.transpose(0, 1)).reshape(hq, d).to(q.dtype)  # [Hkv, G, D] -> [Hq, D]
+        out[b].copy_(torch.matmul(probs, v.transpose(0, 1)).reshape(hq, d))  # [Hkv, G, D] -> [Hq, D], cast to q's dtype
     return out
 
 
