@@ -259,8 +259,9 @@ def rope_and_cache(
     """
     c = _f32(cos).index_select(0, positions).unsqueeze(1)  # [T, 1, D/2]; index_select: cheaper than cos[positions]
     s = _f32(sin).index_select(0, positions).unsqueeze(1)
-    q_rot = _rotate(_f32(q), c, s, interleaved)
-    k_rot = _rotate(_f32(k), c, s, interleaved)
+    # q and k rotated as one [T, Hq + Hkv, D] tensor: half the elementwise calls (the same values)
+    q_rot, k_rot = _rotate(_f32(torch.cat((q, k), dim=1)), c, s, interleaved).split([q.shape[1], k.shape[1]], dim=1)
+    q_rot, k_rot = q_rot.contiguous(), k_rot.contiguous()  # views of the joint tensor (copies only when T > 1)
     slots = _to(slot_mapping, torch.int64)
     if slots.numel() and k_cache.is_contiguous() and v_cache.is_contiguous() and int(slots.min()) >= 0:
         # every token is written (decode, most prefills): rows of the caches' [slots, Hkv, D] views, no masking
