@@ -313,10 +313,10 @@ def decode_attention(
     for b, n in enumerate(seq_lens.tolist()):  # one host read for all lengths
         k = gather_kv(k_cache, block_table[b], n, k_scale)  # [n, Hkv, D]
         v = gather_kv(v_cache, block_table[b], n, v_scale)
-        qb = _f32(q[b]).view(hkv, group, d)  # [Hkv, G, D]
-        logits = torch.matmul(qb, k.permute(1, 2, 0)) * sm_scale  # [Hkv, G, n]
-        probs = torch.softmax(logits, dim=-1)
-        out[b].copy_(torch.matmul(probs, v.transpose(0, 1)).reshape(hq, d))  # [Hkv, G, D] -> [Hq, D], cast to q's dtype
+        qb = _f32(q[b]).view(1, hkv, group, d)  # [1, Hkv, G, D]: a KV head's G query heads are its query rows
+        # softmax(qb k^T * scale) v over all n keys (no mask: one query position), in one fused op
+        o = F.scaled_dot_product_attention(qb, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=sm_scale)
+        out[b].copy_(o.reshape(hq, d))  # [1, Hkv, G, D] -> [Hq, D], cast to q's dtype
     return out
 
 
