@@ -16,7 +16,7 @@ from jinja2 import TemplateError
 
 from . import backends, ops  # noqa: F401  (importing ops registers every backend)
 from . import __version__, plan, selftest
-from .serve import serve_cli as serve
+from .server import serve_cli as serve
 
 
 def _triton_version() -> str:

@@ -15,10 +15,10 @@ from . import plan as planner
 from .loader import Checkpoint, Tokenizer, load_model, open_checkpoint
 from .loader.kv_scales import read_kv_scales
 from .model import KVCache, LlamaConfig, Transformer, quantize_model
-from .serve.block_allocator import BlockAllocator
-from .serve.detokenizer import Detokenizer
-from .serve.engine import Engine, GenerationStats
-from .serve.sampling import SamplingParams
+from .engine.block_allocator import BlockAllocator
+from .engine.detokenizer import Detokenizer
+from .engine.engine import Engine, GenerationStats, LoadedModel
+from .engine.sampling import SamplingParams
 
 CPU_MAX_CONTEXT = 4096  # default tokens per sequence on the CPU (capped by the model's own)
 BLOCK_SIZE = planner.KV_BLOCK_SIZE  # tokens per KV-cache block
@@ -101,7 +101,7 @@ def random_model(config: LlamaConfig, dtype: torch.dtype, device: torch.device, 
 
 class LLM:
     """A loaded model, its tokenizer, a KV cache of max_batch sequences of max_context tokens, and the
-    engine (llama_kernels.serve.Engine) that generate(), generate_ids() and logits() run on."""
+    engine (llama_kernels.engine.Engine) that generate(), generate_ids() and logits() run on."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cache: KVCache, max_context: int,
                  max_batch: int, cuda_graphs: bool = True,
@@ -114,8 +114,14 @@ class LLM:
         self.max_batch = max_batch  # sequences decoded at once by generate()
         self.cuda_graphs = cuda_graphs  # on CUDA, replay decode steps as CUDA graphs
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass at most (the planner's number)
-        self.engine = Engine(self, max_num_seqs=max_batch)  # fixes FP8 KV scales once (calibration pass)
+        self.engine = Engine(self.loaded, max_num_seqs=max_batch)  # fixes FP8 KV scales once (calibration pass)
         self.last_stats: GenerationStats | None = None  # throughput of the last generate call
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """What an Engine runs on (this LLM's model, cache, block pool, tokenizer and limits)."""
+        return LoadedModel(self.model, self.cache, self.allocator, self.tokenizer, self.stop_ids, self.max_context,
+                           self.prefill_chunk, self.cuda_graphs)  # fmt: skip
 
     @property
     def config(self) -> LlamaConfig:
@@ -328,7 +334,7 @@ class LLM:
 
 class TextStream:
     """on_token for one sequence: hands `write` each new piece of its text, holding a piece back
-    while it ends in an incomplete UTF-8 character (llama_kernels.serve.detokenizer)."""
+    while it ends in an incomplete UTF-8 character (llama_kernels.engine.detokenizer)."""
 
     def __init__(self, tokenizer: Tokenizer, write: Callable[[str], None]) -> None:
         self.detokenizer = Detokenizer(tokenizer)

@@ -18,7 +18,7 @@ from conftest import assert_rel_close, needs_smollm2 as smollm2
 from llama_kernels import backends
 from llama_kernels.llm import LLM
 from llama_kernels.model import LlamaConfig
-from llama_kernels.serve import Engine, SamplingParams
+from llama_kernels.engine import Engine, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +33,7 @@ def prompt(n: int, seed: int) -> list[int]:
 
 def greedy(llm: LLM, prompts: list[list[int]], chunk: int, new: int = 6, **kw) -> list[list[int]]:
     """Greedy tokens of each prompt, all in one engine that prefills in chunks of `chunk`."""
-    engine = Engine(llm, max_num_seqs=len(prompts), prefill_chunk=chunk, **kw)
+    engine = Engine(llm.loaded, max_num_seqs=len(prompts), prefill_chunk=chunk, **kw)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -49,10 +49,10 @@ def greedy(llm: LLM, prompts: list[list[int]], chunk: int, new: int = 6, **kw) -
 def test_chunked_logits_equal_one_shot_tiny(kv):
     llm = LLM.from_config(CONFIG, device="cpu", max_context=256, max_batch=2, seed=1, kv_cache_dtype=kv)
     ids = prompt(150, seed=2)
-    one_shot = Engine(llm, prefill_chunk=256).logits(ids)
+    one_shot = Engine(llm.loaded, prefill_chunk=256).logits(ids)
     assert one_shot.shape == (150, CONFIG.vocab_size)
     for chunk in (1, 7, 64):
-        assert_rel_close(Engine(llm, prefill_chunk=chunk).logits(ids), one_shot, 1e-5, f"chunk {chunk} logits")
+        assert_rel_close(Engine(llm.loaded, prefill_chunk=chunk).logits(ids), one_shot, 1e-5, f"chunk {chunk} logits")
     tokens = greedy(llm, [ids], chunk=256)
     for chunk in (1, 7, 64):
         assert greedy(llm, [ids], chunk) == tokens, f"chunk {chunk} greedy tokens"
@@ -63,9 +63,9 @@ def test_chunked_logits_equal_one_shot_smollm2():
     llm = LLM.from_pretrained(None, max_context=128, max_batch=1, progress=False)
     ids = llm.encode_prompt("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. It "
                             "is named after the engineer Gustave Eiffel, whose company designed and built it.")
-    one_shot = Engine(llm, prefill_chunk=128).logits(ids)
+    one_shot = Engine(llm.loaded, prefill_chunk=128).logits(ids)
     for chunk in (1, 7, 64):
-        assert_rel_close(Engine(llm, prefill_chunk=chunk).logits(ids), one_shot, 1e-5, f"chunk {chunk} logits")
+        assert_rel_close(Engine(llm.loaded, prefill_chunk=chunk).logits(ids), one_shot, 1e-5, f"chunk {chunk} logits")
     tokens = greedy(llm, [ids], chunk=128, new=8)
     assert greedy(llm, [ids], chunk=7, new=8) == tokens
 
@@ -95,14 +95,14 @@ def test_triton_backend_agrees_with_torch_in_chunks(monkeypatch):
     pytest.importorskip("triton")
     llm = LLM.from_config(CONFIG, device="cpu", max_context=64, max_batch=2, seed=5)
     prompts = [prompt(37, seed=6), prompt(9, seed=7)]
-    ref = Engine(llm, prefill_chunk=16).logits(prompts[0])
+    ref = Engine(llm.loaded, prefill_chunk=16).logits(prompts[0])
     ref_tokens = greedy(llm, prompts, chunk=16, new=3)
     monkeypatch.setenv(backends.ENV_VAR, "triton")
     used = set()
     select = backends.select
     monkeypatch.setattr(backends, "select", lambda op, dev, be=None: used.add(select(op, dev, be)[0])
                         or select(op, dev, be))  # fmt: skip
-    assert_rel_close(Engine(llm, prefill_chunk=16).logits(prompts[0]), ref, 1e-4, "triton logits")  # measured
+    assert_rel_close(Engine(llm.loaded, prefill_chunk=16).logits(prompts[0]), ref, 1e-4, "triton logits")  # measured
     assert greedy(llm, prompts, chunk=16, new=3) == ref_tokens
     assert used == {"triton"}
 

@@ -1,4 +1,4 @@
-"""The serving engine (llama_kernels.serve) on the CPU: the block allocator, the scheduler's
+"""The serving engine (llama_kernels.engine) on the CPU: the block allocator, the scheduler's
 admission and token budget, preemption by recompute, per-request seeds, stop ids and strings,
 UTF-8-safe incremental text, logprobs, abort, and request validation."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from conftest import needs_smollm2 as smollm2
 
 from llama_kernels.llm import LLM
 from llama_kernels.model import LlamaConfig
-from llama_kernels.serve import Engine, SamplingParams
-from llama_kernels.serve.block_allocator import BlockAllocator
-from llama_kernels.serve.detokenizer import Detokenizer
+from llama_kernels.engine import Engine, SamplingParams
+from llama_kernels.engine.block_allocator import BlockAllocator
+from llama_kernels.engine.detokenizer import Detokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +53,7 @@ def tokens(outs: list) -> list[int]:
 
 
 def alone(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
-    return tokens(run(Engine(llm, max_num_seqs=1), {"x": (prompt, params)})["x"])
+    return tokens(run(Engine(llm.loaded, max_num_seqs=1), {"x": (prompt, params)})["x"])
 
 
 def test_block_allocator_free_list():
@@ -71,7 +72,7 @@ def test_block_allocator_free_list():
 
 
 def test_scheduler_admits_fcfs_within_the_budget(llm):
-    engine = Engine(llm, max_num_seqs=3, prefill_chunk=32, max_num_batched_tokens=48)
+    engine = Engine(llm.loaded, max_num_seqs=3, prefill_chunk=32, max_num_batched_tokens=48)
     steps = []
     run_ = engine.runner.run
     engine.runner.run = lambda chunks, **kw: steps.append([(c.start, len(c.tokens)) for c in chunks]) or run_(chunks, **kw)
@@ -94,7 +95,7 @@ def test_preemption_keeps_every_output(llm):
     """8 requests of up to 100 tokens on a 32-block pool: later ones are preempted and recomputed."""
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     requests = {str(i): (PROMPTS[i % 6] + [i + 3] * (i * 3), params) for i in range(8)}
-    engine = Engine(llm, max_num_seqs=8, prefill_chunk=64)
+    engine = Engine(llm.loaded, max_num_seqs=8, prefill_chunk=64)
     outs = run(engine, requests)
     assert engine.stats().num_preemptions > 0
     for rid, (prompt, p) in requests.items():
@@ -105,7 +106,7 @@ def test_preemption_keeps_every_output(llm):
 def test_preempted_sampling_keeps_its_generator(llm):
     params = SamplingParams(max_tokens=30, temperature=1.0, seed=11, ignore_eos=True)
     requests = {str(i): (PROMPTS[i % 6] + [9] * 20, dataclasses.replace(params, seed=i)) for i in range(8)}
-    engine = Engine(llm, max_num_seqs=8, prefill_chunk=64)
+    engine = Engine(llm.loaded, max_num_seqs=8, prefill_chunk=64)
     outs = run(engine, requests)
     assert engine.stats().num_preemptions > 0
     for rid, (prompt, p) in requests.items():
@@ -117,32 +118,32 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm):
     ref = alone(llm, PROMPTS[1], params)
     others = {str(i): (p, SamplingParams(max_tokens=8, temperature=0.7, ignore_eos=True))
               for i, p in enumerate(PROMPTS)}  # fmt: skip
-    outs = run(Engine(llm, max_num_seqs=4), {**others, "mine": (PROMPTS[1], params)})
+    outs = run(Engine(llm.loaded, max_num_seqs=4), {**others, "mine": (PROMPTS[1], params)})
     assert tokens(outs["mine"]) == ref
     assert alone(llm, PROMPTS[1], dataclasses.replace(params, seed=99)) != ref, "the seed matters"
 
 
 def test_stop_token_ids_and_eos(llm):
     free = alone(llm, PROMPTS[2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    outs = run(Engine(llm), {"a": (PROMPTS[2], SamplingParams(max_tokens=8, temperature=0,
+    outs = run(Engine(llm.loaded), {"a": (PROMPTS[2], SamplingParams(max_tokens=8, temperature=0,
                                                                stop_token_ids=(free[3],)))})["a"]  # fmt: skip
     assert tokens(outs) == free[: free.index(free[3])] and outs[-1].finish_reason == "stop"
     assert outs[-1].completion_tokens == free.index(free[3])
 
 
 def test_logprobs(llm):
-    outs = run(Engine(llm), {"a": (PROMPTS[3], SamplingParams(max_tokens=3, temperature=0, logprobs=5))})["a"]
+    outs = run(Engine(llm.loaded), {"a": (PROMPTS[3], SamplingParams(max_tokens=3, temperature=0, logprobs=5))})["a"]
     lps = [lp for o in outs for lp in o.new_logprobs]
     assert [lp.token_id for lp in lps] == tokens(outs)
     for lp in lps:  # greedy: the chosen token is the most likely one
         assert len(lp.top) == 5 and lp.top[0] == (lp.token_id, lp.logprob) and lp.logprob <= 0
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
-    none = run(Engine(llm), {"b": (PROMPTS[3], SamplingParams(max_tokens=2, temperature=0))})["b"]
+    none = run(Engine(llm.loaded), {"b": (PROMPTS[3], SamplingParams(max_tokens=2, temperature=0))})["b"]
     assert all(o.new_logprobs is None for o in none)
 
 
 def test_abort_frees_blocks_now(llm):
-    engine = Engine(llm, max_num_seqs=2)
+    engine = Engine(llm.loaded, max_num_seqs=2)
     engine.add_request("a", PROMPTS[3], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     engine.add_request("b", PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     engine.add_request("c", PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
@@ -173,14 +174,14 @@ def test_abort_frees_blocks_now(llm):
     ("logprobs", 21, "logprobs=21; expected None or an int in \\[0, 20\\]"),
 ])  # fmt: skip
 def test_bad_params_raise_before_any_state_change(llm, field, value, expected):
-    engine = Engine(llm)
+    engine = Engine(llm.loaded)
     with pytest.raises(ValueError, match=f"SamplingParams: {expected}"):
         engine.add_request("a", [1, 2], SamplingParams(**{field: value}))
     assert not engine.has_unfinished() and engine.stats().num_waiting == 0
 
 
 def test_bad_requests_raise_before_any_state_change(llm):
-    engine = Engine(llm)
+    engine = Engine(llm.loaded)
     engine.add_request("dup", [1], SamplingParams(max_tokens=1))
     cases = [("dup", [1], {}, "request_id='dup' is already in use"),
              ("", [1], {}, "request_id=''; expected a non-empty string"),
@@ -196,7 +197,7 @@ def test_bad_requests_raise_before_any_state_change(llm):
                         ({"max_num_seqs": 8, "max_num_batched_tokens": 4}, "max_num_batched_tokens=4; expected an "
                          "int >= 8")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
-            Engine(llm, **kw)
+            Engine(llm.loaded, **kw)
 
 
 class Pieces:
@@ -287,7 +288,7 @@ def test_detokenizer_windows_match_a_full_decode_on_smollm2(smol):
 def test_decode_ops_on_the_torch_backend_keep_decode_eager(llm):
     """The torch references of decode_attention and rope_and_cache sync with the host, so a CUDA graph
     cannot capture them: the runner lists the decode ops that would run there and then decodes eagerly."""
-    from llama_kernels.serve.runner import decode_ops, graph_blockers
+    from llama_kernels.engine.runner import decode_ops, graph_blockers
 
     assert decode_ops(llm.model) == {"add_rms_norm", "rope_and_cache", "decode_attention"}
     fp8 = LLM.from_config(CONFIG, quant="fp8", device="cpu", max_context=32, max_batch=1)
@@ -305,7 +306,7 @@ def tp_engine_tokens(path, tp: int, kv_cache_dtype=None) -> tuple[dict[str, list
     and return no tokens)."""
     llm = LLM.from_pretrained(path, max_context=64, max_batch=1, progress=False, tp=tp, kv_cache_dtype=kv_cache_dtype)
     scales = llm.cache.k_scale + llm.cache.v_scale
-    engine = Engine(llm, max_num_seqs=4, prefill_chunk=8)
+    engine = Engine(llm.loaded, max_num_seqs=4, prefill_chunk=8)
     if llm.model.tp is not None and torch.distributed.get_rank() != 0:
         engine.follow()
         return {}, 0, scales
@@ -372,6 +373,28 @@ def test_fp8_kv_scales_are_fixed_at_start_up():
     scales = [s.clone() for s in llm.cache.k_scale + llm.cache.v_scale]
     assert llm.cache.calibrated and all(((s > 0) & torch.isfinite(s)).all() for s in scales)
     assert llm.allocator.used == 0, "the calibration pass gave its blocks back"
-    Engine(llm)  # a second engine on the same LLM does not calibrate again
+    Engine(llm.loaded)  # a second engine on the same LLM does not calibrate again
     llm.generate_ids([PROMPTS[3], [250] * 60], max_new_tokens=4)
     assert all(torch.equal(a, b) for a, b in zip(scales, llm.cache.k_scale + llm.cache.v_scale))
+
+
+def test_engine_package_imports_neither_the_llm_facade_nor_the_server():
+    """The layering (issue 18): llama_kernels.engine is built from a LoadedModel; none of its modules
+    imports llama_kernels.llm, the HTTP front end (llama_kernels.server) or a web framework."""
+    import ast
+
+    import llama_kernels.engine
+
+    banned = ("llama_kernels.llm", "llama_kernels.server", "fastapi", "uvicorn", "starlette")
+    for path in Path(llama_kernels.engine.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ["llama_kernels", "engine"][: 2 - node.level + 1] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                names = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(banned), f"{path.name}:{node.lineno} imports {name}"

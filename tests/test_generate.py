@@ -16,7 +16,7 @@ from llama_kernels.llm import LLM, TextStream, size_context
 from llama_kernels.loader import open_checkpoint
 from llama_kernels.model import LlamaConfig
 from llama_kernels.plan import GiB, PRESETS
-from llama_kernels.serve.sampling import sample
+from llama_kernels.engine.sampling import sample
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), needs_smollm2]
 

@@ -11,7 +11,7 @@ from conftest import assert_rel_close, needs_smollm2
 
 from llama_kernels.llm import LLM
 from llama_kernels.model import AttentionBatch, LlamaConfig
-from llama_kernels.serve.runner import DecodeGraphs
+from llama_kernels.engine.runner import DecodeGraphs
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=64, max_position_embeddings=64)  # fmt: skip

@@ -23,7 +23,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import llama_kernels  # noqa: E402
-from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
+from llama_kernels.server.metrics import parse as parse_metrics  # noqa: E402
 
 pytestmark = needs_smollm2  # the server and the tokenizer are the default model's
 

@@ -23,8 +23,8 @@ httpx = pytest.importorskip("httpx")
 
 import llama_kernels  # noqa: E402
 from llama_kernels.loader import open_checkpoint  # noqa: E402
-from llama_kernels.serve.engine import RequestOutput, SamplingParams  # noqa: E402
-from llama_kernels.serve.metrics import parse as parse_metrics  # noqa: E402
+from llama_kernels.engine.engine import RequestOutput, SamplingParams  # noqa: E402
+from llama_kernels.server.metrics import parse as parse_metrics  # noqa: E402
 
 pytestmark = needs_smollm2  # the tokenizer is the default model's
 
@@ -100,8 +100,8 @@ class Server:
     def __init__(self, tokenizer, **app_args) -> None:
         import uvicorn
 
-        from llama_kernels.serve.api_server import build_app
-        from llama_kernels.serve.async_engine import AsyncEngine
+        from llama_kernels.server.api_server import build_app
+        from llama_kernels.server.async_engine import AsyncEngine
 
         self.engine = FakeEngine(tokenizer)
         self.async_engine = AsyncEngine(self.engine)
@@ -307,7 +307,7 @@ def test_disconnect_before_a_non_streamed_answer_aborts(server):
 
 def test_serve_package_and_cli_import_without_fastapi():
     code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
-            "import llama_kernels.serve, llama_kernels.cli\n"
+            "import llama_kernels.engine, llama_kernels.server, llama_kernels.cli\n"
             "from llama_kernels.cli import main\n"
             "sys.exit(main(['serve', '--port', '0']))")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(llama_kernels.__file__).resolve().parent.parent)}
@@ -324,7 +324,7 @@ def test_serve_package_and_cli_import_without_fastapi():
 def test_serve_command_bad_arguments_are_one_line(argv, words, capsys):
     import argparse
 
-    from llama_kernels.serve import serve_cli
+    from llama_kernels.server import serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)
@@ -354,7 +354,7 @@ def test_a_dead_engine_thread_answers_500_and_health_503(tokenizer):
 def test_serve_command_busy_port_fails_before_loading(capsys):
     import argparse
 
-    from llama_kernels.serve import serve_cli
+    from llama_kernels.server import serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)

@@ -3,12 +3,12 @@
 Each layer has a K and a V tensor [num_blocks, block_size, Hkv, D]. A sequence owns a row of
 the block table: its token t lives in block block_table[b, t // block_size] at offset
 t % block_size, i.e. in slot block * block_size + offset. Which blocks a sequence owns is the
-engine's business (llama_kernels.serve.block_allocator); the cache only stores.
+engine's business (llama_kernels.engine.block_allocator); the cache only stores.
 
 FP8 caches (float8_e4m3fn) store x / scale with one float32 scale per KV head and layer, fixed
 before any sequence is written: from the checkpoint when it carries them (set_scales, see
 llama_kernels.loader.kv_scales), else the engine runs one calibration pass at start-up (a fixed
-built-in text, see llama_kernels.serve.runner.ModelRunner.calibrate) with `calibrating` set; each
+built-in text, see llama_kernels.engine.runner.ModelRunner.calibrate) with `calibrating` set; each
 layer's scales come from that pass: per head, FP8_KV_HEADROOM x the amax of v, and for k the
 largest norm of a rotary pair (i, i + D/2) of the pre-RoPE keys, which bounds every rotated
 component at any position. They are never re-derived from a user's prompt. Values that later

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ..llm import LLM
     from .api_server import build_app
     from .async_engine import AsyncEngine
-    from .engine import Engine
+    from ..engine.engine import Engine
 
     serves_http = args.tp == 1 or os.environ.get("RANK", "0") == "0"  # torchrun's rank 0 (before any process group)
     try:  # before the weights load: a busy port fails at once
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
                                   kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8")  # fmt: skip
-        engine = Engine(llm, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
+        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
             sock.close()

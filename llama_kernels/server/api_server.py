@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineError
-from .engine import SamplingParams
+from ..engine.engine import SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily

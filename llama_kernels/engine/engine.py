@@ -6,19 +6,33 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from .. import distributed
+from ..loader.tokenizer import Tokenizer
+from ..model.kv_cache import KVCache
 from ..model.model import Transformer
+from .block_allocator import BlockAllocator
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
 from .scheduler import Scheduler, Sequence
 
-if TYPE_CHECKING:
-    from ..llm import LLM
+
+@dataclass
+class LoadedModel:
+    """What an engine runs on: a loaded model with its paged KV cache, block pool and tokenizer
+    (llama_kernels.llm.LLM builds one; the engine knows nothing of LLM or of HTTP)."""
+
+    model: Transformer  # set up for max_context positions
+    cache: KVCache  # the paged KV cache: [num_blocks, block_size, Hkv, D] K and V per layer
+    allocator: BlockAllocator  # the cache's blocks, shared by every engine on this model
+    tokenizer: Tokenizer | None  # encode / decode / apply_chat_template (None for a random model)
+    stop_ids: tuple[int, ...]  # the model's eos ids
+    max_context: int  # tokens per sequence: prompt + new tokens
+    prefill_chunk: int  # prompt tokens per forward pass at most (the planner's number)
+    cuda_graphs: bool  # on CUDA, replay decode steps as CUDA graphs
 
 
 @dataclass
@@ -86,42 +100,44 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
 
 
 class Engine:
-    """Continuous batching over `llm`'s model and KV-cache pool.
+    """Continuous batching over a loaded model and its KV-cache pool.
 
     Args:
-        llm: a loaded LLM (its model, cache, block allocator, tokenizer and eos ids).
+        loaded: the model, its cache, block allocator, tokenizer and eos ids.
         max_num_seqs: sequences running at once.
-        prefill_chunk: new tokens of one sequence per step at most (default llm.prefill_chunk: the
+        prefill_chunk: new tokens of one sequence per step at most (default loaded.prefill_chunk: the
             planner's PREFILL_CHUNK unless loaded with another, so the planner's activation budget holds).
         max_num_batched_tokens: tokens per step at most, decodes included (default
             max(prefill_chunk, max_num_seqs); must be >= max_num_seqs so every running sequence
             decodes every step).
     """
 
-    def __init__(self, llm: LLM, *, max_num_seqs: int = 8, prefill_chunk: int | None = None,
+    def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 8, prefill_chunk: int | None = None,
                  max_num_batched_tokens: int | None = None) -> None:  # fmt: skip
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
-        prefill_chunk = _positive_int("prefill_chunk", llm.prefill_chunk if prefill_chunk is None else prefill_chunk)
+        prefill_chunk = _positive_int("prefill_chunk", loaded.prefill_chunk if prefill_chunk is None else prefill_chunk)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(prefill_chunk, max_num_seqs)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens, max_num_seqs)
-        self.llm = llm
-        self.tokenizer = llm.tokenizer  # encode / decode / apply_chat_template (None for a random model)
-        self.max_context = llm.max_context  # tokens per sequence (prompt + output)
-        self.allocator = llm.allocator  # the block pool, shared by every engine of this LLM
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer  # encode / decode / apply_chat_template (None for a random model)
+        self.max_context = loaded.max_context  # tokens per sequence (prompt + output)
+        self.allocator = loaded.allocator  # the block pool, shared by every engine on this model
         self.scheduler = Scheduler(self.allocator, max_num_seqs, prefill_chunk, max_num_batched_tokens)
-        self.runner = ModelRunner(llm.model, llm.cache, max_num_seqs, llm.max_context, llm.cuda_graphs)
-        self.runner.calibrate(self.allocator, self.tokenizer, llm.max_context)
-        self.device = llm.model.tok_embeddings.weight.device
+        self.runner = ModelRunner(loaded.model, loaded.cache, max_num_seqs, loaded.max_context,
+                                  loaded.cuda_graphs)  # fmt: skip
+        self.runner.calibrate(self.allocator, self.tokenizer, loaded.max_context)
+        self.device = loaded.model.tok_embeddings.weight.device
         # under tensor parallel, rank 0 schedules and sends each step to the other ranks (see follow())
-        self.lead = llm.model.tp is not None and distributed.is_main()
-        self.eos_ids = tuple(llm.stop_ids)  # the model's eos ids
+        self.lead = loaded.model.tp is not None and distributed.is_main()
+        self.eos_ids = tuple(loaded.stop_ids)  # the model's eos ids
         self.throughput = GenerationStats()  # counters since the last reset (LLM.generate resets it)
         self._seqs: dict[str, Sequence] = {}  # unfinished requests by id
         self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()
         self._prompt_total = 0  # prompt tokens of every request admitted since start-up (stats())
         self._generated_total = 0  # tokens sampled since start-up (stats())
-        self._weight_bytes = weight_bytes(llm.model)
+        self._weight_bytes = weight_bytes(loaded.model)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -150,7 +166,7 @@ class Engine:
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("Engine.add_request: prompt_ids is empty; expected at least one token")
-        vocab = self.llm.config.vocab_size
+        vocab = self.model.config.vocab_size
         for i, t in enumerate(prompt):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"Engine.add_request: prompt_ids[{i}]={t!r}; expected a token id in [0, {vocab})")
@@ -259,7 +275,7 @@ class Engine:
             s.decode_steps += 1
             s.decode_tokens += sampled
             kv_tokens = sum(seq.num_computed for seq, _ in scheduled)
-            s.decode_bytes += self._weight_bytes + kv_tokens * self.llm.cache.bytes_per_token
+            s.decode_bytes += self._weight_bytes + kv_tokens * self.loaded.cache.bytes_per_token
         else:
             s.prefill_s += seconds
 
@@ -268,7 +284,7 @@ class Engine:
     def follow(self) -> None:
         """Under tensor parallel, on every rank but 0: run the forward of each step rank 0's engine
         takes, until rank 0 calls stop_followers(). Requests are added to rank 0's engine only."""
-        if self.llm.model.tp is None or distributed.is_main():
+        if self.model.tp is None or distributed.is_main():
             raise RuntimeError("Engine.follow: only ranks other than 0 of a tensor-parallel model follow")
         self.runner.follow()
 
