@@ -36,7 +36,6 @@ def peak_bytes(op: str, m: int, n: int, k: int) -> int:
 def cases(device: torch.device, smoke: bool, requested: str) -> list[Case]:
     shapes = {"smoke": (64, 128)} if smoke else LLAMA31_PROJECTIONS
     m_values = (1, 17) if smoke else M_VALUES
-    scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
     fp8_backends, int4_backends = our_backends("fp8_gemm", device, requested), our_backends("int4_gemm", device, requested)
 
     def tensors(m: int, n: int, k: int):
@@ -47,7 +46,7 @@ def cases(device: torch.device, smoke: bool, requested: str) -> list[Case]:
         w, x = tensors(m, n, k)
         (wq, ws), (xq, xs) = ops.quantize_fp8(w), ops.quantize_fp8(x)
         impls = {b: lambda b=b: ops.fp8_gemm(xq, xs, wq, ws, backend=b) for b in fp8_backends}
-        if scaled_mm:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
             impls["torch._scaled_mm"] = lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
                                                                  out_dtype=torch.bfloat16)  # fmt: skip
         impls["torch.matmul bf16"] = lambda: x @ w.t()

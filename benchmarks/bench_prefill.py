@@ -196,7 +196,7 @@ def straggler_ratios(rows: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = common.parse_args(__doc__, argv)
     device = torch.device(args.device)
-    rows = common.run("prefill attention", cases(device, args.smoke, args.backends), args, device)
+    rows = common.run("prefill attention", common.select(cases(device, args.smoke, args.backends), args.only), args, device)
     ratios = straggler_ratios(rows)
     for r in ratios:
         print(f"# straggler ratio {r['impl']:<7} {r['mix']}: {r['straggler_ratio']:.2f} "

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", default="cuda,triton,torch", help="our backends to time (comma-separated)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per configuration (median reported)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--only", default=None, metavar="REGEX", help="only the cases whose 'op shape' matches")
     return parser.parse_args(argv)
 
 
@@ -182,7 +184,12 @@ def main(doc: str, title: str, cases: Callable[[torch.device, bool, str], list[C
     """Parse the common flags, build the cases for the device, run them."""
     args = parse_args(doc, argv)
     device = torch.device(args.device)
-    return run(title, cases(device, args.smoke, args.backends), args, device)
+    return run(title, select(cases(device, args.smoke, args.backends), args.only), args, device)
+
+
+def select(cases: list[Case], only: str | None) -> list[Case]:
+    """The cases whose "op shape" matches the regular expression `only` (all when None)."""
+    return cases if only is None else [c for c in cases if re.search(only, f"{c.op} {c.shape}")]
 
 
 def read_json(path: str) -> dict:
