@@ -130,19 +130,27 @@ def verify_build(info: dict, checked: bool = False) -> str | None:
     archs = info.get("archs") or []
     if "90a" not in archs:
         return f"the extension holds no sm_90a code (archs {archs or 'none'}; built with LLAMA_KERNELS_CUDA_ARCHS=90a?)"
+    if info.get("sm90_unavailable"):
+        return f"the sm_90a GEMM cannot run on this GPU: {info['sm90_unavailable']}"
     if checked and not info.get("checked"):
         return "expected a checked build (LLAMA_KERNELS_CHECKED=1): _build_info.CHECKED is not True"
     return None
 
 
 VERIFY_SNIPPET = """
-import json, sys
+import json
 info = {}
 try:
-    import llama_kernels, llama_kernels._C  # noqa: F401
+    import llama_kernels
+    info["package"] = llama_kernels.__file__
+    import llama_kernels._C as C
     from llama_kernels import _build_info as b
-    info = {"package": llama_kernels.__file__, "archs": [a for a in str(b.CUDA_ARCHS).replace(",", ";").split(";") if a],
-            "cuda_built": bool(b.CUDA_BUILT), "checked": bool(getattr(b, "CHECKED", False))}
+    info.update(archs=[str(a) for a in C.compiled_archs()], build_info_archs=list(b.CUDA_ARCHS),
+                checked=bool(getattr(b, "CHECKED", False)))
+    import torch
+    if torch.cuda.is_available():  # the extension's own check that the code loaded here is the real sm_90a kernel
+        from llama_kernels.cuda import fp8_gemm
+        info["sm90_unavailable"] = fp8_gemm.sm90_unavailable(0) if torch.cuda.get_device_capability(0) == (9, 0) else None
 except Exception as err:
     info["import_error"] = f"{type(err).__name__}: {err}"
 print(json.dumps(info))
@@ -185,7 +193,7 @@ def run_build(out_json: Path, wheel_dir: Path, target: Path | None, checked: boo
     error = f"pip install exited {rc}" if rc else verify_build(info, checked)
     result = {"source": "wheel" if wheel else "source", "wheel": wheel.name if wheel else None, "why": why,
               "command": shlex.join(cmd), "seconds": round(seconds, 1), "checked": checked, "smoke": smoke,
-              "installed": "import_error" not in info or "_C" in info["import_error"], **info, "error": error}  # fmt: skip
+              "installed": "package" in info, **info, "error": error}  # fmt: skip
     out_json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     if error:
