@@ -97,3 +97,29 @@ def test_vs_transformers_smoke():
     """Both sides run the same weights: their greedy tokens agree."""
     result = _load("bench_vs_transformers").main(["--smoke", "--threads", "1"])
     assert result["agree"] == result["new_tokens"] == 4 and len(result["ours"]) == len(result["transformers"]) == 1
+
+
+def test_prefill_baseline_check_is_the_ops_bottom_right_causal_attention():
+    """The float32 rows each SDPA baseline is checked on before timing: they are paged_prefill_attention's
+    (a chunk of 40 over a prefix of 30), and a top-left causal mask (what a misaligned baseline computes) fails."""
+    import math
+
+    import torch
+
+    from conftest import assert_rel_close
+    from llama_kernels import reference
+
+    bench = _load("bench_prefill")
+    torch.manual_seed(0)
+    hq, hkv, d, m, ctx = 4, 2, 32, 40, 70
+    table, lens, qlens, n_blocks = bench._layout([(ctx, m)], torch.device("cpu"))
+    k_cache, v_cache, _ = bench.random_cache(n_blocks, hkv, d, torch.bfloat16, torch.device("cpu"))
+    q = torch.randn(m, hq, d).to(torch.bfloat16)
+    kx, vx = (c[table[0].long()].flatten(0, 1)[:ctx].transpose(0, 1).repeat_interleave(hq // hkv, 0)[None]
+              for c in (k_cache, v_cache))  # fmt: skip
+    rows = bench._last_rows_reference(q.transpose(0, 1)[None], kx, vx, 1 / math.sqrt(d), 16)
+    want = reference.paged_prefill_attention(q, k_cache, v_cache, table, lens, qlens)
+    assert_rel_close(rows, want[-16:].float(), 8e-3, "last rows")
+    top_left = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), kx.float(), vx.float(),
+                                                                is_causal=True)[0].transpose(0, 1)  # fmt: skip
+    assert bench.rel_err(top_left[-16:], rows) > bench.CLOSE
