@@ -165,7 +165,8 @@ def run_build(out_json: Path, wheel_dir: Path, target: Path | None, checked: boo
     wheel, why = usable_wheel(wheel_dir)
     env = dict(os.environ)
     if wheel is not None:
-        extra = [] if checked else [str(w) for w in sorted(wheel_dir.glob("*.whl")) if w != wheel]  # e.g. gguf, fastapi
+        # the other packages carried as wheels (e.g. gguf, fastapi), not our wheels for other Pythons
+        extra = [] if checked else [str(w) for w in sorted(wheel_dir.glob("*.whl")) if not w.name.startswith("llama_kernels-")]
         cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--force-reinstall",
                "--find-links", str(wheel_dir), str(wheel), *extra]  # fmt: skip
     elif checked:

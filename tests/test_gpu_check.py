@@ -121,6 +121,22 @@ def test_a_wheel_built_from_other_sources_is_not_used(tmp_path):
     assert gc.usable_wheel(tmp_path / "fresh")[0] == fresh
 
 
+def test_the_build_installs_our_wheel_with_the_carried_ones_only(tmp_path):
+    """--smoke prints and records the pip command without running it: our wheel for this Python and the other
+    packages carried in the folder (here a stand-in gguf), never our wheel for another Python."""
+    tag = gc.python_tag()
+    ours = _wheel(tmp_path / "whl", tag)
+    _wheel(tmp_path / "whl", "cp39" if tag != "cp39" else "cp310")
+    (tmp_path / "whl" / "gguf-0.17.1-py3-none-any.whl").write_bytes(b"")
+    assert gc.run_build(tmp_path / "build.json", tmp_path / "whl", None, False, smoke=True) == 0
+    build = json.loads((tmp_path / "build.json").read_text())
+    cmd = build["command"].split()
+    assert build["source"] == "wheel" and build["smoke"] and "--no-index" in cmd and "--no-deps" in cmd
+    assert str(ours) in cmd and str(tmp_path / "whl" / "gguf-0.17.1-py3-none-any.whl") in cmd
+    assert not any("cp39" in a or "cp310" in a for a in cmd if a.endswith(".whl") and a != str(ours))
+    assert build["error"]  # the source tree has no _C: a real run would fail here
+
+
 @pytest.mark.parametrize("info,checked,error", [
     ({"import_error": "ModuleNotFoundError: No module named 'llama_kernels._C'"}, False, "import llama_kernels._C failed"),
     ({"archs": ["80", "89"], "cuda_built": True}, False, "no sm_90a code"),
