@@ -444,7 +444,11 @@ def _bench(data: dict) -> dict:
 
 
 def _commit() -> str:
-    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    """The source tree's commit, '?' where there is no git or no .git (a copied tree)."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "?"
     return done.stdout.strip() or "?"
 
 
@@ -484,6 +488,8 @@ def summary(r: dict) -> str:
 
 def step_env(out: Path, smoke: bool) -> dict[str, str]:
     """The environment every step runs in (a step's own `env` goes on top)."""
+    # PIP_NO_INDEX: there is no network there; pip (the build, the tests' default-model lookup) fails at once
+    # instead of retrying a registry it cannot reach.
     env = {**os.environ, "LLAMA_KERNELS_VALIDATED": str(out / "validated.json"), "PYTHONUNBUFFERED": "1",
            "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # fmt: skip
     if smoke:
