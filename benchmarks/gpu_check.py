@@ -528,7 +528,13 @@ def execute(p: Plan, out: Path, smoke: bool) -> int:
                 env["PYTHONPATH"] = str(REPO)  # nothing installed: the source tree (Triton) still checks
             print(f"== {step.name} (limit {limit:.0f} s): {shlex.join(argv)}", flush=True)
             t = time.monotonic()
-            rc, cut = run_limited(argv, limit, out / f"{step.name}.log", out, env)
+            try:
+                rc, cut = run_limited(argv, limit, out / f"{step.name}.log", out, env)
+            except KeyboardInterrupt:  # the driver itself stopped (Ctrl-C): its step's processes are gone too
+                rec.update(status="interrupted", seconds=round(time.monotonic() - t, 1))
+                results["elapsed_s"] = round(time.monotonic() - t0, 1)
+                write_results(out, results)
+                return 130
             rec.update(rc=rc, seconds=round(time.monotonic() - t, 1),
                        status="cut" if cut else "ok" if rc == 0 else "failed")  # fmt: skip
             rec["figures"] = figures(step, out)
