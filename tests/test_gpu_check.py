@@ -8,8 +8,10 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 import zipfile
@@ -309,3 +311,28 @@ def test_every_benchmark_case_fits_the_gpu_at_full_size(capsys):
             print(f"{bench:<16} {op:<24} {n:>5}  {shape:<40} {peak / GiB:8.2f}")
     over = [(b, o, s, round(p / GiB, 1)) for b, o, s, p in rows if p > MEMORY_LIMIT]
     assert not over, over
+
+
+def test_the_driver_interrupted_records_the_step_and_leaves_no_process(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(BENCH)!r})
+        import gpu_check as gc
+        from pathlib import Path
+        step = gc.Step("sleeper", "speed", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], 90)
+        sys.exit(gc.execute(gc.Plan([step], []), Path({str(tmp_path / 'out')!r}), False))
+    """))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the driver announces the step before starting it
+        if line.startswith("== sleeper"):
+            break
+    log, deadline = tmp_path / "out" / "sleeper.log", time.monotonic() + 20
+    while not (log.exists() and "up" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    (step,) = json.loads((tmp_path / "out" / "results.json").read_text())["steps"]
+    assert step["status"] == "interrupted" and step["seconds"] < 30
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,args"], capture_output=True, text=True).stdout
+    assert "print('up', flush=True); time.sleep(60)" not in ps, [l for l in ps.splitlines() if "sleep(60)" in l]
