@@ -21,35 +21,54 @@ from common import LLAMA31_PROJECTIONS, Case, our_backends  # noqa: E402
 from llama_kernels import backends, ops  # noqa: E402
 
 M_VALUES = (1, 16, 64, 256, 4096)
+SLACK = 64 << 20  # the CUDA context's own allocations, scales, small tensors
+
+
+def peak_bytes(op: str, m: int, n: int, k: int) -> int:
+    """The most GPU memory a case holds: the float32 randn beside the bf16 weight while building it
+    (6 bytes a weight value), for INT4 the quantizer's float32 temporaries (4 of [N, K], beside the
+    bf16 weight), x in float32 and bf16 (and FP8), two outputs, and split-K's float32 partials (at
+    most 16 splits, used for M <= 64)."""
+    weights = 6 * n * k if op == "fp8_gemm" else 2 * n * k + 16 * n * k
+    return weights + 7 * m * k + 2 * 2 * m * n + (16 * 4 * m * n if m <= 64 else 0) + SLACK
 
 
 def cases(device: torch.device, smoke: bool, requested: str) -> list[Case]:
     shapes = {"smoke": (64, 128)} if smoke else LLAMA31_PROJECTIONS
     m_values = (1, 17) if smoke else M_VALUES
-    scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    fp8_backends, int4_backends = our_backends("fp8_gemm", device, requested), our_backends("int4_gemm", device, requested)
+
+    def tensors(m: int, n: int, k: int):
+        w = torch.randn(n, k, device=device).mul_(0.02).to(torch.bfloat16)
+        return w, torch.randn(m, k, device=device).to(torch.bfloat16)
+
+    def build_fp8(m: int, n: int, k: int) -> dict:
+        w, x = tensors(m, n, k)
+        (wq, ws), (xq, xs) = ops.quantize_fp8(w), ops.quantize_fp8(x)
+        impls = {b: lambda b=b: ops.fp8_gemm(xq, xs, wq, ws, backend=b) for b in fp8_backends}
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+            impls["torch._scaled_mm"] = lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
+                                                                 out_dtype=torch.bfloat16)  # fmt: skip
+        impls["torch.matmul bf16"] = lambda: x @ w.t()
+        return impls
+
+    def build_int4(m: int, n: int, k: int, group: int) -> dict:
+        w, x = tensors(m, n, k)
+        w4 = ops.quantize_int4(w, group_size=group)
+        impls = {b: lambda b=b: ops.int4_gemm(x, w4, backend=b) for b in int4_backends}
+        impls["torch.matmul bf16"] = lambda: x @ w.t()
+        return impls
+
     out = []
     for name, (n, k) in shapes.items():
-        w = torch.randn(n, k, device=device).mul_(0.02).to(torch.bfloat16)
-        wq, ws = ops.quantize_fp8(w)
         group = 128 if k % 128 == 0 else 64
-        w4 = ops.quantize_int4(w, group_size=group)
         for m in m_values:
-            x = torch.randn(m, k, device=device).to(torch.bfloat16)
-            xq, xs = ops.quantize_fp8(x)
             flops = 2 * m * n * k
-            fp8 = Case("fp8_gemm", f"{name} {m}x{n}x{k}", m * k + n * k + 2 * m * n, flops)
-            for b in our_backends("fp8_gemm", device, requested):
-                fp8.impls[b] = lambda b=b, xq=xq, xs=xs, wq=wq, ws=ws: ops.fp8_gemm(xq, xs, wq, ws, backend=b)
-            if scaled_mm:
-                fp8.impls["torch._scaled_mm"] = lambda xq=xq, xs=xs, wq=wq, ws=ws: torch._scaled_mm(
-                    xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)  # fmt: skip
-            fp8.impls["torch.matmul bf16"] = lambda x=x, w=w: x @ w.t()
-            int4 = Case("int4_gemm", f"{name} {m}x{n}x{k} g{group}",
-                        2 * m * k + n * k // 2 + 4 * n * (k // group) + 2 * m * n, flops)  # fmt: skip
-            for b in our_backends("int4_gemm", device, requested):
-                int4.impls[b] = lambda b=b, x=x, w4=w4: ops.int4_gemm(x, w4, backend=b)
-            int4.impls["torch.matmul bf16"] = lambda x=x, w=w: x @ w.t()
-            out += [fp8, int4]
+            out.append(Case("fp8_gemm", f"{name} {m}x{n}x{k}", m * k + n * k + 2 * m * n, flops,
+                            lambda m=m, n=n, k=k: build_fp8(m, n, k), peak_bytes("fp8_gemm", m, n, k)))  # fmt: skip
+            out.append(Case("int4_gemm", f"{name} {m}x{n}x{k} g{group}",
+                            2 * m * k + n * k // 2 + 4 * n * (k // group) + 2 * m * n, flops,
+                            lambda m=m, n=n, k=k, g=group: build_int4(m, n, k, g), peak_bytes("int4_gemm", m, n, k)))  # fmt: skip
     return out
 
 
@@ -145,4 +164,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.exit_status(main()))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import random
@@ -193,11 +192,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    f"{row['step_ms']:8.2f} {row['decode_GBps']:8.1f} {row['pct_roofline']:9.1f}{spread}",
                    file=sys.stdout)  # fmt: skip
         sys.stdout.flush()
+        if args.out:  # after every batch size: a run cut short keeps what it measured
+            common.write_json(args.out, {"meta": meta, "rows": rows})
     bar.close()
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"# wrote {args.out}")
     return rows
+
+
+def peak_bytes(preset: str, quant: str, batch: int, context: int, tp: int = 1) -> int:
+    """The most GPU memory a --preset run holds: the memory planner's total for one GPU (weights, KV
+    cache, activations, CUDA-graph pool, reserve) plus what random_model holds beside the weights
+    while filling one module: the float32 randn of the largest linear or the embedding, and for a
+    quantized linear the quantizer's float32 temporaries (4 of it, as bench_gemm.peak_bytes)."""
+    p = plan.plan(preset, quant=quant, batch=batch, max_context=context, gpus=tp)
+    c = shard_config(preset, tp)
+    largest = max(2 * c.intermediate_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size) * c.hidden_size
+    init = max(4 * c.vocab_size * c.hidden_size, (16 if quant != "bf16" else 4) * largest)
+    return p.total_bytes + init
 
 
 if __name__ == "__main__":

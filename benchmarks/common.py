@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,17 +30,25 @@ from llama_kernels import BackendUnavailableError, backends  # noqa: E402
 from llama_kernels.measure import driver_version as _driver  # noqa: E402
 from llama_kernels.measure import LLAMA31_PROJECTIONS, measure_peaks, time_call  # noqa: E402,F401
 from llama_kernels.measure import module_version as _version  # noqa: E402
+from llama_kernels.selftest import rel_err  # noqa: E402
 
 
 @dataclass
 class Case:
-    """One measured configuration; `impls` maps a label ("cuda", "triton", "torch.matmul", ...) to a call."""
+    """One measured configuration. `build` allocates its tensors and returns {label: call} (labels
+    "cuda", "triton", "torch.matmul", ...): it runs just before the case is timed, and everything it
+    made is freed after, so only one case's tensors are alive at once (a full-size attention sweep
+    built all at once does not fit an 80 GB GPU). `peak_bytes` is the GPU memory the case holds at
+    most (its tensors, the baselines' copies, the temporaries of building them), by arithmetic on
+    the shapes: tests/test_gpu_check.py checks every full-size case against the budget."""
 
     op: str
     shape: str
     bytes: int  # bytes that must cross memory at least once (the bandwidth roofline's numerator)
     flops: int = 0
-    impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+    build: Callable[[], dict[str, Callable[[], object]]] = dict
+    peak_bytes: int = 0
+    extra: dict = field(default_factory=dict)  # more columns for this case's rows (e.g. its batch mix)
 
 
 def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +58,7 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", default="cuda,triton,torch", help="our backends to time (comma-separated)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per configuration (median reported)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--only", default=None, metavar="REGEX", help="only the cases whose 'op shape' matches")
     return parser.parse_args(argv)
 
 
@@ -63,8 +74,28 @@ def our_backends(op: str, device: torch.device, requested: str) -> list[str]:
     return usable
 
 
+def _first_tensor(out: object) -> torch.Tensor | None:
+    """The tensor an implementation returned (the first of a tuple), for comparing implementations."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _free(device: torch.device) -> None:
+    """Return a finished case's memory: the next case's tensors then fit beside nothing of it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Time every implementation of every case, print a table, write JSON if asked."""
+    """Time every implementation of every case, one case's tensors at a time; print a table; rewrite
+    the JSON (if asked) after every case, so a run cut short keeps what it measured.
+
+    A builder's label whose value is a string is a baseline it could not set up here (the string says
+    why): a row with "skipped". An implementation that raises gets a row with "error" and the run goes
+    on (see exit_status). Each row has "relerr": |out - first| / |first| against the case's first
+    implementation (ours), so a baseline that computes something else shows."""
     iters = args.iters or (3 if args.smoke else 100)
     warmup = 1 if args.smoke else 10
     peaks = measure_peaks(device, args.smoke)
@@ -86,30 +117,81 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
     if "fp8_flops" in peaks:
         line += f"  fp8 {peaks['fp8_flops'] / 1e12:.0f} TFLOP/s"
     print(line)
-    print(f"{'op':<18} {'shape':<30} {'impl':<14} {'time us':>9} {'GB/s':>8} {'%bw':>6} {'TFLOP/s':>8} {'%peak':>6}")
-    rows = []
+    print(f"{'op':<23} {'shape':<36} {'impl':<14} {'time us':>9} {'GB/s':>8} {'%bw':>6} {'TFLOP/s':>8} {'%peak':>6} {'relerr':>8}")
+    rows: list[dict] = []
     for i, case in enumerate(cases, 1):
-        for label, fn in case.impls.items():
-            sec = time_call(device, fn, iters, warmup)
+        first = None
+        try:
+            impls = case.build()
+        except Exception as err:  # noqa: BLE001 (an out-of-memory or a bad shape costs this case only)
+            impls = {"build": err}
+        for label, fn in impls.items():
+            row = {"op": case.op, "shape": case.shape, "impl": label, **case.extra}
+            if isinstance(fn, str):
+                row["skipped"] = fn
+                print(f"{case.op:<23} {case.shape:<36} {label:<14} skipped: {fn}", flush=True)
+                rows.append(row)
+                continue
+            try:
+                if isinstance(fn, Exception):
+                    raise fn
+                out = _first_tensor(fn())
+                sec = time_call(device, fn, iters, warmup)
+            except Exception as err:  # noqa: BLE001
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                print(f"{case.op:<23} {case.shape:<36} {label:<14} ERROR {row['error']}", flush=True)
+                rows.append(row)
+                continue
             peak_flops = peaks.get("fp8_flops" if "fp8" in case.op else "bf16_flops", peaks["bf16_flops"])
-            row = {
-                "op": case.op, "shape": case.shape, "impl": label, "time_us": sec * 1e6,
+            row.update({
+                "time_us": sec * 1e6,
                 "GBps": case.bytes / sec / 1e9, "pct_bw": 100 * case.bytes / sec / peaks["copy_Bps"],
                 "TFLOPps": case.flops / sec / 1e12, "pct_flops": 100 * case.flops / sec / peak_flops,
-            }  # fmt: skip
+            })  # fmt: skip
+            if first is None:
+                first = out
+            elif out is not None and first is not None and out.shape == first.shape:
+                row["relerr"] = rel_err(out, first)
+            del out
             rows.append(row)
             flops = f"{row['TFLOPps']:8.1f} {row['pct_flops']:6.1f}" if case.flops else f"{'':>8} {'':>6}"
-            print(f"{case.op:<18} {case.shape:<30} {label:<14} {row['time_us']:9.1f} {row['GBps']:8.1f} "
-                  f"{row['pct_bw']:6.1f} {flops}  [{i}/{len(cases)}]", flush=True)  # fmt: skip
+            err = f"{row['relerr']:8.1e}" if "relerr" in row else f"{'':>8}"
+            print(f"{case.op:<23} {case.shape:<36} {label:<14} {row['time_us']:9.1f} {row['GBps']:8.1f} "
+                  f"{row['pct_bw']:6.1f} {flops} {err}  [{i}/{len(cases)}]", flush=True)  # fmt: skip
+        del impls, first
+        _free(device)
+        if args.out:
+            write_json(args.out, {"meta": meta, "rows": rows})
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"# wrote {args.out}")
     return rows
+
+
+def write_json(path: str, data: dict) -> None:
+    """Replace `path` with `data` as JSON in one rename: a reader (or a cut) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def exit_status(rows: list[dict]) -> int:
+    """The scripts' exit status: 1 when an implementation raised (a skipped baseline is no failure)."""
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def main(doc: str, title: str, cases: Callable[[torch.device, bool, str], list[Case]], argv: list[str] | None) -> list[dict]:
     """Parse the common flags, build the cases for the device, run them."""
     args = parse_args(doc, argv)
     device = torch.device(args.device)
-    return run(title, cases(device, args.smoke, args.backends), args, device)
+    return run(title, select(cases(device, args.smoke, args.backends), args.only), args, device)
+
+
+def select(cases: list[Case], only: str | None) -> list[Case]:
+    """The cases whose "op shape" matches the regular expression `only` (all when None)."""
+    return cases if only is None else [c for c in cases if re.search(only, f"{c.op} {c.shape}")]
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -21,16 +21,53 @@ def _load(name: str):
 @pytest.mark.parametrize("script,ops", [
     ("bench_gemm", {"fp8_gemm", "int4_gemm"}),
     ("bench_norm_rope", {"add_rms_norm", "add_rms_norm_fp8", "quantize_fp8", "rope_and_cache"}),
-    ("bench_attention", {"decode_attention", "paged_prefill_attention"}),
+    ("bench_attention", {"decode_attention"}),
 ])  # fmt: skip
 def test_benchmark_smoke(script, ops, tmp_path):
     out = tmp_path / "result.json"
     rows = _load(script).main(["--smoke", "--backends", "torch,triton", "--out", str(out)])
     assert {r["op"] for r in rows} == ops
-    assert all(r["time_us"] > 0 and r["GBps"] > 0 for r in rows)
+    timed = [r for r in rows if "skipped" not in r]
+    assert timed and all(r["time_us"] > 0 and r["GBps"] > 0 for r in timed) and not any("error" in r for r in rows)
     assert {r["impl"] for r in rows} >= {"torch"}  # our reference backend always runs
+    # every implementation after the first is compared with it: ours agree to bf16 rounding
+    assert all(r["relerr"] < 0.05 for r in timed if "relerr" in r and r["impl"] in ("torch", "triton"))
     data = json.loads(out.read_text())
     assert data["meta"]["smoke"] is True and data["meta"]["copy_Bps"] > 0 and len(data["rows"]) == len(rows)
+
+
+def test_prefill_benchmark_reports_the_straggler_ratio_and_skips_missing_baselines(tmp_path):
+    out = tmp_path / "prefill.json"
+    rows = _load("bench_prefill").main(["--smoke", "--backends", "torch", "--out", str(out)])
+    assert {r["op"] for r in rows} == {"decode_attention", "paged_prefill_attention"} and not any("error" in r for r in rows)
+    skipped = {r["impl"]: r["skipped"] for r in rows if "skipped" in r}
+    assert set(skipped) == {"sdpa flash", "sdpa cudnn"} and all(skipped.values())  # no GPU here: each says why
+    ratios = json.loads(out.read_text())["straggler"]
+    assert {r["mix"].split(" + ")[0] for r in ratios} == {"smoke chunk24 prefix50"} and len(ratios) == 2  # bf16, fp8
+    assert all(r["straggler_ratio"] == r["mixed_us"] / r["alone_us"] > 0 for r in ratios)
+
+
+def test_a_benchmark_cut_short_keeps_the_cases_it_timed(tmp_path, monkeypatch):
+    """The JSON is rewritten after every case; an implementation that raises costs only its own row."""
+    bench = _load("bench_norm_rope")
+    common = __import__("common")
+    out = tmp_path / "norm.json"
+    cases = bench.cases(__import__("torch").device("cpu"), True, "torch")
+    calls = []
+
+    def build_then_stop():
+        calls.append(1)
+        raise KeyboardInterrupt  # what SIGINT from gpu_check raises in the script
+
+    cases[1].build = lambda: {"torch": lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: boom"))}
+    cases[2].build = build_then_stop
+    args = common.parse_args("", ["--smoke", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        common.run("norm", cases, args, __import__("torch").device("cpu"))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["op"] for r in rows] == [cases[0].op] * (len(rows) - 1) + [cases[1].op] and calls == [1]
+    assert all(r["time_us"] > 0 for r in rows[:-1]) and len(rows) >= 2
+    assert rows[-1]["error"] == "RuntimeError: CUDA error: boom" and common.exit_status(rows) == 1
 
 
 def test_gemm_tune_writes_a_table_gemm_configs_can_use(tmp_path):
@@ -60,3 +97,29 @@ def test_vs_transformers_smoke():
     """Both sides run the same weights: their greedy tokens agree."""
     result = _load("bench_vs_transformers").main(["--smoke", "--threads", "1"])
     assert result["agree"] == result["new_tokens"] == 4 and len(result["ours"]) == len(result["transformers"]) == 1
+
+
+def test_prefill_baseline_check_is_the_ops_bottom_right_causal_attention():
+    """The float32 rows each SDPA baseline is checked on before timing: they are paged_prefill_attention's
+    (a chunk of 40 over a prefix of 30), and a top-left causal mask (what a misaligned baseline computes) fails."""
+    import math
+
+    import torch
+
+    from conftest import assert_rel_close
+    from llama_kernels import reference
+
+    bench = _load("bench_prefill")
+    torch.manual_seed(0)
+    hq, hkv, d, m, ctx = 4, 2, 32, 40, 70
+    table, lens, qlens, n_blocks = bench._layout([(ctx, m)], torch.device("cpu"))
+    k_cache, v_cache, _ = bench.random_cache(n_blocks, hkv, d, torch.bfloat16, torch.device("cpu"))
+    q = torch.randn(m, hq, d).to(torch.bfloat16)
+    kx, vx = (c[table[0].long()].flatten(0, 1)[:ctx].transpose(0, 1).repeat_interleave(hq // hkv, 0)[None]
+              for c in (k_cache, v_cache))  # fmt: skip
+    rows = bench._last_rows_reference(q.transpose(0, 1)[None], kx, vx, 1 / math.sqrt(d), 16)
+    want = reference.paged_prefill_attention(q, k_cache, v_cache, table, lens, qlens)
+    assert_rel_close(rows, want[-16:].float(), 8e-3, "last rows")
+    top_left = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), kx.float(), vx.float(),
+                                                                is_causal=True)[0].transpose(0, 1)  # fmt: skip
+    assert bench.rel_err(top_left[-16:], rows) > bench.CLOSE

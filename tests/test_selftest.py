@@ -218,47 +218,6 @@ def test_gpu_selftest_shapes_cover_the_llama_layers():
     assert {"8B", "70B/8", "405B/8"} == set(selftest._heads(small=False))
 
 
-# --- benchmarks/gpu_check.sh (its CPU-runnable parts) ----------------------------------------
-
-GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-
-
-def _gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, **(env or {})})  # fmt: skip
-
-
-def test_gpu_check_script_parses_and_its_dry_run_prints_the_plan(tmp_path):
-    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
-    done = _gpu_check(str(tmp_path / "out"), "--dry-run")
-    assert done.returncode == 0, done.stderr
-    for step in ("environment", "build", "selftest", "pytest_gpu", "bench_gemm", "bench_attention", "bench_norm_rope",
-                 "generate_8b_fp8", "generate_8b_int4"):  # fmt: skip
-        assert f"\n{step} " in done.stdout, step
-    assert "LLAMA_KERNELS_CUDA_ARCHS=90a" in done.stdout and "--no-build-isolation --no-deps" in done.stdout
-    assert "selftest --bench --json" in done.stdout and "-m gpu" in done.stdout
-    assert "--batch-sizes 1,8" in done.stdout
-    assert not (tmp_path / "out").exists()  # a dry run writes nothing
-    assert _gpu_check().returncode == 2 and _gpu_check("a", "b").returncode == 2
-
-
-def test_gpu_check_keeps_going_past_failing_steps_and_lists_them(tmp_path):
-    """With a python that always fails every python step fails; all still run, and the summary says which."""
-    out = tmp_path / "out"
-    done = _gpu_check(str(out), env={"PYTHON": "false"})
-    assert done.returncode == 1
-    summary = (out / "summary.txt").read_text()
-    failed = summary.split("FAILED steps: ")[1].split()
-    assert {"build", "selftest", "pytest_gpu", "bench_gemm", "generate_8b_int4"} <= set(failed)
-    assert (out / "generate_8b_int4.log").exists()  # the last step ran after the first failures
-
-
-def test_gpu_check_stops_starting_steps_when_its_time_budget_is_spent(tmp_path):
-    done = _gpu_check(str(tmp_path), env={"GPU_CHECK_BUDGET_S": "3", "PYTHON": "false"})
-    assert done.returncode == 1
-    assert "build: SKIPPED (time budget spent)" in (tmp_path / "summary.txt").read_text()
-
-
 def test_bench_rows_have_times_rates_and_percent_of_peak(capsys):
     """The --bench path (CUDA events on a GPU; the host clock here, with made-up peaks)."""
     peaks = {"copy_Bps": 1e10, "bf16_flops": 1e11, "fp8_flops": 2e11}
