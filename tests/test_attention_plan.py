@@ -239,3 +239,22 @@ def test_plan_built_once_per_forward_pass(monkeypatch):
     for g in got:
         assert_rel_close(g, want, 1e-4)
 
+
+def test_mixed_benchmark_smoke_and_full_size_memory(tmp_path):
+    # The benchmark's CPU smoke run writes its JSON; its full-size cases (built one at a time) each
+    # fit in 60 GiB of GPU memory.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mixed_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_mixed_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "mixed.json"
+    rows = bench.main(["--smoke", "--backends", "triton", "--out", str(out)])
+    assert rows and all(t > 0 for r in rows for t in r["times_us"].values()) and rows[0]["ratio"] > 0
+    assert json.loads(out.read_text())["rows"] == rows
+    full = bench.specs(smoke=False)
+    assert {(s.chunk, s.rows) for s in full} >= {(512, 1), (2048, 64)} and min(s.ctx for s in full) == 8 * K
+    assert max(bench.peak_bytes(s) for s in full) < 60 * 2**30
