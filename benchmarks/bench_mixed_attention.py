@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402  (sets TRITON_INTERPRET without a GPU, before triton loads)
 
 from llama_kernels import BackendUnavailableError, backends, ops  # noqa: E402
+from llama_kernels.triton import prefill_attention  # noqa: E402
 
 BLOCK = 16
 FP8 = torch.float8_e4m3fn
@@ -117,7 +118,7 @@ def impls(s: Spec, t: dict, decode_backends: list[str]) -> dict:
     attend(*pre, plans_prefill)
     calls = {"mixed": lambda: attend(q, table, lens, qlens, plans_mixed),
              "prefill alone": lambda: attend(*pre, plans_prefill),
-             "plan": lambda: attend(q, table, lens, qlens, {})}  # fmt: skip
+             "plan": lambda: prefill_attention.make_plan(q, kc, table, lens, qlens)}  # fmt: skip
     for be in decode_backends:
         calls[f"decode alone ({be})"] = lambda be=be: ops.decode_attention(*dec[:1], kc, vc, *dec[1:], k_scale=sc,
                                                                            v_scale=sc, backend=be)  # fmt: skip

@@ -105,6 +105,12 @@ def test_ops_default_plan_and_plans_memo():
         ops.paged_prefill_attention(*args[:6], None, *args[6:], [], backend="triton")
 
 
+def test_no_tokens():
+    q, kc, vc, table, lens, qlens, _, _ = mixed_case([5], [5], 2, 64, 16, torch.float16, torch.float16, seed=1)
+    empty = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    out = ops.paged_prefill_attention(q[:0], kc, vc, table[:0], empty, empty, backend="triton")
+    assert out.shape == (0, *q.shape[1:])
+
 def test_seq_lens_clamped_to_the_block_table():
     # seq_lens past the table's capacity (3 blocks of 16 here; only checked on the host by ops) read
     # no table entry past the row: the kernel computes what the reference does at the clamped length.

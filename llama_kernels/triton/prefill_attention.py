@@ -477,6 +477,8 @@ def paged_prefill_attention(
     d = q.shape[2]
     if d not in HEAD_DIMS:
         raise ValueError(f"paged_prefill_attention: the triton kernel supports head_dim D in {HEAD_DIMS}, got D={d}")
+    if q.shape[0] == 0:  # no tokens (and possibly no sequences): nothing to plan
+        return torch.empty_like(q)
     if plan is None:
         key = ("triton", q.dtype, tuple(q.shape), tuple(k_cache.shape[1:]), k_cache.dtype, block_table.shape[1],
                q.device)  # everything make_plan reads but the values  # fmt: skip
