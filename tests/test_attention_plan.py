@@ -132,6 +132,7 @@ def check_plan(plan, seq_lens: list[int], query_lens: list[int]) -> None:
     items = plan.items[plan.items[:, SEQ] >= 0].tolist()
     costs = [it[KV_HI] - it[KV_LO] for it in items]
     assert costs == sorted(costs, reverse=True) and min(costs) > 0
+    assert max(costs) <= 1.5 * int(plan.chunk) + plan.block_n  # a tile of up to 1.5 chunks stays whole
     starts = [sum(query_lens[:b]) for b in range(len(seq_lens))]
     seen = {}  # (query row, cache token) -> count, as ranges per tile
     tiles = {}

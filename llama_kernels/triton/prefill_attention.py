@@ -33,13 +33,14 @@ import triton.language as tl
 
 from .. import backends
 from . import attention_plan
-from .attention import CPU_SMS, HEAD_DIMS, LOG2E, MIN_SPLIT_TOKENS, _interpreted, _sm_count
+from .attention import HEAD_DIMS, LOG2E, MIN_SPLIT_TOKENS, _interpreted, _sm_count
 from .attention_plan import AttentionPlan
 from .norm import EMULATE_CASTS, round_to
 
 FP8 = torch.float8_e4m3fn
 _FP8_UNIT = tl.constexpr(256.0)  # _e4m3_as_f16 yields value / 256: the scales carry the factor back
 WAVES = 2  # programs per SM a step's plan aims at (see _programs)
+ITEM_FIELDS = tl.constexpr(attention_plan.ITEM_FIELDS)
 MERGE_M = 32  # rows per merge program: its [rows, D] float32 accumulator and partial fit in registers
 
 
@@ -154,7 +155,7 @@ def _item_kernel(
     k_ptr,  # [num_blocks, block_size, Hkv, D]; uint8 (the e4m3 bits) when IS_FP8
     v_ptr,  # same shape and dtype as k
     table_ptr,  # [B, max_blocks] int32
-    items_ptr,  # [max_items, 8] int32: AttentionPlan.items
+    items_ptr,  # [max_items, ITEM_FIELDS] int32: AttentionPlan.items
     k_scale_ptr,  # [Hkv] float32 (read only when IS_FP8)
     v_scale_ptr,  # [Hkv] float32 (read only when IS_FP8)
     out_ptr,  # [T, Hq, D] in q's dtype
@@ -177,7 +178,7 @@ def _item_kernel(
 ):
     item = tl.program_id(0) // num_kv_heads
     kv_head = tl.program_id(0) % num_kv_heads
-    fields = tl.load(items_ptr + item * 8 + tl.arange(0, 8))  # one 32-byte load
+    fields = tl.load(items_ptr + item * ITEM_FIELDS + tl.arange(0, ITEM_FIELDS))  # one 32-byte load
     b = _field(fields, 0)
     if b < 0:  # past the plan's items
         return
