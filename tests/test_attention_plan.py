@@ -123,6 +123,37 @@ def test_seq_lens_clamped_to_the_block_table():
     assert_rel_close(out, want, TOL[torch.float32])
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_mixed_batch_realistic_sizes(cache_dtype):
+    # 405B-TP8-shaped (16 query heads, 1 KV head, D 128) on the GPU's own plan: a 512-token chunk at
+    # prefix 0 beside decode rows at 32K and 128K, and a 512-token chunk over a 32K prefix.
+    args = mixed_case([512, 32 * K, 128 * K, 32 * K + 512], [512, 1, 1, 512], 16, 128, 16, torch.bfloat16,
+                      cache_dtype, seed=3, hkv=1)  # fmt: skip
+    want = reference.paged_prefill_attention(*args)
+    out = ops.paged_prefill_attention(*args[:6], None, *args[6:], backend="triton")
+    assert_rel_close(out, want, TOL[torch.bfloat16], f"405B-TP8-shaped mixed step, {cache_dtype} cache")
+
+
+@pytest.mark.gpu
+def test_plan_and_kernels_capture_in_a_cuda_graph():
+    # The plan's build and both launches in one CUDA graph (no host sync), replayed for another step
+    # of the same shapes: new seq_lens / query_lens / q values in the captured buffers.
+    q, kc, vc, table, lens, qlens, _, _ = mixed_case([300, 40, 2000], [1, 17, 64], 4, 128, 16, torch.bfloat16,
+                                                     torch.bfloat16, seed=5)  # fmt: skip
+    ops.paged_prefill_attention(q, kc, vc, table, lens, qlens, backend="triton")  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.paged_prefill_attention(q, kc, vc, table, lens, qlens, plans={}, backend="triton")
+    lens.copy_(torch.tensor([250, 22, 1990], dtype=torch.int32))  # each within its own blocks
+    qlens.copy_(torch.tensor([64, 17, 1], dtype=torch.int32))  # the same total T
+    q.copy_(randn(*q.shape, dtype=q.dtype, seed=11))
+    graph.replay()
+    want = reference.paged_prefill_attention(q, kc, vc, table, lens, qlens)
+    assert_rel_close(out, want, TOL[torch.bfloat16], "replayed graph")
+
 # --- the plan ---------------------------------------------------------------------------
 
 
