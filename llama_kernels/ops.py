@@ -364,6 +364,7 @@ def paged_prefill_attention(
     scale: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    plans: dict | None = None,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -382,6 +383,10 @@ def paged_prefill_attention(
             are the last query_lens[b] of its seq_lens[b] tokens: new token i of sequence b is at
             position p = seq_lens[b] - query_lens[b] + i and attends to positions 0..p.
         scale: softmax scale, default 1/sqrt(D).
+        plans: a forward pass's memo (AttentionBatch.plans), or None: a kernel that plans its work
+            from seq_lens and query_lens (the triton one) builds its plan on the first call of the
+            step and stores it there; the step's later calls (its other layers) reuse it. Pass it
+            only with the same seq_lens and query_lens tensors, unchanged, in every call.
     Returns:
         out [T, Hq, D] in q's dtype. Reference: ``reference.paged_prefill_attention``.
 
@@ -403,6 +408,9 @@ def paged_prefill_attention(
     check.tensor(op, "query_lens", query_lens, dtypes=(torch.int32,), shape=(b,), device=q.device)
     if scale is not None:
         check.positive_float(op, "scale", scale)
+    if plans is not None and not isinstance(plans, dict):
+        raise TypeError(f"{op}: argument 'plans' must be a dict (AttentionBatch.plans) or None, "
+                        f"got {type(plans).__name__}")  # fmt: skip
     if query_lens.device.type == "cpu":
         over = (query_lens < 1) | (query_lens > seq_lens)
         if over.any():
@@ -413,7 +421,7 @@ def paged_prefill_attention(
         if total != t:
             raise ValueError(f"{op}: argument 'query_lens' sums to {total}; expected T={t} (q's dim 0)")
     return _call(op, q.device, backend, q, k_cache, v_cache, block_table, seq_lens, query_lens, scale, k_scale,
-                 v_scale)  # fmt: skip
+                 v_scale, plans)  # fmt: skip
 
 
 # --- backend registration --------------------------------------------------------------

@@ -334,6 +334,7 @@ def paged_prefill_attention(
     scale: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    plans: dict | None = None,
 ) -> torch.Tensor:
     """Causal attention of the newest tokens of each sequence over its paged KV cache (GQA).
 
@@ -344,7 +345,7 @@ def paged_prefill_attention(
     q's dtype. Math: the gathered (dequantized) cache and q in float32, softmax of the masked
     logits, through scaled_dot_product_attention (on the CPU its fused flash kernel: no logits
     tensor). At most PREFILL_ROWS query tokens are attended at once (rows are independent, so
-    this does not change the result).
+    this does not change the result). plans: unused (kernels' work plans; the math has none).
     """
     sm_scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     out = torch.empty_like(q)

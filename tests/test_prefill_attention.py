@@ -164,9 +164,11 @@ def test_triton_unsupported_head_dim_raises(d):
 
 
 def test_triton_fake_registration_matches_kernel():
-    args = prefill_case([30, 5], [10, 5], 4, 2, 64, 16, torch.bfloat16, torch.bfloat16, seed=3)
-    torch.library.opcheck(prefill_attention.paged_prefill_attention, tuple(args[:6]) + (None, *args[6:]),
-                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    q, kc, vc, table, lens, qlens, _, _ = prefill_case([30, 5], [10, 5], 4, 2, 64, 16, torch.bfloat16, torch.bfloat16,
+                                                       seed=3)  # fmt: skip
+    plan = prefill_attention.make_plan(q, kc, table, lens, qlens)
+    torch.library.opcheck(prefill_attention.planned_attention, (q, kc, vc, table, plan.items, plan.merges,
+                          plan.max_slots), test_utils=("test_schema", "test_faketensor"))  # fmt: skip
 
 
 def test_tile_config_fits_every_group():
@@ -191,9 +193,9 @@ def test_triton_realistic_sizes():
 
 # --- compile for sm_90 / sm_89 / sm_80 ---------------------------------------------------------
 
-_INTS = ("num_tokens", "num_seqs", "num_kv_heads", "max_blocks")
-_PTRS = ("table_ptr", "lens_ptr", "qlens_ptr", "q_start_ptr", "tile_start_ptr", "tile_seq_ptr")
-_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N", "IS_FP8", "DOT_F32", "EMULATE_CASTS")
+_INTS = ("num_tokens", "num_kv_heads", "max_blocks")
+_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "SMALL_M", "BLOCK_N", "IS_FP8", "DOT_F32", "EMULATE_CASTS",
+               "INTERPRETED")  # fmt: skip
 
 
 @pytest.mark.parametrize("group,d,cache,capability", [
@@ -203,19 +205,36 @@ _CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N", "IS_FP8"
     (4, 128, "u8", 80),  # FP8 caches decode in integer ops: no sm_89 needed
 ])  # fmt: skip
 def test_kernel_compiles_without_spills(group, d, cache, capability):
+    # The item kernel, both its row counts (prefill tiles and decode rows) in one program.
     dtype = "fp16" if cache == "fp16" else "bf16"
-    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", **dict.fromkeys(_PTRS, "*i32"),
-                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "qk_scale": "fp32",
-                 **dict.fromkeys(_INTS, "i32"), **dict.fromkeys(_CONSTEXPRS, "constexpr")}  # fmt: skip
-    config = prefill_attention.tile_config(group, d, torch.bfloat16, cache == "u8", divmod(capability, 10))
-    block_m, block_n, num_warps, num_stages = config
-    constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_N=block_n,
-                      IS_FP8=cache == "u8", DOT_F32=False, EMULATE_CASTS=False)  # fmt: skip
-    compiled = compile_for(prefill_attention._prefill_kernel, signature, constexprs, capability, num_warps=num_warps,
-                           num_stages=num_stages)  # fmt: skip
+    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", "table_ptr": "*i32",
+                 "items_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                 "part_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32", **dict.fromkeys(_INTS, "i32"),
+                 **dict.fromkeys(_CONSTEXPRS, "constexpr")}  # fmt: skip
+    q_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+    cache_dtype = {"u8": FP8, "fp16": torch.float16, "bf16": torch.bfloat16}[cache]
+    cfg = prefill_attention.call_config(q_dtype, group, d, cache_dtype, divmod(capability, 10))
+    assert not cfg.dot_f32 and cfg.small_m == max(16, group)
+    constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_M=cfg.block_m, SMALL_M=cfg.small_m,
+                      BLOCK_N=cfg.block_n, IS_FP8=cache == "u8", DOT_F32=False, EMULATE_CASTS=False,
+                      INTERPRETED=False)  # fmt: skip
+    compiled = compile_for(prefill_attention._item_kernel, signature, constexprs, capability,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
     report = ptxas_report(compiled, capability)
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["log"]
     assert "mma" in compiled.asm["ptx"]  # the dots run on tensor cores
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_merge_kernel_compiles_without_spills(capability):
+    constexpr_names = ("GROUP", "HEAD_DIM", "BLOCK_M", "MERGE_M", "EMULATE_CASTS", "INTERPRETED")
+    signature = {"merges_ptr": "*i32", "part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
+                 "num_tokens": "i32", "num_kv_heads": "i32", **dict.fromkeys(constexpr_names, "constexpr")}
+    constexprs = dict(GROUP=16, HEAD_DIM=128, BLOCK_M=128, MERGE_M=prefill_attention.MERGE_M, EMULATE_CASTS=False,
+                      INTERPRETED=False)  # fmt: skip
+    compiled = compile_for(prefill_attention._merge_kernel, signature, constexprs, capability, num_warps=4)
+    report = ptxas_report(compiled, capability)
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["log"]
 
 
 # --- argument checks --------------------------------------------------------------------

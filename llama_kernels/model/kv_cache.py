@@ -17,7 +17,7 @@ exceed the headroom saturate at +-448 * scale.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,9 @@ class AttentionBatch:
     block_table: torch.Tensor  # [B, W] int32: block ids of each sequence (unused entries: any valid id)
     seq_lens: torch.Tensor  # [B] int32: tokens of each sequence in the cache after this pass
     query_lens: torch.Tensor | None = None  # [B] int32: new tokens of each sequence (sum T); None: decode
+    # the attention kernel's work plan of this pass, built by its first layer and reused by the others
+    # (ops.paged_prefill_attention's `plans`): a fresh batch per forward pass, and its tensors unchanged
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_decode(self) -> bool:

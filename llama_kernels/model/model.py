@@ -87,7 +87,8 @@ class Attention(nn.Module):
                                        k_scale=k_scale, v_scale=v_scale)  # fmt: skip
         else:  # prefill chunks (and one-token decodes beside them): each sequence over its whole cached prefix
             out = ops.paged_prefill_attention(q, cache.k[layer], cache.v[layer], batch.block_table, batch.seq_lens,
-                                              batch.query_lens, k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+                                              batch.query_lens, k_scale=k_scale, v_scale=v_scale,
+                                              plans=batch.plans)  # fmt: skip
         out = self.wo(out.reshape(t, hq * d))
         return out if self.tp is None else self.tp.all_reduce(out)
 
