@@ -59,6 +59,7 @@ def collect_info() -> dict:
             "reason": reason,
         },
         "forced_backend": backends.forced_backend(None),
+        "stale_validations": [f"{k['op']}:{k['backend']} {k['arch']}" for k in backends.stale_shipped()],
         "devices": [],
     }
     for device in _devices():
@@ -88,6 +89,9 @@ def _print_info(info: dict) -> None:
         print(f"CUDA extension: built for {archs} (nvcc {ext['nvcc']}, runtime {ext['cuda_runtime']}; {checked})")
     else:
         print(f"CUDA extension: not available: {ext['reason']}")
+    if info["stale_validations"]:
+        print(f"validated_kernels.json: {len(info['stale_validations'])} shipped entries ignored: their code hash no "
+              "longer matches this build (the kernels changed since; llama-kernels selftest checks them here)")  # fmt: skip
     if info["forced_backend"]:
         print(f"backend forced by {backends.ENV_VAR}={info['forced_backend']}")
     for dev in info["devices"]:

@@ -277,6 +277,7 @@ class Row:
     backend: str
     bucket: str
     status: str  # "pass", "FAIL", "no kernel" (the backend has none for this shape), "error"
+    instance: str = ""  # backends.instance_key of the case's arguments: what a pass validates
     relerr: float | None = None
     tol: float | None = None
     detail: str = ""
@@ -297,7 +298,8 @@ class Row:
 
 def _check(op: str, case: Case, backend: str, device: torch.device, want: list[torch.Tensor]) -> Row:
     args = case.make()
-    row = Row(op, case.shape, backend, backends.args_bucket(args) or "", "pass", tol=case.tol)
+    row = Row(op, case.shape, backend, backends.args_bucket(args) or "", "pass",
+              backends.instance_key(op, args) or "", tol=case.tol)  # fmt: skip
     poison_allocator(device)
     try:
         got = case.compare(args, getattr(ops, op)(*args, backend=backend))
@@ -402,7 +404,8 @@ def _context_usable(device: torch.device) -> bool:
 
 def fastest_by_bucket(rows: list[Row], passed: dict[tuple[str, str], bool]) -> dict[str, dict[str, str]]:
     """op -> bucket -> the kernel backend (cuda, triton) that passed every case of the op here and
-    took the least total time over the bucket's cases every such backend ran."""
+    took the least total time over the bucket's cases every such backend ran; only buckets where this
+    run timed at least two such backends (a run of one backend compares nothing)."""
     out: dict[str, dict[str, str]] = {}
     for op in dict.fromkeys(r.op for r in rows):
         candidates = [b for b in backends.KERNEL_BACKENDS if passed.get((op, b))]
@@ -413,7 +416,7 @@ def fastest_by_bucket(rows: list[Row], passed: dict[tuple[str, str], bool]) -> d
             for r in rows:
                 if r.op == op and r.bucket == bucket and r.backend in times and r.us is not None:
                     times[r.backend][r.shape] = r.us
-            common = set.intersection(*(set(t) for t in times.values())) if times else set()
+            common = set.intersection(*(set(t) for t in times.values())) if len(times) >= 2 else set()
             if common:
                 best = min(candidates, key=lambda b: sum(times[b][s] for s in common))
                 out.setdefault(op, {})[bucket] = best
@@ -426,14 +429,17 @@ def record(device: torch.device, rows: list[Row], bench: bool) -> tuple[str, dic
     env = environment(device)
     index = backends.device_index(device)
     passed: dict[tuple[str, str], bool] = {}
-    failed_shapes: dict[tuple[str, str], list[str]] = {}
+    instances: dict[tuple[str, str], dict[str, bool]] = {}  # (op, backend) -> instance -> all its cases passed
+    failed_shapes: dict[tuple[str, str, str], list[str]] = {}  # (op, backend, instance) -> what failed
     for r in rows:
         if r.backend not in backends.KERNEL_BACKENDS or r.status == "no kernel":
             continue
         key = (r.op, r.backend)
         passed[key] = passed.get(key, True) and r.passed
+        seen = instances.setdefault(key, {})
+        seen[r.instance] = seen.get(r.instance, True) and r.passed
         if not r.passed:
-            failed_shapes.setdefault(key, []).append(f"{r.shape}: {r.status} {r.detail or r.relerr}")
+            failed_shapes.setdefault((*key, r.instance), []).append(f"{r.shape}: {r.status} {r.detail or r.relerr}")
     path = backends.user_record_path()
     try:
         data = json.loads(path.read_text())
@@ -447,13 +453,26 @@ def record(device: torch.device, rows: list[Row], bench: bool) -> tuple[str, dic
     entry.update({k: env[k] for k in ("device", "capability", "driver", "torch", "cuda", "triton", "date")})
     kernels = entry.setdefault("kernels", {})
     for (op, backend), ok in passed.items():
+        code = backends.code_id(backend)
+        old = kernels.get(f"{op}:{backend}", {})
+        # Instantiations checked earlier with the same code stay validated; this run's results replace
+        # those it checked again; a record of other code is dropped (it must pass again).
+        known = old.get("instances", {}) if old.get("code") == code else {}
+        for inst, inst_ok in instances[(op, backend)].items():
+            known[inst] = {"passed": inst_ok, "date": env["date"],
+                           **({"failed": failed_shapes[(op, backend, inst)]} if not inst_ok else {})}  # fmt: skip
+        failed = [shape for r in known.values() for shape in r.get("failed", [])]
         kernels[f"{op}:{backend}"] = {
-            "passed": ok, "date": env["date"], "code": backends.code_id(backend), "driver": env["driver"],
-            "torch": env["torch"], "triton": env["triton"], **({"failed": failed_shapes[(op, backend)]} if not ok else {}),
+            "passed": not failed, "date": env["date"], "code": code, "driver": env["driver"], "torch": env["torch"],
+            "triton": env["triton"], "instances": known, **({"failed": failed} if failed else {}),
         }  # fmt: skip
     if bench:
+        # Merged per bucket: buckets this run did not compare across backends keep their entry.
         fastest = entry.setdefault("fastest", {})
-        fastest.update(fastest_by_bucket(rows, passed))
+        for op, buckets in fastest_by_bucket(rows, passed).items():
+            codes = {b: backends.code_id(b) for b in backends.KERNEL_BACKENDS if passed.get((op, b))}
+            fastest.setdefault(op, {}).update(
+                {bucket: {"backend": name, "code": codes, "date": env["date"]} for bucket, name in buckets.items()})
         entry["bench_date"] = env["date"]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -103,17 +103,76 @@ def test_cuda_is_default_only_where_validated(monkeypatch):
     monkeypatch.setitem(backends._REGISTRY["rms_norm"], "triton", backends.Impl(lambda *a: None))
     monkeypatch.setattr(backends, "validated_kernels", lambda: [])
     assert backends.default_backend("rms_norm", gpu) == "triton"
-    record = [{"op": "rms_norm", "backend": "cuda", "arch": "sm_90", "device": "H100", "date": "2026-01-01"}]
+    record = [{"op": "rms_norm", "backend": "cuda", "arch": "sm_90", "device": "H100", "date": "2026-01-01",
+               "code": backends.code_id("cuda"), "instances": ["bfloat16 hidden<=4096"]}]  # fmt: skip
     monkeypatch.setattr(backends, "validated_kernels", lambda: record)
     assert backends.default_backend("rms_norm", gpu) == "cuda"
+    assert backends.auto_order("rms_norm", gpu, "1", "bfloat16 hidden<=4096")[0][0] == "cuda"
+    assert backends.auto_order("rms_norm", gpu, "1", "float16 hidden<=4096")[0][0] == "triton"  # not validated
+    record[0]["code"] = "0123456789abcdef"  # validated with other code: ignored
+    assert backends.default_backend("rms_norm", gpu) == "triton"
+    assert backends.stale_shipped() == record
+    record[0]["code"] = backends.code_id("cuda")
     monkeypatch.setattr(backends, "device_capability", lambda index: (8, 9))
     assert backends.default_backend("rms_norm", gpu) == "triton"
 
 
 def test_validated_record_is_well_formed():
     for entry in backends.validated_kernels():
-        assert {"op", "backend", "arch", "device", "date"} <= set(entry)
+        assert {"op", "backend", "arch", "device", "date", "code", "instances"} <= set(entry)
         assert entry["op"] in CONTRACT and entry["backend"] == "cuda" and entry["arch"].startswith("sm_")
+
+
+def test_code_id_covers_every_file_a_kernel_depends_on(tmp_path, monkeypatch):
+    """The kernel's own sources, int4.py, reference.py, ops.py, and for cuda the build info (which holds
+    the digest of csrc/): a change to any of them changes the hash; an unrelated file does not."""
+    import shutil
+
+    pkg = Path(backends.__file__).parent
+    copy = tmp_path / "llama_kernels"
+    for sub in ("cuda", "triton"):
+        shutil.copytree(pkg / sub, copy / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in backends.SHARED_SOURCES + ("llm.py",):
+        shutil.copy(pkg / name, copy / name)
+    (copy / "_build_info.py").write_text('CUDA_ARCHS = ["90a"]\nSOURCES_SHA256 = "aa"\n')
+    monkeypatch.setattr(backends, "__file__", str(copy / "backends.py"))
+    monkeypatch.setattr(backends, "_build_info_file", lambda: copy / "_build_info.py")
+
+    def ids() -> dict[str, str]:
+        backends.code_id.cache_clear()
+        return {b: backends.code_id(b) for b in backends.KERNEL_BACKENDS}
+
+    try:
+        before = ids()
+        for name, changes in (("int4.py", {"cuda", "triton"}), ("reference.py", {"cuda", "triton"}),
+                              ("ops.py", {"cuda", "triton"}), ("triton/attention.py", {"triton"}),
+                              ("cuda/attention.py", {"cuda"}), ("_build_info.py", {"cuda"}), ("llm.py", set())):  # fmt: skip
+            with open(copy / name, "a") as f:
+                f.write("\n# changed\n")
+            after = ids()
+            assert {b for b in before if after[b] != before[b]} == changes, name
+            before = after
+    finally:
+        backends.code_id.cache_clear()
+
+
+def test_info_says_when_shipped_validations_are_ignored(monkeypatch, capsys):
+    from llama_kernels import cli
+
+    stale = {"op": "fp8_gemm", "backend": "cuda", "arch": "sm_90", "device": "H100", "date": "2026-01-01",
+             "code": "0000000000000000", "instances": ["out bfloat16 rows 1"]}  # fmt: skip
+    monkeypatch.setattr(backends, "validated_kernels", lambda: [stale])
+    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 rows 1")
+    info = cli.collect_info()
+    assert info["stale_validations"] == ["fp8_gemm:cuda sm_90"]
+    cli._print_info(info)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "validated_kernels.json" in x]
+    assert lines == ["validated_kernels.json: 1 shipped entries ignored: their code hash no longer matches this build "
+                     "(the kernels changed since; llama-kernels selftest checks them here)"]  # fmt: skip
+    monkeypatch.setattr(backends, "validated_kernels", lambda: [{**stale, "code": backends.code_id("cuda")}])
+    assert backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 rows 1")
+    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out float16 rows 1")
+    assert cli.collect_info()["stale_validations"] == []
 
 
 def test_cuda_ops_are_registered_with_torch_library():
