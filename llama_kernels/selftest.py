@@ -12,16 +12,21 @@ row bucket is preferred.
 
 Without a GPU: the Triton kernels under the Triton interpreter at small shapes (nothing recorded).
 
+``--compile-workers N`` (GPU): every Triton specialization the run will launch is compiled first, in N
+processes (:func:`precompile_triton`, ``llama_kernels.precompile``).
+
 Adding an op: one entry in ``CASES`` (a builder yielding :class:`Case` objects for the device).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,6 +393,34 @@ def run_cases(device: torch.device, small: bool, wanted_backends: list[str], onl
     return rows, missing
 
 
+def triton_specializations(device: torch.device, small: bool, only_ops: list[str] | None) -> list:
+    """The Triton specializations run_cases will launch on `device` (precompile.Specialization, each
+    once), found by a dry pass over every case's triton call that compiles and launches nothing."""
+    from . import precompile
+
+    with precompile.recording() as found:
+        for op, build in CASES.items():
+            if (only_ops and op not in only_ops) or backends.unavailable_reason(op, "triton", device):
+                continue
+            for case in build(device, small):
+                with contextlib.suppress(Exception):  # a call the dry pass cannot complete is compiled at launch
+                    getattr(ops, op)(*case.make(), backend="triton")
+    return found
+
+
+def precompile_triton(device: torch.device, workers: int, only_ops: list[str] | None) -> str:
+    """Compile the specializations the GPU run will launch in `workers` processes; one line saying so."""
+    from . import precompile
+
+    start = time.perf_counter()
+    specs = triton_specializations(device, False, only_ops)
+    results = precompile.compile_all(specs, workers) if specs else []
+    failed = [f"{name}: {err}" for name, _, err in results if err]
+    line = (f"# compiled {len(specs) - len(failed)} of {len(specs)} Triton specializations in {workers} processes "
+            f"in {time.perf_counter() - start:.1f} s (serial compile time {sum(t for _, t, _ in results):.1f} s)")
+    return line + (f"; failed (compiled at launch instead): {failed[0][:200]}" if failed else "")
+
+
 def _context_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return True
@@ -493,6 +526,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="cuda,triton,torch", help="backends to check (comma-separated)")
     parser.add_argument("--no-record", action="store_true", help="do not write the user's record of passing kernels")
     parser.add_argument("--device", default=None, help="cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--compile-workers", type=int, default=0, metavar="N", help="before the first launch, "
+                        "compile every Triton specialization the run will launch in N processes (GPU; default 0: "
+                        "each compiles at its first launch, one at a time)")  # fmt: skip
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -500,6 +536,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv += ["--no-record"] if args.no_record else []
     argv += ["--json", os.path.abspath(args.json)] if args.json else []
     argv += ["--device", args.device] if args.device else []
+    argv += ["--compile-workers", str(args.compile_workers)] if args.compile_workers else []
     for op in args.op or []:
         argv += ["--op", op]
     return argv
@@ -512,6 +549,8 @@ def _validate(args: argparse.Namespace) -> str | None:
     for name in args.backends.split(","):
         if name not in backends.BACKENDS:
             return f"--backends: {name!r} is not a backend; expected a comma-separated subset of {backends.BACKENDS}"
+    if args.compile_workers < 0:
+        return f"--compile-workers {args.compile_workers}: expected an int >= 0 (0: off)"
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -545,6 +584,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"# selftest: {env['device']}" + (f" (compute capability {env['capability']}, driver {env['driver']})"
           if device.type == "cuda" else "") + f"  torch {env['torch']}  triton {env['triton']}  "
           f"cuda extension {backends.compiled_archs() or backends.cuda_extension()[1]}", flush=True)  # fmt: skip
+    if args.compile_workers and device.type != "cuda":
+        print(f"# --compile-workers {args.compile_workers}: nothing to precompile: no CUDA GPU (the Triton "
+              "interpreter runs the kernels without compiling them)", flush=True)  # fmt: skip
+    elif args.compile_workers and "triton" in wanted:
+        print(precompile_triton(device, args.compile_workers, args.op), flush=True)
     bench = args.bench and device.type == "cuda"
     peaks = None
     if bench:
