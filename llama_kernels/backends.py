@@ -456,7 +456,7 @@ def auto_order(
         elif name == "cuda":
             notes.append(f"the cuda kernel has not passed llama-kernels selftest on this GPU{which}")
         else:
-            trusted[name] = "the default on GPUs (no selftest record here)"  # unless the record says it failed
+            trusted[name] = f"the default on GPUs (no selftest result here{which})"  # unless the record says it failed
     fastest = recorded_fastest(op, index, bucket)
     if fastest is not None and fastest[0] in trusted:
         order.append((fastest[0], f"fastest passing backend for {bucket} rows (selftest --bench, {fastest[1]})"))
