@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import backends, ops, reference
+from . import backends, ops, precompile, reference
 from .measure import LLAMA31_PROJECTIONS, environment, measure_peaks, time_budgeted
 
 FP8 = torch.float8_e4m3fn
@@ -393,11 +393,10 @@ def run_cases(device: torch.device, small: bool, wanted_backends: list[str], onl
     return rows, missing
 
 
-def triton_specializations(device: torch.device, small: bool, only_ops: list[str] | None) -> list:
-    """The Triton specializations run_cases will launch on `device` (precompile.Specialization, each
-    once), found by a dry pass over every case's triton call that compiles and launches nothing."""
-    from . import precompile
-
+def triton_specializations(device: torch.device, small: bool, only_ops: list[str] | None,
+                           ) -> list[precompile.Specialization]:  # fmt: skip
+    """The Triton specializations run_cases will launch on `device` (each once), found by a dry pass
+    over every case's triton call that compiles and launches nothing."""
     with precompile.recording() as found:
         for op, build in CASES.items():
             if (only_ops and op not in only_ops) or backends.unavailable_reason(op, "triton", device):
@@ -410,8 +409,6 @@ def triton_specializations(device: torch.device, small: bool, only_ops: list[str
 
 def precompile_triton(device: torch.device, workers: int, only_ops: list[str] | None) -> str:
     """Compile the specializations the GPU run will launch in `workers` processes; one line saying so."""
-    from . import precompile
-
     start = time.perf_counter()
     specs = triton_specializations(device, False, only_ops)
     results = precompile.compile_all(specs, workers) if specs else []
@@ -485,7 +482,7 @@ def record(device: torch.device, rows: list[Row], bench: bool) -> tuple[str, dic
     entry = devices.setdefault(key, {})
     entry.update({k: env[k] for k in ("device", "capability", "driver", "torch", "cuda", "triton", "date")})
     kernels = entry.setdefault("kernels", {})
-    for (op, backend), ok in passed.items():
+    for op, backend in passed:
         code = backends.code_id(backend)
         old = kernels.get(f"{op}:{backend}", {})
         # Instantiations checked earlier with the same code stay validated; this run's results replace
