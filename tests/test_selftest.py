@@ -133,7 +133,7 @@ def test_instance_key_separates_what_selects_another_template():
     assert backends.instance_key("decode_attention", ()) is None
 
 
-def test_an_instantiation_no_run_validated_falls_back(fake_gpu):
+def test_an_instantiation_no_run_validated_falls_back(fake_gpu, monkeypatch):
     """A pass at the selftest's shapes (bf16, head_dim 128, block 16) trusts the cuda kernel for those only."""
     validated = backends.instance_key("decode_attention", _decode_args())
     selftest.record(GPU, [_row("decode_attention", "cuda", "8B", instance=validated),
@@ -147,6 +147,13 @@ def test_an_instantiation_no_run_validated_falls_back(fake_gpu):
             assert "the cuda kernel has not passed llama-kernels selftest on this GPU for " in why
     name, why = backends.explain("decode_attention", GPU)
     assert name == "cuda" and f"for the validated instantiations only ({validated}), others: triton" in why
+    # the calls themselves: backends.call keys each by its arguments
+    ran = []
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(backends._REGISTRY["decode_attention"], name, backends.Impl(lambda *a, n=name: ran.append(n)))
+    backends.call("decode_attention", GPU, None, _decode_args())
+    backends.call("decode_attention", GPU, None, _decode_args(dtype=torch.float16))
+    assert ran == ["cuda", "triton"]
 
 
 def test_record_keeps_instances_of_the_same_code_and_drops_other_code(fake_gpu, monkeypatch):
