@@ -262,27 +262,29 @@ def device_key(name: str, capability: tuple[int, int]) -> str:
     return f"{name} (sm_{capability[0]}{capability[1]})"
 
 
-def _build_info_file() -> Path | None:
+def _build_fingerprint() -> str:
+    """What of the build info decides the cuda kernels' code: the digest of the sources compiled
+    (csrc/, python/*.cpp, CMakeLists.txt), nvcc's version, whether it is a checked build. Not the
+    arch list: each arch's code is compiled on its own, and a validation names its arch."""
     try:
         from . import _build_info
     except ImportError:
-        return None
-    return Path(_build_info.__file__)
+        return ""
+    return "|".join(str(getattr(_build_info, k, "")) for k in ("SOURCES_SHA256", "CUDA_COMPILER_VERSION", "CHECKED"))
 
 
 @functools.cache
 def code_id(backend: str) -> str:
-    """A fingerprint of every file a backend's kernels depend on: for cuda the build info (which holds
-    the digest of csrc/, python/*.cpp and CMakeLists.txt the extension was compiled from, the archs,
-    nvcc's version, whether it is a checked build) and llama_kernels/cuda/*.py; for triton its version
-    and llama_kernels/triton/*.py; for both SHARED_SOURCES (int4.py, reference.py, ops.py). A record
-    made with other code does not count (a changed kernel must pass again); shipped entries carry it."""
+    """A fingerprint of every file a backend's kernels depend on: for cuda the build info
+    (:func:`_build_fingerprint`: the digest of the sources _C was compiled from, nvcc's version,
+    checked or not) and llama_kernels/cuda/*.py; for triton its version and llama_kernels/triton/*.py;
+    for both SHARED_SOURCES (int4.py, reference.py, ops.py). A record made with other code does not
+    count (a changed kernel must pass again); shipped entries carry it."""
     h = hashlib.sha256()
     pkg = Path(__file__).parent
     files = [*sorted((pkg / backend).glob("*.py")), *(pkg / name for name in SHARED_SOURCES)]
     if backend == "cuda":
-        info = _build_info_file()
-        files += [info] if info is not None else []
+        h.update(_build_fingerprint().encode())
     elif backend == "triton":
         try:
             import triton

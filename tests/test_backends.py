@@ -6,12 +6,15 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import llama_kernels
 from conftest import randn
 from llama_kernels import BackendUnavailableError, backends, ops, reference
 
@@ -124,8 +127,9 @@ def test_validated_record_is_well_formed():
 
 
 def test_code_id_covers_every_file_a_kernel_depends_on(tmp_path, monkeypatch):
-    """The kernel's own sources, int4.py, reference.py, ops.py, and for cuda the build info (which holds
-    the digest of csrc/): a change to any of them changes the hash; an unrelated file does not."""
+    """The kernel's own sources, int4.py, reference.py, ops.py, and for cuda the build info (the digest of
+    csrc/, nvcc's version, checked or not): a change to any of them changes the hash; an unrelated file,
+    or the arch list, does not."""
     import shutil
 
     pkg = Path(backends.__file__).parent
@@ -134,9 +138,11 @@ def test_code_id_covers_every_file_a_kernel_depends_on(tmp_path, monkeypatch):
         shutil.copytree(pkg / sub, copy / sub, ignore=shutil.ignore_patterns("__pycache__"))
     for name in backends.SHARED_SOURCES + ("llm.py",):
         shutil.copy(pkg / name, copy / name)
-    (copy / "_build_info.py").write_text('CUDA_ARCHS = ["90a"]\nSOURCES_SHA256 = "aa"\n')
+    info = types.ModuleType("llama_kernels._build_info")
+    info.SOURCES_SHA256, info.CUDA_COMPILER_VERSION, info.CHECKED, info.CUDA_ARCHS = "aa", "13.0.88", False, ["90a"]
+    monkeypatch.setitem(sys.modules, "llama_kernels._build_info", info)
+    monkeypatch.setattr(llama_kernels, "_build_info", info, raising=False)
     monkeypatch.setattr(backends, "__file__", str(copy / "backends.py"))
-    monkeypatch.setattr(backends, "_build_info_file", lambda: copy / "_build_info.py")
 
     def ids() -> dict[str, str]:
         backends.code_id.cache_clear()
@@ -146,11 +152,17 @@ def test_code_id_covers_every_file_a_kernel_depends_on(tmp_path, monkeypatch):
         before = ids()
         for name, changes in (("int4.py", {"cuda", "triton"}), ("reference.py", {"cuda", "triton"}),
                               ("ops.py", {"cuda", "triton"}), ("triton/attention.py", {"triton"}),
-                              ("cuda/attention.py", {"cuda"}), ("_build_info.py", {"cuda"}), ("llm.py", set())):  # fmt: skip
+                              ("cuda/attention.py", {"cuda"}), ("llm.py", set())):  # fmt: skip
             with open(copy / name, "a") as f:
                 f.write("\n# changed\n")
             after = ids()
             assert {b for b in before if after[b] != before[b]} == changes, name
+            before = after
+        for field, value, changes in (("SOURCES_SHA256", "bb", {"cuda"}), ("CUDA_COMPILER_VERSION", "13.1.0", {"cuda"}),
+                                      ("CHECKED", True, {"cuda"}), ("CUDA_ARCHS", ["80", "90a"], set())):  # fmt: skip
+            setattr(info, field, value)
+            after = ids()
+            assert {b for b in before if after[b] != before[b]} == changes, field
             before = after
     finally:
         backends.code_id.cache_clear()
