@@ -317,6 +317,15 @@ def _attention_instance(q: torch.Tensor, k_cache: torch.Tensor) -> str:
     return f"{_dtype(q)} D{q.shape[-1]} cache {_dtype(k_cache)} block {k_cache.shape[1]} group {_group_range(group)}"
 
 
+def _gemm_rows(op: str, m: int) -> str:
+    """Rows of M -> the class that selects one CUDA GEMM tile config (cuda/gemm_configs.ROWS: m16, m32,
+    m64; beyond, m64 or the Hopper wgmma kernel), so that a pass at M=128 does not vouch for M=32."""
+    from .cuda.gemm_configs import ROWS
+
+    top = next((r for r in ROWS[op] if m <= r), None)
+    return f"M<={top}" if top is not None else f"M>{ROWS[op][-1]}"
+
+
 def _norm_instance(args: tuple) -> str:
     return f"{_dtype(args[0])} hidden<={_up_to_pow2(args[0].shape[-1])}"
 
@@ -327,9 +336,9 @@ _INSTANCE: dict[str, Callable[[tuple], str]] = {
     "rms_norm": _norm_instance,
     "add_rms_norm": _norm_instance,
     "add_rms_norm_fp8": _norm_instance,
-    "fp8_gemm": lambda a: f"out {_dtype(a[4])}{' bias' if a[5] is not None else ''} rows {row_bucket(a[0].shape[0])}",
+    "fp8_gemm": lambda a: f"out {_dtype(a[4])}{' bias' if a[5] is not None else ''} {_gemm_rows('fp8_gemm', a[0].shape[0])}",
     "int4_gemm": lambda a: (f"{_dtype(a[0])} group {a[1].group_size}{' asym' if a[1].zeros is not None else ''}"
-                            f"{' act-order' if a[1].perm is not None else ''} rows {row_bucket(a[0].shape[0])}"),
+                            f"{' act-order' if a[1].perm is not None else ''} {_gemm_rows('int4_gemm', a[0].shape[0])}"),
     "rope_and_cache": lambda a: (f"{_dtype(a[0])} D{a[0].shape[-1]} cache {_dtype(a[6])} block {a[6].shape[1]}"
                                  f"{' interleaved' if len(a) > 11 and a[11] else ''}"),
     "decode_attention": lambda a: _attention_instance(a[0], a[1]),
@@ -339,8 +348,8 @@ _INSTANCE: dict[str, Callable[[tuple], str]] = {
 
 def instance_key(op: str, args: tuple) -> str | None:
     """What a validation of `op` on these arguments covers: the properties that select a different
-    kernel template or config (dtypes, head_dim, cache dtype, block size, group range; the row bucket
-    of the GEMMs, whose tile config follows M; the hidden size class of the norms). None when the
+    kernel template or config (dtypes, head_dim, cache dtype, block size, group range; the GEMMs' rows
+    class, which picks their tile config; the hidden size class of the norms). None when the
     arguments do not say (such a call is then covered by no validation)."""
     key = _INSTANCE.get(op)
     try:

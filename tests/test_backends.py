@@ -172,9 +172,9 @@ def test_info_says_when_shipped_validations_are_ignored(monkeypatch, capsys):
     from llama_kernels import cli
 
     stale = {"op": "fp8_gemm", "backend": "cuda", "arch": "sm_90", "device": "H100", "date": "2026-01-01",
-             "code": "0000000000000000", "instances": ["out bfloat16 rows 1"]}  # fmt: skip
+             "code": "0000000000000000", "instances": ["out bfloat16 M<=16"]}  # fmt: skip
     monkeypatch.setattr(backends, "validated_kernels", lambda: [stale])
-    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 rows 1")
+    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 M<=16")
     info = cli.collect_info()
     assert info["stale_validations"] == ["fp8_gemm:cuda sm_90"]
     cli._print_info(info)
@@ -182,8 +182,8 @@ def test_info_says_when_shipped_validations_are_ignored(monkeypatch, capsys):
     assert lines == ["validated_kernels.json: 1 shipped entries ignored: their code hash no longer matches this build "
                      "(the kernels changed since; llama-kernels selftest checks them here)"]  # fmt: skip
     monkeypatch.setattr(backends, "validated_kernels", lambda: [{**stale, "code": backends.code_id("cuda")}])
-    assert backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 rows 1")
-    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out float16 rows 1")
+    assert backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 M<=16")
+    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 M<=32")
     assert cli.collect_info()["stale_validations"] == []
 
 

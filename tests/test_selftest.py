@@ -126,7 +126,9 @@ def test_instance_key_separates_what_selects_another_template():
     assert backends.instance_key("rms_norm", (x, w, 1e-5)) == "bfloat16 hidden<=4096"
     assert backends.instance_key("rms_norm", (x[:, :576], w[:576], 1e-5)) == "bfloat16 hidden<=1024"
     xq = torch.empty(1, 64, dtype=torch.float8_e4m3fn)
-    assert backends.instance_key("fp8_gemm", (xq, None, xq, None, torch.float16, None)) == "out float16 rows 1"
+    gemm = lambda m: backends.instance_key("fp8_gemm", (xq[:1].expand(m, 64), None, xq, None, torch.float16, None))  # noqa: E731
+    assert [gemm(m) for m in (1, 16, 17, 32, 64, 65, 4096)] == [f"out float16 M{c}" for c in (
+        "<=16", "<=16", "<=32", "<=32", "<=64", ">64", ">64")]  # the CUDA tile configs m16, m32, m64, m64/wgmma
     assert backends.instance_key("rope_and_cache", (torch.empty(1, 4, 64),) * 6 + (torch.empty(2, 32, 2, 64),)) == (
         "float32 D64 cache float32 block 32")  # fmt: skip
     assert set(backends._INSTANCE) == set(backends.ops())  # every op says what its validation covers
