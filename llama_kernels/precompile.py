@@ -105,16 +105,6 @@ class TargetOnlyDriver:
     def get_current_stream(self, device: int = 0) -> int:
         return 0
 
-    def get_active_torch_device(self):
-        import torch
-
-        return torch.device("cpu")
-
-    def map_python_to_cpp_type(self, ty: str) -> str:
-        from triton.backends.nvidia.driver import ty_to_cpp
-
-        return ty_to_cpp(ty)
-
 
 def use_target(backend: str = "cuda", arch: int = 90, warp_size: int = 32) -> None:
     """Make a TargetOnlyDriver Triton's active driver in this process (a pool initializer)."""
