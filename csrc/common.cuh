@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>  // device printf of checked builds (below)
 
 namespace llama_kernels {
 
@@ -27,6 +28,61 @@ __device__ __forceinline__ To bit_cast_dev(const From& from) {
   __builtin_memcpy(&to, &from, sizeof(To));
   return to;
 }
+
+// ---------------------------------------------------------------------------- checked builds
+// A checked build (CMake option / env LLAMA_KERNELS_CHECKED=1) bounds every software spin wait
+// (the mbarrier waits of the TMA/wgmma pipeline): a wait still unfinished after
+// LLAMA_KERNELS_SPIN_TIMEOUT_MS of wall time prints which kernel, barrier and stage hung and
+// traps, so a wrong byte count or a lost arrive becomes a launch error instead of a hang that
+// takes the process (and every later check) with it. A normal build compiles none of this.
+// Checked builds are for fault containment, not timing: the printf is a call, and ptxas serializes
+// the wgmmas of a kernel that holds a call (warning C7510).
+#ifndef LLAMA_KERNELS_CHECKED
+#define LLAMA_KERNELS_CHECKED 0
+#endif
+#ifndef LLAMA_KERNELS_SPIN_TIMEOUT_MS
+#define LLAMA_KERNELS_SPIN_TIMEOUT_MS 2000  // far above any legitimate wait (microseconds)
+#endif
+
+#if LLAMA_KERNELS_CHECKED
+// Why: one report per module; the first thread to time out prints, the others never trap
+// themselves (a trap racing the printf could lose the message): they idle until its trap.
+static __device__ unsigned int g_spin_hang_reported = 0;
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Why: cold and never returning, so the hot spin loop keeps no live values across a call.
+__device__ __noinline__ __attribute__((noreturn)) void spin_hang(const char* kernel, const char* barrier,
+                                                                 int stage, unsigned parity) {
+  if (atomicExch(&g_spin_hang_reported, 1u) == 0) {
+    printf("llama_kernels CHECKED: %s: spin wait on %s[%d] (parity %u) exceeded %d ms in block %d "
+           "thread %d: trapping\n",
+           kernel, barrier, stage, parity, LLAMA_KERNELS_SPIN_TIMEOUT_MS, static_cast<int>(blockIdx.x),
+           static_cast<int>(threadIdx.x));
+    __threadfence_system();
+    __trap();
+  }
+  for (;;) __nanosleep(1000000);
+}
+
+// Why: the bound of one spin wait: start the clock at the first failed try, then compare.
+struct SpinBound {
+  uint64_t start = 0;
+  __device__ __forceinline__ void check(const char* kernel, const char* barrier, int stage,
+                                        unsigned parity) {
+    const uint64_t now = global_timer_ns();
+    if (start == 0) {
+      start = now;
+    } else if (now - start > uint64_t{LLAMA_KERNELS_SPIN_TIMEOUT_MS} * 1000000u) {
+      spin_hang(kernel, barrier, stage, parity);
+    }
+  }
+};
+#endif
 
 // One 16-byte vector (a uint4, moved with a single LDG.128/STG.128) holds
 // kElems values of T. VecTraits<T> converts such a vector to and from float32

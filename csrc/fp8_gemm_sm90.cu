@@ -96,11 +96,16 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 #endif
 }
 
-// Why: spins until the phase of parity `parity` of the barrier has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+// Why: spins until the phase of parity `parity` of the barrier has completed; in a checked build
+// (common.cuh) a wait past the bound prints `barrier`[`stage`] of this kernel and traps.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity, const char* barrier,
+                                          int stage) {
 #if LK_SM90A
+#if LLAMA_KERNELS_CHECKED
+  SpinBound bound;
+#endif
   uint32_t done = 0;
-  do {
+  for (;;) {
     asm volatile(
         "{\n .reg .pred p;\n"
         " mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
@@ -108,7 +113,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "=r"(done)
         : "r"(smem_u32(bar)), "r"(parity)
         : "memory");
-  } while (!done);
+    if (done) break;
+#if LLAMA_KERNELS_CHECKED
+    bound.check("fp8_gemm_sm90_kernel", barrier, stage, parity);
+#endif
+  }
 #endif
 }
 
@@ -287,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int mt, nt;
         tile_coords(tile, m_tiles, n_tiles, mt, nt);
         for (int kb = 0; kb < k_blocks; ++kb) {
-          mbar_wait(&empty[stage], phase ^ 1);  // the first pass through the ring does not wait
+          mbar_wait(&empty[stage], phase ^ 1, "empty", stage);  // the first pass through the ring does not wait
           mbar_expect_tx(&full[stage], kTileA + kTileB);
           tma_load_2d(ring_a + stage * kTileA, &tmap_x, &full[stage], kb * kBlockK, mt * kBlockM);
           tma_load_2d(ring_b + stage * kTileB, &tmap_w, &full[stage], kb * kBlockK, nt * kBlockN);
@@ -314,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) total[i] = 0.0f;
       for (int kb = 0; kb < k_blocks; ++kb) {
-        mbar_wait(&full[stage], phase);
+        mbar_wait(&full[stage], phase, "full", stage);
         const uint64_t da = smem_desc(ring_a + stage * kTileA + c * 64 * kBlockK);
         const uint64_t db = smem_desc(ring_b + stage * kTileB);
         fence_acc(acc);

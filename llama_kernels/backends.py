@@ -10,10 +10,12 @@ Selection, per call:
    no kernel for the op yet).
 2. Otherwise on a CUDA device (:func:`auto_order`): the fastest passing kernel backend for the
    op and the call's row bucket if ``llama-kernels selftest --bench`` measured one on this GPU;
-   else ``cuda`` if its kernel for the op passed the GPU checks here (the shipped
-   ``validated_kernels.json`` for this architecture, or the user's selftest record
-   :func:`user_record_path`); else ``triton``; else ``torch``. A kernel the selftest record says
-   failed on this GPU is never chosen automatically. When the chosen kernel has no variant for a
+   else ``cuda`` if its kernel for the op passed the GPU checks here for the call's instantiation
+   (:func:`instance_key`: the dtypes, head_dim, cache dtype, block size, group range or rows that
+   select a different template or config) with the current code (:func:`code_id`), per the user's
+   selftest record :func:`user_record_path` or the shipped ``validated_kernels.json`` for this
+   architecture; else ``triton``; else ``torch``. A kernel the selftest record says failed on this
+   GPU for the instantiation is never chosen automatically. When the chosen kernel has no variant for a
    call's shape (:class:`NoKernelError`, raised before any launch) the next backend runs it.
    On the CPU: ``torch``.
 
@@ -43,6 +45,9 @@ VALIDATED_FILE = Path(__file__).with_name("validated_kernels.json")
 RECORD_ENV_VAR = "LLAMA_KERNELS_VALIDATED"  # path of the user's selftest record (default: user_record_path())
 KERNEL_BACKENDS = ("cuda", "triton")  # those `selftest --bench` may prefer (torch: the reference, host-synchronizing)
 ROW_BUCKETS = ((1, "1"), (16, "2-16"), (128, "17-128"))  # rows of the first argument -> bucket; more: ">128"
+# Package files every kernel's result depends on besides its own sources: the reference it is checked
+# against, the op layer that validates and routes its calls, the INT4 layout (part of code_id).
+SHARED_SOURCES = ("int4.py", "reference.py", "ops.py")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -220,15 +225,26 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
 
 @functools.cache
 def validated_kernels() -> list[dict]:
-    """Entries {op, backend, arch, device, date, ...} of kernels whose GPU tests passed (shipped)."""
+    """Entries {op, backend, arch, instances, code, device, date, ...} of kernels whose GPU tests
+    passed (shipped in validated_kernels.json): `instances` lists the :func:`instance_key` values
+    that were validated, `code` is :func:`code_id` of the backend when they were."""
     with open(VALIDATED_FILE) as f:
         return json.load(f)["kernels"]
 
 
-def is_validated(op: str, backend: str, capability: tuple[int, int]) -> bool:
+def stale_shipped() -> list[dict]:
+    """Shipped entries whose code hash no longer matches this build: ignored (a kernel changed since)."""
+    return [k for k in validated_kernels() if k.get("code") != code_id(k["backend"])]
+
+
+def is_validated(op: str, backend: str, capability: tuple[int, int], instance: str | None = None) -> bool:
+    """Whether a shipped entry with the current code validated `op` on `backend` for this architecture,
+    for `instance` (None: for any instantiation)."""
     return any(
-        k["op"] == op and k["backend"] == backend and k["arch"] == _sm(capability) for k in validated_kernels()
-    )
+        k["op"] == op and k["backend"] == backend and k["arch"] == _sm(capability)
+        and k.get("code") == code_id(backend) and (instance is None or instance in k.get("instances", ()))
+        for k in validated_kernels()
+    )  # fmt: skip
 
 
 def user_record_path() -> Path:
@@ -246,17 +262,29 @@ def device_key(name: str, capability: tuple[int, int]) -> str:
     return f"{name} (sm_{capability[0]}{capability[1]})"
 
 
+def _build_fingerprint() -> str:
+    """What of the build info decides the cuda kernels' code: the digest of the sources compiled
+    (csrc/, python/*.cpp, CMakeLists.txt), nvcc's version, whether it is a checked build. Not the
+    arch list: each arch's code is compiled on its own, and a validation names its arch."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return ""
+    return "|".join(str(getattr(_build_info, k, "")) for k in ("SOURCES_SHA256", "CUDA_COMPILER_VERSION", "CHECKED"))
+
+
 @functools.cache
 def code_id(backend: str) -> str:
-    """A fingerprint of the code a backend's kernels come from: the bytes of llama_kernels._C and
-    of llama_kernels/cuda/*.py for cuda; the triton version and llama_kernels/triton/*.py for
-    triton. A record made with other code does not count (a rebuilt kernel must pass again)."""
+    """A fingerprint of every file a backend's kernels depend on: for cuda the build info
+    (:func:`_build_fingerprint`: the digest of the sources _C was compiled from, nvcc's version,
+    checked or not) and llama_kernels/cuda/*.py; for triton its version and llama_kernels/triton/*.py;
+    for both SHARED_SOURCES (int4.py, reference.py, ops.py). A record made with other code does not
+    count (a changed kernel must pass again); shipped entries carry it."""
     h = hashlib.sha256()
     pkg = Path(__file__).parent
+    files = [*sorted((pkg / backend).glob("*.py")), *(pkg / name for name in SHARED_SOURCES)]
     if backend == "cuda":
-        ext, _ = cuda_extension()
-        if ext is not None and getattr(ext, "__file__", None):
-            h.update(Path(ext.__file__).read_bytes())
+        h.update(_build_fingerprint().encode())
     elif backend == "triton":
         try:
             import triton
@@ -264,9 +292,70 @@ def code_id(backend: str) -> str:
             h.update(triton.__version__.encode())
         except ImportError:
             pass
-    for source in sorted((pkg / backend).glob("*.py")) if backend in KERNEL_BACKENDS else ():
-        h.update(source.name.encode() + source.read_bytes())
+    for source in files:
+        h.update(source.name.encode() + b"\0" + source.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _dtype(t: torch.Tensor | torch.dtype) -> str:
+    return str(t.dtype if isinstance(t, torch.Tensor) else t).removeprefix("torch.")
+
+
+def _up_to_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _group_range(group: int) -> str:
+    """Query heads per KV head -> the range that shares one program shape (the Triton kernels pad a
+    group to a power of two >= 16; the CUDA decode kernel runs every group <= 16 in one tile)."""
+    top = max(16, _up_to_pow2(group))
+    return f"{top // 2 + 1 if top > 16 else 1}-{top}"
+
+
+def _attention_instance(q: torch.Tensor, k_cache: torch.Tensor) -> str:
+    group = q.shape[-2] // max(1, k_cache.shape[2])
+    return f"{_dtype(q)} D{q.shape[-1]} cache {_dtype(k_cache)} block {k_cache.shape[1]} group {_group_range(group)}"
+
+
+def _gemm_rows(op: str, m: int) -> str:
+    """Rows of M -> the class that selects one CUDA GEMM tile config (cuda/gemm_configs.ROWS: m16, m32,
+    m64; beyond, m64 or the Hopper wgmma kernel), so that a pass at M=128 does not vouch for M=32."""
+    from .cuda.gemm_configs import ROWS
+
+    top = next((r for r in ROWS[op] if m <= r), None)
+    return f"M<={top}" if top is not None else f"M>{ROWS[op][-1]}"
+
+
+def _norm_instance(args: tuple) -> str:
+    return f"{_dtype(args[0])} hidden<={_up_to_pow2(args[0].shape[-1])}"
+
+
+# op -> (its backend call's positional arguments -> the instantiation key); see instance_key
+_INSTANCE: dict[str, Callable[[tuple], str]] = {
+    "quantize_fp8": _norm_instance,
+    "rms_norm": _norm_instance,
+    "add_rms_norm": _norm_instance,
+    "add_rms_norm_fp8": _norm_instance,
+    "fp8_gemm": lambda a: f"out {_dtype(a[4])}{' bias' if a[5] is not None else ''} {_gemm_rows('fp8_gemm', a[0].shape[0])}",
+    "int4_gemm": lambda a: (f"{_dtype(a[0])} group {a[1].group_size}{' asym' if a[1].zeros is not None else ''}"
+                            f"{' act-order' if a[1].perm is not None else ''} {_gemm_rows('int4_gemm', a[0].shape[0])}"),
+    "rope_and_cache": lambda a: (f"{_dtype(a[0])} D{a[0].shape[-1]} cache {_dtype(a[6])} block {a[6].shape[1]}"
+                                 f"{' interleaved' if len(a) > 11 and a[11] else ''}"),
+    "decode_attention": lambda a: _attention_instance(a[0], a[1]),
+    "paged_prefill_attention": lambda a: _attention_instance(a[0], a[1]),
+}  # fmt: skip
+
+
+def instance_key(op: str, args: tuple) -> str | None:
+    """What a validation of `op` on these arguments covers: the properties that select a different
+    kernel template or config (dtypes, head_dim, cache dtype, block size, group range; the GEMMs' rows
+    class, which picks their tile config; the hidden size class of the norms). None when the
+    arguments do not say (such a call is then covered by no validation)."""
+    key = _INSTANCE.get(op)
+    try:
+        return key(args) if key is not None else None
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 def row_bucket(rows: int) -> str:
@@ -303,18 +392,43 @@ def _device_record(index: int) -> dict:
 
 
 def recorded(op: str, backend: str, index: int) -> dict | None:
-    """The selftest result {passed, date, ...} of `backend`'s `op` kernel on CUDA device `index`, if
-    one was recorded there with the current code; else None."""
+    """The selftest result {passed, date, instances: {instance_key: {passed, date}}, ...} of
+    `backend`'s `op` kernel on CUDA device `index`, if one was recorded there with the current code;
+    else None."""
     entry = _device_record(index).get("kernels", {}).get(f"{op}:{backend}")
     return entry if entry is not None and entry.get("code") == code_id(backend) else None
 
 
+def _verdict(op: str, backend: str, index: int, instance: str | None) -> tuple[str, str]:
+    """("passed" | "failed" | "shipped" | "unvalidated", date or arch) of `backend`'s `op` kernel for
+    `instance` on device `index`; instance None (no call at hand: info, load-time checks) asks about
+    the op as a whole: failed when an instantiation failed here, else passed when one passed."""
+    instances = (recorded(op, backend, index) or {}).get("instances", {})
+    if instance is not None:
+        result = instances.get(instance)
+        if result is not None:
+            return ("passed" if result.get("passed") else "failed"), result.get("date", "?")
+    else:
+        results = sorted(instances.values(), key=lambda r: bool(r.get("passed")))  # a failure first
+        if results:
+            return ("passed" if results[0].get("passed") else "failed"), results[0].get("date", "?")
+    capability = device_capability(index)
+    if is_validated(op, backend, capability, instance):
+        return "shipped", _sm(capability)
+    return "unvalidated", ""
+
+
 def recorded_fastest(op: str, index: int, bucket: str | None) -> tuple[str, str] | None:
-    """(backend, date) of the fastest passing kernel backend `selftest --bench` measured for `op`
-    in `bucket` on device `index`, if any."""
+    """(backend, date) of the fastest passing kernel backend one `selftest --bench` run measured for
+    `op` in `bucket` on device `index` against the other kernel backends, if any, and if none of
+    those backends' code changed since."""
     record = _device_record(index)
-    name = record.get("fastest", {}).get(op, {}).get(bucket or "")
-    return (name, record.get("bench_date", "")) if name in KERNEL_BACKENDS else None
+    entry = record.get("fastest", {}).get(op, {}).get(bucket or "")
+    if not isinstance(entry, dict) or entry.get("backend") not in KERNEL_BACKENDS:
+        return None  # none, or a record from before the comparison was recorded with its code
+    if any(code_id(name) != code for name, code in entry.get("code", {}).items()):
+        return None
+    return entry["backend"], entry.get("date", "")
 
 
 # --- selection -------------------------------------------------------------------------
@@ -326,30 +440,34 @@ def _reference_only(device_type: str) -> tuple[tuple[str, str], ...]:
     return (("torch", f"inputs are on {device_type}: the reference implementation"),)
 
 
-def auto_order(op: str, device: torch.device, bucket: str | None = None) -> tuple[tuple[str, str], ...]:
+def auto_order(
+    op: str, device: torch.device, bucket: str | None = None, instance: str | None = None
+) -> tuple[tuple[str, str], ...]:
     """The backends automatic dispatch tries for `op` on `device` (first one first; a later one runs
-    a call the earlier has no kernel for), each with the reason it is there."""
+    a call the earlier has no kernel for), each with the reason it is there. `instance`: the call's
+    instance_key (None: the op as a whole); a cuda kernel runs only where one was validated."""
     if device.type != "cuda":
         return _reference_only(device.type)
     index = device_index(device)
     notes = []  # why a better-ranked backend is not used
     order: list[tuple[str, str]] = []
     trusted = {}  # kernel backend -> why it may run here
+    which = f" for {instance}" if instance is not None else ""
     for name in KERNEL_BACKENDS:
         reason = unavailable_reason(op, name, device)
-        entry = recorded(op, name, index)
+        verdict, when = _verdict(op, name, index, instance) if reason is None else ("", "")
         if reason is not None:
             notes.append(f"{name}: {reason}")
-        elif entry is not None and not entry.get("passed"):
-            notes.append(f"the {name} kernel failed llama-kernels selftest on this GPU ({entry.get('date', '?')})")
-        elif entry is not None:
-            trusted[name] = f"passed llama-kernels selftest on this GPU ({entry.get('date', '?')})"
-        elif name == "cuda" and is_validated(op, name, device_capability(index)):
-            trusted[name] = f"validated on {_sm(device_capability(index))} (validated_kernels.json)"
+        elif verdict == "failed":
+            notes.append(f"the {name} kernel failed llama-kernels selftest on this GPU{which} ({when})")
+        elif verdict == "passed":
+            trusted[name] = f"passed llama-kernels selftest on this GPU{which} ({when})"
+        elif verdict == "shipped":
+            trusted[name] = f"validated on {when}{which} (validated_kernels.json)"
         elif name == "cuda":
-            notes.append("the cuda kernel has not passed llama-kernels selftest on this GPU")
+            notes.append(f"the cuda kernel has not passed llama-kernels selftest on this GPU{which}")
         else:
-            trusted[name] = "the default on GPUs (no selftest record here)"  # unless the record says it failed
+            trusted[name] = f"the default on GPUs (no selftest result here{which})"  # unless the record says it failed
     fastest = recorded_fastest(op, index, bucket)
     if fastest is not None and fastest[0] in trusted:
         order.append((fastest[0], f"fastest passing backend for {bucket} rows (selftest --bench, {fastest[1]})"))
@@ -386,7 +504,15 @@ def explain(op: str, device: torch.device) -> tuple[str, str]:
     forced = forced_backend(None)
     if forced is not None:
         return forced, f"forced by {ENV_VAR}"
-    name, why = auto_order(op, device)[0]
+    order = auto_order(op, device)
+    name, why = order[0]
+    if name == "cuda":
+        index = device_index(device)
+        mine = {k for k, r in (recorded(op, name, index) or {}).get("instances", {}).items() if r.get("passed")}
+        shipped = {k for e in validated_kernels() if e["op"] == op and e["backend"] == name
+                   and e["arch"] == _sm(device_capability(index)) and e.get("code") == code_id(name)
+                   for k in e.get("instances", ())}  # fmt: skip
+        why += f"; for the validated instantiations only ({', '.join(sorted(mine | shipped))}), others: {order[1][0]}"
     if device.type == "cuda":
         by_bucket = [f"{bucket}: {auto_order(op, device, bucket)[0][0]}"
                      for bucket in _device_record(device_index(device)).get("fastest", {}).get(op, {})]  # fmt: skip
@@ -411,10 +537,11 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
 
 def call(op: str, device: torch.device, backend: str | None, args: tuple):
     """Run `op` on `args`: on the forced backend, else on the first of :func:`auto_order` (for the
-    row bucket of args[0]) that has a kernel for this shape."""
+    row bucket of args[0] and the instantiation of args) that has a kernel for this shape."""
     if forced_backend(backend) is not None:
         return select(op, device, backend)[1](*args)
-    order = auto_order(op, device, args_bucket(args) if device.type == "cuda" else None)
+    on_gpu = device.type == "cuda"
+    order = auto_order(op, device, args_bucket(args) if on_gpu else None, instance_key(op, args) if on_gpu else None)
     for name, _ in order[:-1]:
         try:
             return _REGISTRY[op][name].fn(*args)

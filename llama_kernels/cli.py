@@ -42,8 +42,9 @@ def collect_info() -> dict:
 
         built_archs = list(_build_info.CUDA_ARCHS)
         nvcc = _build_info.CUDA_COMPILER_VERSION
+        checked = bool(getattr(_build_info, "CHECKED", False))  # a build from before the option: unchecked
     except ImportError:
-        built_archs, nvcc = [], ""
+        built_archs, nvcc, checked = [], "", False
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -54,9 +55,11 @@ def collect_info() -> dict:
             "archs": backends.compiled_archs() if ext is not None else built_archs,
             "nvcc": nvcc,
             "cuda_runtime": ext.cuda_runtime_version() if ext is not None else None,
+            "checked": checked,
             "reason": reason,
         },
         "forced_backend": backends.forced_backend(None),
+        "stale_validations": [f"{k['op']}:{k['backend']} {k['arch']}" for k in backends.stale_shipped()],
         "devices": [],
     }
     for device in _devices():
@@ -82,9 +85,13 @@ def _print_info(info: dict) -> None:
     print(f"python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})  triton {info['triton']}")
     if ext["built"]:
         archs = ", ".join("sm_" + a for a in ext["archs"])
-        print(f"CUDA extension: built for {archs} (nvcc {ext['nvcc']}, runtime {ext['cuda_runtime']})")
+        checked = "checked build: spin waits trap instead of hanging" if ext["checked"] else "not a checked build"
+        print(f"CUDA extension: built for {archs} (nvcc {ext['nvcc']}, runtime {ext['cuda_runtime']}; {checked})")
     else:
         print(f"CUDA extension: not available: {ext['reason']}")
+    if info["stale_validations"]:
+        print(f"validated_kernels.json: {len(info['stale_validations'])} shipped entries ignored: their code hash no "
+              "longer matches this build (the kernels changed since; llama-kernels selftest checks them here)")  # fmt: skip
     if info["forced_backend"]:
         print(f"backend forced by {backends.ENV_VAR}={info['forced_backend']}")
     for dev in info["devices"]:

@@ -12,23 +12,28 @@ row bucket is preferred.
 
 Without a GPU: the Triton kernels under the Triton interpreter at small shapes (nothing recorded).
 
+``--compile-workers N`` (GPU): every Triton specialization the run will launch is compiled first, in N
+processes (:func:`precompile_triton`, ``llama_kernels.precompile``).
+
 Adding an op: one entry in ``CASES`` (a builder yielding :class:`Case` objects for the device).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import backends, ops, reference
+from . import backends, ops, precompile, reference
 from .measure import LLAMA31_PROJECTIONS, environment, measure_peaks, time_budgeted
 
 FP8 = torch.float8_e4m3fn
@@ -277,6 +282,7 @@ class Row:
     backend: str
     bucket: str
     status: str  # "pass", "FAIL", "no kernel" (the backend has none for this shape), "error"
+    instance: str = ""  # backends.instance_key of the case's arguments: what a pass validates
     relerr: float | None = None
     tol: float | None = None
     detail: str = ""
@@ -297,7 +303,8 @@ class Row:
 
 def _check(op: str, case: Case, backend: str, device: torch.device, want: list[torch.Tensor]) -> Row:
     args = case.make()
-    row = Row(op, case.shape, backend, backends.args_bucket(args) or "", "pass", tol=case.tol)
+    row = Row(op, case.shape, backend, backends.args_bucket(args) or "", "pass",
+              backends.instance_key(op, args) or "", tol=case.tol)  # fmt: skip
     poison_allocator(device)
     try:
         got = case.compare(args, getattr(ops, op)(*args, backend=backend))
@@ -386,6 +393,31 @@ def run_cases(device: torch.device, small: bool, wanted_backends: list[str], onl
     return rows, missing
 
 
+def triton_specializations(device: torch.device, small: bool, only_ops: list[str] | None,
+                           ) -> list[precompile.Specialization]:  # fmt: skip
+    """The Triton specializations run_cases will launch on `device` (each once), found by a dry pass
+    over every case's triton call that compiles and launches nothing."""
+    with precompile.recording() as found:
+        for op, build in CASES.items():
+            if (only_ops and op not in only_ops) or backends.unavailable_reason(op, "triton", device):
+                continue
+            for case in build(device, small):
+                with contextlib.suppress(Exception):  # a call the dry pass cannot complete is compiled at launch
+                    getattr(ops, op)(*case.make(), backend="triton")
+    return found
+
+
+def precompile_triton(device: torch.device, workers: int, only_ops: list[str] | None) -> str:
+    """Compile the specializations the GPU run will launch in `workers` processes; one line saying so."""
+    start = time.perf_counter()
+    specs = triton_specializations(device, False, only_ops)
+    results = precompile.compile_all(specs, workers) if specs else []
+    failed = [f"{name}: {err}" for name, _, err in results if err]
+    line = (f"# compiled {len(specs) - len(failed)} of {len(specs)} Triton specializations in {workers} processes "
+            f"in {time.perf_counter() - start:.1f} s (serial compile time {sum(t for _, t, _ in results):.1f} s)")
+    return line + (f"; failed (compiled at launch instead): {failed[0][:200]}" if failed else "")
+
+
 def _context_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return True
@@ -402,7 +434,8 @@ def _context_usable(device: torch.device) -> bool:
 
 def fastest_by_bucket(rows: list[Row], passed: dict[tuple[str, str], bool]) -> dict[str, dict[str, str]]:
     """op -> bucket -> the kernel backend (cuda, triton) that passed every case of the op here and
-    took the least total time over the bucket's cases every such backend ran."""
+    took the least total time over the bucket's cases every such backend ran; only buckets where this
+    run timed at least two such backends (a run of one backend compares nothing)."""
     out: dict[str, dict[str, str]] = {}
     for op in dict.fromkeys(r.op for r in rows):
         candidates = [b for b in backends.KERNEL_BACKENDS if passed.get((op, b))]
@@ -413,7 +446,7 @@ def fastest_by_bucket(rows: list[Row], passed: dict[tuple[str, str], bool]) -> d
             for r in rows:
                 if r.op == op and r.bucket == bucket and r.backend in times and r.us is not None:
                     times[r.backend][r.shape] = r.us
-            common = set.intersection(*(set(t) for t in times.values())) if times else set()
+            common = set.intersection(*(set(t) for t in times.values())) if len(times) >= 2 else set()
             if common:
                 best = min(candidates, key=lambda b: sum(times[b][s] for s in common))
                 out.setdefault(op, {})[bucket] = best
@@ -426,14 +459,17 @@ def record(device: torch.device, rows: list[Row], bench: bool) -> tuple[str, dic
     env = environment(device)
     index = backends.device_index(device)
     passed: dict[tuple[str, str], bool] = {}
-    failed_shapes: dict[tuple[str, str], list[str]] = {}
+    instances: dict[tuple[str, str], dict[str, bool]] = {}  # (op, backend) -> instance -> all its cases passed
+    failed_shapes: dict[tuple[str, str, str], list[str]] = {}  # (op, backend, instance) -> what failed
     for r in rows:
         if r.backend not in backends.KERNEL_BACKENDS or r.status == "no kernel":
             continue
         key = (r.op, r.backend)
         passed[key] = passed.get(key, True) and r.passed
+        seen = instances.setdefault(key, {})
+        seen[r.instance] = seen.get(r.instance, True) and r.passed
         if not r.passed:
-            failed_shapes.setdefault(key, []).append(f"{r.shape}: {r.status} {r.detail or r.relerr}")
+            failed_shapes.setdefault((*key, r.instance), []).append(f"{r.shape}: {r.status} {r.detail or r.relerr}")
     path = backends.user_record_path()
     try:
         data = json.loads(path.read_text())
@@ -446,14 +482,27 @@ def record(device: torch.device, rows: list[Row], bench: bool) -> tuple[str, dic
     entry = devices.setdefault(key, {})
     entry.update({k: env[k] for k in ("device", "capability", "driver", "torch", "cuda", "triton", "date")})
     kernels = entry.setdefault("kernels", {})
-    for (op, backend), ok in passed.items():
+    for op, backend in passed:
+        code = backends.code_id(backend)
+        old = kernels.get(f"{op}:{backend}", {})
+        # Instantiations checked earlier with the same code stay validated; this run's results replace
+        # those it checked again; a record of other code is dropped (it must pass again).
+        known = old.get("instances", {}) if old.get("code") == code else {}
+        for inst, inst_ok in instances[(op, backend)].items():
+            known[inst] = {"passed": inst_ok, "date": env["date"],
+                           **({"failed": failed_shapes[(op, backend, inst)]} if not inst_ok else {})}  # fmt: skip
+        failed = [shape for r in known.values() for shape in r.get("failed", [])]
         kernels[f"{op}:{backend}"] = {
-            "passed": ok, "date": env["date"], "code": backends.code_id(backend), "driver": env["driver"],
-            "torch": env["torch"], "triton": env["triton"], **({"failed": failed_shapes[(op, backend)]} if not ok else {}),
+            "passed": not failed, "date": env["date"], "code": code, "driver": env["driver"], "torch": env["torch"],
+            "triton": env["triton"], "instances": known, **({"failed": failed} if failed else {}),
         }  # fmt: skip
     if bench:
+        # Merged per bucket: buckets this run did not compare across backends keep their entry.
         fastest = entry.setdefault("fastest", {})
-        fastest.update(fastest_by_bucket(rows, passed))
+        for op, buckets in fastest_by_bucket(rows, passed).items():
+            codes = {b: backends.code_id(b) for b in backends.KERNEL_BACKENDS if passed.get((op, b))}
+            fastest.setdefault(op, {}).update(
+                {bucket: {"backend": name, "code": codes, "date": env["date"]} for bucket, name in buckets.items()})
         entry["bench_date"] = env["date"]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -474,6 +523,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="cuda,triton,torch", help="backends to check (comma-separated)")
     parser.add_argument("--no-record", action="store_true", help="do not write the user's record of passing kernels")
     parser.add_argument("--device", default=None, help="cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--compile-workers", type=int, default=0, metavar="N", help="before the first launch, "
+                        "compile every Triton specialization the run will launch in N processes (GPU; default 0: "
+                        "each compiles at its first launch, one at a time)")  # fmt: skip
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -481,6 +533,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv += ["--no-record"] if args.no_record else []
     argv += ["--json", os.path.abspath(args.json)] if args.json else []
     argv += ["--device", args.device] if args.device else []
+    argv += ["--compile-workers", str(args.compile_workers)] if args.compile_workers else []
     for op in args.op or []:
         argv += ["--op", op]
     return argv
@@ -493,6 +546,8 @@ def _validate(args: argparse.Namespace) -> str | None:
     for name in args.backends.split(","):
         if name not in backends.BACKENDS:
             return f"--backends: {name!r} is not a backend; expected a comma-separated subset of {backends.BACKENDS}"
+    if args.compile_workers < 0:
+        return f"--compile-workers {args.compile_workers}: expected an int >= 0 (0: off)"
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -526,6 +581,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"# selftest: {env['device']}" + (f" (compute capability {env['capability']}, driver {env['driver']})"
           if device.type == "cuda" else "") + f"  torch {env['torch']}  triton {env['triton']}  "
           f"cuda extension {backends.compiled_archs() or backends.cuda_extension()[1]}", flush=True)  # fmt: skip
+    if args.compile_workers and device.type != "cuda":
+        print(f"# --compile-workers {args.compile_workers}: nothing to precompile: no CUDA GPU (the Triton "
+              "interpreter runs the kernels without compiling them)", flush=True)  # fmt: skip
+    elif args.compile_workers and "triton" in wanted:
+        print(precompile_triton(device, args.compile_workers, args.op), flush=True)
     bench = args.bench and device.type == "cuda"
     peaks = None
     if bench:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import llama_kernels
 from conftest import randn
 from llama_kernels import BackendUnavailableError, backends, ops, reference
 
@@ -103,17 +106,85 @@ def test_cuda_is_default_only_where_validated(monkeypatch):
     monkeypatch.setitem(backends._REGISTRY["rms_norm"], "triton", backends.Impl(lambda *a: None))
     monkeypatch.setattr(backends, "validated_kernels", lambda: [])
     assert backends.default_backend("rms_norm", gpu) == "triton"
-    record = [{"op": "rms_norm", "backend": "cuda", "arch": "sm_90", "device": "H100", "date": "2026-01-01"}]
+    record = [{"op": "rms_norm", "backend": "cuda", "arch": "sm_90", "device": "H100", "date": "2026-01-01",
+               "code": backends.code_id("cuda"), "instances": ["bfloat16 hidden<=4096"]}]  # fmt: skip
     monkeypatch.setattr(backends, "validated_kernels", lambda: record)
     assert backends.default_backend("rms_norm", gpu) == "cuda"
+    assert backends.auto_order("rms_norm", gpu, "1", "bfloat16 hidden<=4096")[0][0] == "cuda"
+    assert backends.auto_order("rms_norm", gpu, "1", "float16 hidden<=4096")[0][0] == "triton"  # not validated
+    record[0]["code"] = "0123456789abcdef"  # validated with other code: ignored
+    assert backends.default_backend("rms_norm", gpu) == "triton"
+    assert backends.stale_shipped() == record
+    record[0]["code"] = backends.code_id("cuda")
     monkeypatch.setattr(backends, "device_capability", lambda index: (8, 9))
     assert backends.default_backend("rms_norm", gpu) == "triton"
 
 
 def test_validated_record_is_well_formed():
     for entry in backends.validated_kernels():
-        assert {"op", "backend", "arch", "device", "date"} <= set(entry)
+        assert {"op", "backend", "arch", "device", "date", "code", "instances"} <= set(entry)
         assert entry["op"] in CONTRACT and entry["backend"] == "cuda" and entry["arch"].startswith("sm_")
+
+
+def test_code_id_covers_every_file_a_kernel_depends_on(tmp_path, monkeypatch):
+    """The kernel's own sources, int4.py, reference.py, ops.py, and for cuda the build info (the digest of
+    csrc/, nvcc's version, checked or not): a change to any of them changes the hash; an unrelated file,
+    or the arch list, does not."""
+    import shutil
+
+    pkg = Path(backends.__file__).parent
+    copy = tmp_path / "llama_kernels"
+    for sub in ("cuda", "triton"):
+        shutil.copytree(pkg / sub, copy / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in backends.SHARED_SOURCES + ("llm.py",):
+        shutil.copy(pkg / name, copy / name)
+    info = types.ModuleType("llama_kernels._build_info")
+    info.SOURCES_SHA256, info.CUDA_COMPILER_VERSION, info.CHECKED, info.CUDA_ARCHS = "aa", "13.0.88", False, ["90a"]
+    monkeypatch.setitem(sys.modules, "llama_kernels._build_info", info)
+    monkeypatch.setattr(llama_kernels, "_build_info", info, raising=False)
+    monkeypatch.setattr(backends, "__file__", str(copy / "backends.py"))
+
+    def ids() -> dict[str, str]:
+        backends.code_id.cache_clear()
+        return {b: backends.code_id(b) for b in backends.KERNEL_BACKENDS}
+
+    try:
+        before = ids()
+        for name, changes in (("int4.py", {"cuda", "triton"}), ("reference.py", {"cuda", "triton"}),
+                              ("ops.py", {"cuda", "triton"}), ("triton/attention.py", {"triton"}),
+                              ("cuda/attention.py", {"cuda"}), ("llm.py", set())):  # fmt: skip
+            with open(copy / name, "a") as f:
+                f.write("\n# changed\n")
+            after = ids()
+            assert {b for b in before if after[b] != before[b]} == changes, name
+            before = after
+        for field, value, changes in (("SOURCES_SHA256", "bb", {"cuda"}), ("CUDA_COMPILER_VERSION", "13.1.0", {"cuda"}),
+                                      ("CHECKED", True, {"cuda"}), ("CUDA_ARCHS", ["80", "90a"], set())):  # fmt: skip
+            setattr(info, field, value)
+            after = ids()
+            assert {b for b in before if after[b] != before[b]} == changes, field
+            before = after
+    finally:
+        backends.code_id.cache_clear()
+
+
+def test_info_says_when_shipped_validations_are_ignored(monkeypatch, capsys):
+    from llama_kernels import cli
+
+    stale = {"op": "fp8_gemm", "backend": "cuda", "arch": "sm_90", "device": "H100", "date": "2026-01-01",
+             "code": "0000000000000000", "instances": ["out bfloat16 M<=16"]}  # fmt: skip
+    monkeypatch.setattr(backends, "validated_kernels", lambda: [stale])
+    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 M<=16")
+    info = cli.collect_info()
+    assert info["stale_validations"] == ["fp8_gemm:cuda sm_90"]
+    cli._print_info(info)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "validated_kernels.json" in x]
+    assert lines == ["validated_kernels.json: 1 shipped entries ignored: their code hash no longer matches this build "
+                     "(the kernels changed since; llama-kernels selftest checks them here)"]  # fmt: skip
+    monkeypatch.setattr(backends, "validated_kernels", lambda: [{**stale, "code": backends.code_id("cuda")}])
+    assert backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 M<=16")
+    assert not backends.is_validated("fp8_gemm", "cuda", (9, 0), "out bfloat16 M<=32")
+    assert cli.collect_info()["stale_validations"] == []
 
 
 def test_cuda_ops_are_registered_with_torch_library():

@@ -55,6 +55,26 @@ def test_info_json():
     assert data["cuda_extension"]["built"] == (backends.cuda_extension()[0] is not None)
 
 
+@pytest.mark.parametrize("checked", [True, False])
+def test_info_shows_a_checked_build(monkeypatch, capsys, checked):
+    """_build_info.CHECKED (LLAMA_KERNELS_CHECKED=1 at build time) reaches `info` and its --json."""
+    import types
+
+    from llama_kernels import cli
+
+    fake = types.ModuleType("llama_kernels._build_info")
+    fake.CUDA_ARCHS, fake.CUDA_COMPILER_VERSION, fake.CHECKED = ["90a"], "13.0.88", checked
+    monkeypatch.setitem(sys.modules, "llama_kernels._build_info", fake)
+    monkeypatch.setattr(llama_kernels, "_build_info", fake, raising=False)
+    info = cli.collect_info()
+    assert info["cuda_extension"]["checked"] is checked
+    info["cuda_extension"].update(built=True, archs=["90a"], cuda_runtime=13000)  # as with a built _C
+    cli._print_info(info)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("CUDA extension: "))
+    assert ("checked build: spin waits trap instead of hanging" in line) is checked, line
+    assert ("not a checked build" in line) is not checked, line
+
+
 def test_info_reports_a_forced_backend():
     out = _run("info", env={**os.environ, "LLAMA_KERNELS_BACKEND": "torch"})
     assert "backend forced by LLAMA_KERNELS_BACKEND=torch" in out

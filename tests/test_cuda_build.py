@@ -391,12 +391,14 @@ def _cmake() -> str:
 def _read_build_info(path: Path) -> dict:
     ns: dict = {}
     exec(path.read_text(), ns)
-    return {k: ns[k] for k in ("CUDA_BUILT", "CUDA_ARCHS", "CUDA_COMPILER_VERSION", "REASON")}
+    return {k: ns[k] for k in ("CUDA_BUILT", "CUDA_ARCHS", "CUDA_COMPILER_VERSION", "REASON", "CHECKED",
+                               "SOURCES_SHA256")}
 
 
 def test_cmake_without_cuda_compiler_still_configures(tmp_path):
     cmake = _cmake()
     env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "LLAMA_KERNELS_CUDA_ARCHS")}
+    env["LLAMA_KERNELS_CHECKED"] = "1"  # asked for, but with no kernels built nothing is checked
     build, prefix = tmp_path / "build", tmp_path / "prefix"
     p = subprocess.run([cmake, "-S", str(REPO), "-B", str(build), "-DCMAKE_CUDA_COMPILER=/nonexistent/nvcc"],
                        capture_output=True, text=True, env=env, timeout=300)
@@ -409,6 +411,7 @@ def test_cmake_without_cuda_compiler_still_configures(tmp_path):
     assert installed == ["llama_kernels/_build_info.py"], installed
     info = _read_build_info(prefix / "llama_kernels" / "_build_info.py")
     assert info["CUDA_BUILT"] is False and info["CUDA_ARCHS"] == [] and info["CUDA_COMPILER_VERSION"] == ""
+    assert info["CHECKED"] is False and info["SOURCES_SHA256"] == ""
     assert "no CUDA compiler (nvcc) was found" in info["REASON"], info
 
 
@@ -417,7 +420,8 @@ def test_cmake_arch_override(tmp_path):
     cmake = _cmake()
     import pybind11
 
-    env = dict(os.environ, LLAMA_KERNELS_CUDA_ARCHS="90a")
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_KERNELS_CHECKED"}
+    env["LLAMA_KERNELS_CUDA_ARCHS"] = "90a"
     build = tmp_path / "build"
     p = subprocess.run([cmake, "-S", str(REPO), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
                         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
@@ -426,10 +430,24 @@ def test_cmake_arch_override(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     info = _read_build_info(build / "llama_kernels" / "_build_info.py")
     assert info["CUDA_BUILT"] is True and info["CUDA_ARCHS"] == ["90a"] and info["REASON"] == "", info
+    assert info["CHECKED"] is False, info  # the default: not a checked build
+    # the digest of the sources (part of backends.code_id("cuda")): csrc/, python/*.cpp, CMakeLists.txt
+    assert re.fullmatch(r"[0-9a-f]{64}", info["SOURCES_SHA256"]), info
     flags = "\n".join(f.read_text() for f in build.rglob("*") if f.name in ("build.ninja", "flags.make"))
     assert "arch=compute_90a,code=[sm_90a]" in flags, flags[:2000]
     assert "sm_80" not in flags and "sm_89" not in flags
+    assert "LLAMA_KERNELS_CHECKED" not in flags
     assert 'LLAMA_KERNELS_CUDA_ARCHS=\\"90a\\"' in flags or 'LLAMA_KERNELS_CUDA_ARCHS="90a"' in flags
+    digest = info["SOURCES_SHA256"]
+    # LLAMA_KERNELS_CHECKED=1 reaches the compile flags and _build_info.CHECKED (a reconfigure: seconds).
+    p = subprocess.run([cmake, "-S", str(REPO), "-B", str(build)], capture_output=True, text=True,
+                       env={**env, "LLAMA_KERNELS_CHECKED": "1"}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    info = _read_build_info(build / "llama_kernels" / "_build_info.py")
+    assert info["CUDA_BUILT"] is True and info["CHECKED"] is True, info
+    assert info["SOURCES_SHA256"] == digest  # the same sources
+    flags = "\n".join(f.read_text() for f in build.rglob("*") if f.name in ("build.ninja", "flags.make"))
+    assert "-DLLAMA_KERNELS_CHECKED=1" in flags, flags[:2000]
 
 
 def test_fp8_norm_quantizes_with_ieee_division_like_the_reference():

@@ -100,11 +100,90 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(selftest, "environment", lambda device: {
         "device": "Fake H100", "capability": "9.0", "driver": "999.1", "torch": torch.__version__, "cuda": "13.0",
         "triton": "3.6.0", "date": "2026-11-30T10:00:00+00:00"})  # fmt: skip
-    monkeypatch.setattr(backends, "is_validated", lambda op, backend, cap: False)
+    monkeypatch.setattr(backends, "is_validated", lambda op, backend, cap, instance=None: False)
 
 
-def _row(op, backend, shape, status="pass", us=None, rows=1):
-    return selftest.Row(op, shape, backend, backends.row_bucket(rows), status, relerr=1e-3, tol=8e-3, us=us)
+def _row(op, backend, shape, status="pass", us=None, rows=1, instance=""):
+    return selftest.Row(op, shape, backend, backends.row_bucket(rows), status, instance, relerr=1e-3, tol=8e-3, us=us)
+
+
+def _decode_args(dtype=torch.bfloat16, d=128, block=16, hq=32, hkv=8, cache_dtype=None):
+    """decode_attention's backend arguments (CPU tensors: instance_key reads only dtypes and shapes)."""
+    q = torch.empty(2, hq, d, dtype=dtype)
+    cache = torch.empty(4, block, hkv, d, dtype=cache_dtype or dtype)
+    return (q, cache, cache, torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32), None, None, None)
+
+
+def test_instance_key_separates_what_selects_another_template():
+    key = lambda **kw: backends.instance_key("decode_attention", _decode_args(**kw))  # noqa: E731
+    assert key() == "bfloat16 D128 cache bfloat16 block 16 group 1-16"  # the selftest's 8B shape
+    others = {key(dtype=torch.float16), key(d=64), key(block=32), key(cache_dtype=torch.float8_e4m3fn),
+              key(hq=136, hkv=8)}  # fmt: skip
+    assert len(others) == 5 and key() not in others
+    assert key(hq=24, hkv=8) == key() and key(hq=128, hkv=8) == key()  # groups 3 and 16: one program shape
+    assert key(hq=136, hkv=8).endswith("group 17-32")
+    x, w = torch.empty(3, 4096, dtype=torch.bfloat16), torch.empty(4096, dtype=torch.bfloat16)
+    assert backends.instance_key("rms_norm", (x, w, 1e-5)) == "bfloat16 hidden<=4096"
+    assert backends.instance_key("rms_norm", (x[:, :576], w[:576], 1e-5)) == "bfloat16 hidden<=1024"
+    xq = torch.empty(1, 64, dtype=torch.float8_e4m3fn)
+    gemm = lambda m: backends.instance_key("fp8_gemm", (xq[:1].expand(m, 64), None, xq, None, torch.float16, None))  # noqa: E731
+    assert [gemm(m) for m in (1, 16, 17, 32, 64, 65, 4096)] == [f"out float16 M{c}" for c in (
+        "<=16", "<=16", "<=32", "<=32", "<=64", ">64", ">64")]  # the CUDA tile configs m16, m32, m64, m64/wgmma
+    assert backends.instance_key("rope_and_cache", (torch.empty(1, 4, 64),) * 6 + (torch.empty(2, 32, 2, 64),)) == (
+        "float32 D64 cache float32 block 32")  # fmt: skip
+    assert set(backends._INSTANCE) == set(backends.ops())  # every op says what its validation covers
+    assert backends.instance_key("decode_attention", ()) is None
+
+
+def test_an_instantiation_no_run_validated_falls_back(fake_gpu, monkeypatch):
+    """A pass at the selftest's shapes (bf16, head_dim 128, block 16) trusts the cuda kernel for those only."""
+    validated = backends.instance_key("decode_attention", _decode_args())
+    selftest.record(GPU, [_row("decode_attention", "cuda", "8B", instance=validated),
+                          _row("decode_attention", "triton", "8B", instance=validated)], bench=False)  # fmt: skip
+    for args, want in ((_decode_args(), "cuda"), (_decode_args(dtype=torch.float16), "triton"),
+                       (_decode_args(d=64), "triton"), (_decode_args(block=32), "triton"),
+                       (_decode_args(hq=24), "cuda")):  # fmt: skip
+        name, why = backends.auto_order("decode_attention", GPU, "2-16", backends.instance_key("decode_attention", args))[0]
+        assert name == want, (args[0].dtype, args[0].shape, args[1].shape, why)
+        if want == "triton":
+            assert "the cuda kernel has not passed llama-kernels selftest on this GPU for " in why
+    name, why = backends.explain("decode_attention", GPU)
+    assert name == "cuda" and f"for the validated instantiations only ({validated}), others: triton" in why
+    # the calls themselves: backends.call keys each by its arguments
+    ran = []
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(backends._REGISTRY["decode_attention"], name, backends.Impl(lambda *a, n=name: ran.append(n)))
+    backends.call("decode_attention", GPU, None, _decode_args())
+    backends.call("decode_attention", GPU, None, _decode_args(dtype=torch.float16))
+    assert ran == ["cuda", "triton"]
+
+
+def test_record_keeps_instances_of_the_same_code_and_drops_other_code(fake_gpu, monkeypatch):
+    selftest.record(GPU, [_row("rms_norm", "cuda", "a", instance="bfloat16 hidden<=4096")], bench=False)
+    selftest.record(GPU, [_row("rms_norm", "cuda", "b", instance="float16 hidden<=4096", status="FAIL")], bench=False)
+    kernels = json.loads(backends.user_record_path().read_text())["devices"]["Fake H100 (sm_90)"]["kernels"]
+    entry = kernels["rms_norm:cuda"]
+    assert entry["instances"]["bfloat16 hidden<=4096"]["passed"] and not entry["passed"]
+    assert entry["instances"]["float16 hidden<=4096"]["failed"] == entry["failed"] and entry["failed"][0].startswith("b: FAIL")
+    assert backends.auto_order("rms_norm", GPU, "1", "bfloat16 hidden<=4096")[0][0] == "cuda"
+    assert backends.auto_order("rms_norm", GPU, "1", "float16 hidden<=4096")[0][0] == "triton"  # failed there
+    assert backends.explain("rms_norm", GPU)[0] == "triton"  # the op as a whole: a failure counts
+    monkeypatch.setattr(backends, "code_id", lambda backend: "changed")
+    selftest.record(GPU, [_row("rms_norm", "cuda", "c", instance="float32 hidden<=4096")], bench=False)
+    kernels = json.loads(backends.user_record_path().read_text())["devices"]["Fake H100 (sm_90)"]["kernels"]
+    assert list(kernels["rms_norm:cuda"]["instances"]) == ["float32 hidden<=4096"] and kernels["rms_norm:cuda"]["passed"]
+
+
+def test_a_one_backend_bench_run_keeps_the_comparison_of_buckets_it_did_not_remeasure(fake_gpu):
+    both = [_row("fp8_gemm", "cuda", "1x8", us=9.0, rows=1), _row("fp8_gemm", "triton", "1x8", us=5.0, rows=1),
+            _row("fp8_gemm", "cuda", "16x8", us=9.0, rows=16), _row("fp8_gemm", "triton", "16x8", us=5.0, rows=16)]
+    selftest.record(GPU, both, bench=True)
+    _, entry = selftest.record(GPU, [_row("fp8_gemm", "cuda", "1x8", us=1.0, rows=1)], bench=True)  # --backends cuda
+    assert {b: e["backend"] for b, e in entry["fastest"]["fp8_gemm"].items()} == {"1": "triton", "2-16": "triton"}
+    # a later two-backend run replaces only the buckets it compared
+    _, entry = selftest.record(GPU, [_row("fp8_gemm", "cuda", "1x8", us=1.0, rows=1),
+                                     _row("fp8_gemm", "triton", "1x8", us=5.0, rows=1)], bench=True)  # fmt: skip
+    assert {b: e["backend"] for b, e in entry["fastest"]["fp8_gemm"].items()} == {"1": "cuda", "2-16": "triton"}
 
 
 def test_without_a_record_the_gpu_default_is_triton_and_info_says_why(fake_gpu):
@@ -133,7 +212,7 @@ def test_record_then_dispatch_trusts_what_passed_and_never_what_failed(fake_gpu,
     name, why = backends.explain("add_rms_norm", GPU)
     assert name == "torch" and "the triton kernel failed" in why
     # a shipped validated entry does not override a failure recorded on this GPU
-    monkeypatch.setattr(backends, "is_validated", lambda op, backend, cap: True)
+    monkeypatch.setattr(backends, "is_validated", lambda op, backend, cap, instance=None: True)
     backends.reload_user_record()
     assert backends.explain("rms_norm", GPU)[0] == "triton"
 
@@ -155,7 +234,10 @@ def test_bench_prefers_the_fastest_passing_backend_per_bucket(fake_gpu):
         _row("int4_gemm", "triton", "1x8", us=7.0),
     ]  # fmt: skip
     _, entry = selftest.record(GPU, rows, bench=True)
-    assert entry["fastest"] == {"fp8_gemm": {"1": "cuda", ">128": "triton"}, "int4_gemm": {"1": "triton"}}
+    # int4_gemm: the cuda kernel failed, so triton was compared with nothing: no entry
+    assert {op: {b: e["backend"] for b, e in buckets.items()} for op, buckets in entry["fastest"].items()} == {
+        "fp8_gemm": {"1": "cuda", ">128": "triton"}}
+    assert entry["fastest"]["fp8_gemm"]["1"]["code"] == {b: backends.code_id(b) for b in ("cuda", "triton")}
     x1, x4096 = torch.empty(1, 8), torch.empty(4096, 8)
     assert backends.auto_order("fp8_gemm", GPU, backends.args_bucket((x1,)))[0][0] == "cuda"
     first = backends.auto_order("fp8_gemm", GPU, backends.args_bucket((x4096,)))[0]
@@ -177,7 +259,7 @@ def test_auto_dispatch_falls_back_when_a_kernel_has_no_variant_for_the_shape(mon
 
     monkeypatch.setitem(backends._REGISTRY["rms_norm"], "cuda", backends.Impl(no_kernel))
     monkeypatch.setitem(backends._REGISTRY["rms_norm"], "triton", backends.Impl(triton))
-    monkeypatch.setattr(backends, "auto_order", lambda op, device, bucket=None: (("cuda", ""), ("triton", ""), ("torch", "")))
+    monkeypatch.setattr(backends, "auto_order", lambda op, device, bucket=None, instance=None: (("cuda", ""), ("triton", ""), ("torch", "")))
     x = torch.randn(2, 100)
     assert backends.call("rms_norm", torch.device("cpu"), None, (x, torch.ones(100), 1e-5)) is x
     assert calls == ["cuda", "triton"]
