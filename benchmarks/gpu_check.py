@@ -53,7 +53,7 @@ ITERS = 20  # timed runs per benchmark configuration (median)
 
 # The test files holding `gpu` tests, by step (tests/test_gpu_check.py checks that none is left out). They are
 # named, not collected from tests/: the GPU image lacks fastapi/gguf, which some other test modules import.
-PYTEST_TRITON = ("test_triton_attention.py", "test_prefill_attention.py", "test_backends.py")
+PYTEST_TRITON = ("test_triton_attention.py", "test_prefill_attention.py", "test_attention_plan.py", "test_backends.py")
 PYTEST_CUDA = ("test_gpu_norm.py", "test_gpu_rope.py", "test_gpu_attention.py", "test_gpu_gemm.py",
                "test_gpu_generate.py", "test_selftest.py")  # fmt: skip
 PYTEST_FP8_GEMM = ("test_gpu_gemm.py",)
