@@ -57,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError as err:
-        print(f'llama-kernels serve needs FastAPI and uvicorn ({err}): pip install "llama-kernels[serve]"',
+        print(f'llama-kernels serve needs FastAPI, uvicorn and prometheus-client ({err}): pip install "llama-kernels[serve]"',
               file=sys.stderr)  # fmt: skip
         return 1
     from ..distributed import is_main
