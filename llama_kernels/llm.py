@@ -287,7 +287,7 @@ class LLM:
         if tp and not distributed.is_main():
             engine.follow()
             result = distributed.broadcast_object()
-            if isinstance(result, ValueError):
+            if isinstance(result, Exception):
                 raise result
             self.last_stats = engine.throughput
             return result
@@ -307,16 +307,22 @@ class LLM:
         for rid, (prompt, params) in requests.items():
             engine.add_request(rid, prompt, params)
         out: list[list[int]] = [[] for _ in prompts]
+        errors: list[str] = []  # prompts the engine failed (the others run to the end)
         while engine.has_unfinished():
             for o in engine.step():
                 i = ids[o.request_id]
                 out[i] += o.new_token_ids
                 for token in o.new_token_ids if on_token is not None else ():
                     on_token(i, token)
+                if o.finish_reason == "error":
+                    errors.append(f"prompt {i}: {o.error}")
+        result = RuntimeError(f"LLM.generate: {'; '.join(errors)}") if errors else out
         if tp:
             engine.stop_followers()
-            distributed.broadcast_object(out)
+            distributed.broadcast_object(result)
         self.last_stats = engine.throughput
+        if errors:
+            raise result
         return out
 
     def logits(self, input_ids) -> torch.Tensor:

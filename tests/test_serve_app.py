@@ -334,6 +334,49 @@ def test_disconnect_before_a_non_streamed_answer_aborts(server):
     _assert_good(server)
 
 
+def test_finish_counters_count_every_request_exactly_once(tokenizer):
+    """A request whose client leaves while the engine finishes it, and one that leaves before the engine
+    thread has seen it, are each counted once (as aborts)."""
+    from llama_kernels.server.async_engine import AsyncEngine
+
+    engine = FakeEngine(tokenizer)
+    gate, in_step = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def step():
+        in_step.set()
+        assert gate.wait(10)
+        return real_step()
+
+    engine.step = step
+    ae = AsyncEngine(engine)
+    ae.start()
+
+    async def go():
+        params = SamplingParams(max_tokens=1, temperature=0)
+        a = asyncio.ensure_future(anext(ae.generate("a", [1, 2, 3], params)))
+        assert await asyncio.to_thread(in_step.wait, 10)  # the engine thread is in a step that finishes "a"
+        b = asyncio.ensure_future(anext(ae.generate("b", [1, 2, 3], params)))
+        await asyncio.sleep(0.05)  # "b" is queued for the engine thread, which is busy
+        for task in (a, b):  # both clients leave
+            task.cancel()
+        await asyncio.gather(a, b, return_exceptions=True)
+        gate.set()
+
+    try:
+        asyncio.run(go())
+        deadline = time.monotonic() + 5
+        while engine.has_unfinished() or ae._aborts or ae._adds:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        m = parse_metrics(ae.metrics.render())
+        counts = {k: v for k, v in m.items() if k.startswith("llama_kernels_request_success_total")}
+        assert counts == {'llama_kernels_request_success_total{finished_reason="abort"}': 2.0}, counts
+    finally:
+        gate.set()
+        ae.shutdown()
+
+
 def test_serve_package_and_cli_import_without_fastapi():
     code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
             "import llama_kernels.engine, llama_kernels.server, llama_kernels.cli\n"

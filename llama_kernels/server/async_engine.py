@@ -4,8 +4,10 @@ The thread owns the Engine (nothing else calls it): it takes new requests and ab
 queues, runs step() while any request is unfinished, and sleeps on a condition when idle. Each
 request's outputs reach its coroutine through an asyncio.Queue fed with loop.call_soon_threadsafe.
 A request whose consumer goes away (a client disconnect cancels the coroutine) is aborted, so its
-KV blocks are freed at the thread's next turn. An exception in the engine fails the requests it
-concerns (all of a failed step's requests) and the thread keeps serving the others.
+KV blocks are freed at the thread's next turn. A request the engine fails (finish_reason "error")
+gets an EngineError; an exception out of the engine itself fails the requests it concerns and the
+thread keeps serving the others. Every request is counted in the finish metrics exactly once, when
+its stream is removed (finished, failed, aborted at any stage, or cut by shutdown).
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request (no-op once it finished): its blocks are freed at the thread's next turn."""
         with self._cv:
-            if self._streams.pop(request_id, None) is not None:
-                self._aborts.append(request_id)
-                self._cv.notify()
+            if self._streams.pop(request_id, None) is None:
+                return
+            self._aborts.append(request_id)
+            self._cv.notify()
+        self.metrics.count_finished("abort")
 
     # --- the engine thread -----------------------------------------------------------------------
 
@@ -122,6 +126,7 @@ class AsyncEngine:
                 self._closed = True
                 streams, self._streams = self._streams, {}
             for stream in streams.values():
+                self.metrics.count_finished("abort" if self._stop else "error")
                 stream.put(EngineError("the server is shutting down" if self._stop else "the engine thread died"))
 
     def _loop(self) -> None:
@@ -135,11 +140,10 @@ class AsyncEngine:
                     break
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
-            for rid in aborts:
+            for rid in aborts:  # counted by abort()
                 if rid in live:
                     self._call(live, [rid], self.engine.abort, rid)
                     live.discard(rid)
-                    self.metrics.count_finished("abort")
                 else:  # aborted before the thread added it
                     adds = [a for a in adds if a[0] != rid]
             for rid, ids, params in adds:
@@ -169,6 +173,9 @@ class AsyncEngine:
             stream.last_token = now
         if out.finished:
             self.metrics.count_finished(out.finish_reason or "stop")
+        if out.finish_reason == "error":  # the engine failed this request alone
+            stream.put(EngineError(out.error))
+            return
         stream.put(out)
 
     def _call(self, live: set[str], affected: list[str], fn, *args):
