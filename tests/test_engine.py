@@ -16,7 +16,7 @@ from llama_kernels.llm import LLM
 from llama_kernels.model import LlamaConfig
 from llama_kernels.engine import Engine, SamplingParams
 from llama_kernels.engine.block_allocator import BlockAllocator
-from llama_kernels.engine.detokenizer import Detokenizer
+from llama_kernels.engine.detokenizer import MAX_OPEN, Detokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,6 +159,18 @@ def test_abort_frees_blocks_now(llm):
     engine.abort("b")
     assert engine.allocator.used == 0
     assert [o.finish_reason for o in engine.step()] == ["abort"] and not engine.has_unfinished()
+
+
+def test_cpu_prefill_chunk_is_sized_for_latency_and_cuda_keeps_the_planners(llm):
+    """Every running stream waits for a step's prefill chunk: on the CPU the default is 256 tokens (the
+    planner's 8192 stalled streams ~10 s behind a 1016-token prompt); on CUDA it stays the planner's."""
+    from llama_kernels import plan
+    from llama_kernels.llm import CPU_PREFILL_CHUNK, default_prefill_chunk
+
+    assert llm.prefill_chunk == CPU_PREFILL_CHUNK == 256 and Engine(llm.loaded).scheduler.prefill_chunk == 256
+    assert default_prefill_chunk(torch.device("cuda")) == plan.PREFILL_CHUNK
+    explicit = LLM.from_config(CONFIG, device="cpu", max_context=64, max_batch=1, prefill_chunk=8192)
+    assert Engine(explicit.loaded).scheduler.prefill_chunk == 8192
 
 
 POISON_TOP_P = 0.123  # the sampling of a request with this top_p raises (monkeypatched sample)
@@ -333,6 +345,16 @@ def test_detokenizer_decodes_windows_with_the_text_of_a_full_decode():
     assert "".join(pieces) + d.finish() == Pieces().decode(ids)
     assert not any(p.endswith("\ufffd") for p in pieces if p)
     assert max(tok.lengths) < 40, "decode calls cover a window, not the whole output"
+
+
+def test_detokenizer_window_stays_bounded_on_output_that_never_completes_a_character():
+    """8000 tokens that each start a 3-byte character and never finish it: every decode call covers a
+    bounded window (it grew with the output: 7.4 s for 8000 such tokens), and the text is U+FFFD per token."""
+    tok = Counting()
+    d = Detokenizer(tok, ("STOP",))
+    pieces = feed(d, [7] * 8000)
+    assert max(tok.lengths) <= 2 * (MAX_OPEN + 1) and sum(tok.lengths) < 40 * 8000
+    assert "".join(pieces) + d.finish() == "\ufffd" * 8000
 
 
 @smollm2

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "oversubscribes the pool, preempting requests when it runs out")  # fmt: skip
     parser.add_argument("--max-context", type=int, default=None, help="tokens per request, prompt + output (default "
                         "on CUDA: as much as the memory planner fits; on the CPU: min(the model's, 4096))")  # fmt: skip
-    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step at most")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step at most "
+                        "(default: the planner's 8192 on CUDA; 256 on the CPU, where every stream waits for it)")
     parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
@@ -81,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
+                                  prefill_chunk=args.prefill_chunk,
                                   kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8")  # fmt: skip
-        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
+        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
             sock.close()
