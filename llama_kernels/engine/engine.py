@@ -248,6 +248,8 @@ class Engine:
         try:
             return scheduled, run(scheduled)
         except Exception as err:  # noqa: BLE001
+            if self.model.tp is not None:  # the ranks ran (or missed) this step together: no retry can realign them
+                raise distributed.describe_failure(err) from None
             if len(scheduled) == 1:
                 self._fail(scheduled[0][0], err, outputs)
                 return [], torch.empty(0)

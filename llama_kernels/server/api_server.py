@@ -11,7 +11,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .async_engine import AsyncEngine, EngineError
+from .async_engine import AsyncEngine, EngineError, EngineUnavailable
 from .metrics import CONTENT_TYPE
 from ..engine.engine import SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse
@@ -55,7 +57,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     tok = engine.tokenizer
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(engine.max_context, tok.max_token_bytes)
-    workers = ThreadPoolExecutor(2, thread_name_prefix="llama-kernels-tokenize")  # request preparation
+    # request preparation, at a lower CPU priority than the engine thread (whose steps every stream waits for)
+    workers = ThreadPoolExecutor(2, thread_name_prefix="llama-kernels-tokenize", initializer=_lower_priority)
 
     @lru_cache(maxsize=1 << 16)
     def token_text(token_id: int) -> str:
@@ -63,7 +66,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        # an unread oversized body: close the connection rather than receive it to keep the connection alive
+        headers = {"connection": "close"} if err.status in (408, 413) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -159,8 +164,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health():
-        if not engine.alive:
-            raise _error("the engine thread has stopped", 503)
+        problem = engine.unavailable()
+        if problem is not None:
+            raise _error(problem, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -199,14 +205,20 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             prompt_ids = list(prompt)
         return req, prompt_ids, sampling(req, prompt_ids, "prompt")
 
+    def check_open() -> None:
+        if engine.draining:  # the port stays open while running requests finish: new ones are told so
+            raise _error("the server is shutting down", 503)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        check_open()
         check_key(request)
         req, prompt_ids, params = await prepare(prepare_chat, await read_body(request))
         return await respond(request, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        check_open()
         check_key(request)
         req, prompt_ids, params = await prepare(prepare_completion, await read_body(request))
         return await respond(request, req, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=False)
@@ -295,6 +307,14 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
 
 _HUNG_UP = object()  # _until_hangup's result when the client left first
+WORKER_NICE = 10  # niceness the preparation threads add (Linux: per thread)
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority
+        pass
 
 
 async def _until_hangup(request: Request, work):
@@ -349,6 +369,8 @@ def _error(message: str, status: int, code: str | None = None) -> OpenAIError:
 def _engine_error(err: Exception) -> OpenAIError:
     if isinstance(err, ValueError):  # the engine refused the request (add_request)
         return OpenAIError(str(err))
+    if isinstance(err, EngineUnavailable):  # shutting down, stalled or broken
+        return _error(str(err), 503)
     return _error(f"the engine failed on this request: {err}", 500)
 
 
