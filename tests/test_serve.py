@@ -6,8 +6,10 @@ a disconnect frees its blocks; bad input never stops the server; a load run leak
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import socket
 import signal
 import statistics
@@ -318,9 +320,57 @@ def test_tensor_parallel_serves_the_same_greedy_answers(tmp_path, alone, llm):
         test_paris(s)
         _assert_same_as_alone(_run_concurrently(s, PROMPTS[:8]), alone[:8], llm.tokenizer, PROMPTS[:8])
         s.assert_no_blocks_held()
+        os.kill(_ranks(s.proc.pid)[0], signal.SIGTERM)  # a planned stop of rank 0: it stops the other ranks
+        assert s.proc.wait(30) == 0, "torchrun saw a failure: " + s.log.read_text()[-2000:]
     finally:
         s.stop()
     assert not s.killed, "the ranks did not stop within 15 s of SIGTERM"
+
+
+def _ranks(torchrun_pid: int) -> dict[int, int]:
+    """{rank: pid} of a torchrun job's worker processes."""
+    children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        ranks[int(env["RANK"])] = pid
+    return ranks
+
+
+def test_tensor_parallel_hung_rank_turns_health_503_and_fails_requests(tmp_path):
+    """A stopped follower (SIGSTOP): past the step watchdog's bound (6 s: steps of 3 ranks on a shared 2-core
+    machine can take seconds) /health answers 503 and the request in flight ends with a 503; once
+    the 15 s collective timeout passes, /health names the rank and the failure without the collective
+    library's source paths."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = ("torch.distributed.run", "--nproc-per-node", "3", "--master-addr", "127.0.0.1",
+                "--master-port", str(port), "-m")  # fmt: skip
+    s = ServerProcess(tmp_path, "--tp", "3", "--step-timeout", "6", "--tp-timeout", "15", launcher=launcher)
+    ranks = _ranks(s.proc.pid)
+    try:
+        test_paris(s)
+        os.kill(ranks[2], signal.SIGSTOP)
+        t0 = time.monotonic()
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 50, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line]
+        # no token came before the bound: the error is the response itself (else the stream's last event)
+        assert r.status_code == 503 and "bound" in json.loads(lines[0])["error"]["message"], lines
+        r = httpx.get(s.url + "/health", timeout=10)
+        assert r.status_code == 503 and time.monotonic() - t0 < 15, (r.text, time.monotonic() - t0)
+        deadline = time.monotonic() + 30
+        while "collective" not in (message := httpx.get(s.url + "/health", timeout=10).json()["error"]["message"]):
+            assert time.monotonic() < deadline, message
+            time.sleep(0.5)
+        assert message.startswith("tensor parallel: rank 0 of 3: ") and not re.search(r"\.(cc|cpp|h):\d", message), message
+    finally:
+        os.kill(ranks[2], signal.SIGCONT)
+        for pid in ranks.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        s.stop()
 
 
 # odd but well-formed values: each gets an answer or a 400, never a 5xx, and the server carries on
