@@ -250,6 +250,40 @@ def test_a_prompt_too_long_in_bytes_is_refused_before_tokenizing(tokenizer, monk
         s.stop()
 
 
+def test_a_body_slower_than_the_deadline_is_408(tokenizer):
+    s = Server(tokenizer, body_timeout=0.5)
+    try:
+        host, port = s.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            sock.settimeout(10)
+            start = time.monotonic()
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 408 ") and b"within 0.5 s" in head, head
+        assert 0.4 < time.monotonic() - start < 5
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
+def test_repeated_accept_errors_are_logged_once_per_interval(caplog):
+    """accept() out of file descriptors repeats for every pending connection: one log line per interval."""
+    from llama_kernels.server.launcher import _AcceptErrorLog
+
+    handler, loop, seen = _AcceptErrorLog(interval=60), asyncio.new_event_loop(), []
+    loop.default_exception_handler = seen.append
+    try:
+        with caplog.at_level("ERROR", logger="llama_kernels.server.launcher"):
+            for _ in range(1000):
+                handler(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "EMFILE")})
+            handler(loop, {"message": "something else"})
+    finally:
+        loop.close()
+    assert len(caplog.records) == 1 and "accept() failed 1 time(s)" in caplog.records[0].getMessage()
+    assert handler.count == 999 and seen == [{"message": "something else"}]
+
+
 def test_api_key(tokenizer):
     s = Server(tokenizer, api_key="sekret")
     try:
