@@ -173,6 +173,8 @@ BAD = [
     (CHAT, {"messages": MSG, "temperature": 3}, 400, "temperature", ["temperature=3", "less than or equal to 2"]),
     (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p", ["top_p=0", "greater than 0"]),
     (CHAT, {"messages": MSG, "stop": 5}, 400, "stop", ["stop=5", "string"]),
+    (CHAT, {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ["5 strings", "at most 4"]),
+    (CHAT, {"messages": MSG, "stop": "x" * 257}, 400, "stop", ["at most 256 characters"]),
     (CHAT, {"messages": MSG, "n": 2}, 400, "n", ["n=2", "n=1"]),
     (CHAT, {"messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty", ["0.5"]),
     (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", ["tools"]),
@@ -216,9 +218,36 @@ def test_chunked_oversized_body_is_413(server):
         for _ in range(10):
             yield b"x" * 1000
 
-    r = httpx.post(server.url + CHAT, content=chunks(), timeout=10)
+    r = httpx.post(server.url + CHAT, content=chunks(), headers={"content-type": "application/json"}, timeout=10)
     assert r.status_code == 413, r.text
     _assert_good(server)
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"])
+def test_a_body_that_is_not_json_is_415(server, ctype):
+    """A text/plain POST needs no CORS preflight: parsed as JSON, any web page could make a key-less server work."""
+    body = json.dumps({"messages": MSG, "max_tokens": 2}).encode()
+    headers = {"content-type": ctype} if ctype else {}
+    r = httpx.post(server.url + CHAT, content=body, headers=headers, timeout=10)
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+    assert _post(server, CHAT, body, {"content-type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_a_prompt_too_long_in_bytes_is_refused_before_tokenizing(tokenizer, monkeypatch):
+    """A prompt of more bytes than context x the longest token cannot fit: 400 without running the tokenizer."""
+    s = Server(tokenizer)  # the default body limit: the context's worth of prompt bytes
+    try:
+        calls = []
+        monkeypatch.setattr(tokenizer, "encode", lambda text: calls.append(text) or [1])
+        n = tokenizer.max_token_bytes * s.engine.max_context
+        for path, body in ((COMPLETIONS, {"prompt": "x" * n}), (CHAT, {"messages": [{"role": "user", "content": "x" * n}]})):
+            r = _post(s, path, body)
+            assert r.status_code == 400 and f"{n} bytes" in r.json()["error"]["message"], r.text
+        assert calls == []
+        monkeypatch.undo()
+        _assert_good(s)
+    finally:
+        s.stop()
 
 
 def test_api_key(tokenizer):

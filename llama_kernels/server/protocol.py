@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_LOGPROBS = 20  # the engine returns at most this many alternatives per token
+MAX_STOP = 4  # stop strings per request at most (OpenAI's limit): each is checked against every new token
+MAX_STOP_CHARS = 256  # characters per stop string at most
 
 
 class OpenAIError(Exception):
@@ -97,8 +99,11 @@ class _Sampling(_Strict):
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed with stream=true", param="stream_options")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if any(s == "" for s in stops):
-            raise OpenAIError(f"stop={self.stop!r}: expected non-empty strings", param="stop")
+        if len(stops) > MAX_STOP:
+            raise OpenAIError(f"stop: {len(stops)} strings; expected at most {MAX_STOP}", param="stop")
+        if any(s == "" or len(s) > MAX_STOP_CHARS for s in stops):
+            raise OpenAIError(f"stop={_clip(self.stop)}: expected non-empty strings of at most {MAX_STOP_CHARS} "
+                              "characters", param="stop")  # fmt: skip
 
     @property
     def stops(self) -> tuple[str, ...]:

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="auto: the activation dtype; fp8: e4m3 with per-head scales, from the checkpoint "
                         "when it carries them, else calibrated once at start-up")  # fmt: skip
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default: "
+                        "what a prompt of the whole context can need, JSON-escaped)")  # fmt: skip
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
                         "HTTP and schedules; every rank runs the forward)")  # fmt: skip
@@ -57,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError as err:
-        print(f'llama-kernels serve needs FastAPI and uvicorn ({err}): pip install "llama-kernels[serve]"',
+        print(f'llama-kernels serve needs FastAPI, uvicorn and prometheus-client ({err}): pip install "llama-kernels[serve]"',
               file=sys.stderr)  # fmt: skip
         return 1
     from ..distributed import is_main
