@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "when it carries them, else calibrated once at start-up")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default: "
                         "what a prompt of the whole context can need, JSON-escaped)")  # fmt: skip
+    parser.add_argument("--strict-api", action="store_true", help="refuse (400) request fields this server does "
+                        "not know, instead of ignoring them with a warning line")  # fmt: skip
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
                         "HTTP and schedules; every rank runs the forward)")  # fmt: skip
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         engine.follow()
         return 0
     async_engine = AsyncEngine(engine)
-    app = build_app(async_engine, name, api_key, args.max_body_bytes)
+    app = build_app(async_engine, name, api_key, args.max_body_bytes, strict_api=args.strict_api)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=5))  # fmt: skip
     async_engine.start()
