@@ -108,6 +108,9 @@ def test_bitmask_applies_llguidance_layout():
     apply_bitmask(logits, [0, 2], bitmask)
     assert torch.isfinite(logits[0]).nonzero()[:, 0].tolist() == [0, 2, 63]
     assert torch.isfinite(logits[1]).all() and torch.isfinite(logits[2]).sum() == 70
+    narrow = torch.zeros(1, 70)
+    apply_bitmask(narrow, [0], torch.full((1, 2), -1, dtype=torch.int32))  # a mask of 64 tokens: the rest forbidden
+    assert torch.isfinite(narrow[0]).nonzero()[:, 0].tolist() == list(range(64))
 
 
 def test_logit_bias_and_penalties_in_a_mixed_batch(llm):

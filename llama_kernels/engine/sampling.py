@@ -156,10 +156,12 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) 
     if not rows:
         return
     v = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :v].to(logits.device)
-    allowed = torch.nn.functional.pad(allowed, (0, v - allowed.shape[1]))  # tokens past the mask: forbidden
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    bits = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=bitmask.device)
+    forbidden = (bitmask[:, :, None] & bits).eq(0).flatten(1)[:, :v].to(logits.device)
+    forbidden = torch.nn.functional.pad(forbidden, (0, v - forbidden.shape[1]), value=True)  # past the mask
+    sub = logits[rows]
+    sub.masked_fill_(forbidden, float("-inf"))
+    logits[rows] = sub
 
 
 def _padded(lists: list[list[int]], pad: int, device) -> torch.Tensor:
