@@ -339,7 +339,8 @@ def test_llama31_tool_calls_are_parsed_and_prompted():
     assert len({c["id"] for c in calls}) == 2 and calls[0]["type"] == "function"
     assert len(parse_calls(two, req(parallel_tool_calls=False))) == 1
     assert parse_calls('<|python_tag|>{"name": "f", "parameters": {}}', r)[0]["function"]["name"] == "f"
-    for text in ('{"name": "g", "parameters": {}}', "Hello", '{"name": "f"}', '{"name": "f", "parameters": {}} x'):
+    for text in ('{"name": "g", "parameters": {}}', "Hello", '{"name": "f"}', '{"name": "f", "parameters": {}} x',
+                 '{"name": "f", "parameters": {}} "x"', '{"name": "f", "parameters": []}', '[1]'):
         assert parse_calls(text, r) is None, text
     messages, tools = template_messages(r, template_has_tools=False)
     assert tools is None and messages[0]["content"].startswith("Given the following functions")
@@ -352,6 +353,9 @@ def test_llama31_tool_calls_are_parsed_and_prompted():
     assert forced_call_schema(r) is None
     named = forced_call_schema(req(tool_choice={"type": "function", "function": {"name": "f"}}))
     assert named["properties"]["name"] == {"const": "f"} and named["required"] == ["name", "parameters"]
+    tool["function"]["parameters"] = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    closed = forced_call_schema(req(tool_choice="required"))["properties"]["parameters"]
+    assert closed == {**tool["function"]["parameters"], "additionalProperties": False}  # no invented arguments
 
 
 def test_engine_failure_fails_only_its_request(server):

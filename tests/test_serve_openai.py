@@ -62,13 +62,13 @@ def test_null_fields_ignored_fields_and_model_info(server):
 
 def test_n_choices_greedy_seeded_and_streamed(server):
     client = server.client()
-    greedy = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=8, temperature=0, n=3)
+    greedy = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=5, temperature=0, n=3)
     assert [c.index for c in greedy.choices] == [0, 1, 2]
     assert len({c.message.content for c in greedy.choices}) == 1
-    one = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=8, temperature=0)
+    one = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=5, temperature=0)
     assert greedy.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
     assert greedy.usage.completion_tokens == 3 * one.usage.completion_tokens
-    kw = dict(model=MODEL, prompt="My favourite animal is the", max_tokens=8, temperature=1.0, seed=7, n=3)
+    kw = dict(model=MODEL, prompt="My favourite animal is the", max_tokens=5, temperature=1.0, seed=7, n=3)
     first = client.completions.create(**kw)
     again = client.completions.create(**kw)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
@@ -287,3 +287,39 @@ def test_tool_call_round_trip(server):
     calls = required.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name in ("get_weather", "get_time")
     assert _valid(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_langchain_chat_openai(server):
+    """LangChain's ChatOpenAI and OpenAI wrappers (when langchain-openai is installed): tools, structured
+    output, n, penalties, and a batch of prompts in one completions request."""
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from pydantic import BaseModel
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny, 21 C"
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    kw = dict(base_url=server.url + "/v1", api_key="none", model=MODEL, temperature=0, max_tokens=40)
+    llm = lc.ChatOpenAI(**kw)
+    question = [HumanMessage("What is the weather in Paris?")]
+    ai = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(question)
+    (call,) = ai.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+    answer = llm.bind_tools([get_weather]).invoke([*question, ai, ToolMessage(get_weather.invoke(call["args"]),
+                                                                              tool_call_id=call["id"])])  # fmt: skip
+    assert answer.content
+    for method in ("json_schema", "function_calling"):
+        person = llm.with_structured_output(Person, method=method).invoke("Describe Ann, 31, as JSON.")
+        assert isinstance(person, Person)
+    two = lc.ChatOpenAI(**{**kw, "temperature": 1.0, "max_tokens": 4}, n=2, presence_penalty=0.5,
+                        frequency_penalty=0.5).generate([[HumanMessage("Hi")]])  # fmt: skip
+    assert len(two.generations[0]) == 2
+    completions = lc.OpenAI(**{**kw, "max_tokens": 4}).batch(["One, two,", "The sky is"])
+    assert len(completions) == 2 and all(completions)

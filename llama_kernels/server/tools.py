@@ -55,10 +55,18 @@ def forced_call_schema(req: ChatCompletionRequest) -> dict | None:
         tools = [t for t in req.active_tools if t.function.name == choice.function.name]
     else:
         return None
-    schemas = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                  "parameters": t.function.parameters or {"type": "object"}},
+    schemas = [{"type": "object", "properties": {"name": {"const": t.function.name}, "parameters": _closed(t)},
                 "required": ["name", "parameters"], "additionalProperties": False} for t in tools]  # fmt: skip
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def _closed(tool) -> dict:
+    """The tool's parameters schema with no properties beyond those it names (as OpenAI's strict function
+    calling): still valid against the schema, and a small model cannot ramble on in invented arguments."""
+    params = dict(tool.function.parameters or {"type": "object"})
+    if params.get("type") == "object" and "properties" in params:
+        params.setdefault("additionalProperties", False)
+    return params
 
 
 def may_be_call(text: str) -> bool:
@@ -78,8 +86,10 @@ def parse_calls(text: str, req: ChatCompletionRequest) -> list[dict] | None:
             obj, at = decoder.raw_decode(s, at)
         except json.JSONDecodeError:
             return None
-        args = obj.get("parameters", obj.get("arguments")) if isinstance(obj, dict) else None
-        if obj.get("name") not in names or not isinstance(args, dict):
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            return None
+        args = obj.get("parameters", obj.get("arguments"))
+        if not isinstance(args, dict):
             return None
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}})  # fmt: skip
