@@ -165,22 +165,15 @@ class _Sampling(_Open):
     guided_json: dict[str, Any] | str | None = None  # a JSON schema the output must follow
     guided_regex: str | None = None  # a regex the output must match
     guided_choice: list[str] | None = None  # the output is one of these strings
-    # accepted at their defaults only (see _DEFAULT_ONLY); ignored ones are listed in IGNORED
-    for _name in _DEFAULT_ONLY:
-        locals()[_name] = None
-        __annotations__[_name] = "Any"
-    for _name in IGNORED:
-        __annotations__[_name] = "Any"
-        locals()[_name] = None
-    del _name
+    # the fields of _DEFAULT_ONLY and IGNORED are not declared: they land in model_extra
 
     def check(self) -> None:
         """The cross-field rules pydantic's per-field checks do not cover."""
+        extra = self.model_extra or {}
         for name, (allowed, why) in _DEFAULT_ONLY.items():
-            if name in type(self).model_fields:
-                value = getattr(self, name)
-                if not any(value == a and type(value) is type(a) for a in allowed):
-                    raise OpenAIError(f"{name}={_clip(value)}: {why}", param=name)
+            value = extra.get(name)
+            if not any(value == a and type(value) is type(a) for a in allowed):
+                raise OpenAIError(f"{name}={_clip(value)}: {why}", param=name)
         if self.best_of is not None and self.best_of != self.num_choices:
             raise OpenAIError(f"best_of={self.best_of} with n={self.num_choices}: only best_of = n is supported "
                               "(no ranking of candidates)", param="best_of")  # fmt: skip
@@ -354,7 +347,7 @@ def parse(model: type[_Open], body: bytes, strict_api: bool = False) -> tuple[_O
         msgs = dict.fromkeys(x["msg"] for x in err.errors(include_url=False) if _param(x["loc"]) == param)
         expected = " or ".join(m[0].lower() + m[1:] for m in msgs)
         raise OpenAIError(f"{param}={_clip(e['input'])}: {expected}", param=param) from None
-    unknown = list(req.model_extra or {})
+    unknown = [k for k in req.model_extra or {} if k not in IGNORED and k not in _DEFAULT_ONLY]
     if unknown and strict_api:
         name = unknown[0]
         raise OpenAIError(f"unrecognized request argument {name}={_clip(req.model_extra[name])} (--strict-api)",
