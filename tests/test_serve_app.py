@@ -285,6 +285,40 @@ def test_a_prompt_too_long_in_bytes_is_refused_before_tokenizing(tokenizer, monk
         s.stop()
 
 
+def test_a_body_slower_than_the_deadline_is_408(tokenizer):
+    s = Server(tokenizer, body_timeout=0.5)
+    try:
+        host, port = s.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            sock.settimeout(10)
+            start = time.monotonic()
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 408 ") and b"within 0.5 s" in head, head
+        assert 0.4 < time.monotonic() - start < 5
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
+def test_repeated_accept_errors_are_logged_once_per_interval(caplog):
+    """accept() out of file descriptors repeats for every pending connection: one log line per interval."""
+    from llama_kernels.server.launcher import _AcceptErrorLog
+
+    handler, loop, seen = _AcceptErrorLog(interval=60), asyncio.new_event_loop(), []
+    loop.default_exception_handler = seen.append
+    try:
+        with caplog.at_level("ERROR", logger="llama_kernels.server.launcher"):
+            for _ in range(1000):
+                handler(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "EMFILE")})
+            handler(loop, {"message": "something else"})
+    finally:
+        loop.close()
+    assert len(caplog.records) == 1 and "accept() failed 1 time(s)" in caplog.records[0].getMessage()
+    assert handler.count == 999 and seen == [{"message": "something else"}]
+
+
 def test_api_key(tokenizer):
     s = Server(tokenizer, api_key="sekret")
     try:
@@ -426,6 +460,49 @@ def test_disconnect_before_a_non_streamed_answer_aborts(server):
         assert time.monotonic() < deadline, "the abandoned request still runs a second after the disconnect"
         time.sleep(0.02)
     _assert_good(server)
+
+
+def test_finish_counters_count_every_request_exactly_once(tokenizer):
+    """A request whose client leaves while the engine finishes it, and one that leaves before the engine
+    thread has seen it, are each counted once (as aborts)."""
+    from llama_kernels.server.async_engine import AsyncEngine
+
+    engine = FakeEngine(tokenizer)
+    gate, in_step = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def step():
+        in_step.set()
+        assert gate.wait(10)
+        return real_step()
+
+    engine.step = step
+    ae = AsyncEngine(engine)
+    ae.start()
+
+    async def go():
+        params = SamplingParams(max_tokens=1, temperature=0)
+        a = asyncio.ensure_future(anext(ae.generate("a", [1, 2, 3], params)))
+        assert await asyncio.to_thread(in_step.wait, 10)  # the engine thread is in a step that finishes "a"
+        b = asyncio.ensure_future(anext(ae.generate("b", [1, 2, 3], params)))
+        await asyncio.sleep(0.05)  # "b" is queued for the engine thread, which is busy
+        for task in (a, b):  # both clients leave
+            task.cancel()
+        await asyncio.gather(a, b, return_exceptions=True)
+        gate.set()
+
+    try:
+        asyncio.run(go())
+        deadline = time.monotonic() + 5
+        while engine.has_unfinished() or ae._aborts or ae._adds:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        m = parse_metrics(ae.metrics.render())
+        counts = {k: v for k, v in m.items() if k.startswith("llama_kernels_request_success_total")}
+        assert counts == {'llama_kernels_request_success_total{finished_reason="abort"}': 2.0}, counts
+    finally:
+        gate.set()
+        ae.shutdown()
 
 
 def test_serve_package_and_cli_import_without_fastapi():

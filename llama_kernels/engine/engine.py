@@ -4,6 +4,7 @@ run on it. Synchronous: one thread calls it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from .sampling import (SamplingParams, TokenLogprob, apply_bitmask, apply_logit_
                        logprobs_of, sample)  # fmt: skip
 from .scheduler import Scheduler, Sequence
 from .structured import GrammarCompiler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,9 +49,10 @@ class RequestOutput:
     new_token_ids: list[int]  # tokens since the previous output (stop token excluded)
     new_logprobs: list[TokenLogprob] | None  # their logprobs, when the request asked for them
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished, else None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished, else None
     prompt_tokens: int
     completion_tokens: int  # tokens generated so far, the eos / stop token that ended it included (as vLLM)
+    error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None), in the
     # request's first output when it asked for prompt_logprobs
 
@@ -219,24 +223,22 @@ class Engine:
     # --- one iteration -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once over every scheduled chunk, sample, detokenize."""
+        """Schedule, run the model once over every scheduled chunk, sample, detokenize.
+
+        Failures stay with their request: if the step's forward or sampling raises, it is redone one
+        sequence at a time and only the sequences that raise alone finish, with finish_reason "error"."""
         outputs, self._pending = self._pending, []
         scheduled, admitted = self.scheduler.schedule()
         if not scheduled:
             return outputs
         t0 = time.perf_counter()
         decode = all(seq.is_decoding for seq, _ in scheduled)
-        chunks = []
-        for seq, n in scheduled:
-            start = seq.num_computed
-            wants_prompt = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
-            chunks.append(Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids),
-                                wants_prompt and start < seq.prompt_len))  # fmt: skip
-        # [R, V] float32: the last token's row of the chunks that end their sequence's known tokens, every
-        # row of those that collect prompt logprobs
-        logits = self.runner.run(chunks, lead=self.lead)
+        # logits [R, V] float32: the last token's row of the chunks that end their sequence's known tokens,
+        # every row of those that collect prompt logprobs (see _chunk)
+        scheduled, logits = self._forward(scheduled, outputs)
         sampling, rows, r = [], [], 0
-        for (seq, n), chunk in zip(scheduled, chunks):
+        for seq, n in scheduled:
+            chunk = self._chunk(seq, n)
             seq.num_computed += n
             if chunk.all_logits:
                 self._add_prompt_logprobs(seq, chunk.start, logits[r : r + n])
@@ -247,13 +249,73 @@ class Engine:
                 sampling.append(seq)
                 rows.append(r - 1)
         logits = logits[rows] if len(rows) != len(logits) else logits
-        tokens, logprobs = self._sample(sampling, logits)
-        for seq, token, lp in zip(sampling, tokens, logprobs):
-            out = self._append(seq, token, lp)
+        states = [seq.generator.get_state() if seq.generator is not None else None for seq in sampling]
+        try:
+            picks = list(zip(*self._sample(sampling, logits)))  # (token, logprob) per sequence
+        except Exception:  # noqa: BLE001  (one request's sampling: find it, fail it alone)
+            for seq, state in zip(sampling, states):  # as if the batch's sampling had not run
+                if state is not None:
+                    seq.generator.set_state(state)
+            picks = [self._isolated(seq, outputs, lambda i=i, seq=seq: next(zip(*self._sample([seq], logits[i : i + 1]))))
+                     for i, seq in enumerate(sampling)]  # fmt: skip
+        for seq, pick in zip(sampling, picks):
+            out = self._isolated(seq, outputs, self._append, seq, *pick) if pick is not None else None
             if out is not None:
                 outputs.append(out)
         self._account(time.perf_counter() - t0, decode, scheduled, admitted, len(sampling))
         return outputs
+
+    def _forward(self, scheduled: list[tuple[Sequence, int]], outputs: list[RequestOutput]):
+        """(the scheduled pairs whose forward ran, their logits): the whole step at once, or, if that
+        raises, one sequence at a time, failing those that raise alone (their error outputs go to outputs).
+        Rerunning a chunk rewrites the same cache slots with the same k/v."""
+
+        def run(pairs):
+            return self.runner.run([self._chunk(seq, n) for seq, n in pairs], lead=self.lead)
+
+        try:
+            return scheduled, run(scheduled)
+        except Exception as err:  # noqa: BLE001
+            if self.model.tp is not None:  # the ranks ran (or missed) this step together: no retry can realign them
+                raise distributed.describe_failure(err) from None
+            if len(scheduled) == 1:
+                self._fail(scheduled[0][0], err, outputs)
+                return [], torch.empty(0)
+        ran, rows = [], []
+        for pair in scheduled:
+            logits = self._isolated(pair[0], outputs, run, [pair])
+            if logits is not None:
+                ran.append(pair)
+                rows.append(logits)
+        return ran, torch.cat(rows) if rows else torch.empty(0)
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> Chunk:
+        """The next n tokens of seq (before num_computed advances): logits of its last token when they end
+        its known tokens, of every token while it collects prompt logprobs."""
+        start = seq.num_computed
+        collecting = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
+        return Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids),
+                     collecting and start < seq.prompt_len)  # fmt: skip
+
+    def _isolated(self, seq: Sequence, outputs: list[RequestOutput], fn, *args):
+        """fn(*args); if it raises, seq finishes with finish_reason "error" (its output goes to outputs,
+        its blocks back to the pool) and the result is None."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            self._fail(seq, err, outputs)
+            return None
+
+    def _fail(self, seq: Sequence, err: Exception, outputs: list[RequestOutput]) -> None:
+        """Finish seq with finish_reason "error" (one log line; the traceback at debug level)."""
+        log.warning("request %s failed: %s: %s", seq.request_id, type(err).__name__, err)
+        log.debug("request %s failed", seq.request_id, exc_info=err)
+        if self._seqs.pop(seq.request_id, None) is not None:
+            self.scheduler.remove(seq)
+            out = self._output(seq, "error")
+            out.error = f"{type(err).__name__}: {err}"
+            outputs.append(out)
 
     def _stop_ids(self, seq: Sequence) -> tuple[int, ...]:
         p = seq.params
@@ -339,7 +401,7 @@ class Engine:
         completion = len(seq.output_ids) + (seq.stop_token is not None)
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
                             else None, reason is not None, reason, seq.prompt_len, completion,
-                            prompt_logprobs)  # fmt: skip
+                            prompt_logprobs=prompt_logprobs)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 

@@ -11,7 +11,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .async_engine import AsyncEngine, EngineError
+from .async_engine import AsyncEngine, EngineError, EngineUnavailable
 from .metrics import CONTENT_TYPE
 from ..engine.sampling import Grammar, SamplingParams, TokenLogprob
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse
@@ -59,7 +61,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     tok = engine.tokenizer
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(engine.max_context, tok.max_token_bytes)
-    workers = ThreadPoolExecutor(2, thread_name_prefix="llama-kernels-tokenize")  # request preparation
+    # request preparation, at a lower CPU priority than the engine thread (whose steps every stream waits for)
+    workers = ThreadPoolExecutor(2, thread_name_prefix="llama-kernels-tokenize", initializer=_lower_priority)
 
     @lru_cache(maxsize=1 << 16)
     def token_text(token_id: int) -> str:
@@ -69,7 +72,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        # an unread oversized body: close the connection rather than receive it to keep the connection alive
+        headers = {"connection": "close"} if err.status in (408, 413) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -207,8 +212,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health():
-        if not engine.alive:
-            raise _error("the engine thread has stopped", 503)
+        problem = engine.unavailable()
+        if problem is not None:
+            raise _error(problem, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -268,14 +274,20 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 choices.append(Choice(i * req.num_choices + j, prompt_ids, params, echo, req.max_tokens == 0))
         return req, choices, field
 
+    def check_open() -> None:
+        if engine.draining:  # the port stays open while running requests finish: new ones are told so
+            raise _error("the server is shutting down", 503)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        check_open()
         check_key(request)
         req, choices, field = await prepare(prepare_chat, await read_body(request))
         return await respond(request, req, f"chatcmpl-{uuid.uuid4().hex}", choices, field, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        check_open()
         check_key(request)
         req, choices, field = await prepare(prepare_completion, await read_body(request))
         return await respond(request, req, f"cmpl-{uuid.uuid4().hex}", choices, field, chat=False)
@@ -438,6 +450,14 @@ class Choice:
 
 
 _HUNG_UP = object()  # _until_hangup's result when the client left first
+WORKER_NICE = 10  # niceness the preparation threads add (Linux: per thread)
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority
+        pass
 
 
 async def _until_hangup(request: Request, work):
@@ -571,6 +591,8 @@ def _engine_error(err: Exception, field: str | None = None) -> OpenAIError:
         message = str(err)
         return OpenAIError(f"{field}: {message}" if field and "grammar" in message else message,
                            param=field if "grammar" in message else None)  # fmt: skip
+    if isinstance(err, EngineUnavailable):  # shutting down, stalled or broken
+        return _error(str(err), 503)
     return _error(f"the engine failed on this request: {err}", 500)
 
 
