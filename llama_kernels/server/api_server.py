@@ -335,11 +335,12 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 continue
             if c.drop_output:
                 text, logprobs = "", []
+            lp = None
             if req.logprobs is not None:
-                prompt_lps = list(zip(c.prompt_ids, first.prompt_logprobs)) if c.echo else []
+                prompt_lps = list(zip(c.prompt_ids, first.prompt_logprobs or [])) if c.echo else []
                 lp = completion_logprobs(prompt_lps + [(x.token_id, x) for x in logprobs], 0)
             out_choices.append({"index": c.index, "text": c.echo + text, "finish_reason": out.finish_reason,
-                                "logprobs": lp if req.logprobs is not None else None})  # fmt: skip
+                                "logprobs": lp})  # fmt: skip
         usage = _usage(prompt_tokens, completion_tokens)
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out_choices,
                 "usage": usage}  # fmt: skip
