@@ -162,6 +162,9 @@ class Engine:
                              params.include_stop_str_in_output) if self.tokenizer is not None else None)  # fmt: skip
         seq = Sequence(request_id, prompt, params, generator, detok)
         seq.matcher = matcher
+        # prompt logprobs come from the chunks of the prompt: with prefix caching (branch prefix, whose
+        # scheduler reads this), such a request computes its whole prompt instead of reading cached blocks
+        seq.reads_prefix_cache = params.prompt_logprobs is None
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -359,7 +362,7 @@ class Engine:
         predict and that the sequence has not collected yet (a recomputed prefill collects nothing twice)."""
         first = len(seq.prompt_logprobs) - start - 1  # the row that predicts the next uncollected token
         last = min(len(logits), seq.prompt_len - start - 1)  # rows up to the one predicting the last prompt token
-        if first >= last:
+        if first < 0 or first >= last:  # (first < 0: tokens before the chunk were never computed here)
             return
         targets = seq.ids[start + first + 1 : start + last + 1]
         seq.prompt_logprobs += logprobs_of(logits[first:last], targets, [seq.params.prompt_logprobs] * len(targets))
