@@ -11,7 +11,7 @@ separate process:
 - many_stop_strings: 4 clients stream requests with 60,000 stop strings each (OpenAI allows 4), in a loop;
 - slowloris: 1100 connections that send part of their headers and then one byte every 2 s.
 
-The server runs under `ulimit -n 1024` (a common default) so the slowloris phase reaches the open-file limit
+The server runs under `ulimit -Sn 1024` (the common default soft limit; the hard one stays) so the slowloris phase reaches the open-file limit
 unless the server raises it. Writes a JSON with the machine, the conditions and per phase the gaps' and
 /health latencies' median / p99 / max, /health failures and the attack's responses.
 
@@ -47,7 +47,7 @@ MAX_TOKEN_BYTES = 162  # SmolLM2's longest token string (Tokenizer.max_token_byt
 
 
 def start_server(root: Path, max_context: int, log: Path) -> tuple[subprocess.Popen, str]:
-    cmd = f"ulimit -n 1024 && exec {sys.executable} -m llama_kernels serve --port 0 --max-context {max_context}"
+    cmd = f"ulimit -Sn 1024 && exec {sys.executable} -m llama_kernels serve --port 0 --max-context {max_context}"
     env = {**os.environ, "PYTHONPATH": str(root.resolve()), "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env,
                             cwd=root)  # python -m puts the working directory first on sys.path: run in root

@@ -102,9 +102,9 @@ class _AcceptErrorLog:
         self.count += 1
         now = time.monotonic()
         if now - self.last >= self.interval:
-            log.error("accept() failed %d time(s) in the last %.0f s: %s (open-file limit %d)", self.count,
-                      min(now - self.last, 1e9), context.get("exception"),
-                      resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
+            log.error("accept() failed %d time(s) since the last report: %s (open-file limit %d; reported at most "
+                      "every %g s)", self.count, context.get("exception"), resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                      self.interval)  # fmt: skip
             self.last, self.count = now, 0
 
 
