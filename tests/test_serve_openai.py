@@ -164,6 +164,10 @@ def test_continuous_usage_stats_and_logprobs_details(server):
     assert all(c.usage is not None for c in chunks)
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    # guidellm's streamed completions: include_usage with continuous_usage_stats, usage in every chunk
+    pieces = list(client.completions.create(model=MODEL, prompt="One, two,", max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))  # fmt: skip
+    assert all(c.usage is not None for c in pieces) and pieces[-1].usage.completion_tokens == 4
     content = full.choices[0].logprobs.content
     assert all(c.top_logprobs == [] for c in content)
     assert b"".join(bytes(c.bytes) for c in content).decode() == full.choices[0].message.content  # the token's bytes
