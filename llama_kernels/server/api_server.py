@@ -215,6 +215,15 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             return Grammar("lark", "start: " + " | ".join(json.dumps(c) for c in req.guided_choice)), "guided_choice"
         return None, None
 
+    def compile_grammar(grammar: Grammar | None, field: str | None) -> None:
+        """Compile the request's grammar here, on the worker thread (cached per schema), so the engine's
+        thread never stalls on it; 400 naming the field if it does not compile."""
+        if grammar is not None:
+            try:
+                engine.compile_grammar(grammar)
+            except ValueError as err:
+                raise OpenAIError(f"{field}: {err}", param=field) from None
+
     def log_unknown(path: str, unknown: list[str]) -> None:
         if unknown:
             log.warning("%s: ignored unknown field(s) %s", path, ", ".join(sorted(unknown)))
@@ -257,6 +266,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         except Exception as err:  # noqa: BLE001  (a template's raise_exception, e.g. roles out of order)
             raise OpenAIError(f"messages: the chat template refused them: {err}", param="messages") from None
         grammar, field = grammar_of(req, forced_call_schema(req))
+        compile_grammar(grammar, field)
         choices = [Choice(j, prompt_ids, sampling(req, prompt_ids, "messages", j, grammar)) for j in
                    range(req.num_choices)]  # fmt: skip
         return req, choices, field
@@ -266,6 +276,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         log_unknown("/v1/completions", unknown)
         check_model(req.model)
         grammar, field = grammar_of(req)
+        compile_grammar(grammar, field)
         choices = []
         for i, prompt in enumerate(req.prompts):
             param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
