@@ -128,7 +128,7 @@ def test_stop_token_ids_and_eos(llm):
     outs = run(Engine(llm.loaded), {"a": (PROMPTS[2], SamplingParams(max_tokens=8, temperature=0,
                                                                stop_token_ids=(free[3],)))})["a"]  # fmt: skip
     assert tokens(outs) == free[: free.index(free[3])] and outs[-1].finish_reason == "stop"
-    assert outs[-1].completion_tokens == free.index(free[3])
+    assert outs[-1].completion_tokens == free.index(free[3]) + 1  # the stop token counts (as vLLM)
 
 
 def test_logprobs(llm):
@@ -192,10 +192,10 @@ def test_a_failing_request_fails_alone(llm, monkeypatch, where):
     if where == "sampling":
         real = engine_module.sample
 
-        def sample(logits, temperature, top_k, top_p, generator):
-            if top_p == POISON_TOP_P:
+        def sample(logits, params, generators):
+            if any(p.top_p == POISON_TOP_P for p in params):
                 raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-            return real(logits, temperature, top_k, top_p, generator)
+            return real(logits, params, generators)
 
         monkeypatch.setattr(engine_module, "sample", sample)
         bad = SamplingParams(max_tokens=6, temperature=1.0, top_p=POISON_TOP_P)

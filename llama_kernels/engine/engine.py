@@ -5,6 +5,7 @@ run on it. Synchronous: one thread calls it."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -17,8 +18,10 @@ from ..model.model import Transformer
 from .block_allocator import BlockAllocator
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
-from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from .sampling import (Grammar, SamplingParams, TokenLogprob, apply_bitmask, apply_logit_bias, apply_penalties, ban_tokens,
+                       logprobs_of, sample)  # fmt: skip
 from .scheduler import Scheduler, Sequence
+from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,10 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished, else None
     prompt_tokens: int
-    completion_tokens: int  # tokens generated so far (stop token excluded)
+    completion_tokens: int  # tokens generated so far, the eos / stop token that ended it included (as vLLM)
     error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None), in the
+    # request's first output when it asked for prompt_logprobs
 
 
 @dataclass
@@ -142,18 +147,26 @@ class Engine:
         self._prompt_total = 0  # prompt tokens of every request admitted since start-up (stats())
         self._generated_total = 0  # tokens sampled since start-up (stats())
         self._weight_bytes = weight_bytes(loaded.model)
+        self._grammars: GrammarCompiler | None = None  # built on the first request with a grammar
+        self._grammars_lock = threading.Lock()  # compile_grammar may run on another thread
 
     # --- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (naming the field and value) before any state change."""
         prompt = self.check_request(request_id, prompt_ids, params)
+        matcher = self._grammar_compiler().matcher(params.grammar) if params.grammar is not None else None
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
             generator = torch.Generator(self.device).manual_seed(seed)
-        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        detok = (Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                             params.include_stop_str_in_output) if self.tokenizer is not None else None)  # fmt: skip
         seq = Sequence(request_id, prompt, params, generator, detok)
+        seq.matcher = matcher
+        # prompt logprobs come from the chunks of the prompt: with prefix caching (branch prefix, whose
+        # scheduler reads this), such a request computes its whole prompt instead of reading cached blocks
+        seq.reads_prefix_cache = params.prompt_logprobs is None
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -183,7 +196,23 @@ class Engine:
                              f"needs more than the {self.allocator.num_blocks} KV blocks of the pool")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise ValueError(f"Engine.add_request: stop={params.stop!r} needs a tokenizer; this model has none")
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"Engine.add_request: logit_bias token id {bad}; expected ids in [0, {vocab})")
         return prompt
+
+    def compile_grammar(self, grammar: Grammar) -> None:
+        """Compile `grammar` into the cache that add_request reads (ValueError if it does not compile).
+        Thread-safe: a server calls it on a worker thread so that the engine's thread finds it compiled."""
+        self._grammar_compiler().compile(grammar)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("Engine.add_request: a grammar needs a tokenizer; this model has none")
+                self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+            return self._grammars
 
     def abort(self, request_id: str) -> None:
         """Free the request's blocks now; the next step() returns its final output (finish_reason
@@ -215,21 +244,33 @@ class Engine:
             return outputs
         t0 = time.perf_counter()
         decode = all(seq.is_decoding for seq, _ in scheduled)
-        scheduled, logits = self._forward(scheduled, outputs)  # logits [N, V] float32: the chunks that end their
-        for seq, n in scheduled:  # sequence's known tokens
+        # logits [R, V] float32: the last token's row of the chunks that end their sequence's known tokens,
+        # every row of those that collect prompt logprobs (see _chunk)
+        scheduled, logits = self._forward(scheduled, outputs)
+        sampling, rows, r = [], [], 0
+        for seq, n in scheduled:
+            chunk = self._chunk(seq, n)
             seq.num_computed += n
-        sampling = [seq for seq, n in scheduled if seq.num_computed == len(seq.ids)]
+            if chunk.all_logits:
+                self._add_prompt_logprobs(seq, chunk.start, logits[r : r + n])
+                r += n
+            elif chunk.logits:
+                r += 1
+            if chunk.logits:
+                sampling.append(seq)
+                rows.append(r - 1)
+        logits = logits[rows] if len(rows) != len(logits) else logits
         states = [seq.generator.get_state() if seq.generator is not None else None for seq in sampling]
         try:
-            tokens = self._sample(sampling, logits)
+            picks = list(zip(*self._sample(sampling, logits)))  # (token, logprob) per sequence
         except Exception:  # noqa: BLE001  (one request's sampling: find it, fail it alone)
             for seq, state in zip(sampling, states):  # as if the batch's sampling had not run
                 if state is not None:
                     seq.generator.set_state(state)
-            tokens = [self._isolated(seq, outputs, lambda i=i, seq=seq: self._sample([seq], logits[i : i + 1])[0])
-                      for i, seq in enumerate(sampling)]  # fmt: skip
-        for seq, row, token in zip(sampling, logits, tokens):
-            out = self._isolated(seq, outputs, self._append, seq, row, token) if token is not None else None
+            picks = [self._isolated(seq, outputs, lambda i=i, seq=seq: next(zip(*self._sample([seq], logits[i : i + 1]))))
+                     for i, seq in enumerate(sampling)]  # fmt: skip
+        for seq, pick in zip(sampling, picks):
+            out = self._isolated(seq, outputs, self._append, seq, *pick) if pick is not None else None
             if out is not None:
                 outputs.append(out)
         self._account(time.perf_counter() - t0, decode, scheduled, admitted, len(sampling))
@@ -241,9 +282,7 @@ class Engine:
         Rerunning a chunk rewrites the same cache slots with the same k/v."""
 
         def run(pairs):
-            chunks = [Chunk(seq.ids[seq.num_computed : seq.num_computed + n], seq.num_computed, seq.blocks,
-                            seq.num_computed + n == len(seq.ids)) for seq, n in pairs]  # fmt: skip
-            return self.runner.run(chunks, lead=self.lead)
+            return self.runner.run([self._chunk(seq, n) for seq, n in pairs], lead=self.lead)
 
         try:
             return scheduled, run(scheduled)
@@ -260,6 +299,15 @@ class Engine:
                 ran.append(pair)
                 rows.append(logits)
         return ran, torch.cat(rows) if rows else torch.empty(0)
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> Chunk:
+        """The next n tokens of seq (before num_computed advances): logits of its last token when they end
+        its known tokens, of every token while it collects prompt logprobs."""
+        start = seq.num_computed
+        collecting = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
+        return Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids),
+                     collecting and start < seq.prompt_len)  # fmt: skip
 
     def _isolated(self, seq: Sequence, outputs: list[RequestOutput], fn, *args):
         """fn(*args); if it raises, seq finishes with finish_reason "error" (its output goes to outputs,
@@ -280,24 +328,70 @@ class Engine:
             out.error = f"{type(err).__name__}: {err}"
             outputs.append(out)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Each sequence's next token from its row of logits [N, V], with its own parameters and generator."""
-        greedy = logits.argmax(dim=-1).tolist() if seqs else []
-        return [g if s.params.temperature == 0 else
-                int(sample(logits[i : i + 1], s.params.temperature, s.params.top_k, s.params.top_p, s.generator))
-                for i, (s, g) in enumerate(zip(seqs, greedy))]  # fmt: skip
+    def _stop_ids(self, seq: Sequence) -> tuple[int, ...]:
+        p = seq.params
+        return p.stop_token_ids if p.ignore_eos else (*self.eos_ids, *p.stop_token_ids)
 
-    def _append(self, seq: Sequence, logits: torch.Tensor, token: int) -> RequestOutput | None:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each sequence's next token from its row of logits [N, V] (penalties, logit_bias, min_tokens and
+        grammar applied to the whole batch as tensor ops, then each row's own temperature / top-k / top-p /
+        min-p and generator), -1 where the grammar allows no token; and its logprob (None unless asked)."""
+        if not seqs:
+            return [], []
+        params = [s.params for s in seqs]
+        short = [self._stop_ids(s) if len(s.output_ids) < s.params.min_tokens else () for s in seqs]
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        processed = logits
+        if constrained or any(short) or any(p.penalized or p.logit_bias for p in params):
+            processed = logits.clone()
+            apply_penalties(processed, params, [s.ids[: s.prompt_len] for s in seqs], [s.output_ids for s in seqs])
+            apply_logit_bias(processed, params)
+            ban_tokens(processed, short)
+            if constrained:
+                bitmask = self._grammars.fill_bitmask([seqs[i].matcher for i in constrained])
+                apply_bitmask(processed, constrained, bitmask)
+        dead = (~torch.isfinite(processed.max(dim=-1).values)).nonzero()[:, 0].tolist()
+        if dead:  # no token allowed (a grammar in an error state): sample anything, then report -1
+            processed = processed.clone()
+            processed[dead] = 0.0
+        tokens = sample(processed, params, [s.generator for s in seqs])
+        for i in dead:
+            tokens[i] = -1
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None and tokens[i] >= 0]
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if asked:
+            for i, lp in zip(asked, logprobs_of(logits[asked], [tokens[i] for i in asked],
+                                                [params[i].logprobs for i in asked])):  # fmt: skip
+                logprobs[i] = lp
+        return tokens, logprobs
+
+    def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that the rows of one chunk (logits [n, V], positions start..)
+        predict and that the sequence has not collected yet (a recomputed prefill collects nothing twice)."""
+        first = len(seq.prompt_logprobs) - start - 1  # the row that predicts the next uncollected token
+        last = min(len(logits), seq.prompt_len - start - 1)  # rows up to the one predicting the last prompt token
+        if first < 0 or first >= last:  # (first < 0: tokens before the chunk were never computed here)
+            return
+        targets = seq.ids[start + first + 1 : start + last + 1]
+        seq.prompt_logprobs += logprobs_of(logits[first:last], targets, [seq.params.prompt_logprobs] * len(targets))
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
         """Take a sampled token; the request's output for this step (None if nothing to report)."""
         p = seq.params
-        stop_ids = p.stop_token_ids if p.ignore_eos else (*self.eos_ids, *p.stop_token_ids)
-        if token in stop_ids:
+        if token < 0:
+            return self._finish(seq, "stop")
+        if token in self._stop_ids(seq):
+            seq.stop_token = token
             return self._finish(seq, "stop")
         seq.ids.append(token)
         seq.new_ids.append(token)
-        if p.logprobs is not None:
-            seq.new_logprobs.append(token_logprob(logits, token, p.logprobs))
+        if logprob is not None:
+            seq.new_logprobs.append(logprob)
         text = seq.detokenizer.add([token]) if seq.detokenizer is not None else ""
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
+            if seq.matcher.is_stopped():  # the grammar is complete: only eos could follow
+                return self._finish(seq, "stop", text)
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return self._finish(seq, "stop", text)
         if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_context:
@@ -312,8 +406,13 @@ class Engine:
         return self._output(seq, reason, text)
 
     def _output(self, seq: Sequence, reason: str | None, text: str = "") -> RequestOutput:
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # reported once
+        completion = len(seq.output_ids) + (seq.stop_token is not None)
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
-                            else None, reason is not None, reason, seq.prompt_len, len(seq.output_ids))  # fmt: skip
+                            else None, reason is not None, reason, seq.prompt_len, completion,
+                            prompt_logprobs=prompt_logprobs)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 

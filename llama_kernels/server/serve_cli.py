@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "when it carries them, else calibrated once at start-up")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default: "
                         "what a prompt of the whole context can need, JSON-escaped)")  # fmt: skip
+    parser.add_argument("--strict-api", action="store_true", help="refuse (400) request fields this server does "
+                        "not know, instead of ignoring them with a warning line")  # fmt: skip
     parser.add_argument("--max-concurrency", type=int, default=512, help="completions in flight at most (being "
                         "tokenized or in the engine); more get 503")  # fmt: skip
     parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request's headers may take "
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     step_timeout = args.step_timeout if args.step_timeout is not None else (120.0 if args.tp > 1 else None)
     async_engine = AsyncEngine(engine, step_timeout=step_timeout)
-    app = build_app(async_engine, name, api_key, args.max_body_bytes, max_concurrency=args.max_concurrency)
+    app = build_app(async_engine, name, api_key, args.max_body_bytes, max_concurrency=args.max_concurrency,
+                    strict_api=args.strict_api)
     raise_open_file_limit()
     server = Server(app, async_engine, host=args.host, port=args.port, header_timeout=args.header_timeout,
                     shutdown_timeout=args.shutdown_timeout)  # fmt: skip
