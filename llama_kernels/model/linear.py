@@ -123,9 +123,10 @@ class Fp8Linear(nn.Module):
             if w.input_scale is not None:
                 raise ValueError("Fp8Linear.load: the weight has a static input scale; use Fp8StaticLinear")
             self.weight, self.weight_scale = w.weight, w.scale.expand(self.out_features).contiguous()
-            return
-        _check_weight(self, w)
-        self.weight, self.weight_scale = ops.quantize_fp8(w)
+        else:
+            _check_weight(self, w)
+            self.weight, self.weight_scale = ops.quantize_fp8(w)
+        ops.prepare_fp8(self.weight, _gemm_dtype(self.dtype))  # e.g. on the CPU, a bfloat16 copy
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """x [M, K] (or its FP8 form) -> [M, N] in the activation dtype."""
@@ -181,6 +182,7 @@ class Fp8StaticLinear(nn.Module):
             raise ValueError(f"Fp8StaticLinear.load: input_scale is {w.input_scale.dtype} "
                              f"{tuple(w.input_scale.shape)}; expected a float32 scalar")  # fmt: skip
         self.weight, self.weight_scale, self.input_scale = w.weight, w.scale, w.input_scale
+        ops.prepare_fp8(self.weight, _gemm_dtype(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in the activation dtype."""
