@@ -51,16 +51,30 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_skipped: set[tuple[str, str]] = set()  # (op, backend) already reported as skipped
+
+
 def our_backends(op: str, device: torch.device, requested: str) -> list[str]:
-    """The requested backends that can run `op` on `device` (others are reported and skipped)."""
+    """The requested backends that can run `op` on `device` (others are reported, once per op, and skipped)."""
     usable = []
     for name in requested.split(","):
         try:
             backends.select(op, device, name)
             usable.append(name)
         except BackendUnavailableError as err:
-            print(f"# skip {op} on {name}: {err}", file=sys.stderr)
+            if (op, name) not in _skipped:
+                _skipped.add((op, name))
+                print(f"# skip {op} on {name}: {err}", file=sys.stderr)
     return usable
+
+
+def num(x: float | None) -> str:
+    """x with 3 significant digits, never rounded to 0 (0.00123, 1.23, 12.3, 1234); '-' for None."""
+    if x is None:
+        return "-"
+    if x == 0 or abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.2e}"
 
 
 def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -81,12 +95,22 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
         "iters": iters,
         **{k: v for k, v in peaks.items()},
     }
-    line = f"# {title}: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  copy {peaks['copy_Bps'] / 1e9:.0f} GB/s"
-    line += f"  bf16 {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s"
+    line = (f"# {title}: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  copy "
+            f"{num(peaks['copy_Bps'] / 1e9)} GB/s  bf16 matmul {num(peaks['bf16_flops'] / 1e12)} TFLOP/s")  # fmt: skip
     if "fp8_flops" in peaks:
-        line += f"  fp8 {peaks['fp8_flops'] / 1e12:.0f} TFLOP/s"
+        line += f"  fp8 {num(peaks['fp8_flops'] / 1e12)} TFLOP/s"
     print(line)
-    print(f"{'op':<18} {'shape':<30} {'impl':<14} {'time us':>9} {'GB/s':>8} {'%bw':>6} {'TFLOP/s':>8} {'%peak':>6}")
+    # Percent of peak only on a GPU, at full size: a CPU's (or a smoke run's small) copy and bf16 matmul are no
+    # roofline for these kernels (a float32 or INT4 kernel on a CPU beat a 256-wide bf16 matmul by 4-30x).
+    with_pct = device.type == "cuda" and not args.smoke
+    if not with_pct:
+        print("# (no %bw / %peak: " + ("a smoke run's peaks are not measured at full size)" if device.type == "cuda"
+                                       else "no GPU peak applies to a CPU)"))  # fmt: skip
+    w_op = max([len("op"), *(len(c.op) for c in cases)])
+    w_shape = max([len("shape"), *(len(c.shape) for c in cases)])
+    w_impl = max([len("impl"), *(len(label) for c in cases for label in c.impls)])
+    print(f"{'op':<{w_op}} {'shape':<{w_shape}} {'impl':<{w_impl}} {'time us':>9} {'GB/s':>8} {'%bw':>6} "
+          f"{'TFLOP/s':>8} {'%peak':>6}")  # fmt: skip
     rows = []
     for i, case in enumerate(cases, 1):
         for label, fn in case.impls.items():
@@ -94,13 +118,14 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
             peak_flops = peaks.get("fp8_flops" if "fp8" in case.op else "bf16_flops", peaks["bf16_flops"])
             row = {
                 "op": case.op, "shape": case.shape, "impl": label, "time_us": sec * 1e6,
-                "GBps": case.bytes / sec / 1e9, "pct_bw": 100 * case.bytes / sec / peaks["copy_Bps"],
-                "TFLOPps": case.flops / sec / 1e12, "pct_flops": 100 * case.flops / sec / peak_flops,
+                "GBps": case.bytes / sec / 1e9, "TFLOPps": case.flops / sec / 1e12,
+                "pct_bw": 100 * case.bytes / sec / peaks["copy_Bps"] if with_pct else None,
+                "pct_flops": 100 * case.flops / sec / peak_flops if with_pct and case.flops else None,
             }  # fmt: skip
             rows.append(row)
-            flops = f"{row['TFLOPps']:8.1f} {row['pct_flops']:6.1f}" if case.flops else f"{'':>8} {'':>6}"
-            print(f"{case.op:<18} {case.shape:<30} {label:<14} {row['time_us']:9.1f} {row['GBps']:8.1f} "
-                  f"{row['pct_bw']:6.1f} {flops}  [{i}/{len(cases)}]", flush=True)  # fmt: skip
+            flops = f"{num(row['TFLOPps']):>8} {num(row['pct_flops']):>6}" if case.flops else f"{'':>8} {'':>6}"
+            print(f"{case.op:<{w_op}} {case.shape:<{w_shape}} {label:<{w_impl}} {num(row['time_us']):>9} "
+                  f"{num(row['GBps']):>8} {num(row['pct_bw']):>6} {flops}  [{i}/{len(cases)}]", flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
