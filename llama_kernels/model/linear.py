@@ -28,6 +28,9 @@ from ..int4 import Int4Weight
 logger = logging.getLogger("llama_kernels")
 
 META_FP8_SCALE_UB = 1200.0  # Meta's activation_scale_ub for FP8 Llama 3.1
+# activation_scale_ub that never clamps (float32's largest): what `quantize --policy all` writes, as fbgemm_fp8
+# loaders (vLLM) require the key; loading it gives no bound
+FP8_NO_BOUND = 3.4028234663852886e38
 
 
 class Fp8Activation(NamedTuple):
@@ -148,8 +151,9 @@ class Fp8Linear(nn.Module):
         if amax > self.scale_ub and not _warned_bound:
             _warned_bound = True
             logger.warning(
-                "FP8 policy 'meta': activations reach %.0f, above its bound of %.0f, and are clamped to it; "
-                "this model may lose accuracy: quantize with policy 'all' (--policy all)", amax, self.scale_ub)
+                "FP8: activations reach %.0f, above the bound of %.0f (Meta's activation_scale_ub, policy 'meta'), "
+                "and are clamped to it: this model may lose accuracy. Without a bound: --quant fp8 --policy all "
+                "(the default), or a checkpoint written by `llama-kernels quantize --policy all`", amax, self.scale_ub)
 
 
 _warned_bound = False  # Fp8Linear._check_bound has warned
