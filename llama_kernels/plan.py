@@ -59,6 +59,13 @@ PRESETS: dict[str, dict] = {
     "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
                         max_position_embeddings=4096),
+    # Llama 3 (April 2024): 3.1's shapes at 8K positions, without RoPE scaling
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                       max_position_embeddings=8192),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                        max_position_embeddings=8192),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
                          max_position_embeddings=131072),
@@ -74,6 +81,10 @@ PRESETS: dict[str, dict] = {
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
                          max_position_embeddings=131072),
+    # Llama 3.3 70B: 3.1 70B's shapes and context
+    "llama-3.3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                          max_position_embeddings=131072),
 }  # fmt: skip
 
 #: Keys a ``config.json`` must have; the others default as in transformers' ``LlamaConfig``

@@ -316,3 +316,14 @@ def test_nothing_fits_is_said_plainly(capsys):
     out = capsys.readouterr().out
     assert "nothing fits: not even one sequence of 16 tokens (one KV block) beside the weights" in out
     assert "largest batch at context" not in out and "largest context at batch" not in out
+
+
+def test_llama_3_and_3_3_presets():
+    """Llama 3 (8K positions) and 3.3 70B (3.1 70B's shapes) are presets too."""
+    p3, p31 = plan("llama-3-8b", max_context=8192), plan("llama-3.1-8b", max_context=8192)
+    assert p3.parameters == p31.parameters and p3.weight_bytes == p31.weight_bytes
+    with pytest.raises(ValueError, match="max_context=8193 exceeds llama-3-8b's max_position_embeddings=8192"):
+        plan("llama-3-8b", max_context=8193)
+    assert plan("llama-3.3-70b", quant="fp8").to_dict() | {"model": ""} == plan(
+        "llama-3.1-70b", quant="fp8").to_dict() | {"model": ""}
+    assert plan("llama-3-70b").parameters == plan("llama-3.1-70b").parameters
