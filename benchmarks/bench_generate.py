@@ -29,6 +29,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -133,11 +134,14 @@ def measure(llms: dict[str, LLM], batch: int, prompt_len: int, new_tokens: int, 
     runs: dict[str, list[dict]] = {quant: [] for quant in llms}
     for _ in range(repeat):
         for quant, llm in llms.items():
+            cpu = time.process_time()
             llm.generate_ids(prompts, max_new_tokens=new_tokens, stop_ids=())
+            cpu = time.process_time() - cpu  # this process's CPU seconds: less sensitive to other processes' load
             s = llm.last_stats
             runs[quant].append({"prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
                                 "step_ms": 1e3 * s.decode_s / s.decode_steps, "decode_GBps": s.decode_gb_per_s,
-                                "bytes_per_step": s.decode_bytes / s.decode_steps})  # fmt: skip
+                                "bytes_per_step": s.decode_bytes / s.decode_steps, "cpu_s": cpu,
+                                "wall_s": s.prefill_s + s.decode_s})  # fmt: skip
             if bar is not None:
                 bar.update()
     rows = []
@@ -189,9 +193,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     weights = ", ".join(meta["dtype"] if q == "bf16" else q for q in llms)
     graphs = "on" if meta["cuda_graphs"] else "off"
     print(f"# generate: {name} {weights}, KV {meta['kv_dtype']}, CUDA graphs {graphs}  {meta['device']}  torch "
-          f"{meta['torch']}  {meta['threads']} threads  copy {copy_bps / 1e9:.1f} GB/s")  # fmt: skip
+          f"{meta['torch']}  {meta['threads']} threads  copy {common.num(copy_bps / 1e9)} GB/s")  # fmt: skip
     print(f"{'weights':<8} {'batch':>5} {'prompt':>6} {'new':>4} {'prefill tok/s':>13} {'decode tok/s':>12} "
-          f"{'step ms':>8} {'GB/s':>8} {'%roofline':>9}  (medians)", flush=True)  # fmt: skip
+          f"{'step ms':>8} {'GB/s':>8} {'%roofline':>9} {'CPU s':>7} {'wall s':>7}  (medians; CPU s: this process's "
+          "CPU time per generate)", flush=True)  # fmt: skip
     repeat = args.repeat or (1 if args.smoke else 3)
     if device.type == "cpu" and not args.smoke:
         est = len(llms) * cpu_estimate_s(first, batches, prompt_len, new_tokens, repeat)
@@ -212,9 +217,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             spread = (f"  (decode {row['decode_tok_s_min']:.1f}-{row['decode_tok_s_max']:.1f}, prefill "
                       f"{row['prefill_tok_s_min']:.1f}-{row['prefill_tok_s_max']:.1f} over {repeat} runs)"
                       if repeat > 1 else "")  # fmt: skip
-            tqdm.write(f"{label:<8} {b:>5} {prompt_len:>6} {new_tokens:>4} {row['prefill_tok_s']:13.1f} "
-                       f"{row['decode_tok_s']:12.1f} {row['step_ms']:8.2f} {row['decode_GBps']:8.2f} "
-                       f"{row['pct_roofline']:9.1f}{spread}", file=sys.stdout)  # fmt: skip
+            num = common.num  # 3 significant digits: a smoke run's GB/s is not 0.00
+            tqdm.write(f"{label:<8} {b:>5} {prompt_len:>6} {new_tokens:>4} {num(row['prefill_tok_s']):>13} "
+                       f"{num(row['decode_tok_s']):>12} {num(row['step_ms']):>8} {num(row['decode_GBps']):>8} "
+                       f"{num(row['pct_roofline']):>9} {num(row['cpu_s']):>7} {num(row['wall_s']):>7}{spread}",
+                       file=sys.stdout)  # fmt: skip
             sys.stdout.flush()
     bar.close()
     if args.out:
