@@ -237,6 +237,7 @@ def test_selftest_bad_value_is_an_error_line(capsys):
     one_error_line(capsys, ["selftest", "--backends", "cuda,tpu"], "'tpu' is not a backend")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the selftest checks the cuda backend too")
 def test_selftest_without_triton_names_the_extra():
     """Nothing checked is a failure that names its cause (it said 'nothing to check' and exited 0)."""
     code = "import sys\nsys.modules['triton'] = None\nfrom llama_kernels.cli import main\nsys.exit(main(['selftest']))"
