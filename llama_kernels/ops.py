@@ -147,9 +147,10 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight, *, backend: str | None = None) -> 
 def prepare_int4(w: Int4Weight, dtype: torch.dtype, *, backend: str | None = None) -> tuple[Int4Weight, str | None]:
     """Once per weight, at load: (w in the layout of the int4_gemm backend selected for its device,
     the backend to pass to int4_gemm for it). A backend that reads its own layout (the cuda kernel's
-    tiles; on the CPU, the torch backend: the layout of PyTorch's CPU INT4 kernel) gets it in place of
-    qweight's, and is then the only one that can read the weight; the others read w as is (returned
-    with None). dtype: the activations' (bfloat16 or float16)."""
+    tiles) gets it in place of qweight's, and is then the only one that can read the weight; the
+    others read w as is (returned with None; on the CPU the torch backend attaches the layout of
+    PyTorch's CPU INT4 kernel to w, which every backend still reads). dtype: the activations'
+    (bfloat16 or float16)."""
     name = backends.select("int4_gemm", w.qweight.device, backend)[0]
     prepare = backends.preparer("int4_gemm", name)
     prepared = w if prepare is None else prepare(w, dtype)

@@ -94,37 +94,36 @@ def fp8_gemm(
 def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """y = x @ dequantize(w).T. x [M, K] bf16/fp16; w an Int4Weight of shape [N, K]; y [M, N] in x's dtype.
 
-    A weight prepared at load by :func:`prepare_int4_cpu` runs PyTorch's CPU INT4 kernel instead."""
+    A CPU weight prepared at load by :func:`prepare_int4_cpu` runs PyTorch's CPU INT4 kernel instead
+    (for the activation dtype it was prepared for)."""
     packed = w.__dict__.get(_CPU_INT4_ATTR)
-    if packed is None:
+    if packed is None or packed[0] != x.dtype or x.device.type != "cpu":
         return int4_linear_reference(x, w)
-    dtype, scale_zeros = packed
-    if x.dtype != dtype:
-        raise ValueError(f"int4_gemm: w was repacked at load for {dtype} activations (torch's CPU INT4 kernel); "
-                         f"x is {x.dtype}")  # fmt: skip
+    _, weight, scale_zeros = packed
     if w.perm is not None:
         x = x.index_select(1, w.perm)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.qweight.view(torch.uint8), w.group_size,
-                                                      scale_zeros)  # fmt: skip
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, w.group_size, scale_zeros)
 
 
 # --- the torch backend on the CPU: load-time layouts for PyTorch's CPU kernels -----------------------
 # fp8_gemm and int4_gemm above dequantize the whole weight to float32 on every call: on a CPU that is
 # 5-30x the time of a float32 linear of the same shape. Once per weight, at load (ops.prepare_fp8 /
-# ops.prepare_int4, when the torch backend is selected for a CPU weight), these give the weight a
-# layout one of PyTorch's CPU kernels reads; the two ops then use it. Weights they do not prepare
-# (another device, a shape the kernel lacks) run the definitions.
+# ops.prepare_int4, when the torch backend is selected for a CPU weight), these attach to the weight
+# the layout one of PyTorch's CPU kernels reads; the two ops then use it. The weight itself is kept,
+# so that every backend (and the definitions) can still read it: LLAMA_KERNELS_BACKEND may change after
+# load. Weights they do not prepare (another device, a shape the kernel lacks) run the definitions.
 
-_CPU_INT4_ATTR = "_cpu_int4_scale_zeros"  # Int4Weight.__dict__ key: (activation dtype, [K/G, N, 2] scale_zeros)
+_CPU_INT4_ATTR = "_cpu_int4_packed"  # Int4Weight.__dict__ key: (activation dtype, uint8 [N, K/2], [K/G, N, 2])
 _CPU_FP8_ATTR = "_cpu_bf16_weight"  # attribute of a prepared FP8 weight tensor: its bfloat16 copy [N, K]
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # those torch's CPU INT4 kernel takes
 
 
 def prepare_int4_cpu(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
-    """Repack a CPU weight [N, K] for ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with `dtype`
-    (bfloat16/float16) activations, in place of qweight's layout (the same N x K/2 bytes; only
-    :func:`int4_gemm` can read it then); returns w itself where that kernel does not apply (not on
-    the CPU, N not a multiple of 16, group size not in CPU_INT4_GROUP_SIZES).
+    """Attach to a CPU weight [N, K] its layout for ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with
+    `dtype` (bfloat16/float16) activations: the weight repacked (uint8 [N, K/2], the kernel's blocked
+    order: 0.5 more byte per weight) and scale_zeros [K/G, N, 2] in `dtype`. Nothing is attached where
+    that kernel does not apply (not on the CPU, N not a multiple of 16, group size not in
+    CPU_INT4_GROUP_SIZES). Returns w.
 
     The kernel dequantizes (q - 8) * scale + zero with scale and zero per group in `dtype`, so
     zero = (8 - z) * scale: the same weight up to that product's rounding to `dtype`."""
@@ -136,9 +135,8 @@ def prepare_int4_cpu(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.unpack().to(torch.int32), 1)  # uint8 [N, K/2]
     scales = w.scales.float()
     scale_zeros = torch.stack([scales, (8 - w._zero_points().float()) * scales], dim=-1)  # [N, K/G, 2]
-    out = Int4Weight(packed.view(torch.int32), w.scales, w.zeros, w.group_size, w.perm)
-    out.__dict__[_CPU_INT4_ATTR] = (dtype, scale_zeros.transpose(0, 1).contiguous().to(dtype))
-    return out
+    w.__dict__[_CPU_INT4_ATTR] = (dtype, packed, scale_zeros.transpose(0, 1).contiguous().to(dtype))
+    return w
 
 
 def prepare_fp8_cpu(wq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

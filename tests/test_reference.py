@@ -361,25 +361,26 @@ def test_decode_attention_custom_scale_and_block_sizes():
     (1, 16, 128, 128, False, False), (3, 48, 576, 64, True, False), (17, 96, 576, 64, False, True),
     (5, 32, 512, 256, False, False), (2, 32, 512, 32, False, False)])  # fmt: skip
 def test_int4_gemm_on_torch_cpu_kernel_matches_definition(dtype, m, n, k, group, symmetric, act_order):
-    """ops.prepare_int4 on the CPU repacks the weight for torch's CPU INT4 kernel (in place of qweight's
-    layout, the same bytes); int4_gemm through it equals the dequantized matmul of the plain weight."""
+    """ops.prepare_int4 on the CPU attaches the layout of torch's CPU INT4 kernel to the weight (kept as
+    is, for every backend); int4_gemm through it equals the dequantized matmul of the plain weight."""
     plain = ops.quantize_int4(randn(n, k, dtype=dtype, seed=n, scale=0.02), group_size=group, symmetric=symmetric)
     if act_order:  # a GPTQ act-order permutation of the input channels
         g = torch.Generator().manual_seed(1)
         plain = type(plain)(plain.qweight, plain.scales, plain.zeros, group, torch.randperm(k, generator=g))
     want_deq = plain.dequantize(torch.float64)
     x = randn(m, k, dtype=dtype, seed=m + 7)
-    w, backend = ops.prepare_int4(plain, dtype)
-    assert backend == "torch" and w is not plain and w.qweight.shape == plain.qweight.shape
-    assert not torch.equal(w.qweight, plain.qweight)  # the kernel's layout: the definition could not read it
-    y = ops.int4_gemm(x, w, backend=backend)
+    definition = reference.int4_linear_reference(x, plain)
+    qweight = plain.qweight.clone()
+    assert ops.prepare_int4(plain, dtype) == (plain, None)  # the same weight: any backend reads it
+    plain.qweight.zero_()  # poisoned: only the attached layout still holds the weight
+    y = ops.int4_gemm(x, plain)
     xp = x if plain.perm is None else x[:, plain.perm]
     assert y.dtype == dtype and y.shape == (m, n)
     assert_rel_close(y, xp.double() @ want_deq.T, TOL[dtype], "int4_gemm (torch CPU kernel)")
-    assert_rel_close(y, reference.int4_linear_reference(x, plain), TOL[dtype], "vs the definition")
-    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
-    with pytest.raises(ValueError, match=f"repacked at load for {dtype} activations.*x is {other}"):
-        ops.int4_gemm(x.to(other), w, backend=backend)
+    assert_rel_close(y, definition, TOL[dtype], "vs the definition")
+    plain.qweight.copy_(qweight)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16  # not prepared for: the definition
+    assert torch.equal(ops.int4_gemm(x.to(other), plain), reference.int4_linear_reference(x.to(other), plain))
 
 
 @pytest.mark.parametrize("n,k,group", [(24, 128, 128), (32, 96, None), (32, 128, 16)])
@@ -428,7 +429,7 @@ def test_quantized_linears_prepare_their_cpu_layouts():
     x = randn(3, 256, seed=5)
     lin4 = Int4Linear(256, 64, torch.float32, 128)
     lin4.load(w)
-    assert lin4.backend == "torch" and "_cpu_int4_scale_zeros" in lin4.weight.__dict__
+    assert lin4.backend is None and "_cpu_int4_packed" in lin4.weight.__dict__
     plain = ops.quantize_int4(w, group_size=128)
     assert_rel_close(lin4(x), reference.int4_linear_reference(x.bfloat16(), plain), TOL[torch.bfloat16], "Int4Linear")
     lin8 = Fp8Linear(256, 64, torch.float32)
