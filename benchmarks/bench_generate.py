@@ -11,9 +11,12 @@ downloading anything:
     python benchmarks/bench_generate.py --preset llama-3.1-405b --tp 8 --quant fp8
     python benchmarks/bench_generate.py --model /models/Llama-3.1-8B-Instruct --quant int4
     python benchmarks/bench_generate.py --smoke      # a tiny random model on the CPU (CI)
+    python benchmarks/bench_generate.py --model embedded --quant bf16,fp8,int4 --batch-sizes 1 --repeat 9
 
 Each figure is the median of --repeat timed runs (default 3), with the min-max spread of tokens/s; a bar
-shows the runs on a terminal. On the CPU a warning first gives a lower bound of the run's time.
+shows the runs on a terminal. On the CPU a warning first gives a lower bound of the run's time. Several
+--quant formats load one model each and interleave their timed runs (format 1, 2, 3, 1, 2, 3, ...), so
+that on a shared, noisy machine every format sees the same conditions.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +42,7 @@ from llama_kernels.llm import LLM  # noqa: E402
 from llama_kernels.model import LlamaConfig  # noqa: E402
 
 PRESETS = [name for name in plan.PRESETS if name.startswith("llama-3")]
+QUANTS = ("bf16", "fp8", "int4")  # bf16: unquantized, in the model's dtype (float32 on the CPU)
 SMOKE = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=64, max_position_embeddings=256)  # fmt: skip
 
@@ -64,10 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--model", help='a Hugging Face directory or .gguf file, or "embedded" (SmolLM2-135M)')
     src.add_argument("--preset", choices=PRESETS, help="random weights at this model's shapes (default llama-3.1-8b)")
     p.add_argument("--tp", type=int, default=1, help="with --preset: time one GPU's shard at this tensor parallel")
-    p.add_argument("--quant", choices=("bf16", "fp8", "int4"), default="bf16", help="weight format")
+    p.add_argument("--quant", default="bf16", help="weight format: bf16 (unquantized, in the model's dtype: "
+                   "float32 on the CPU), fp8 or int4; several, comma-separated (bf16,fp8,int4), interleave "
+                   "their runs")  # fmt: skip
     p.add_argument("--policy", choices=("all", "meta"), default="all", help="FP8 policy")
     p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto", help="KV cache: the model dtype, or FP8")
-    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--batch-sizes", default="1,8,64", help="comma-separated")
     p.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 512; smoke 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 128; smoke 4)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,14 +85,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny random model, few tokens (CI)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = p.parse_args(argv)
+    bad = [q for q in args.quant.split(",") if q not in QUANTS]
+    if bad:
+        p.error(f"--quant {args.quant}: {bad[0]!r} is not a weight format; expected {', '.join(QUANTS)}, or several "
+                "of them comma-separated")  # fmt: skip
     if args.repeat is not None and args.repeat < 1:
         p.error(f"--repeat {args.repeat}: expected an int >= 1")
     return args
 
 
-def load(args: argparse.Namespace, max_context: int, max_batch: int) -> tuple[LLM, str]:
-    """(the LLM, its name) for --model / --preset / --smoke."""
-    quant = None if args.quant == "bf16" else args.quant
+def load(args: argparse.Namespace, quant: str, max_context: int, max_batch: int) -> tuple[LLM, str]:
+    """(the LLM with weights in format `quant`, its name) for --model / --preset / --smoke."""
+    quant = None if quant == "bf16" else quant
     kw = dict(quant=quant, device=args.device, max_context=max_context, policy=args.policy, max_batch=max_batch,
               kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else None, cuda_graphs=not args.eager)  # fmt: skip
     if args.model:
@@ -111,28 +122,37 @@ def prompts_for(llm: LLM, batch: int, prompt_len: int) -> list[list[int]]:
     return [[rng.randrange(llm.config.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
 
 
-def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int, copy_bps: float, repeat: int = 1,
-            bar: tqdm | None = None) -> dict:  # fmt: skip
-    """One warm-up generate (Triton compiles, the batch's CUDA graph is captured), then `repeat` timed ones:
-    the median of each figure, and the min and max of the tokens/s (the spread between runs)."""
-    prompts = prompts_for(llm, batch, prompt_len)
-    llm.generate_ids(prompts, max_new_tokens=2, stop_ids=())
-    runs = []
+def measure(llms: dict[str, LLM], batch: int, prompt_len: int, new_tokens: int, copy_bps: float, repeat: int = 1,
+            bar: tqdm | None = None) -> list[dict]:  # fmt: skip
+    """Per model (weight format -> LLM, same prompts): one warm-up generate (Triton compiles, the batch's CUDA
+    graph is captured), then `repeat` timed ones, the models taking turns; a row per model with the median of
+    each figure, and the min and max of the tokens/s (the spread between runs)."""
+    prompts = prompts_for(next(iter(llms.values())), batch, prompt_len)
+    for llm in llms.values():
+        llm.generate_ids(prompts, max_new_tokens=2, stop_ids=())
+    runs: dict[str, list[dict]] = {quant: [] for quant in llms}
     for _ in range(repeat):
-        llm.generate_ids(prompts, max_new_tokens=new_tokens, stop_ids=())
-        s = llm.last_stats
-        runs.append({"prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
-                     "step_ms": 1e3 * s.decode_s / s.decode_steps, "decode_GBps": s.decode_gb_per_s})  # fmt: skip
-        if bar is not None:
-            bar.update()
-    row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeat": repeat,
-           "bytes_per_step": s.decode_bytes / s.decode_steps}  # fmt: skip
-    for key in runs[0]:
-        row[key] = statistics.median(r[key] for r in runs)
-    for key in ("prefill_tok_s", "decode_tok_s"):
-        row[key + "_min"], row[key + "_max"] = min(r[key] for r in runs), max(r[key] for r in runs)
-    row["pct_roofline"] = 100 * row["decode_GBps"] * 1e9 / copy_bps
-    return row
+        for quant, llm in llms.items():
+            cpu = time.process_time()
+            llm.generate_ids(prompts, max_new_tokens=new_tokens, stop_ids=())
+            cpu = time.process_time() - cpu  # this process's CPU seconds: less sensitive to other processes' load
+            s = llm.last_stats
+            runs[quant].append({"prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
+                                "step_ms": 1e3 * s.decode_s / s.decode_steps, "decode_GBps": s.decode_gb_per_s,
+                                "bytes_per_step": s.decode_bytes / s.decode_steps, "cpu_s": cpu,
+                                "wall_s": s.prefill_s + s.decode_s})  # fmt: skip
+            if bar is not None:
+                bar.update()
+    rows = []
+    for quant, got in runs.items():
+        row = {"quant": quant, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeat": repeat}
+        for key in got[0]:
+            row[key] = statistics.median(r[key] for r in got)
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            row[key + "_min"], row[key + "_max"] = min(r[key] for r in got), max(r[key] for r in got)
+        row["pct_roofline"] = 100 * row["decode_GBps"] * 1e9 / copy_bps
+        rows.append(row)
+    return rows
 
 
 def cpu_estimate_s(llm: LLM, batches: list[int], prompt_len: int, new_tokens: int, repeat: int) -> float:
@@ -154,46 +174,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prompt_len = args.prompt_len or (16 if args.smoke else 512)
     new_tokens = args.new_tokens or (4 if args.smoke else 128)
     copy_bps = copy_bandwidth(device, args.smoke)
-    llm, name = load(args, prompt_len + new_tokens, max(batches))
+    llms: dict[str, LLM] = {}
+    for quant in args.quant.split(","):
+        llms[quant], name = load(args, quant, prompt_len + new_tokens, max(batches))
+    first = next(iter(llms.values()))
     meta = {
-        "benchmark": "generate", "model": name, "quant": args.quant, "dtype": str(llm.model.dtype)[6:],
+        "benchmark": "generate", "model": name, "quant": args.quant, "dtype": str(first.model.dtype)[6:],
         "policy": args.policy,
-        "kv_dtype": str(llm.cache.dtype).removeprefix("torch."), "cuda_graphs": llm.graphs is not None,
+        "kv_dtype": str(first.cache.dtype).removeprefix("torch."), "cuda_graphs": first.graphs is not None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
         "driver": common._driver(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "triton": common._version("triton"), "backends": {op: backends.select(op, device)[0] for op in backends.ops()},
         "smoke": args.smoke, "copy_Bps": copy_bps,
     }  # fmt: skip
-    weights = args.quant if args.quant != "bf16" else meta["dtype"]
+    weights = ", ".join(meta["dtype"] if q == "bf16" else q for q in llms)
     graphs = "on" if meta["cuda_graphs"] else "off"
-    print(f"# generate: {name} {weights}, KV {meta['kv_dtype']}, CUDA graphs {graphs}"
-          f"  {meta['device']}  torch {meta['torch']}  copy {copy_bps / 1e9:.0f} GB/s")  # fmt: skip
-    print(f"{'batch':>5} {'prompt':>6} {'new':>4} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8} "
-          f"{'GB/s':>8} {'%roofline':>9}  (medians)", flush=True)  # fmt: skip
+    print(f"# generate: {name} {weights}, KV {meta['kv_dtype']}, CUDA graphs {graphs}  {meta['device']}  torch "
+          f"{meta['torch']}  {meta['threads']} threads  copy {common.num(copy_bps / 1e9)} GB/s")  # fmt: skip
+    print(f"{'weights':<8} {'batch':>5} {'prompt':>6} {'new':>4} {'prefill tok/s':>13} {'decode tok/s':>12} "
+          f"{'step ms':>8} {'GB/s':>8} {'%roofline':>9} {'CPU s':>7} {'wall s':>7}  (medians; CPU s: this process's "
+          "CPU time per generate)", flush=True)  # fmt: skip
     repeat = args.repeat or (1 if args.smoke else 3)
     if device.type == "cpu" and not args.smoke:
-        est = cpu_estimate_s(llm, batches, prompt_len, new_tokens, repeat)
-        print(f"warning: on the CPU this run takes at least ~{est / 60:.0f} min ({len(batches)} batch sizes x "
-              f"{repeat + 1} generates of {prompt_len} + {new_tokens} tokens); --batch-sizes 1, --prompt-len, "
-              "--new-tokens or --repeat 1 make it shorter", file=sys.stderr, flush=True)  # fmt: skip
+        est = len(llms) * cpu_estimate_s(first, batches, prompt_len, new_tokens, repeat)
+        shorter = [flag for flag, given in (("--batch-sizes 1", batches == [1]), ("--prompt-len", args.prompt_len),
+                                            ("--new-tokens", args.new_tokens), ("--repeat 1", repeat == 1)) if not given]
+        print(f"warning: on the CPU this run takes at least ~{est / 60:.1f} min ({len(llms)} x {len(batches)} batch "
+              f"sizes x {repeat + 1} generates of {prompt_len} + {new_tokens} tokens)"
+              + (f"; {', '.join(shorter)} would shorten it" if shorter else ""), file=sys.stderr, flush=True)  # fmt: skip
     rows = []
     # a bar on a terminal only (each row below is the progress in a log); one tick per timed generate
-    bar = tqdm(total=len(batches) * repeat, desc="generate", unit="run", file=sys.stderr, leave=False,
+    bar = tqdm(total=len(batches) * repeat * len(llms), desc="generate", unit="run", file=sys.stderr, leave=False,
                disable=not sys.stderr.isatty())  # fmt: skip
     for b in batches:
         bar.set_description(f"batch {b}")
-        row = measure(llm, b, prompt_len, new_tokens, copy_bps, repeat, bar)
-        rows.append(row)
-        spread = (f"  (decode {row['decode_tok_s_min']:.1f}-{row['decode_tok_s_max']:.1f}, prefill "
-                  f"{row['prefill_tok_s_min']:.1f}-{row['prefill_tok_s_max']:.1f} over {repeat} runs)"
-                  if repeat > 1 else "")  # fmt: skip
-        tqdm.write(f"{b:>5} {prompt_len:>6} {new_tokens:>4} {row['prefill_tok_s']:13.1f} {row['decode_tok_s']:12.1f} "
-                   f"{row['step_ms']:8.2f} {row['decode_GBps']:8.1f} {row['pct_roofline']:9.1f}{spread}",
-                   file=sys.stdout)  # fmt: skip
-        sys.stdout.flush()
-        if args.out:  # after every batch size: a run cut short keeps what it measured
-            common.write_json(args.out, {"meta": meta, "rows": rows})
+        for row in measure(llms, b, prompt_len, new_tokens, copy_bps, repeat, bar):
+            rows.append(row)
+            label = meta["dtype"] if row["quant"] == "bf16" else row["quant"]
+            spread = (f"  (decode {row['decode_tok_s_min']:.1f}-{row['decode_tok_s_max']:.1f}, prefill "
+                      f"{row['prefill_tok_s_min']:.1f}-{row['prefill_tok_s_max']:.1f} over {repeat} runs)"
+                      if repeat > 1 else "")  # fmt: skip
+            num = common.num  # 3 significant digits: a smoke run's GB/s is not 0.00
+            tqdm.write(f"{label:<8} {b:>5} {prompt_len:>6} {new_tokens:>4} {num(row['prefill_tok_s']):>13} "
+                       f"{num(row['decode_tok_s']):>12} {num(row['step_ms']):>8} {num(row['decode_GBps']):>8} "
+                       f"{num(row['pct_roofline']):>9} {num(row['cpu_s']):>7} {num(row['wall_s']):>7}{spread}",
+                       file=sys.stdout)  # fmt: skip
+            sys.stdout.flush()
+            if args.out:  # after every row: a run cut short keeps what it measured
+                common.write_json(args.out, {"meta": meta, "rows": rows})
     bar.close()
     if args.out:
         print(f"# wrote {args.out}")

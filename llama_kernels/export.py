@@ -3,7 +3,8 @@ that this runner, transformers and vLLM load, from a bf16/fp16/fp32 Hugging Face
 
 Layouts (config.json's quantization_config and the tensors of each quantized linear):
 - fp8, format "fbgemm" (Meta's FP8 Llama 3.1): e4m3 `weight` [N, K], float32 `weight_scale` [N, 1],
-  activation_scale_ub 1200, modules_to_not_convert for the linears left in bf16.
+  activation_scale_ub (1200 with policy "meta"; float32's largest, i.e. no clamping, with "all"),
+  modules_to_not_convert for the linears left in bf16.
 - fp8, format "compressed-tensors" (llm-compressor's FP8-dynamic): e4m3 `weight`, per-channel
   `weight_scale` [N, 1] in the checkpoint dtype, dynamic per-token activations; `ignore`.
 - int4, format "awq" (AutoAWQ GEMM): `qweight` [K, N/8], `qzeros` [K/G, N/8], fp16 `scales`
@@ -34,7 +35,7 @@ from .loader.checkpoint import ByteProgress
 from .loader.kv_scales import is_attention_scale
 from .loader.quantized import split_linear
 from .model.config import LlamaConfig
-from .model.linear import META_FP8_SCALE_UB, int4_group_size
+from .model.linear import FP8_NO_BOUND, META_FP8_SCALE_UB, int4_group_size
 
 FORMATS = {"fp8": ("fbgemm", "compressed-tensors"), "int4": ("awq",)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -77,7 +78,9 @@ def quantize_checkpoint(src: str | Path | None, out: str | Path, quant: str, fmt
     group = min(int4_group_size(k) for k in (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim))
     config = _source_config(ckpt.path, c)
     if fmt == "fbgemm":
-        qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": META_FP8_SCALE_UB,
+        # Meta's bound for policy meta only; vLLM requires the key, so policy all gets one that never clamps
+        ub = META_FP8_SCALE_UB if policy == "meta" else FP8_NO_BOUND
+        qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": ub,
               "modules_to_not_convert": skip + ["lm_head"]}  # fmt: skip
     elif fmt == "compressed-tensors":
         fp8 = dict(num_bits=8, type="float", symmetric=True, group_size=None, actorder=None, block_structure=None,

@@ -66,6 +66,11 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                     or max_context < 1):  # fmt: skip
         raise ValueError(f"LLM.from_pretrained: max_context={max_context!r}; expected an int >= 1")
+    if max_context is not None and max_context > config.max_position_embeddings:
+        # refused rather than extrapolated: past its trained length a model's RoPE positions are untrained
+        raise ValueError(f"max_context (--max-context) {max_context} is above the model's trained context of "
+                         f"{config.max_position_embeddings} tokens (max_position_embeddings); expected at most "
+                         f"{config.max_position_embeddings}")  # fmt: skip
     if gpu_mem_bytes is None and device.type != "cuda":
         return max_context or min(config.max_position_embeddings, CPU_MAX_CONTEXT)
     if gpu_mem_bytes is None:
@@ -192,8 +197,8 @@ class LLM:
             raise ValueError(f"the prompt and the new tokens need {min_context} tokens but the context is "
                              f"{max_context} ({how}): shorten the prompt, lower max_new_tokens or raise "
                              "max_context (--max-context)")  # fmt: skip
-        if progress and requested is None:
-            _say_context(device, max_context, max_batch, ckpt.config)
+        if progress:
+            _say_context(device, max_context, max_batch, ckpt.config, requested is not None)
         # read (and checked) before any weight loads; a cache that is not FP8 ignores them
         kv_scales = read_kv_scales(ckpt, shard) if kv_dtype == torch.float8_e4m3fn else None
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
@@ -443,10 +448,11 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def _say_context(device: torch.device, max_context: int, max_batch: int, config: LlamaConfig) -> None:
-    """Tell the user (stderr) how the default context was chosen."""
-    print(f"KV cache: {max_batch} x {max_context} tokens ({_context_rule(device, config)}; --max-context / "
-          "max_context= to change)", file=sys.stderr)  # fmt: skip
+def _say_context(device: torch.device, max_context: int, max_batch: int, config: LlamaConfig, given: bool) -> None:
+    """Tell the user (stderr) the KV cache's size, and how it was chosen."""
+    how = "as asked" if given else _context_rule(device, config)
+    print(f"KV cache: {max_batch} x {max_context} tokens ({how}; --max-context / max_context= to change)",
+          file=sys.stderr)  # fmt: skip
 
 
 def _context_rule(device: torch.device, config: LlamaConfig) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "quantize_int4",
     "int4_gemm",
     "prepare_int4",
+    "prepare_fp8",
     "rms_norm",
     "add_rms_norm",
     "add_rms_norm_fp8",
@@ -147,10 +148,23 @@ def prepare_int4(w: Int4Weight, dtype: torch.dtype, *, backend: str | None = Non
     """Once per weight, at load: (w in the layout of the int4_gemm backend selected for its device,
     the backend to pass to int4_gemm for it). A backend that reads its own layout (the cuda kernel's
     tiles) gets it in place of qweight's, and is then the only one that can read the weight; the
-    others read w as is (returned with None). dtype: the activations' (bfloat16 or float16)."""
+    others read w as is (returned with None; on the CPU the torch backend attaches the layout of
+    PyTorch's CPU INT4 kernel to w, which every backend still reads). dtype: the activations'
+    (bfloat16 or float16)."""
     name = backends.select("int4_gemm", w.qweight.device, backend)[0]
     prepare = backends.preparer("int4_gemm", name)
-    return (w, None) if prepare is None else (prepare(w, dtype), name)
+    prepared = w if prepare is None else prepare(w, dtype)
+    return (w, None) if prepared is w else (prepared, name)  # w itself: left as is, any backend reads it
+
+
+def prepare_fp8(wq: torch.Tensor, dtype: torch.dtype, *, backend: str | None = None) -> torch.Tensor:
+    """Once per FP8 weight wq [N, K] float8_e4m3fn, at load: lets the fp8_gemm backend selected for its
+    device attach the layout it reads fastest to wq (on the CPU, the torch backend: a bfloat16 copy, 2
+    more bytes per weight, for bfloat16 outputs). dtype: fp8_gemm's out_dtype. Returns wq, which every
+    backend still reads as is."""
+    check.tensor("prepare_fp8", "wq", wq, dtypes=(FP8,), ndim=2)
+    prepare = backends.preparer("fp8_gemm", backends.select("fp8_gemm", wq.device, backend)[0])
+    return wq if prepare is None else prepare(wq, dtype)
 
 
 # --- RMSNorm ---------------------------------------------------------------------------
@@ -426,9 +440,12 @@ def paged_prefill_attention(
 
 # --- backend registration --------------------------------------------------------------
 
-for _name in ("quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm", "add_rms_norm_fp8",
-              "rope_and_cache", "decode_attention", "paged_prefill_attention"):  # fmt: skip
+for _name in ("quantize_fp8", "rms_norm", "add_rms_norm", "add_rms_norm_fp8", "rope_and_cache", "decode_attention",
+              "paged_prefill_attention"):  # fmt: skip
     backends.register(_name, "torch", getattr(reference, _name))
+# The GEMMs' CPU weights get the layouts of PyTorch's CPU kernels at load (reference.prepare_*_cpu).
+backends.register("fp8_gemm", "torch", reference.fp8_gemm, prepare=reference.prepare_fp8_cpu)
+backends.register("int4_gemm", "torch", reference.int4_gemm, prepare=reference.prepare_int4_cpu)
 
 from . import cuda as _cuda  # noqa: E402,F401  (registers the cuda backend)
 from . import triton as _triton  # noqa: E402,F401  (registers the triton backend where triton imports)

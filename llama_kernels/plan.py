@@ -59,6 +59,13 @@ PRESETS: dict[str, dict] = {
     "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
                         max_position_embeddings=4096),
+    # Llama 3 (April 2024): 3.1's shapes at 8K positions, without RoPE scaling
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                       max_position_embeddings=8192),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                        max_position_embeddings=8192),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
                          max_position_embeddings=131072),
@@ -74,6 +81,10 @@ PRESETS: dict[str, dict] = {
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
                          max_position_embeddings=131072),
+    # Llama 3.3 70B: 3.1 70B's shapes and context
+    "llama-3.3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                          max_position_embeddings=131072),
 }  # fmt: skip
 
 #: Keys a ``config.json`` must have; the others default as in transformers' ``LlamaConfig``
@@ -442,9 +453,13 @@ class Plan:
             *(f"{label:<{width}}  {value / GiB:7.2f}" for label, value in rows),
             "",
             self.verdict(),
-            f"largest context at batch {self.batch}: {self.max_context_at_batch} tokens{cap}",
-            f"largest batch at context {self.max_context}: {self.max_batch_at_context}",
         ]
+        if self.max_context_at_batch == 0 and self.max_batch_at_context == 0:
+            lines.append(f"nothing fits: not even one sequence of {self.block_size} tokens (one KV block) beside the "
+                         "weights; quantize the weights (--quant), use more GPUs (--gpus) or larger ones (--gpu-mem)")
+        else:
+            lines.append(f"largest context at batch {self.batch}: {self.max_context_at_batch} tokens{cap}")
+            lines.append(f"largest batch at context {self.max_context}: {self.max_batch_at_context}")
         return "\n".join(lines)
 
 
@@ -559,8 +574,8 @@ def parse_bytes(text: str) -> int:
 # --- `llama-kernels plan` ----------------------------------------------------------------
 
 CLI_EPILOG = (
-    "Exit status: 0 when the model fits, 1 when it does not (the table is printed either way), "
-    "2 on a bad argument. Sizes per GPU in GiB (2^30 bytes)."
+    "Exit status: 0 when the model fits, 1 when it does not (the table is printed either way) or on a bad "
+    "value (one error line), 2 on a usage error. Sizes per GPU in GiB (2^30 bytes)."
 )
 
 
@@ -582,17 +597,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
 
 
-def run(args, parser) -> int:
-    """Run ``llama-kernels plan``; bad arguments go to ``parser.error`` (exit status 2)."""
+def run(args, parser=None) -> int:
+    """Run ``llama-kernels plan``; a bad value raises ValueError (the command line: one line, exit status 1)."""
     try:
         gpu_mem = parse_bytes(args.gpu_mem)
     except ValueError as e:
-        parser.error(f"--gpu-mem: {e}")
-    try:
-        p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, dtype=args.dtype, gpus=args.gpus,
-                 gpu_mem_bytes=gpu_mem, max_context=args.max_context, batch=args.batch, group_size=args.group_size,
-                 prefill_chunk=args.prefill_chunk)  # fmt: skip
-    except ValueError as e:
-        parser.error(str(e))
+        raise ValueError(f"--gpu-mem: {e}") from None
+    p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, dtype=args.dtype, gpus=args.gpus,
+             gpu_mem_bytes=gpu_mem, max_context=args.max_context, batch=args.batch, group_size=args.group_size,
+             prefill_chunk=args.prefill_chunk)  # fmt: skip
     print(json.dumps(p.to_dict(), indent=2) if args.json else p.format())
     return 0 if p.fits else 1

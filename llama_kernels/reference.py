@@ -74,8 +74,15 @@ def fp8_gemm(
 
     xq [M, K] e4m3, wq [N, K] e4m3; x_scale [M] or 0-d, w_scale [N] or 0-d, float32;
     bias [N] (any float dtype) or None; y [M, N] in out_dtype. Accumulation in float32.
+    A CPU weight prepared at load by :func:`prepare_fp8_cpu` runs a bfloat16 kernel instead (the sum
+    is rounded to bfloat16 once before the scales: within one more bfloat16 rounding).
     """
-    acc = xq.float() @ wq.float().t()
+    up = getattr(wq, _CPU_FP8_ATTR, None) if out_dtype == torch.bfloat16 else None
+    if up is None:
+        acc = xq.float() @ wq.float().t()
+    else:  # prepare_fp8_cpu's copy: the same products, summed in float32 by a bfloat16 kernel, rounded once
+        xb = xq.to(torch.bfloat16)
+        acc = (torch.mv(up, xb[0]).unsqueeze(0) if xb.shape[0] == 1 else F.linear(xb, up)).float()  # mv: 2x at M=1
     xs = x_scale.float().reshape(-1, 1) if x_scale.dim() else x_scale.float()
     ws = w_scale.float().reshape(1, -1) if w_scale.dim() else w_scale.float()
     y = acc * xs * ws
@@ -85,8 +92,61 @@ def fp8_gemm(
 
 
 def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """y = x @ dequantize(w).T. x [M, K] bf16/fp16; w an Int4Weight of shape [N, K]; y [M, N] in x's dtype."""
-    return int4_linear_reference(x, w)
+    """y = x @ dequantize(w).T. x [M, K] bf16/fp16; w an Int4Weight of shape [N, K]; y [M, N] in x's dtype.
+
+    A CPU weight prepared at load by :func:`prepare_int4_cpu` runs PyTorch's CPU INT4 kernel instead
+    (for the activation dtype it was prepared for)."""
+    packed = w.__dict__.get(_CPU_INT4_ATTR)
+    if packed is None or packed[0] != x.dtype or x.device.type != "cpu":
+        return int4_linear_reference(x, w)
+    _, weight, scale_zeros = packed
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, w.group_size, scale_zeros)
+
+
+# --- the torch backend on the CPU: load-time layouts for PyTorch's CPU kernels -----------------------
+# fp8_gemm and int4_gemm above dequantize the whole weight to float32 on every call: on a CPU that is
+# 5-30x the time of a float32 linear of the same shape. Once per weight, at load (ops.prepare_fp8 /
+# ops.prepare_int4, when the torch backend is selected for a CPU weight), these attach to the weight
+# the layout one of PyTorch's CPU kernels reads; the two ops then use it. The weight itself is kept,
+# so that every backend (and the definitions) can still read it: LLAMA_KERNELS_BACKEND may change after
+# load. Weights they do not prepare (another device, a shape the kernel lacks) run the definitions.
+
+_CPU_INT4_ATTR = "_cpu_int4_packed"  # Int4Weight.__dict__ key: (activation dtype, uint8 [N, K/2], [K/G, N, 2])
+_CPU_FP8_ATTR = "_cpu_bf16_weight"  # attribute of a prepared FP8 weight tensor: its bfloat16 copy [N, K]
+CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # those torch's CPU INT4 kernel takes
+
+
+def prepare_int4_cpu(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
+    """Attach to a CPU weight [N, K] its layout for ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with
+    `dtype` (bfloat16/float16) activations: the weight repacked (uint8 [N, K/2], the kernel's blocked
+    order: 0.5 more byte per weight) and scale_zeros [K/G, N, 2] in `dtype`. Nothing is attached where
+    that kernel does not apply (not on the CPU, N not a multiple of 16, group size not in
+    CPU_INT4_GROUP_SIZES). Returns w.
+
+    The kernel dequantizes (q - 8) * scale + zero with scale and zero per group in `dtype`, so
+    zero = (8 - z) * scale: the same weight up to that product's rounding to `dtype`."""
+    n, k = w.shape
+    if w.qweight.device.type != "cpu" or n % 16 or w.group_size not in CPU_INT4_GROUP_SIZES:
+        return w
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"prepare_int4_cpu: dtype={dtype}; expected torch.bfloat16 or torch.float16")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.unpack().to(torch.int32), 1)  # uint8 [N, K/2]
+    scales = w.scales.float()
+    scale_zeros = torch.stack([scales, (8 - w._zero_points().float()) * scales], dim=-1)  # [N, K/G, 2]
+    w.__dict__[_CPU_INT4_ATTR] = (dtype, packed, scale_zeros.transpose(0, 1).contiguous().to(dtype))
+    return w
+
+
+def prepare_fp8_cpu(wq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Give a CPU FP8 weight wq [N, K] its bfloat16 copy (exact: every e4m3 value is a bfloat16), which
+    :func:`fp8_gemm` then multiplies with bfloat16 kernels (float32 accumulation) instead of converting
+    wq on every call: 2 more bytes per weight. Only for bfloat16 outputs (`dtype`), whose range the
+    unscaled products need; otherwise, or not on the CPU, wq is left as is. Returns wq."""
+    if wq.device.type == "cpu" and dtype == torch.bfloat16:
+        setattr(wq, _CPU_FP8_ATTR, wq.to(torch.bfloat16))
+    return wq
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

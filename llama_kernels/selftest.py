@@ -575,8 +575,12 @@ def run(args: argparse.Namespace) -> int:
               "against the reference (nothing is recorded; --bench needs a GPU)", flush=True)  # fmt: skip
         wanted = [b for b in wanted if b == "triton"]
         if backends.unavailable_reason("rms_norm", "triton", device):
-            print(f"nothing to check: {backends.unavailable_reason('rms_norm', 'triton', device)}")
-            return 0
+            from .triton import triton as installed  # None: the import failed
+
+            why = ('Triton is not installed: pip install "llama-kernels[triton]" (or pip install triton)'
+                   if installed is None else backends.unavailable_reason("rms_norm", "triton", device))  # fmt: skip
+            print(f"llama-kernels selftest: error: nothing was checked: {why}", file=sys.stderr)
+            return 1
     env = environment(device)
     print(f"# selftest: {env['device']}" + (f" (compute capability {env['capability']}, driver {env['driver']})"
           if device.type == "cuda" else "") + f"  torch {env['torch']}  triton {env['triton']}  "

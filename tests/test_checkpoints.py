@@ -418,7 +418,9 @@ def test_quantize_fbgemm_fp8_round_trip(source, tmp_path):
     path, _, _, ids, ref = source
     out = quantize_checkpoint(path, tmp_path / "fp8", "fp8", max_shard_bytes=400_000, progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc == {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]}
+    # policy all: a bound that never clamps (vLLM requires the key); policy meta's 1200 would clamp
+    assert qc == {"quant_method": "fbgemm_fp8", "activation_scale_ub": 3.4028234663852886e38,
+                  "modules_to_not_convert": ["lm_head"]}  # fmt: skip
     assert (out / "model.safetensors.index.json").exists() and (out / "generation_config.json").exists()
     h = header(out)
     assert h["model.layers.1.mlp.down_proj.weight"] == ("F8_E4M3", [256, 512])
@@ -429,6 +431,10 @@ def test_quantize_fbgemm_fp8_round_trip(source, tmp_path):
     online = LLM.from_pretrained(path, quant="fp8", max_context=64, progress=False).logits(ids)
     torch.testing.assert_close(logits(out, ids), online, rtol=0, atol=1e-5)
     assert rel_err(online, ref) < 0.15  # measured 0.104
+    loaded = LLM.from_pretrained(out, max_context=64, progress=False).model
+    assert {m.scale_ub for m in loaded.modules() if isinstance(m, Fp8Linear)} == {None}
+    meta = quantize_checkpoint(path, tmp_path / "meta", "fp8", policy="meta", progress=False)
+    assert json.loads((meta / "config.json").read_text())["quantization_config"]["activation_scale_ub"] == 1200.0
 
 
 def test_quantize_compressed_tensors_fp8_round_trip(source, tmp_path):

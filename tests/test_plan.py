@@ -295,8 +295,35 @@ def test_cli_json(capsys):
         (["llama-9"], "unknown preset 'llama-9'; presets: llama-2-7b"),
     ],
 )
-def test_cli_errors_exit_2(capsys, args, match):
+def test_cli_bad_values_exit_1(capsys, args, match):
+    """A bad value is one line, `llama-kernels plan: error: ...`, exit status 1, as in every command."""
+    assert cli.main(["plan", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llama-kernels plan: error: ") and err.count("\n") == 1 and re.search(match, err)
+
+
+def test_cli_usage_error_exits_2_with_the_plan_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["plan", *args])
+        cli.main(["plan", "llama-3.1-8b", "--quant", "fp4"])
     assert exit_.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert err.startswith("usage: llama-kernels plan ") and "argument --quant: invalid choice: 'fp4'" in err
+
+
+def test_nothing_fits_is_said_plainly(capsys):
+    """Not "largest batch at context 16: 0": one sentence that nothing fits, and what would help."""
+    assert cli.main(["plan", "llama-3.1-405b", "--gpus", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "nothing fits: not even one sequence of 16 tokens (one KV block) beside the weights" in out
+    assert "largest batch at context" not in out and "largest context at batch" not in out
+
+
+def test_llama_3_and_3_3_presets():
+    """Llama 3 (8K positions) and 3.3 70B (3.1 70B's shapes) are presets too."""
+    p3, p31 = plan("llama-3-8b", max_context=8192), plan("llama-3.1-8b", max_context=8192)
+    assert p3.parameters == p31.parameters and p3.weight_bytes == p31.weight_bytes
+    with pytest.raises(ValueError, match="max_context=8193 exceeds llama-3-8b's max_position_embeddings=8192"):
+        plan("llama-3-8b", max_context=8193)
+    assert plan("llama-3.3-70b", quant="fp8").to_dict() | {"model": ""} == plan(
+        "llama-3.1-70b", quant="fp8").to_dict() | {"model": ""}
+    assert plan("llama-3-70b").parameters == plan("llama-3.1-70b").parameters

@@ -353,6 +353,93 @@ def test_decode_attention_custom_scale_and_block_sizes():
             assert_rel_close(out[b], want, 1e-5, f"block_size {block_size} seq {b}")
 
 
+# --- the torch backend's CPU kernels (weights prepared at load) ---------------------------
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m,n,k,group,symmetric,act_order", [
+    (1, 16, 128, 128, False, False), (3, 48, 576, 64, True, False), (17, 96, 576, 64, False, True),
+    (5, 32, 512, 256, False, False), (2, 32, 512, 32, False, False)])  # fmt: skip
+def test_int4_gemm_on_torch_cpu_kernel_matches_definition(dtype, m, n, k, group, symmetric, act_order):
+    """ops.prepare_int4 on the CPU attaches the layout of torch's CPU INT4 kernel to the weight (kept as
+    is, for every backend); int4_gemm through it equals the dequantized matmul of the plain weight."""
+    plain = ops.quantize_int4(randn(n, k, dtype=dtype, seed=n, scale=0.02), group_size=group, symmetric=symmetric)
+    if act_order:  # a GPTQ act-order permutation of the input channels
+        g = torch.Generator().manual_seed(1)
+        plain = type(plain)(plain.qweight, plain.scales, plain.zeros, group, torch.randperm(k, generator=g))
+    want_deq = plain.dequantize(torch.float64)
+    x = randn(m, k, dtype=dtype, seed=m + 7)
+    definition = reference.int4_linear_reference(x, plain)
+    qweight = plain.qweight.clone()
+    assert ops.prepare_int4(plain, dtype) == (plain, None)  # the same weight: any backend reads it
+    plain.qweight.zero_()  # poisoned: only the attached layout still holds the weight
+    y = ops.int4_gemm(x, plain)
+    xp = x if plain.perm is None else x[:, plain.perm]
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_rel_close(y, xp.double() @ want_deq.T, TOL[dtype], "int4_gemm (torch CPU kernel)")
+    assert_rel_close(y, definition, TOL[dtype], "vs the definition")
+    plain.qweight.copy_(qweight)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16  # not prepared for: the definition
+    assert torch.equal(ops.int4_gemm(x.to(other), plain), reference.int4_linear_reference(x.to(other), plain))
+
+
+@pytest.mark.parametrize("n,k,group", [(24, 128, 128), (32, 96, None), (32, 128, 16)])
+def test_int4_weight_outside_the_cpu_kernel_stays_plain(n, k, group):
+    """N not a multiple of 16, or a group size the kernel lacks: the weight is left as is, for the definition."""
+    plain = ops.quantize_int4(randn(n, k, seed=2), group_size=group)
+    assert ops.prepare_int4(plain, torch.bfloat16) == (plain, None)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp8_gemm_with_cpu_bf16_copy_matches_definition(m, per_tensor, with_bias):
+    """ops.prepare_fp8 on the CPU gives an FP8 weight its exact bfloat16 copy; fp8_gemm then uses it
+    (torch.mv at one row, a bfloat16 matmul above), within one more bfloat16 rounding of the definition."""
+    n, k = 40, 1536
+    xq, xs = ops.quantize_fp8(randn(m, k, seed=m, scale=2.0))
+    wq, ws = ops.quantize_fp8(randn(n, k, seed=5, scale=0.05))
+    if per_tensor:
+        xs, ws = xs.max(), ws.max()
+    bias = randn(n, dtype=torch.bfloat16, seed=9) if with_bias else None
+    before = ops.fp8_gemm(xq, xs, wq, ws, bias=bias)
+    assert ops.prepare_fp8(wq, torch.bfloat16) is wq
+    copy = wq._cpu_bf16_weight
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy.float(), wq.float())  # e4m3 -> bf16 is exact
+    copy.mul_(2)  # poisoned: fp8_gemm must now give twice the definition's result (wq.clone() has no copy)
+    assert_rel_close(ops.fp8_gemm(xq, xs, wq, ws), 2 * reference.fp8_gemm(xq, xs, wq.clone(), ws).double(),
+                     TOL[torch.bfloat16], "with the poisoned copy")  # fmt: skip
+    copy.div_(2)
+    y = ops.fp8_gemm(xq, xs, wq, ws, bias=bias)
+    want = (xq.double() * xs.double().reshape(-1, 1)) @ (wq.double() * ws.double().reshape(-1, 1)).T
+    if with_bias:
+        want = want + bias.double()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert_rel_close(y, want, TOL[torch.bfloat16], "fp8_gemm (bfloat16 copy)")
+    assert_rel_close(y, before, TOL[torch.bfloat16], "vs the definition")
+    assert torch.equal(ops.fp8_gemm(xq, xs, wq, ws, out_dtype=torch.float16, bias=bias).float(),
+                       reference.fp8_gemm(xq, xs, wq.clone(), ws, torch.float16, bias).float())  # fp16: the definition
+
+
+def test_quantized_linears_prepare_their_cpu_layouts():
+    """On the CPU, Int4Linear and Fp8Linear load into the torch backend's CPU-kernel layouts (through ops)."""
+    from llama_kernels.model import Fp8Linear, Int4Linear
+
+    w = randn(64, 256, seed=4, scale=0.05)
+    x = randn(3, 256, seed=5)
+    lin4 = Int4Linear(256, 64, torch.float32, 128)
+    lin4.load(w)
+    assert lin4.backend is None and "_cpu_int4_packed" in lin4.weight.__dict__
+    plain = ops.quantize_int4(w, group_size=128)
+    assert_rel_close(lin4(x), reference.int4_linear_reference(x.bfloat16(), plain), TOL[torch.bfloat16], "Int4Linear")
+    lin8 = Fp8Linear(256, 64, torch.float32)
+    lin8.load(w)
+    assert hasattr(lin8.weight, "_cpu_bf16_weight")
+    xq, xs = ops.quantize_fp8(x)
+    want = reference.fp8_gemm(xq, xs, lin8.weight.clone(), lin8.weight_scale)
+    assert_rel_close(lin8(x), want, TOL[torch.bfloat16], "Fp8Linear")
+
+
 def test_reference_module_exports_every_op():
     for name in ("quantize_fp8", "fp8_gemm", "int4_gemm", "rms_norm", "add_rms_norm", "add_rms_norm_fp8",
                  "rope_cos_sin", "rope_and_cache", "decode_attention", "paged_prefill_attention"):  # fmt: skip

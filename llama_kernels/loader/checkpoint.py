@@ -102,8 +102,9 @@ class ByteProgress:
         self.bar.close()
         if self.enabled and not self.tty:
             secs = time.perf_counter() - self.start
-            print(f"{self.label}: {self.done / 1e6:.0f} MB in {secs:.1f} s ({self.done / 1e6 / max(secs, 1e-9):.0f} "
-                  "MB/s)", file=sys.stderr, flush=True)  # fmt: skip
+            mb = self.done / 1e6  # 3 significant digits: a small model is not "0 MB in 0.0 s (0 MB/s)"
+            print(f"{self.label}: {mb:.3g} MB in {secs:.3g} s ({mb / max(secs, 1e-9):.3g} MB/s)", file=sys.stderr,
+                  flush=True)  # fmt: skip
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quant: str | None = None,

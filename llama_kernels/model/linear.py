@@ -28,6 +28,9 @@ from ..int4 import Int4Weight
 logger = logging.getLogger("llama_kernels")
 
 META_FP8_SCALE_UB = 1200.0  # Meta's activation_scale_ub for FP8 Llama 3.1
+# activation_scale_ub that never clamps (float32's largest): what `quantize --policy all` writes, as fbgemm_fp8
+# loaders (vLLM) require the key; loading it gives no bound
+FP8_NO_BOUND = 3.4028234663852886e38
 
 
 class Fp8Activation(NamedTuple):
@@ -123,9 +126,10 @@ class Fp8Linear(nn.Module):
             if w.input_scale is not None:
                 raise ValueError("Fp8Linear.load: the weight has a static input scale; use Fp8StaticLinear")
             self.weight, self.weight_scale = w.weight, w.scale.expand(self.out_features).contiguous()
-            return
-        _check_weight(self, w)
-        self.weight, self.weight_scale = ops.quantize_fp8(w)
+        else:
+            _check_weight(self, w)
+            self.weight, self.weight_scale = ops.quantize_fp8(w)
+        ops.prepare_fp8(self.weight, _gemm_dtype(self.dtype))  # e.g. on the CPU, a bfloat16 copy
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """x [M, K] (or its FP8 form) -> [M, N] in the activation dtype."""
@@ -147,8 +151,9 @@ class Fp8Linear(nn.Module):
         if amax > self.scale_ub and not _warned_bound:
             _warned_bound = True
             logger.warning(
-                "FP8 policy 'meta': activations reach %.0f, above its bound of %.0f, and are clamped to it; "
-                "this model may lose accuracy: quantize with policy 'all' (--policy all)", amax, self.scale_ub)
+                "FP8: activations reach %.0f, above the bound of %.0f (Meta's activation_scale_ub, policy 'meta'), "
+                "and are clamped to it: this model may lose accuracy. Without a bound: --quant fp8 --policy all "
+                "(the default), or a checkpoint written by `llama-kernels quantize --policy all`", amax, self.scale_ub)
 
 
 _warned_bound = False  # Fp8Linear._check_bound has warned
@@ -181,6 +186,7 @@ class Fp8StaticLinear(nn.Module):
             raise ValueError(f"Fp8StaticLinear.load: input_scale is {w.input_scale.dtype} "
                              f"{tuple(w.input_scale.shape)}; expected a float32 scalar")  # fmt: skip
         self.weight, self.weight_scale, self.input_scale = w.weight, w.scale, w.input_scale
+        ops.prepare_fp8(self.weight, _gemm_dtype(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in the activation dtype."""
