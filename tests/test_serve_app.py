@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -550,6 +551,8 @@ def test_serve_package_and_cli_import_without_fastapi():
     (["--max-num-seqs", "0"], ["--max-num-seqs=0", ">= 1"]),
     (["--port", "70000"], ["--port=70000", "65535"]),
     (["/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
+    (["--model", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),  # --model as generate/chat take it
+    (["a.gguf", "--model", "b.gguf"], ["MODEL='a.gguf'", "--model='b.gguf'", "once"]),
 ])  # fmt: skip
 def test_serve_command_bad_arguments_are_one_line(argv, words, capsys):
     import argparse
@@ -558,9 +561,9 @@ def test_serve_command_bad_arguments_are_one_line(argv, words, capsys):
 
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)
-    assert serve_cli.run(parser.parse_args(argv)) == 2
+    assert serve_cli.run(parser.parse_args(argv)) == 1  # a bad value: exit 1, as every command
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("llama-kernels serve: "), err
+    assert len(err.splitlines()) == 1 and err.startswith("llama-kernels serve: error: "), err
     for w in words:
         assert w in err, (w, err)
 
@@ -597,3 +600,28 @@ def test_serve_command_busy_port_fails_before_loading(capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"llama-kernels serve: cannot listen on 127.0.0.1:{port}: Address already in use", err
     assert time.monotonic() - start < 1.0  # no model was loaded
+
+
+def test_each_finished_request_is_one_log_line(server, caplog):
+    """serve --log-requests (the default): one line per request, with its id, how it ended, its tokens and time;
+    off, nothing."""
+    server.async_engine.log_requests = True
+    try:
+        with caplog.at_level(logging.INFO, logger="llama_kernels.requests"):
+            r = _post(server, CHAT, {"messages": MSG, "max_tokens": 3})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 5
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.02)
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "llama_kernels.requests"]
+        usage = r.json()["usage"]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("request ") and " finished (" in lines[0], lines[0]
+        assert f"prompt {usage['prompt_tokens']} tokens, completion {usage['completion_tokens']} tokens" in lines[0]
+        caplog.clear()
+        server.async_engine.log_requests = False
+        with caplog.at_level(logging.INFO, logger="llama_kernels.requests"):
+            assert _post(server, CHAT, {"messages": MSG, "max_tokens": 3}).status_code == 200
+        assert not [rec for rec in caplog.records if rec.name == "llama_kernels.requests"]
+    finally:
+        server.async_engine.log_requests = False

