@@ -122,6 +122,13 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
     parser.add_argument("--prefill-chunk", type=int, default=plan.PREFILL_CHUNK, help="prompt tokens per "
                         f"forward pass at most; longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK})")
+    serve.speculative_arguments(parser)
+
+
+def check_speculative(args: argparse.Namespace) -> None:
+    """ValueError for a bad --num-speculative-tokens (before anything loads)."""
+    if args.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens {args.num_speculative_tokens}; expected an int >= 1")
 
 
 def _check_before_load(args: argparse.Namespace) -> None:
@@ -129,6 +136,7 @@ def _check_before_load(args: argparse.Namespace) -> None:
     from .llm import check_sampling, resolve_device
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_speculative(args)
     if args.max_context is not None and args.max_context < 1:
         raise ValueError(f"--max-context {args.max_context}; expected an int >= 1")
     tp = getattr(args, "tp", 1)
@@ -156,7 +164,8 @@ def _load(args: argparse.Namespace, ckpt, min_context: int):
     return LLM.from_pretrained(ckpt, quant=args.quant, device=args.device, policy=args.policy,
                                max_context=args.max_context, cuda_graphs=not args.eager,
                                tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk,
-                               min_context=min_context)  # fmt: skip
+                               min_context=min_context, speculative=args.speculative,
+                               num_speculative_tokens=args.num_speculative_tokens)  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -213,7 +222,16 @@ def _print_stats(s) -> None:
     """Throughput of the last generate call, on stderr (stdout holds only the generated text)."""
     print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
     print(f"decode: {s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s, {s.decode_gb_per_s:.2f} GB/s "
-          "(weight + KV bytes per step)", file=sys.stderr)  # fmt: skip
+          f"(weight + KV bytes per step){_speculation(s)}", file=sys.stderr)  # fmt: skip
+
+
+def _speculation(s) -> str:
+    """', acceptance ...' of the speculative drafts of a generate call ('' when none was verified)."""
+    c = s.spec
+    if not c.verifications:
+        return ""
+    return (f", speculative acceptance {100 * c.acceptance_rate:.0f}% ({c.accepted}/{c.proposed} draft tokens), "
+            f"{c.mean_accepted_length:.2f} tokens per verification")  # fmt: skip
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -280,7 +298,7 @@ def _run_chat(args: argparse.Namespace) -> int:
         print()
         history.append({"role": "assistant", "content": llm.tokenizer.decode(out)})
         s = llm.last_stats
-        print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s{_speculation(s)}]", file=sys.stderr)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -364,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("--kv-cache-scales", action="store_true",
                           help="also write calibrated FP8 KV-cache scales (compressed-tensors kv_cache_scheme); "
                           "runs the model once, so needs it in memory")  # fmt: skip
-    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
-                                       parents=[common], formatter_class=fmt))  # fmt: skip
+    serve_parser = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
+                                  parents=[common], formatter_class=fmt)  # fmt: skip
+    serve.add_arguments(serve_parser)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args, plan_parser)

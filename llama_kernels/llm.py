@@ -19,6 +19,7 @@ from .engine.block_allocator import BlockAllocator
 from .engine.detokenizer import Detokenizer
 from .engine.engine import Engine, GenerationStats, LoadedModel
 from .engine.sampling import SamplingParams
+from .engine.speculative import SpeculativeConfig
 
 CPU_MAX_CONTEXT = 4096  # default tokens per sequence on the CPU (capped by the model's own)
 BLOCK_SIZE = planner.KV_BLOCK_SIZE  # tokens per KV-cache block
@@ -104,8 +105,8 @@ class LLM:
     engine (llama_kernels.engine.Engine) that generate(), generate_ids() and logits() run on."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cache: KVCache, max_context: int,
-                 max_batch: int, cuda_graphs: bool = True,
-                 prefill_chunk: int = planner.PREFILL_CHUNK) -> None:  # fmt: skip
+                 max_batch: int, cuda_graphs: bool = True, prefill_chunk: int = planner.PREFILL_CHUNK,
+                 speculative: SpeculativeConfig | None = None) -> None:  # fmt: skip
         self.model = model  # the Transformer, set up for max_context positions
         self.tokenizer = tokenizer  # Tokenizer, or None if the checkpoint has none
         self.cache = cache  # paged KV cache for max_batch * max_context tokens
@@ -114,7 +115,9 @@ class LLM:
         self.max_batch = max_batch  # sequences decoded at once by generate()
         self.cuda_graphs = cuda_graphs  # on CUDA, replay decode steps as CUDA graphs
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass at most (the planner's number)
-        self.engine = Engine(self.loaded, max_num_seqs=max_batch)  # fixes FP8 KV scales once (calibration pass)
+        self.speculative = speculative  # speculative decoding of generate() (and the server's engine), or None
+        self.engine = Engine(self.loaded, max_num_seqs=max_batch, speculative=speculative)  # fixes FP8 KV
+        # scales once (calibration pass)
         self.last_stats: GenerationStats | None = None  # throughput of the last generate call
 
     @property
@@ -137,7 +140,8 @@ class LLM:
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
                         tp: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK,
-                        min_context: int = 1) -> LLM:  # fmt: skip
+                        min_context: int = 1, speculative: str | None = None,
+                        num_speculative_tokens: int = 3) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
         Args:
@@ -166,7 +170,13 @@ class LLM:
                 (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
             min_context: tokens the caller needs per sequence (prompt + new tokens): a smaller
                 max_context (given or sized) is a ValueError before anything loads.
+            speculative: None, or "ngram": speculative decoding with prompt lookup (each decoding
+                sequence proposes up to num_speculative_tokens tokens that followed the latest earlier
+                occurrence of its last tokens; one forward pass verifies them exactly: see
+                llama_kernels.engine.speculative).
+            num_speculative_tokens: k, draft tokens per sequence per step at most.
         """
+        spec = speculative_config(speculative, num_speculative_tokens)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
@@ -194,26 +204,28 @@ class LLM:
         if kv_scales is not None and progress:
             print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
-                          kv_scales)  # fmt: skip
+                          kv_scales, spec)  # fmt: skip
 
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
                     max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None, max_batch: int = 8,
-                    seed: int = 0, cuda_graphs: bool = True,
-                    prefill_chunk: int = planner.PREFILL_CHUNK) -> LLM:  # fmt: skip
+                    seed: int = 0, cuda_graphs: bool = True, prefill_chunk: int = planner.PREFILL_CHUNK,
+                    speculative: str | None = None, num_speculative_tokens: int = 3) -> LLM:  # fmt: skip
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
         and checked like from_pretrained (same arguments): for tokens/s without a checkpoint, and tests."""
+        spec = speculative_config(speculative, num_speculative_tokens)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
-        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk)
+        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, None, spec)
 
     @classmethod
     def _build(cls, model: Transformer, tokenizer: Tokenizer | None, kv_dtype: torch.dtype, max_context: int,
                max_batch: int, cuda_graphs: bool, prefill_chunk: int,
-               kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> LLM:  # fmt: skip
+               kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+               speculative: SpeculativeConfig | None = None) -> LLM:  # fmt: skip
         """The LLM over `model`; kv_scales (a checkpoint's FP8 KV scales) fix the cache's, else the engine
         calibrates them."""
         c = model.config
@@ -224,7 +236,7 @@ class LLM:
         cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
         if kv_scales is not None:
             cache.set_scales(*kv_scales)
-        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk)
+        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk, speculative)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -380,6 +392,18 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, max_context: in
                 f"{len(p) + max_new_tokens} > the allocated context of {max_context} tokens; shorten the prompt, "
                 "lower max_new_tokens or load with a larger max_context"
             )
+
+
+def speculative_config(speculative: str | None, num_speculative_tokens: int) -> SpeculativeConfig | None:
+    """The SpeculativeConfig of from_pretrained's arguments (None: no speculation), checked."""
+    if speculative is None:
+        return None
+    if speculative != "ngram":
+        raise ValueError(f"LLM.from_pretrained: speculative={speculative!r}; expected None or 'ngram'")
+    k = num_speculative_tokens
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"LLM.from_pretrained: num_speculative_tokens={k!r}; expected an int >= 1")
+    return SpeculativeConfig(speculative, k)
 
 
 def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,

@@ -40,3 +40,11 @@ class BlockAllocator:
         """Give back every block of `blocks` and empty it."""
         self._free.extend(reversed(blocks))
         blocks.clear()
+
+    def shrink(self, blocks: list[int], tokens: int) -> None:
+        """Give back the blocks of `blocks` past those that hold `tokens` tokens (a speculative rollback)."""
+        keep = self.blocks_for(tokens)
+        if len(blocks) > keep:
+            tail = blocks[keep:]
+            del blocks[keep:]
+            self.free(tail)

@@ -18,6 +18,7 @@ from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
 from .scheduler import Scheduler, Sequence
+from .speculative import SpecCounters, SpeculativeConfig, Speculator, make_speculator, rollback
 
 
 @dataclass
@@ -58,6 +59,10 @@ class EngineStats:
     prompt_tokens_total: int  # prompt tokens of every admitted request
     generation_tokens_total: int  # tokens sampled (stop tokens included)
     num_preemptions: int
+    spec_proposed_total: int = 0  # speculative draft tokens verified
+    spec_accepted_total: int = 0  # of those, accepted
+    spec_verifications_total: int = 0  # (sequence, step) pairs that verified a draft
+    spec_mean_accepted_length: float = 0.0  # tokens per verification (accepted drafts + 1); 0 before any
 
 
 @dataclass
@@ -72,6 +77,7 @@ class GenerationStats:
     decode_tokens: int = 0  # tokens those steps produced (a sequence's first token comes from its prefill)
     decode_bytes: int = 0  # weight + KV bytes the decode steps read
     batch_sizes: list[int] = field(default_factory=list)  # requests admitted per step that admitted any
+    spec: SpecCounters = field(default_factory=SpecCounters)  # speculative drafts proposed / accepted
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -109,16 +115,22 @@ class Engine:
             planner's PREFILL_CHUNK unless loaded with another, so the planner's activation budget holds).
         max_num_batched_tokens: tokens per step at most, decodes included (default
             max(prefill_chunk, max_num_seqs); must be >= max_num_seqs so every running sequence
-            decodes every step).
+            decodes every step). Speculative drafts count too.
+        speculative: speculative decoding (engine/speculative.py), or None; a Speculator brings its
+            own proposer (a draft model), a SpeculativeConfig of method "ngram" needs none.
     """
 
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 8, prefill_chunk: int | None = None,
-                 max_num_batched_tokens: int | None = None) -> None:  # fmt: skip
+                 max_num_batched_tokens: int | None = None,
+                 speculative: SpeculativeConfig | Speculator | None = None) -> None:  # fmt: skip
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         prefill_chunk = _positive_int("prefill_chunk", loaded.prefill_chunk if prefill_chunk is None else prefill_chunk)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(prefill_chunk, max_num_seqs)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens, max_num_seqs)
+        if isinstance(speculative, SpeculativeConfig):
+            speculative = make_speculator(speculative)
+        self.speculator: Speculator | None = speculative  # None: one token per sequence per step
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer  # encode / decode / apply_chat_template (None for a random model)
@@ -195,33 +207,48 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        spec = self.speculator.totals if self.speculator is not None else SpecCounters()
         return EngineStats(len(s.running), len(s.waiting), self.allocator.used, self.allocator.num_blocks,
-                           self._prompt_total, self._generated_total, s.num_preemptions)  # fmt: skip
+                           self._prompt_total, self._generated_total, s.num_preemptions, spec.proposed,
+                           spec.accepted, spec.verifications, spec.mean_accepted_length)  # fmt: skip
 
     # --- one iteration -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once over every scheduled chunk, sample, detokenize."""
+        """Schedule, run the model once over every scheduled chunk (and speculative draft), sample or
+        verify, detokenize."""
         outputs, self._pending = self._pending, []
-        scheduled, admitted = self.scheduler.schedule()
+        t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_context)  # seq.draft of decoding sequences
+        scheduled, admitted = self.scheduler.schedule()  # a draft that does not fit is dropped there
         if not scheduled:
             return outputs
-        t0 = time.perf_counter()
         decode = all(seq.is_decoding for seq, _ in scheduled)
         chunks = []
         for seq, n in scheduled:
-            start = seq.num_computed
-            chunks.append(Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids)))
-        logits = self.runner.run(chunks, lead=self.lead)  # [N, V] float32: the chunks that end their sequence's known tokens
+            start, end = seq.num_computed, seq.num_computed + n - len(seq.draft)  # the draft follows ids[:end]
+            chunks.append(Chunk(seq.ids[start:end] + seq.draft, start, seq.blocks, end == len(seq.ids),
+                                len(seq.draft)))  # fmt: skip
+        # [N, V] float32: rows of the chunks that end their sequence's known tokens (1 + len(draft) each)
+        logits = self.runner.run(chunks, lead=self.lead)
         for seq, n in scheduled:
-            seq.num_computed += n
+            seq.num_computed += n - len(seq.draft)
         sampling = [seq for seq, n in scheduled if seq.num_computed == len(seq.ids)]
-        tokens = self._sample(sampling, logits)
-        for seq, row, token in zip(sampling, logits, tokens):
-            out = self._append(seq, row, token)
+        if self.speculator is None:
+            rows = [logits[i : i + 1] for i in range(len(sampling))]
+            tokens = [[t] for t in self._sample(sampling, logits)]
+        else:
+            rows, tokens = self.speculator.verify(sampling, logits, self._sample, self.throughput.spec)
+        produced = 0
+        for seq, seq_rows, seq_tokens in zip(sampling, rows, tokens):
+            if seq.draft:
+                rollback(seq, len(seq_tokens) - 1, self.allocator)
+            out, taken = self._append(seq, seq_rows, seq_tokens)
+            produced += taken
             if out is not None:
                 outputs.append(out)
-        self._account(time.perf_counter() - t0, decode, scheduled, admitted, len(sampling))
+        self._account(time.perf_counter() - t0, decode, scheduled, admitted, produced)
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -231,22 +258,26 @@ class Engine:
                 int(sample(logits[i : i + 1], s.params.temperature, s.params.top_k, s.params.top_p, s.generator))
                 for i, (s, g) in enumerate(zip(seqs, greedy))]  # fmt: skip
 
-    def _append(self, seq: Sequence, logits: torch.Tensor, token: int) -> RequestOutput | None:
-        """Take a sampled token; the request's output for this step (None if nothing to report)."""
+    def _append(self, seq: Sequence, rows: torch.Tensor, tokens: list[int]) -> tuple[RequestOutput | None, int]:
+        """Take a step's new tokens in order (one sampled, or a verification's; rows [len(tokens), V] their
+        logits) until one finishes the request: (its output for this step, the tokens taken, stop token
+        included). Stop ids and strings, max_tokens and logprobs see exactly these tokens."""
         p = seq.params
         stop_ids = p.stop_token_ids if p.ignore_eos else (*self.eos_ids, *p.stop_token_ids)
-        if token in stop_ids:
-            return self._finish(seq, "stop")
-        seq.ids.append(token)
-        seq.new_ids.append(token)
-        if p.logprobs is not None:
-            seq.new_logprobs.append(token_logprob(logits, token, p.logprobs))
-        text = seq.detokenizer.add([token]) if seq.detokenizer is not None else ""
-        if seq.detokenizer is not None and seq.detokenizer.stopped:
-            return self._finish(seq, "stop", text)
-        if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_context:
-            return self._finish(seq, "length", text)
-        return self._output(seq, None, text)
+        text = ""
+        for i, token in enumerate(tokens):
+            if token in stop_ids:
+                return self._finish(seq, "stop", text), i + 1
+            seq.ids.append(token)
+            seq.new_ids.append(token)
+            if p.logprobs is not None:
+                seq.new_logprobs.append(token_logprob(rows[i], token, p.logprobs))
+            text += seq.detokenizer.add([token]) if seq.detokenizer is not None else ""
+            if seq.detokenizer is not None and seq.detokenizer.stopped:
+                return self._finish(seq, "stop", text), i + 1
+            if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_context:
+                return self._finish(seq, "length", text), i + 1
+        return self._output(seq, None, text), len(tokens)
 
     def _finish(self, seq: Sequence, reason: str, text: str = "") -> RequestOutput:
         if seq.detokenizer is not None:

@@ -65,10 +65,17 @@ class TokenLogprob:
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
-    """Next tokens [B] int64 from logits [B, V]: greedy at temperature 0, else softmax(logits / T)
-    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    """Next tokens [B] int64 from logits [B, V]: greedy at temperature 0, else drawn from sampling_probs."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The distribution [B, V] float32 that sampling draws from, for logits [B, V] and temperature > 0:
+    softmax(logits / T) restricted to the top_k most likely tokens and to the smallest set whose
+    probability reaches top_p (speculative verification needs it as well as sample())."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -78,8 +85,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the nucleus is complete
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:

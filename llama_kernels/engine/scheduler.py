@@ -37,6 +37,8 @@ class Sequence:
         self.admitted = False  # admitted at least once (its prompt counted)
         self.new_ids: list[int] = []  # tokens not yet reported in a RequestOutput
         self.new_logprobs: list[TokenLogprob] = []  # their logprobs (when asked for)
+        self.draft: list[int] = []  # speculative tokens to verify in the next step (engine/speculative.py)
+        self.draft_probs: torch.Tensor | None = None  # [len(draft), V] their proposal distributions; None: one-hot
 
     @property
     def output_ids(self) -> list[int]:
@@ -83,10 +85,16 @@ class Scheduler:
         step: dict[Sequence, int] = {}
         decoding = [s for s in self.running if s.is_decoding]
         prefilling = [s for s in self.running if not s.is_decoding]
+        spare = budget - len(decoding)  # tokens past one per decoding sequence: room for drafts
         for seq in decoding + prefilling:
             if seq not in self.running:  # preempted for an older sequence in this loop
                 continue
-            n = min(seq.num_uncomputed, self.prefill_chunk, budget)
+            if seq.draft:  # a draft rides along while the budget and the free blocks allow (never preempts)
+                del seq.draft[max(0, min(spare, self.prefill_chunk - 1)) :]
+                if not self.allocator.grow(seq.blocks, seq.num_computed + 1 + len(seq.draft)):
+                    seq.draft.clear()
+                spare -= len(seq.draft)
+            n = min(seq.num_uncomputed + len(seq.draft), self.prefill_chunk, budget)
             if n and self._grow(seq, n):
                 step[seq] = n
                 budget -= n
@@ -112,6 +120,7 @@ class Scheduler:
             victim = self.running.pop()
             self.allocator.free(victim.blocks)
             victim.num_computed = 0  # recomputed from scratch: prompt + tokens so far
+            victim.draft = []
             self.waiting.appendleft(victim)
             self.num_preemptions += 1
             if victim is seq:

@@ -52,6 +52,9 @@ class EngineGauges:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions: int = 0
+    spec_proposed_total: int = 0  # speculative draft tokens verified
+    spec_accepted_total: int = 0  # of those, accepted
+    spec_verifications_total: int = 0  # (request, step) pairs that verified a draft
 
 
 class Metrics:
@@ -63,8 +66,9 @@ class Metrics:
         self.finished: dict[str, int] = {}  # finish reason ("stop", "length", "abort", "error") -> requests
 
     def set_gauges(self, stats) -> None:
-        """Copy an EngineStats (any object with EngineGauges' attributes)."""
-        values = {k: int(getattr(stats, k)) for k in EngineGauges.__dataclass_fields__}
+        """Copy an EngineStats (any object with EngineGauges' attributes; the spec_* ones may be missing: 0)."""
+        values = {k: int(getattr(stats, k) if not k.startswith("spec_") else getattr(stats, k, 0))
+                  for k in EngineGauges.__dataclass_fields__}  # fmt: skip
         with self._lock:
             self.gauges = EngineGauges(**values)
 
@@ -104,6 +108,15 @@ class Metrics:
                    [f"{p}_prompt_tokens_total {g.prompt_tokens_total}"])  # fmt: skip
             metric("generation_tokens_total", "counter", "Tokens generated.",
                    [f"{p}_generation_tokens_total {g.generation_tokens_total}"])  # fmt: skip
+            metric("spec_decode_num_draft_tokens_total", "counter", "Speculative draft tokens verified.",
+                   [f"{p}_spec_decode_num_draft_tokens_total {g.spec_proposed_total}"])  # fmt: skip
+            metric("spec_decode_num_accepted_tokens_total", "counter", "Speculative draft tokens accepted.",
+                   [f"{p}_spec_decode_num_accepted_tokens_total {g.spec_accepted_total}"])  # fmt: skip
+            verifications = g.spec_verifications_total
+            mean = (g.spec_accepted_total + verifications) / verifications if verifications else 0.0
+            metric("spec_decode_mean_accepted_length", "gauge", "Tokens per speculative verification (accepted "
+                   "drafts + the target's own token; 0 before any).",
+                   [f"{p}_spec_decode_mean_accepted_length {mean!r}"])  # fmt: skip
             metric("request_success_total", "counter", "Finished requests by finish reason.",
                    [f'{p}_request_success_total{{finished_reason="{r}"}} {n}'
                     for r, n in sorted(self.finished.items())])  # fmt: skip

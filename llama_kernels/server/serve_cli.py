@@ -38,10 +38,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
                         "HTTP and schedules; every rank runs the forward)")  # fmt: skip
+    speculative_arguments(parser)
+
+
+def speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """--speculative and --num-speculative-tokens (serve, and the CLI's generate and chat)."""
+    parser.add_argument("--speculative", choices=("ngram",), default=None, help="speculative decoding: 'ngram' "
+                        "proposes the tokens that followed the latest earlier occurrence of the last few tokens "
+                        "(prompt lookup; pays off when the output quotes the prompt), verified exactly in one "
+                        "forward pass (same greedy output; sampling keeps its distribution)")  # fmt: skip
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="with --speculative: draft tokens "
+                        "per sequence per step at most")  # fmt: skip
 
 
 def _check(args: argparse.Namespace) -> str | None:
-    for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp"):
+    for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp",
+                 "num_speculative_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')}={value}; expected an integer >= 1"
@@ -79,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
-                                  kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8")  # fmt: skip
-        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
+                                  kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8",
+                                  speculative=args.speculative,
+                                  num_speculative_tokens=args.num_speculative_tokens)  # fmt: skip
+        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk,
+                        speculative=llm.speculative)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
             sock.close()

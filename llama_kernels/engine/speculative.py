@@ -1,0 +1,226 @@
+"""Speculative decoding: proposers, exact verification and rollback.
+
+Each decoding sequence may bring a draft of up to k proposed tokens into a step. The target model
+scores [its last token, d1 .. dk] in the same forward pass as the step's other chunks (query length
+k + 1 over the paged cache: ops.paged_prefill_attention), which gives k + 1 rows of logits: row i is
+the target's distribution of the token after d1 .. di. verify() keeps the longest prefix of the draft
+the target accepts and adds one token of the target's own (the correction at the first rejection, or
+a bonus token when every draft token is accepted), so each verification yields 1 to k + 1 tokens:
+
+- greedy (temperature 0): d_i is accepted while it is the target's argmax; the result is exactly the
+  tokens non-speculative greedy decoding gives.
+- sampling: exact rejection sampling (Leviathan et al. 2023; Chen et al. 2023): d_i is accepted with
+  probability min(1, p_i(d_i) / q_i(d_i)), p the target's sampling distribution (temperature, top-k,
+  top-p applied) and q the proposer's; at the first rejection the token is drawn from
+  normalize(max(0, p_i - q_i)). Every token then follows the target's distribution exactly. A
+  deterministic proposer (n-gram) has a one-hot q. The draws use the request's own generator.
+
+The cache then holds k/v for the rejected draft tokens too; rollback() sets the sequence's computed
+length back to its accepted tokens and frees the blocks that hold none of them.
+
+When to speculate (SpeculativeConfig.max_verify_tokens): a verify step runs B (k + 1) tokens through
+the model instead of B. While that stays small the pass is bound by reading the weights and costs
+little more than a decode step; past it the extra tokens cost about as much compute as they save.
+So a step speculates only while (decoding sequences) x (k + 1) <= max_verify_tokens; larger steps
+decode one token per sequence. The default (32) comes from the verify cost measured on SmolLM2 on
+the CPU (a 32-token pass costs ~2x a 1-token one: benchmarks/results/spec_cpu_smollm2_*.json), i.e.
+where a mean accepted length of ~2 stops paying for the pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .block_allocator import BlockAllocator
+from .sampling import sampling_probs
+
+METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"  # "ngram" (prompt lookup) | "draft" (a smaller model with the same tokenizer)
+    num_tokens: int = 3  # k: draft tokens per sequence per step at most
+    max_verify_tokens: int = 32  # speculate in a step only while decoding sequences x (k + 1) <= this
+    ngram_max: int = 4  # the n-gram proposer matches the last ngram_max .. ngram_min tokens, longest first
+    ngram_min: int = 2
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, its value and what was expected."""
+
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"speculative: {name}={getattr(self, name)!r}; expected {expected}")
+
+        def pos(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        if self.method not in METHODS:
+            raise bad("method", " or ".join(map(repr, METHODS)))
+        if not pos(self.num_tokens):
+            raise bad("num_tokens", "an int >= 1")
+        if not pos(self.max_verify_tokens):
+            raise bad("max_verify_tokens", "an int >= 1")
+        if not pos(self.ngram_min) or not pos(self.ngram_max) or self.ngram_min > self.ngram_max:
+            raise bad("ngram_min", f"an int in [1, ngram_max={self.ngram_max}]")
+
+
+@dataclass
+class Draft:
+    """A proposal for one sequence."""
+
+    tokens: list[int]  # d1 .. dn (n <= k)
+    probs: torch.Tensor | None = None  # [n, V] float32 q_i of each d_i's position; None: deterministic (one-hot)
+
+
+class Proposer(Protocol):
+    """Proposes drafts for a batch of sequences (a draft model or an EAGLE-style head runs them as one batch)."""
+
+    def propose(self, contexts: list[list[int]], ks: list[int]) -> list[Draft]:
+        """One draft per context (its tokens so far: prompt + output) of at most ks[i] tokens (may be empty)."""
+        ...
+
+
+class NgramProposer:
+    """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens (n from
+    ngram_max down to ngram_min) and propose the tokens that followed it. No model, no state."""
+
+    def __init__(self, ngram_max: int = 4, ngram_min: int = 2) -> None:
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+
+    def propose(self, contexts: list[list[int]], ks: list[int]) -> list[Draft]:
+        return [Draft(self.lookup(ids, k)) for ids, k in zip(contexts, ks)]
+
+    def lookup(self, ids: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier match of the last n tokens of ids."""
+        if k < 1 or len(ids) <= self.ngram_min:
+            return []
+        arr = np.asarray(ids, dtype=np.int64)
+        for n in range(min(self.ngram_max, len(ids) - 1), self.ngram_min - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. len - 1 - n
+            hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the token after the latest match
+                return ids[start : start + k]
+        return []
+
+
+def verify(rows: torch.Tensor, draft: Draft, params, generator: torch.Generator | None) -> list[int]:
+    """The tokens a verification yields (accepted draft tokens, then one of the target's own).
+
+    Args:
+        rows: [n + 1, V] float32 target logits; row i scores the token after draft.tokens[:i].
+        draft: n proposed tokens (and their proposal distributions, None: one-hot).
+        params: the request's SamplingParams (temperature 0: greedy).
+        generator: the request's generator (sampling).
+    """
+    tokens = draft.tokens
+    if params.temperature == 0:
+        target = rows.argmax(dim=-1).tolist()
+        out = []
+        for d, t in zip(tokens, target):
+            if d != t:
+                break
+            out.append(d)
+        return out + [target[len(out)]]
+    p = sampling_probs(rows, params.temperature, params.top_k, params.top_p)  # [n + 1, V]
+    u = torch.rand(len(tokens), generator=generator, device=rows.device).tolist()
+    out = []
+    for i, d in enumerate(tokens):
+        q_d = 1.0 if draft.probs is None else float(draft.probs[i, d])
+        if u[i] * q_d < float(p[i, d]):  # accept with probability min(1, p / q)
+            out.append(d)
+            continue
+        if draft.probs is None:
+            residual = p[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - draft.probs[i]).clamp(min=0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is exact
+            residual = p[i]
+        return out + [int(torch.multinomial(residual, 1, generator=generator))]
+    return out + [int(torch.multinomial(p[len(tokens)], 1, generator=generator))]
+
+
+def rollback(seq, accepted: int, allocator: BlockAllocator) -> None:
+    """After a verification of seq.draft that accepted `accepted` of its tokens (seq.ids not yet extended):
+    the cache keeps k/v of seq.ids and the accepted drafts; the rejected ones' slots are dropped (blocks
+    that hold none of the kept tokens go back to the pool)."""
+    seq.num_computed = len(seq.ids) + accepted
+    allocator.shrink(seq.blocks, seq.num_computed)
+    seq.draft = []
+
+
+@dataclass
+class SpecCounters:
+    """Since start-up (engine stats, /metrics) or per LLM.generate call."""
+
+    proposed: int = 0  # draft tokens verified
+    accepted: int = 0  # of those, accepted
+    verifications: int = 0  # (sequence, step) pairs that verified a non-empty draft
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification: accepted drafts + the target's own token (1 .. k + 1)."""
+        return (self.accepted + self.verifications) / self.verifications if self.verifications else 0.0
+
+
+@dataclass
+class Speculator:
+    """The engine's speculation: picks each step's drafts, verifies them, rolls back."""
+
+    config: SpeculativeConfig
+    proposer: Proposer
+    totals: SpecCounters = field(default_factory=SpecCounters)  # since start-up
+
+    def propose(self, running: list, max_context: int) -> None:
+        """Set seq.draft on each decoding sequence of `running` (none when the step would be too large)."""
+        decoding = [s for s in running if s.is_decoding]
+        k = self.config.num_tokens
+        if not decoding or len(decoding) * (k + 1) > self.config.max_verify_tokens:
+            return
+        # no draft past the context or past max_tokens (the verification adds one token of its own)
+        ks = [min(k, max_context - len(s.ids), s.params.max_tokens - len(s.output_ids) - 1) for s in decoding]
+        for seq, draft in zip(decoding, self.proposer.propose([s.ids for s in decoding], ks)):
+            seq.draft = draft.tokens
+            seq.draft_probs = draft.probs
+
+    def verify(self, seqs: list, logits: torch.Tensor, sample,
+               *counters: SpecCounters) -> tuple[list[torch.Tensor], list[list[int]]]:  # fmt: skip
+        """(rows [m_i, V] of each sequence, its new tokens): logits [sum m_i, V] holds 1 + len(draft)
+        rows per sequence. Sequences without a draft are sampled together by sample(seqs, rows [N, V]),
+        as without speculation; the others are verified (self.totals and `counters` count them)."""
+        sizes = [1 + len(s.draft) for s in seqs]
+        rows = list(logits.split(sizes))
+        plain = [i for i, s in enumerate(seqs) if not s.draft]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        if plain:
+            sampled = sample([seqs[i] for i in plain], torch.cat([rows[i] for i in plain]))
+            for i, t in zip(plain, sampled):
+                tokens[i] = [t]
+        for i, seq in enumerate(seqs):
+            if seq.draft:
+                draft = Draft(seq.draft, seq.draft_probs)
+                tokens[i] = verify(rows[i], draft, seq.params, seq.generator)
+                for c in (self.totals, *counters):
+                    c.proposed += len(draft.tokens)
+                    c.accepted += len(tokens[i]) - 1
+                    c.verifications += 1
+        return rows, tokens
+
+
+def make_speculator(config: SpeculativeConfig, proposer: Proposer | None = None) -> Speculator:
+    """The Speculator of `config`; the n-gram proposer unless another is given (the draft model's)."""
+    config.validate()
+    if proposer is None:
+        if config.method != "ngram":
+            raise ValueError(f"speculative: method={config.method!r} needs a proposer (a draft model)")
+        proposer = NgramProposer(config.ngram_max, config.ngram_min)
+    return Speculator(config, proposer)
