@@ -126,9 +126,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_speculative(args: argparse.Namespace) -> None:
-    """ValueError for a bad --num-speculative-tokens (before anything loads)."""
+    """ValueError for bad --speculative / --draft-model / --num-speculative-tokens (before anything loads)."""
     if args.num_speculative_tokens < 1:
         raise ValueError(f"--num-speculative-tokens {args.num_speculative_tokens}; expected an int >= 1")
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        raise ValueError("--speculative draft needs --draft-model PATH, and --draft-model needs --speculative draft")
 
 
 def _check_before_load(args: argparse.Namespace) -> None:
@@ -165,7 +167,8 @@ def _load(args: argparse.Namespace, ckpt, min_context: int):
                                max_context=args.max_context, cuda_graphs=not args.eager,
                                tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk,
                                min_context=min_context, speculative=args.speculative,
-                               num_speculative_tokens=args.num_speculative_tokens)  # fmt: skip
+                               num_speculative_tokens=args.num_speculative_tokens,
+                               draft_model=args.draft_model)  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:

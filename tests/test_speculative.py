@@ -38,6 +38,17 @@ def llm():
     return LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=4, seed=3)
 
 
+DRAFT_CONFIG = dataclasses.replace(CONFIG, num_layers=1, hidden_size=32, intermediate_size=64, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def drafted():
+    """The same model as `llm` (seed 3) with a smaller random draft model (seed 7) on its own cache."""
+    draft = LLM.from_config(DRAFT_CONFIG, device="cpu", max_context=128, max_batch=4, seed=7)
+    return LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=4, seed=3, speculative="draft",
+                           num_speculative_tokens=3, draft_model=draft)  # fmt: skip
+
+
 class Recorder:
     """Wraps an engine's runner: records each step's chunks; after each step, checks the block pool."""
 
@@ -90,14 +101,21 @@ def test_ngram_proposer_takes_the_latest_longest_match():
     assert p.lookup([4, 5, 6, 4, 5], 0) == []
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_greedy_is_token_identical_batched_beside_prefills(llm, k):
+def test_greedy_is_token_identical_batched_beside_prefills(llm, drafted, method, k):
     """9 requests through 4 places: verify chunks share steps with prefill chunks and plain decodes
-    (a request whose draft runs out), some cross block boundaries; a sampled request rides along."""
+    (a request whose draft runs out), some cross block boundaries; a sampled request rides along.
+    The draft model (a different random model) is rarely right: rejections at every position."""
     requests = {str(i): (p, dataclasses.replace(GREEDY, max_tokens=20 + 3 * i)) for i, p in enumerate(PROMPTS)}
     requests["sampled"] = (PROMPTS[2], SamplingParams(max_tokens=30, temperature=0.8, seed=5, ignore_eos=True))
     ref = run(Engine(llm.loaded, max_num_seqs=4, prefill_chunk=24), requests)
-    engine = Engine(llm.loaded, max_num_seqs=4, prefill_chunk=24, speculative=spec(k, ngram_min=1))
+    if method == "ngram":
+        engine = Engine(llm.loaded, max_num_seqs=4, prefill_chunk=24, speculative=spec(k, ngram_min=1))
+    else:
+        proposer = drafted.new_speculator().proposer
+        engine = Engine(drafted.loaded, max_num_seqs=4, prefill_chunk=24,
+                        speculative=make_speculator(spec(k, method="draft"), proposer))  # fmt: skip
     rec = Recorder(engine)
     outs = run(engine, requests, rec)
     for rid in requests:
@@ -114,6 +132,8 @@ def test_greedy_is_token_identical_batched_beside_prefills(llm, k):
         "a step with a verify chunk beside a prefill chunk"
     assert any(c.start // 16 != (c.start + len(c.tokens) - 1) // 16 for c in verify), "a verification across blocks"
     assert s.generation_tokens_total == sum(len(tokens(o)) for o in outs.values())
+    if method == "draft":
+        assert drafted.draft.allocator.used == 0, "the draft pool is given back as requests end"
 
 
 def test_greedy_with_preemption(llm):
@@ -192,8 +212,13 @@ def test_bad_speculative_settings():
     with pytest.raises(ValueError, match="num_speculative_tokens=0; expected an int >= 1"):
         LLM.from_config(CONFIG, device="cpu", max_context=32, max_batch=1, speculative="ngram",
                         num_speculative_tokens=0)  # fmt: skip
-    with pytest.raises(ValueError, match="speculative='eagle'; expected None or 'ngram'"):
+    with pytest.raises(ValueError, match="speculative='eagle'; expected None, 'ngram' or 'draft'"):
         LLM.from_config(CONFIG, device="cpu", max_context=32, max_batch=1, speculative="eagle")
+    with pytest.raises(ValueError, match="speculative='draft' with draft_model=None; 'draft' needs a draft_model"):
+        LLM.from_config(CONFIG, device="cpu", max_context=32, max_batch=1, speculative="draft")
+    other = LLM.from_config(dataclasses.replace(CONFIG, vocab_size=100), device="cpu", max_context=32, max_batch=1)
+    with pytest.raises(ValueError, match="vocabulary of 100 tokens, the model 256; a draft model needs the same"):
+        LLM.from_config(CONFIG, device="cpu", max_context=32, max_batch=1, speculative="draft", draft_model=other)
 
 
 # --- exact rejection sampling ---------------------------------------------------------------------------
@@ -215,16 +240,19 @@ def chi2_bound(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("verifier", ["exact", "accept_every_draft"])
-def test_sampled_tokens_keep_the_target_distribution(monkeypatch, verifier):
+@pytest.mark.parametrize("method,verifier", [("ngram", "exact"), ("draft", "exact"), ("ngram", "accept_every_draft")])
+def test_sampled_tokens_keep_the_target_distribution(monkeypatch, method, verifier):
     """5,000 requests x 4 tokens at temperature 1 (each seeded) from a 4-token-vocabulary random model,
-    with n-gram speculation (k = 3): the joint distribution of the 4 tokens (256 outcomes, pooled below
-    an expected count of 5) against the target's exact one (products of its conditionals, computed from
-    its logits). Exact verification stays under the 0.999 chi-square bound; a verifier that accepts every
+    with speculation (k = 3; n-gram, or a draft model of other random weights that samples its drafts,
+    so q is a full distribution): the joint distribution of the 4 tokens (256 outcomes, pooled below an
+    expected count of 5) against the target's exact one (products of its conditionals, computed from its
+    logits). Exact verification stays under the 0.999 chi-square bound; a verifier that accepts every
     draft token must exceed it."""
     if verifier == "accept_every_draft":
         monkeypatch.setattr(speculative, "verify", accept_every_draft)
-    llm = LLM.from_config(TINY, device="cpu", max_context=16, max_batch=256, seed=1)
+    draft = LLM.from_config(TINY, device="cpu", max_context=16, max_batch=256, seed=2) if method == "draft" else None
+    llm = LLM.from_config(TINY, device="cpu", max_context=16, max_batch=256, seed=1, draft_model=draft,
+                          speculative="draft" if draft else None)  # fmt: skip
     # the target: p(x1 .. x4) = prod p(x_i | prompt, x_<i), from the logits of every 3-token continuation
     logp = {}
     for prefix in itertools.product(range(4), repeat=NEW - 1):
@@ -232,7 +260,10 @@ def test_sampled_tokens_keep_the_target_distribution(monkeypatch, verifier):
         for x in range(4):
             seq = (*prefix, x)
             logp[seq] = sum(float(rows[i, seq[i]]) for i in range(NEW))
-    engine = Engine(llm.loaded, max_num_seqs=256, max_num_batched_tokens=4096, speculative=spec(3, ngram_min=1))
+    config = spec(3, ngram_min=1, method=method)
+    proposer = llm.new_speculator().proposer if draft else None
+    engine = Engine(llm.loaded, max_num_seqs=256, max_num_batched_tokens=4096,
+                    speculative=make_speculator(config, proposer))  # fmt: skip
     params = SamplingParams(max_tokens=NEW, temperature=1.0, ignore_eos=True)
     requests = {str(i): (SAMPLE_PROMPT, dataclasses.replace(params, seed=i)) for i in range(REQUESTS)}
     counts = dict.fromkeys(logp, 0)
@@ -260,7 +291,7 @@ def test_rejection_sampling_with_a_draft_distribution():
     p = p_logits.softmax(-1)[0]
     q = torch.tensor([0.05, 0.15, 0.5, 0.3])
     params = SamplingParams(temperature=1.0)
-    n, counts = 20000, torch.zeros(4)
+    n, counts = 5000, torch.zeros(4)
     drafts = torch.multinomial(q, n, replacement=True, generator=g).tolist()
     for d in drafts:
         counts[speculative.verify(p_logits, Draft([d], q[None]), params, g)[0]] += 1
@@ -270,6 +301,8 @@ def test_rejection_sampling_with_a_draft_distribution():
 
 @smollm2
 def test_smollm2_greedy_identical_on_a_quoting_prompt():
+    """n-gram, and SmolLM2 as its own draft model (the same weights, its own cache): the greedy tokens of
+    plain decoding; the self-draft is accepted (nearly) always."""
     llm = LLM.from_pretrained(None, max_context=512, max_batch=1, progress=False)
     text = ("Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank, "
             "and then the dog chases the fox back across the old wooden bridge.")  # fmt: skip
@@ -280,6 +313,11 @@ def test_smollm2_greedy_identical_on_a_quoting_prompt():
     assert tokens(run(engine, {"a": (ids, params)})["a"]) == ref
     s = engine.stats()
     assert s.spec_accepted_total / s.spec_proposed_total > 0.3, "the quoted sentence is proposed and accepted"
+    target = LLM._build(llm.model, llm.tokenizer, llm.cache.dtype, llm.max_context, 1, False, llm.prefill_chunk,
+                        None, SpeculativeConfig("draft", 4), llm)  # fmt: skip
+    assert tokens(run(target.engine, {"a": (ids, params)})["a"]) == ref
+    s = target.engine.stats()
+    assert s.spec_accepted_total >= 0.95 * s.spec_proposed_total and llm.allocator.used == 0
 
 
 def test_counters_reach_metrics_and_the_cli_line(llm, capsys):

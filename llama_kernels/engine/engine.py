@@ -200,6 +200,8 @@ class Engine:
         if seq is None:
             return
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         self._pending.append(self._output(seq, "abort"))
 
     def has_unfinished(self) -> bool:
@@ -284,6 +286,8 @@ class Engine:
             text += seq.detokenizer.finish()  # what was held back ('' after a stop string)
         del self._seqs[seq.request_id]
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         return self._output(seq, reason, text)
 
     def _output(self, seq: Sequence, reason: str | None, text: str = "") -> RequestOutput:

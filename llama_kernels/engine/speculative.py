@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .block_allocator import BlockAllocator
+from .runner import Chunk
 from .sampling import sampling_probs
 
 METHODS = ("ngram", "draft")
@@ -79,8 +80,13 @@ class Draft:
 class Proposer(Protocol):
     """Proposes drafts for a batch of sequences (a draft model or an EAGLE-style head runs them as one batch)."""
 
-    def propose(self, contexts: list[list[int]], ks: list[int]) -> list[Draft]:
-        """One draft per context (its tokens so far: prompt + output) of at most ks[i] tokens (may be empty)."""
+    def propose(self, seqs: list, ks: list[int]) -> list[Draft]:
+        """One draft per sequence (engine Sequences: request_id, ids = prompt + output so far, params,
+        generator) of at most ks[i] tokens (may be empty)."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """Drop what is kept for a request that ended (a draft model's cache blocks)."""
         ...
 
 
@@ -91,8 +97,11 @@ class NgramProposer:
     def __init__(self, ngram_max: int = 4, ngram_min: int = 2) -> None:
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
 
-    def propose(self, contexts: list[list[int]], ks: list[int]) -> list[Draft]:
-        return [Draft(self.lookup(ids, k)) for ids, k in zip(contexts, ks)]
+    def propose(self, seqs: list, ks: list[int]) -> list[Draft]:
+        return [Draft(self.lookup(s.ids, k)) for s, k in zip(seqs, ks)]
+
+    def release(self, request_id: str) -> None:
+        pass  # no state
 
     def lookup(self, ids: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier match of the last n tokens of ids."""
@@ -188,9 +197,13 @@ class Speculator:
             return
         # no draft past the context or past max_tokens (the verification adds one token of its own)
         ks = [min(k, max_context - len(s.ids), s.params.max_tokens - len(s.output_ids) - 1) for s in decoding]
-        for seq, draft in zip(decoding, self.proposer.propose([s.ids for s in decoding], ks)):
+        for seq, draft in zip(decoding, self.proposer.propose(decoding, ks)):
             seq.draft = draft.tokens
             seq.draft_probs = draft.probs
+
+    def release(self, seq) -> None:
+        """A sequence ended (finished or aborted)."""
+        self.proposer.release(seq.request_id)
 
     def verify(self, seqs: list, logits: torch.Tensor, sample,
                *counters: SpecCounters) -> tuple[list[torch.Tensor], list[list[int]]]:  # fmt: skip
@@ -224,3 +237,68 @@ def make_speculator(config: SpeculativeConfig, proposer: Proposer | None = None)
             raise ValueError(f"speculative: method={config.method!r} needs a proposer (a draft model)")
         proposer = NgramProposer(config.ngram_max, config.ngram_min)
     return Speculator(config, proposer)
+
+
+class DraftModelProposer:
+    """Proposals from a smaller model with the same tokenizer, run on its own paged cache and block pool.
+
+    Each sequence's draft-cache state is kept by request id: the tokens whose k/v the draft cache holds.
+    A proposal first rolls that back to the longest prefix shared with the sequence's tokens now (the
+    accepted drafts stay cached), prefills the rest, then decodes k tokens one step at a time, all
+    sequences batched. Greedy requests take the draft's argmax (q one-hot); sampled ones draw from the
+    draft's sampling distribution (same temperature / top-k / top-p) with the request's generator, and
+    pass q to the verification. A sequence whose draft cache is full proposes nothing; state of
+    sequences that ended is dropped then (release), of those preempted at the next proposal.
+    """
+
+    def __init__(self, runner, allocator: BlockAllocator, max_context: int) -> None:
+        self.runner = runner  # a ModelRunner over the draft model and its cache
+        self.allocator = allocator  # the draft cache's blocks
+        self.max_context = max_context  # the draft model's positions
+        self.state: dict[str, tuple[list[int], list[int]]] = {}  # request id -> (cached tokens, blocks)
+
+    def propose(self, seqs: list, ks: list[int]) -> list[Draft]:
+        live = {s.request_id for s in seqs}
+        for rid in [r for r in self.state if r not in live]:
+            self.release(rid)  # preempted, or decoding without speculation now
+        active = []
+        for seq, k in zip(seqs, ks):
+            cached, blocks = self.state.setdefault(seq.request_id, ([], []))
+            keep = next((i for i, (a, b) in enumerate(zip(cached, seq.ids)) if a != b), min(len(cached), len(seq.ids)))
+            keep = min(keep, len(seq.ids) - 1)  # the last token runs again: its logits propose d1
+            del cached[keep:]
+            self.allocator.shrink(blocks, keep)
+            if k > 0 and len(seq.ids) + k <= self.max_context and self.allocator.grow(blocks, len(seq.ids) + k - 1):
+                active.append((seq, k, cached, blocks))
+        drafts = {id(seq): Draft([], None) for seq in seqs}
+        step = [(seq, seq.ids[len(cached) :]) for seq, _, cached, _ in active]
+        probs: dict[int, list[torch.Tensor]] = {id(seq): [] for seq, *_ in active}
+        for i in range(max((k for _, k, _, _ in active), default=0)):
+            chunks = [Chunk(new, len(cached), blocks, True) for (seq, new), (_, _, cached, blocks) in
+                      zip(step, [a for a in active if a[1] > i])]  # fmt: skip
+            if not chunks:
+                break
+            logits = self.runner.run(chunks)  # [n, V] float32
+            nxt = []
+            for (seq, new), row, (_, k, cached, _) in zip(step, logits, [a for a in active if a[1] > i]):
+                cached.extend(new)
+                p = seq.params
+                if p.temperature == 0:
+                    token = int(row.argmax())
+                else:
+                    q = sampling_probs(row[None], p.temperature, p.top_k, p.top_p)[0]
+                    token = int(torch.multinomial(q, 1, generator=seq.generator))
+                    probs[id(seq)].append(q)
+                drafts[id(seq)].tokens.append(token)
+                if k > i + 1:
+                    nxt.append((seq, [token]))
+            step = nxt
+        for seq, *_ in active:
+            if probs[id(seq)]:
+                drafts[id(seq)].probs = torch.stack(probs[id(seq)])
+        return [drafts[id(seq)] for seq in seqs]
+
+    def release(self, request_id: str) -> None:
+        state = self.state.pop(request_id, None)
+        if state is not None:
+            self.allocator.free(state[1])

@@ -42,11 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def speculative_arguments(parser: argparse.ArgumentParser) -> None:
-    """--speculative and --num-speculative-tokens (serve, and the CLI's generate and chat)."""
-    parser.add_argument("--speculative", choices=("ngram",), default=None, help="speculative decoding: 'ngram' "
-                        "proposes the tokens that followed the latest earlier occurrence of the last few tokens "
-                        "(prompt lookup; pays off when the output quotes the prompt), verified exactly in one "
-                        "forward pass (same greedy output; sampling keeps its distribution)")  # fmt: skip
+    """--speculative, --draft-model and --num-speculative-tokens (serve, and the CLI's generate and chat)."""
+    parser.add_argument("--speculative", choices=("ngram", "draft"), default=None, help="speculative decoding: "
+                        "'ngram' proposes the tokens that followed the latest earlier occurrence of the last few "
+                        "tokens (prompt lookup; pays off when the output quotes the prompt), 'draft' the "
+                        "continuation of --draft-model; verified exactly in one forward pass (same greedy output; "
+                        "sampling keeps its distribution)")  # fmt: skip
+    parser.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller Llama with the "
+                        "same tokenizer (Hugging Face directory or .gguf), loaded like the model")  # fmt: skip
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="with --speculative: draft tokens "
                         "per sequence per step at most")  # fmt: skip
 
@@ -59,6 +62,8 @@ def _check(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')}={value}; expected an integer >= 1"
     if not 0 <= args.port <= 65535:
         return f"--port={args.port}; expected 0 to 65535"
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        return "--speculative draft needs --draft-model PATH, and --draft-model needs --speculative draft"
     return None
 
 
@@ -92,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
                                   kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8",
-                                  speculative=args.speculative,
-                                  num_speculative_tokens=args.num_speculative_tokens)  # fmt: skip
+                                  speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                  draft_model=args.draft_model)  # fmt: skip
         engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk,
-                        speculative=llm.speculative)  # fmt: skip
+                        speculative=llm.new_speculator())  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
             sock.close()
