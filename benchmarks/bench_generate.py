@@ -32,6 +32,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -233,7 +234,32 @@ def measure_speculative(llm: LLM, args: argparse.Namespace, new_tokens: int, rep
                                  mean_accepted_length=(t["accepted"] + t["verifications"]) / max(t["verifications"], 1))
     result["speedup"] = result["speculative"]["tok_s"] / result["plain"]["tok_s"]
     result["decode_speedup"] = result["speculative"]["decode_tok_s"] / result["plain"]["decode_tok_s"]
+    sizes = (1, 2, 4, 8) if args.smoke else (1, 2, 4, 6, 8, 16, 32, 64)
+    result["verify_cost_ms"] = verify_cost_ms(llm, sizes, 8 if args.smoke else 256, repeat)
     return result
+
+
+def verify_cost_ms(llm: LLM, sizes: tuple[int, ...], prefix: int, repeat: int) -> dict[int, float]:
+    """Median ms of one forward pass of T new tokens (logits of all T, as a verification wants) over a
+    cached prefix of `prefix` tokens, for each T in sizes: what SpeculativeConfig.max_verify_tokens weighs."""
+    from llama_kernels.engine.runner import Chunk
+
+    ids = [(7 * i) % 97 + 3 for i in range(prefix + max(sizes))]
+    blocks: list[int] = []
+    llm.allocator.grow(blocks, len(ids))
+    try:
+        llm.engine.runner.run([Chunk(ids[:prefix], 0, blocks, False)])
+        out = {}
+        for t in sizes:
+            times = []
+            for _ in range(repeat + 1):
+                t0 = time.perf_counter()
+                llm.engine.runner.run([Chunk(ids[prefix : prefix + t], prefix, blocks, True, t - 1)])
+                times.append(time.perf_counter() - t0)
+            out[t] = 1e3 * statistics.median(times[1:])
+        return out
+    finally:
+        llm.allocator.free(blocks)
 
 
 def cpu_estimate_s(llm: LLM, batches: list[int], prompt_len: int, new_tokens: int, repeat: int) -> float:
@@ -284,6 +310,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "verification")  # fmt: skip
         print(f"speedup {spec['speedup']:.2f}x (decode {spec['decode_speedup']:.2f}x); greedy outputs identical: "
               f"{spec['greedy_identical']} ({spec['identical_generates']} generates)")  # fmt: skip
+        one = spec["verify_cost_ms"][1]
+        print("forward pass of T tokens (ms, x the 1-token pass): " + ", ".join(
+            f"T={t} {ms:.1f} ({ms / one:.2f}x)" for t, ms in spec["verify_cost_ms"].items()))  # fmt: skip
         meta["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
         if args.out:
             Path(args.out).write_text(json.dumps({"meta": meta, "speculative": spec}, indent=1))

@@ -101,6 +101,25 @@ def test_ngram_proposer_takes_the_latest_longest_match():
     assert p.lookup([4, 5, 6, 4, 5], 0) == []
 
 
+def test_ngram_index_grows_with_the_sequence():
+    """The incremental index (one per request) proposes what a brute-force search of the whole sequence does."""
+    from llama_kernels.engine.speculative import NgramIndex
+
+    def brute(ids, k):
+        for n in range(3, 0, -1):
+            starts = [i for i in range(len(ids) - n) if ids[i : i + n] == ids[len(ids) - n :]]
+            if len(ids) > n and starts:
+                return ids[starts[-1] + n : starts[-1] + n + k]
+        return []
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, (300,), generator=g).tolist()
+    index, n = NgramIndex(3, 1), 1
+    while n < len(ids):
+        assert index.lookup(ids[:n], 4) == brute(ids[:n], 4), n
+        n += int(torch.randint(1, 5, (1,), generator=g))
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_is_token_identical_batched_beside_prefills(llm, drafted, method, k):
@@ -339,3 +358,48 @@ def test_counters_reach_metrics_and_the_cli_line(llm, capsys):
     cli._print_stats(engine.throughput)
     rate = round(100 * s.spec_accepted_total / s.spec_proposed_total)
     assert f"speculative acceptance {rate}% ({s.spec_accepted_total}/{s.spec_proposed_total}" in capsys.readouterr().err
+
+
+TP_PROMPTS = [[5, 6, 7, 8] * 3, [9, 1, 100, 9, 1], list(range(30, 50)) * 2]
+
+
+def tp_spec_tokens(path, tp: int) -> tuple[dict[str, list[int]], int]:
+    """({id: greedy tokens}, draft tokens accepted) of 3 requests with n-gram speculation (k = 3) on this
+    rank of tp (rank 0 schedules and verifies; the other ranks follow and return nothing)."""
+    llm = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False, tp=tp)
+    engine = Engine(llm.loaded, max_num_seqs=3, speculative=SpeculativeConfig(num_tokens=3, ngram_min=1))
+    if llm.model.tp is not None and torch.distributed.get_rank() != 0:
+        engine.follow()
+        return {}, 0
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
+    engine.stop_followers()
+    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().spec_accepted_total
+
+
+def _tp_worker(rank: int, port: int, path, out) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.save(tp_spec_tokens(path, 2), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_speculation_matches_one_process(tmp_path):
+    """TP=2 over gloo: the other rank runs rank 0's verify passes; the tokens equal one process's and
+    plain decoding's."""
+    import socket
+
+    from test_tensor_parallel import write_model
+
+    path = write_model(tmp_path / "model", 6, 6, True)
+    ref, accepted = tp_spec_tokens(path, 1)
+    plain = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert ref == {r: tokens(o) for r, o in run(Engine(plain.loaded, max_num_seqs=3),
+                                                  {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)}).items()}
+    assert accepted > 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_tp_worker, args=(port, path, tmp_path / "tp.pt"), nprocs=2)
+    assert torch.load(tmp_path / "tp.pt.0") == (ref, accepted)

@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from .block_allocator import BlockAllocator
@@ -90,31 +89,56 @@ class Proposer(Protocol):
         ...
 
 
+class NgramIndex:
+    """The latest end position of every n-gram (ngram_min <= n <= ngram_max) of a growing token list,
+    updated with the tokens appended since the last call (sequences only ever grow)."""
+
+    def __init__(self, ngram_max: int, ngram_min: int) -> None:
+        self.sizes = range(ngram_max, ngram_min - 1, -1)  # longest first
+        self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> the position of its last token, latest
+        self.indexed = 0  # n-grams ending before this position are in `latest`
+
+    def lookup(self, ids: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix of ids found."""
+        end = len(ids) - 1  # n-grams ending at the last token are the suffixes, not earlier occurrences
+        for i in range(self.indexed, end):
+            for n in self.sizes:
+                if i + 1 >= n:
+                    self.latest[tuple(ids[i + 1 - n : i + 1])] = i
+        self.indexed = max(self.indexed, end)
+        if k < 1:
+            return []
+        for n in self.sizes:
+            i = self.latest.get(tuple(ids[len(ids) - n :])) if len(ids) >= n else None
+            if i is not None:
+                return ids[i + 1 : i + 1 + k]
+        return []
+
+
 class NgramProposer:
     """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens (n from
-    ngram_max down to ngram_min) and propose the tokens that followed it. No model, no state."""
+    ngram_max down to ngram_min) and propose the tokens that followed it. No model; per request an
+    NgramIndex (so a step costs O(new tokens), not O(context))."""
 
     def __init__(self, ngram_max: int = 4, ngram_min: int = 2) -> None:
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self.indexes: dict[str, NgramIndex] = {}  # request id -> its index
 
     def propose(self, seqs: list, ks: list[int]) -> list[Draft]:
-        return [Draft(self.lookup(s.ids, k)) for s, k in zip(seqs, ks)]
+        return [Draft(self._index(s.request_id).lookup(s.ids, k)) for s, k in zip(seqs, ks)]
 
-    def release(self, request_id: str) -> None:
-        pass  # no state
+    def _index(self, request_id: str) -> NgramIndex:
+        index = self.indexes.get(request_id)
+        if index is None:
+            index = self.indexes[request_id] = NgramIndex(self.ngram_max, self.ngram_min)
+        return index
 
     def lookup(self, ids: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier match of the last n tokens of ids."""
-        if k < 1 or len(ids) <= self.ngram_min:
-            return []
-        arr = np.asarray(ids, dtype=np.int64)
-        for n in range(min(self.ngram_max, len(ids) - 1), self.ngram_min - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. len - 1 - n
-            hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n  # the token after the latest match
-                return ids[start : start + k]
-        return []
+        """Up to k tokens that followed the latest earlier match of the last n tokens of ids (no state kept)."""
+        return NgramIndex(self.ngram_max, self.ngram_min).lookup(ids, k)
+
+    def release(self, request_id: str) -> None:
+        self.indexes.pop(request_id, None)
 
 
 def verify(rows: torch.Tensor, draft: Draft, params, generator: torch.Generator | None) -> list[int]:
