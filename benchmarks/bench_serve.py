@@ -114,6 +114,8 @@ async def run_load(args: argparse.Namespace, model: str, concurrency: int | None
         body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
         if not args.no_ignore_eos:
             body["ignore_eos"] = True
+        if args.json_schema is not None:  # structured output: every token decoded under the schema's grammar
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": args.json_schema}}
         bodies.append(body)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     gate = asyncio.Semaphore(concurrency or args.num_requests)
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers without it)")
+    parser.add_argument("--json-schema", default=None, metavar="JSON|PATH",
+                        help="send response_format json_schema with this schema (inline JSON or a file)")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--seed", type=int, default=0, help="prompt and arrival randomness")
@@ -205,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
     if any("=" not in kv for kv in args.server_info):
         parser.error(f"--server-info {args.server_info}: expected KEY=VALUE pairs")
+    if args.json_schema is not None:
+        try:
+            text = args.json_schema if args.json_schema.lstrip().startswith("{") else open(args.json_schema).read()
+            args.json_schema = json.loads(text)
+        except (OSError, ValueError) as err:
+            parser.error(f"--json-schema {args.json_schema[:60]!r}: expected a JSON schema or a file holding one ({err})")
     if args.concurrency and args.request_rate:
         parser.error("give --concurrency or --request-rate, not both")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -228,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "url": args.url,
         "model": model, "endpoint": args.endpoint, "input_len_words": args.input_len, "output_len": args.output_len,
-        "temperature": args.temperature, "ignore_eos": not args.no_ignore_eos, "client_machine": machine(),
+        "temperature": args.temperature, "ignore_eos": not args.no_ignore_eos, "json_schema": args.json_schema,
+        "client_machine": machine(),
         "server": dict(kv.split("=", 1) for kv in args.server_info), "note": args.note, "runs": runs,
     }  # fmt: skip
     if args.json:

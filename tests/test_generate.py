@@ -16,7 +16,7 @@ from llama_kernels.llm import LLM, TextStream, size_context
 from llama_kernels.loader import open_checkpoint
 from llama_kernels.model import LlamaConfig
 from llama_kernels.plan import GiB, PRESETS
-from llama_kernels.engine.sampling import sample
+from llama_kernels.engine.sampling import SamplingParams, sample
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), needs_smollm2]
 
@@ -120,9 +120,14 @@ def test_sampling(llm):
     assert llm.generate("Once upon a time", max_new_tokens=8, temperature=1.5, top_k=1, seed=0) == greedy
     logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])  # probabilities 0.025, 0.512, 0.463, 0.0002
     gen = torch.Generator().manual_seed(0)
-    assert {int(sample(logits, 1.0, None, 0.5, gen)) for _ in range(50)} == {1}
-    assert {int(sample(logits, 1.0, None, 0.9, gen)) for _ in range(50)} == {1, 2}
-    assert {int(sample(logits, 1.0, 2, None, gen)) for _ in range(50)} == {1, 2}
+    def draws(**kw) -> set[int]:
+        return {sample(logits, [SamplingParams(temperature=1.0, **kw)], [gen])[0] for _ in range(50)}
+
+    assert draws(top_p=0.5) == {1}
+    assert draws(top_p=0.9) == {1, 2}
+    assert draws(top_k=2) == {1, 2}
+    assert draws(top_p=5e-324) == {1}  # the most likely token is never masked
+    assert draws(min_p=0.5) == {1, 2} and draws(min_p=0.95) == {1}
 
 
 @pytest.mark.parametrize("quant,policy", list(FLOORS))

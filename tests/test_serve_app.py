@@ -173,18 +173,55 @@ BAD = [
     (CHAT, {"messages": MSG, "temperature": 3}, 400, "temperature", ["temperature=3", "less than or equal to 2"]),
     (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p", ["top_p=0", "greater than 0"]),
     (CHAT, {"messages": MSG, "stop": 5}, 400, "stop", ["stop=5", "string"]),
-    (CHAT, {"messages": MSG, "n": 2}, 400, "n", ["n=2", "n=1"]),
-    (CHAT, {"messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty", ["0.5"]),
-    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", ["tools"]),
-    (CHAT, {"messages": MSG, "frobnicate": 1}, 400, "frobnicate", ["unrecognized", "frobnicate=1"]),
+    (CHAT, {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ["5 strings", "at most 4"]),
+    (CHAT, {"messages": MSG, "stop": "x" * 257}, 400, "stop", ["at most 256 characters"]),
+    (CHAT, {"messages": MSG, "n": 0}, 400, "n", ["n=0", "greater than or equal to 1"]),
+    (CHAT, {"messages": MSG, "n": 17}, 400, "n", ["n=17", "16"]),
+    (CHAT, {"messages": MSG, "best_of": 3}, 400, "best_of", ["best_of=3", "n=1"]),
+    (CHAT, {"messages": MSG, "presence_penalty": 2.5}, 400, "presence_penalty", ["2.5", "2"]),
+    (CHAT, {"messages": MSG, "frequency_penalty": "x"}, 400, "frequency_penalty", ["'x'", "number"]),
+    (CHAT, {"messages": MSG, "repetition_penalty": 0}, 400, "repetition_penalty", ["=0", "greater than 0"]),
+    (CHAT, {"messages": MSG, "min_p": 1.5}, 400, "min_p", ["1.5"]),
+    (CHAT, {"messages": MSG, "min_tokens": -1}, 400, "min_tokens", ["-1"]),
+    (CHAT, {"messages": MSG, "top_k": -2}, 400, "top_k", ["-2"]),
+    (CHAT, {"messages": MSG, "stop_token_ids": [-1]}, 400, "stop_token_ids", ["-1"]),
+    (CHAT, {"messages": MSG, "stop_token_ids": [99999999]}, 400, "stop_token_ids", ["99999999", "49152"]),
+    (CHAT, {"messages": MSG, "skip_special_tokens": "no"}, 400, "skip_special_tokens", ["'no'", "boolean"]),
+    (CHAT, {"messages": MSG, "include_stop_str_in_output": 1}, 400, "include_stop_str_in_output", ["=1"]),
+    (CHAT, {"messages": MSG, "ignore_eos": "x"}, 400, "ignore_eos", ["'x'"]),
+    (CHAT, {"messages": MSG, "logit_bias": {"abc": 1}}, 400, "logit_bias", ["'abc'", "token ids"]),
+    (CHAT, {"messages": MSG, "logit_bias": {"99999999": 1}}, 400, "logit_bias", ["99999999", "49152"]),
+    (CHAT, {"messages": MSG, "logit_bias": {"5": "x"}}, 400, "logit_bias.5", ["'x'", "number"]),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools[0].function", ["required"]),
+    (CHAT, {"messages": MSG, "tool_choice": "required"}, 400, "tool_choice", ["needs tools"]),
+    (CHAT, {"messages": MSG, "tool_choice": "sometimes"}, 400, "tool_choice", ["'sometimes'"]),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice", ["'g'", "['f']"]),
+    (CHAT, {"messages": MSG, "parallel_tool_calls": "x"}, 400, "parallel_tool_calls", ["'x'"]),
+    (CHAT, {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content", ["null"]),
+    (CHAT, {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+            "function": {"name": "f", "arguments": "{x"}}]}]}, 400, "messages[0].tool_calls", ["not JSON"]),
+    (CHAT, {"messages": MSG, "response_format": {"type": "xml"}}, 400, "response_format.type", ["'xml'"]),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema",
+     ["json_schema"]),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}, "guided_regex": "a"}, 400,
+     "response_format", ["at most one"]),
+    (CHAT, {"messages": MSG, "stream": True, "stream_options": {"continuous_usage_stats": "x"}}, 400,
+     "stream_options.continuous_usage_stats", ["'x'"]),
+    (CHAT, {"messages": MSG, "audio": {"voice": "x"}}, 400, "audio", ["audio"]),
+    (CHAT, {"messages": MSG, "echo": True}, 400, "echo", ["echo"]),
     (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", ["stream=true"]),
     (CHAT, {"messages": MSG, "top_logprobs": 3}, 400, "top_logprobs", ["logprobs=true"]),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", ["21", "20"]),
     (CHAT, {"model": "gpt-4o", "messages": MSG}, 404, "model", ["'gpt-4o'", "'fake'"]),
     (COMPLETIONS, {"prompt": ""}, 400, "prompt", ["empty"]),
-    (COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt", ["2 strings"]),
+    (COMPLETIONS, {"prompt": [[1, 2], []]}, 400, "prompt", ["prompt[1] is empty"]),
+    (COMPLETIONS, {"prompt": [[1, 2], ["a"]]}, 400, "prompt", ["prompt"]),
+    (COMPLETIONS, {"prompt": ["a"] * 65}, 400, "prompt", ["65 prompts", "64"]),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", ["max_tokens=0", "echo"]),
+    (COMPLETIONS, {"prompt": "hi", "suffix": "x"}, 400, "suffix", ["suffix"]),
     (COMPLETIONS, {"prompt": [1, 99999999]}, 400, "prompt", ["99999999", "49152"]),
-    (COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo", ["echo"]),
+    (COMPLETIONS, {"prompt": "hi", "echo": "yes"}, 400, "echo", ["'yes'"]),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "logprobs", ["21"]),
     (COMPLETIONS, {"prompt": "x " * 300, "max_tokens": 1}, 400, "prompt", ["tokens", "256"]),
     (COMPLETIONS, {"prompt": "hi", "model": "nope"}, 404, "model", ["'nope'"]),
@@ -216,9 +253,70 @@ def test_chunked_oversized_body_is_413(server):
         for _ in range(10):
             yield b"x" * 1000
 
-    r = httpx.post(server.url + CHAT, content=chunks(), timeout=10)
+    r = httpx.post(server.url + CHAT, content=chunks(), headers={"content-type": "application/json"}, timeout=10)
     assert r.status_code == 413, r.text
     _assert_good(server)
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"])
+def test_a_body_that_is_not_json_is_415(server, ctype):
+    """A text/plain POST needs no CORS preflight: parsed as JSON, any web page could make a key-less server work."""
+    body = json.dumps({"messages": MSG, "max_tokens": 2}).encode()
+    headers = {"content-type": ctype} if ctype else {}
+    r = httpx.post(server.url + CHAT, content=body, headers=headers, timeout=10)
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+    assert _post(server, CHAT, body, {"content-type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_a_prompt_too_long_in_bytes_is_refused_before_tokenizing(tokenizer, monkeypatch):
+    """A prompt of more bytes than context x the longest token cannot fit: 400 without running the tokenizer."""
+    s = Server(tokenizer)  # the default body limit: the context's worth of prompt bytes
+    try:
+        calls = []
+        monkeypatch.setattr(tokenizer, "encode", lambda text: calls.append(text) or [1])
+        n = tokenizer.max_token_bytes * s.engine.max_context
+        for path, body in ((COMPLETIONS, {"prompt": "x" * n}), (CHAT, {"messages": [{"role": "user", "content": "x" * n}]})):
+            r = _post(s, path, body)
+            assert r.status_code == 400 and f"{n} bytes" in r.json()["error"]["message"], r.text
+        assert calls == []
+        monkeypatch.undo()
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
+def test_a_body_slower_than_the_deadline_is_408(tokenizer):
+    s = Server(tokenizer, body_timeout=0.5)
+    try:
+        host, port = s.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            sock.settimeout(10)
+            start = time.monotonic()
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 408 ") and b"within 0.5 s" in head, head
+        assert 0.4 < time.monotonic() - start < 5
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
+def test_repeated_accept_errors_are_logged_once_per_interval(caplog):
+    """accept() out of file descriptors repeats for every pending connection: one log line per interval."""
+    from llama_kernels.server.launcher import _AcceptErrorLog
+
+    handler, loop, seen = _AcceptErrorLog(interval=60), asyncio.new_event_loop(), []
+    loop.default_exception_handler = seen.append
+    try:
+        with caplog.at_level("ERROR", logger="llama_kernels.server.launcher"):
+            for _ in range(1000):
+                handler(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "EMFILE")})
+            handler(loop, {"message": "something else"})
+    finally:
+        loop.close()
+    assert len(caplog.records) == 1 and "accept() failed 1 time(s)" in caplog.records[0].getMessage()
+    assert handler.count == 999 and seen == [{"message": "something else"}]
 
 
 def test_api_key(tokenizer):
@@ -233,6 +331,65 @@ def test_api_key(tokenizer):
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200  # probes need no key
     finally:
         s.stop()
+
+
+def test_unknown_fields_warn_once_or_are_refused_with_strict_api(tokenizer, caplog):
+    body = {"messages": MSG, "max_tokens": 2, "frobnicate": 1, "wibble": 2, "service_tier": "auto", "store": True}
+    s = Server(tokenizer)
+    try:
+        with caplog.at_level("WARNING", logger="llama_kernels.server.api_server"):
+            assert _post(s, CHAT, body).status_code == 200
+        lines = [r.getMessage() for r in caplog.records if "frobnicate" in r.getMessage()]
+        assert lines == ["/v1/chat/completions: ignored unknown field(s) frobnicate, wibble"]
+    finally:
+        s.stop()
+    s = Server(tokenizer, strict_api=True)
+    try:
+        r = _post(s, CHAT, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate", r.text
+        del body["frobnicate"], body["wibble"]
+        assert _post(s, CHAT, body).status_code == 200  # ignorable OpenAI fields still pass
+    finally:
+        s.stop()
+
+
+def test_llama31_tool_calls_are_parsed_and_prompted():
+    from llama_kernels.server.protocol import ChatCompletionRequest, parse
+    from llama_kernels.server.tools import forced_call_schema, parse_calls, template_messages
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "42"}]  # fmt: skip
+
+    def req(**kw):
+        return parse(ChatCompletionRequest, json.dumps({"messages": history, "tools": [tool], **kw}).encode())[0]
+
+    r = req()
+    two = '{"name": "f", "parameters": {"x": 1}}; {"name": "f", "arguments": {"y": "é"}}'
+    calls = parse_calls(two, r)
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"x": 1}, {"y": "é"}]
+    assert len({c["id"] for c in calls}) == 2 and calls[0]["type"] == "function"
+    assert len(parse_calls(two, req(parallel_tool_calls=False))) == 1
+    assert parse_calls('<|python_tag|>{"name": "f", "parameters": {}}', r)[0]["function"]["name"] == "f"
+    for text in ('{"name": "g", "parameters": {}}', "Hello", '{"name": "f"}', '{"name": "f", "parameters": {}} x',
+                 '{"name": "f", "parameters": {}} "x"', '{"name": "f", "parameters": []}', '[1]'):
+        assert parse_calls(text, r) is None, text
+    messages, tools = template_messages(r, template_has_tools=False)
+    assert tools is None and messages[0]["content"].startswith("Given the following functions")
+    assert '"name": "f"' in messages[0]["content"] and messages[0]["content"].endswith("hi")
+    assert json.loads(messages[1]["content"]) == {"name": "f", "parameters": {"a": 1}}
+    assert messages[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    messages, tools = template_messages(r, template_has_tools=True)
+    assert tools == [tool] and messages[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert template_messages(req(tool_choice="none"), False)[0][0]["content"] == "hi"
+    assert forced_call_schema(r) is None
+    named = forced_call_schema(req(tool_choice={"type": "function", "function": {"name": "f"}}))
+    assert named["properties"]["name"] == {"const": "f"} and named["required"] == ["name", "parameters"]
+    tool["function"]["parameters"] = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    closed = forced_call_schema(req(tool_choice="required"))["properties"]["parameters"]
+    assert closed == {**tool["function"]["parameters"], "additionalProperties": False}  # no invented arguments
 
 
 def test_engine_failure_fails_only_its_request(server):
@@ -303,6 +460,49 @@ def test_disconnect_before_a_non_streamed_answer_aborts(server):
         assert time.monotonic() < deadline, "the abandoned request still runs a second after the disconnect"
         time.sleep(0.02)
     _assert_good(server)
+
+
+def test_finish_counters_count_every_request_exactly_once(tokenizer):
+    """A request whose client leaves while the engine finishes it, and one that leaves before the engine
+    thread has seen it, are each counted once (as aborts)."""
+    from llama_kernels.server.async_engine import AsyncEngine
+
+    engine = FakeEngine(tokenizer)
+    gate, in_step = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def step():
+        in_step.set()
+        assert gate.wait(10)
+        return real_step()
+
+    engine.step = step
+    ae = AsyncEngine(engine)
+    ae.start()
+
+    async def go():
+        params = SamplingParams(max_tokens=1, temperature=0)
+        a = asyncio.ensure_future(anext(ae.generate("a", [1, 2, 3], params)))
+        assert await asyncio.to_thread(in_step.wait, 10)  # the engine thread is in a step that finishes "a"
+        b = asyncio.ensure_future(anext(ae.generate("b", [1, 2, 3], params)))
+        await asyncio.sleep(0.05)  # "b" is queued for the engine thread, which is busy
+        for task in (a, b):  # both clients leave
+            task.cancel()
+        await asyncio.gather(a, b, return_exceptions=True)
+        gate.set()
+
+    try:
+        asyncio.run(go())
+        deadline = time.monotonic() + 5
+        while engine.has_unfinished() or ae._aborts or ae._adds:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        m = parse_metrics(ae.metrics.render())
+        counts = {k: v for k, v in m.items() if k.startswith("llama_kernels_request_success_total")}
+        assert counts == {'llama_kernels_request_success_total{finished_reason="abort"}': 2.0}, counts
+    finally:
+        gate.set()
+        ae.shutdown()
 
 
 def test_serve_package_and_cli_import_without_fastapi():

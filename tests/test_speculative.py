@@ -250,7 +250,7 @@ NEW, REQUESTS = 4, 5000  # 20,000 sampled tokens
 
 def accept_every_draft(rows, draft, params, generator):
     """A broken verifier: keeps every draft token, then samples one from the last row."""
-    p = speculative.sampling_probs(rows[-1:], params.temperature, params.top_k, params.top_p)
+    p = speculative.sampling_probs(rows[-1:], params)
     return draft.tokens + [int(torch.multinomial(p[0], 1, generator=generator))]
 
 

@@ -3,6 +3,8 @@ ending inside a UTF-8 character and never showing any part of a stop string."""
 
 from __future__ import annotations
 
+MAX_OPEN = 8  # tokens the window stays open for an incomplete character (one is at most 4 bytes)
+
 
 class Detokenizer:
     """Decodes a growing list of token ids and returns, after each addition, the text that is safe
@@ -13,12 +15,17 @@ class Detokenizer:
     Each addition decodes only a window (like vLLM's prefix/read offsets): the tokens since the text last ended on
     a whole character, in the context of the tokens before them back to the previous such point, so a step costs
     the same at any output length. Relies on decode(ids + more) starting with decode(ids) (byte-level BPE
-    decoders do), also for the windows.
+    decoders do), also for the windows. A window still open after MAX_OPEN tokens holds bytes that are no
+    character (the model's output is invalid UTF-8 there): it closes, its U+FFFD shown, so a step's cost
+    stays bounded whatever the output.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer  # anything with decode(list[int]) -> str
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:  # fmt: skip
+        self.tokenizer = tokenizer  # anything with decode(list[int]) -> str (and skip_special_tokens=False)
         self.stop = tuple(stop)  # stop strings
+        self.skip_special_tokens = skip_special_tokens  # leave special tokens out of the text
+        self.include_stop = include_stop  # the text ends after the stop string (vLLM's include_stop_str_in_output)
         self.ids: list[int] = []  # tokens so far
         self.text = ""  # the decoded text of ids[:read], which ends on a whole character
         self.prefix = 0  # ids[prefix:read]: the context the tokens after read are decoded in
@@ -32,16 +39,18 @@ class Detokenizer:
             return ""
         self.ids += ids
         tail = self._tail()
-        if tail.endswith("\ufffd"):  # an incomplete character decodes as U+FFFD: the window stays open
+        incomplete = tail.endswith("\ufffd")  # an incomplete character decodes as U+FFFD
+        if incomplete and len(self.ids) - self.read <= MAX_OPEN:  # the window stays open
             text = self.text + tail.rstrip("\ufffd")
         else:
             self.text += tail
             self.prefix, self.read = self.read, len(self.ids)
             text = self.text
-        hits = [i for i in (text.find(s, self.emitted) for s in self.stop) if i >= 0]
+        hits = [(i, len(s)) for s in self.stop if (i := text.find(s, self.emitted)) >= 0]
         if hits:
             self.stopped = True
-            return self._emit(text, min(hits))
+            at, length = min(hits)
+            return self._emit(text, at + length if self.include_stop else at)
         return self._emit(text, len(text) - self._held(text))
 
     def finish(self) -> str:
@@ -54,8 +63,13 @@ class Detokenizer:
 
     def _tail(self) -> str:
         """The text of ids[read:], decoded after its context ids[prefix:read]."""
-        context = self.tokenizer.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
-        return self.tokenizer.decode(self.ids[self.prefix :])[len(context) :]
+        context = self._decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        return self._decode(self.ids[self.prefix :])[len(context) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.skip_special_tokens:
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _held(self, text: str) -> int:
         """Length of the longest suffix of text[emitted:] that is a prefix of a stop string."""

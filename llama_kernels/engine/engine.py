@@ -4,6 +4,7 @@ run on it. Synchronous: one thread calls it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -16,9 +17,13 @@ from ..model.model import Transformer
 from .block_allocator import BlockAllocator
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
-from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from .sampling import (SamplingParams, TokenLogprob, apply_bitmask, apply_logit_bias, apply_penalties, ban_tokens,
+                       logprobs_of, sample)  # fmt: skip
 from .scheduler import Scheduler, Sequence
 from .speculative import SpecCounters, SpeculativeConfig, Speculator, make_speculator, rollback
+from .structured import GrammarCompiler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,9 +50,12 @@ class RequestOutput:
     new_token_ids: list[int]  # tokens since the previous output (stop token excluded)
     new_logprobs: list[TokenLogprob] | None  # their logprobs, when the request asked for them
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished, else None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished, else None
     prompt_tokens: int
-    completion_tokens: int  # tokens generated so far (stop token excluded)
+    completion_tokens: int  # tokens generated so far, the eos / stop token that ended it included (as vLLM)
+    error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None), in the
+    # request's first output when it asked for prompt_logprobs
 
 
 @dataclass
@@ -150,18 +158,22 @@ class Engine:
         self._prompt_total = 0  # prompt tokens of every request admitted since start-up (stats())
         self._generated_total = 0  # tokens sampled since start-up (stats())
         self._weight_bytes = weight_bytes(loaded.model)
+        self._grammars: GrammarCompiler | None = None  # built on the first request with a grammar
 
     # --- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (naming the field and value) before any state change."""
         prompt = self.check_request(request_id, prompt_ids, params)
+        matcher = self._grammar_compiler().matcher(params.grammar) if params.grammar is not None else None
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
             generator = torch.Generator(self.device).manual_seed(seed)
-        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        detok = (Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                             params.include_stop_str_in_output) if self.tokenizer is not None else None)  # fmt: skip
         seq = Sequence(request_id, prompt, params, generator, detok)
+        seq.matcher = matcher
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -191,7 +203,17 @@ class Engine:
                              f"needs more than the {self.allocator.num_blocks} KV blocks of the pool")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise ValueError(f"Engine.add_request: stop={params.stop!r} needs a tokenizer; this model has none")
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"Engine.add_request: logit_bias token id {bad}; expected ids in [0, {vocab})")
         return prompt
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("Engine.add_request: a grammar needs a tokenizer; this model has none")
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+        return self._grammars
 
     def abort(self, request_id: str) -> None:
         """Free the request's blocks now; the next step() returns its final output (finish_reason
@@ -217,8 +239,11 @@ class Engine:
     # --- one iteration -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once over every scheduled chunk (and speculative draft), sample or
-        verify, detokenize."""
+        """Schedule, run the model once over every scheduled chunk (and speculative draft), sample or verify,
+        detokenize.
+
+        Failures stay with their request: if the step's forward or sampling raises, it is redone one
+        sequence at a time and only the sequences that raise alone finish, with finish_reason "error"."""
         outputs, self._pending = self._pending, []
         t0 = time.perf_counter()
         if self.speculator is not None:
@@ -227,54 +252,182 @@ class Engine:
         if not scheduled:
             return outputs
         decode = all(seq.is_decoding for seq, _ in scheduled)
-        chunks = []
+        # logits [R, V] float32: the last 1 + len(draft) rows of the chunks that end their sequence's known
+        # tokens, every row of those that collect prompt logprobs (see _chunk)
+        scheduled, logits = self._forward(scheduled, outputs)
+        sampling, starts, r = [], [], 0  # the sequences that sample or verify, the first of their rows
         for seq, n in scheduled:
-            start, end = seq.num_computed, seq.num_computed + n - len(seq.draft)  # the draft follows ids[:end]
-            chunks.append(Chunk(seq.ids[start:end] + seq.draft, start, seq.blocks, end == len(seq.ids),
-                                len(seq.draft)))  # fmt: skip
-        # [N, V] float32: rows of the chunks that end their sequence's known tokens (1 + len(draft) each)
-        logits = self.runner.run(chunks, lead=self.lead)
-        for seq, n in scheduled:
-            seq.num_computed += n - len(seq.draft)
-        sampling = [seq for seq, n in scheduled if seq.num_computed == len(seq.ids)]
-        if self.speculator is None:
-            rows = [logits[i : i + 1] for i in range(len(sampling))]
-            tokens = [[t] for t in self._sample(sampling, logits)]
-        else:
-            rows, tokens = self.speculator.verify(sampling, logits, self._sample, self.throughput.spec)
+            chunk = self._chunk(seq, n)
+            seq.num_computed += n - chunk.spec
+            if chunk.all_logits:
+                self._add_prompt_logprobs(seq, chunk.start, logits[r : r + n])
+                r += n
+            elif chunk.logits:
+                r += 1 + chunk.spec
+            if chunk.logits:
+                sampling.append(seq)
+                starts.append(r - 1 - chunk.spec)
+        plain = [i for i, seq in enumerate(sampling) if not seq.draft]
+        picks: list = [None] * len(sampling)  # ([tokens], [logprobs]) per sequence; None: it failed
+        if plain:
+            seqs, last = [sampling[i] for i in plain], logits[[starts[i] for i in plain]]
+            states = [seq.generator.get_state() if seq.generator is not None else None for seq in seqs]
+            try:
+                one = list(zip(*self._sample(seqs, last)))  # (token, logprob) per sequence
+            except Exception:  # noqa: BLE001  (one request's sampling: find it, fail it alone)
+                for seq, state in zip(seqs, states):  # as if the batch's sampling had not run
+                    if state is not None:
+                        seq.generator.set_state(state)
+                one = [self._isolated(seq, outputs, lambda j=j, seq=seq: next(zip(*self._sample([seq], last[j : j + 1]))))
+                       for j, seq in enumerate(seqs)]  # fmt: skip
+            for i, pick in zip(plain, one):
+                picks[i] = None if pick is None else ([pick[0]], [pick[1]])
+        for i, seq in enumerate(sampling):
+            if seq.draft:  # its rows score [last token, draft...]: verify, then drop the rejected tokens' slots
+                rows = logits[starts[i] : starts[i] + 1 + len(seq.draft)]
+                picks[i] = self._isolated(seq, outputs, self._verify, seq, rows)
+                if picks[i] is not None:
+                    rollback(seq, len(picks[i][0]) - 1, self.allocator)
         produced = 0
-        for seq, seq_rows, seq_tokens in zip(sampling, rows, tokens):
-            if seq.draft:
-                rollback(seq, len(seq_tokens) - 1, self.allocator)
-            out, taken = self._append(seq, seq_rows, seq_tokens)
-            produced += taken
-            if out is not None:
-                outputs.append(out)
+        for seq, pick in zip(sampling, picks):
+            result = self._isolated(seq, outputs, self._append, seq, *pick) if pick is not None else None
+            if result is not None:
+                out, taken = result
+                produced += taken
+                if out is not None:
+                    outputs.append(out)
         self._account(time.perf_counter() - t0, decode, scheduled, admitted, produced)
         return outputs
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Each sequence's next token from its row of logits [N, V], with its own parameters and generator."""
-        greedy = logits.argmax(dim=-1).tolist() if seqs else []
-        return [g if s.params.temperature == 0 else
-                int(sample(logits[i : i + 1], s.params.temperature, s.params.top_k, s.params.top_p, s.generator))
-                for i, (s, g) in enumerate(zip(seqs, greedy))]  # fmt: skip
+    def _forward(self, scheduled: list[tuple[Sequence, int]], outputs: list[RequestOutput]):
+        """(the scheduled pairs whose forward ran, their logits): the whole step at once, or, if that
+        raises, one sequence at a time, failing those that raise alone (their error outputs go to outputs).
+        Rerunning a chunk rewrites the same cache slots with the same k/v."""
 
-    def _append(self, seq: Sequence, rows: torch.Tensor, tokens: list[int]) -> tuple[RequestOutput | None, int]:
-        """Take a step's new tokens in order (one sampled, or a verification's; rows [len(tokens), V] their
-        logits) until one finishes the request: (its output for this step, the tokens taken, stop token
+        def run(pairs):
+            return self.runner.run([self._chunk(seq, n) for seq, n in pairs], lead=self.lead)
+
+        try:
+            return scheduled, run(scheduled)
+        except Exception as err:  # noqa: BLE001
+            if self.model.tp is not None:  # the ranks ran (or missed) this step together: no retry can realign them
+                raise distributed.describe_failure(err) from None
+            if len(scheduled) == 1:
+                self._fail(scheduled[0][0], err, outputs)
+                return [], torch.empty(0)
+        ran, rows = [], []
+        for pair in scheduled:
+            logits = self._isolated(pair[0], outputs, run, [pair])
+            if logits is not None:
+                ran.append(pair)
+                rows.append(logits)
+        return ran, torch.cat(rows) if rows else torch.empty(0)
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> Chunk:
+        """The next n tokens of seq (before num_computed advances; a speculative draft comes last): logits
+        of its last token (and of the draft's positions) when they end its known tokens, of every token
+        while it collects prompt logprobs."""
+        start, end = seq.num_computed, seq.num_computed + n - len(seq.draft)  # the draft follows ids[:end]
+        collecting = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
+        return Chunk(seq.ids[start:end] + seq.draft, start, seq.blocks, end == len(seq.ids),
+                     collecting and start < seq.prompt_len, len(seq.draft))  # fmt: skip
+
+    def _isolated(self, seq: Sequence, outputs: list[RequestOutput], fn, *args):
+        """fn(*args); if it raises, seq finishes with finish_reason "error" (its output goes to outputs,
+        its blocks back to the pool) and the result is None."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            self._fail(seq, err, outputs)
+            return None
+
+    def _fail(self, seq: Sequence, err: Exception, outputs: list[RequestOutput]) -> None:
+        """Finish seq with finish_reason "error" (one log line; the traceback at debug level)."""
+        log.warning("request %s failed: %s: %s", seq.request_id, type(err).__name__, err)
+        log.debug("request %s failed", seq.request_id, exc_info=err)
+        if self._seqs.pop(seq.request_id, None) is not None:
+            self.scheduler.remove(seq)
+            out = self._output(seq, "error")
+            out.error = f"{type(err).__name__}: {err}"
+            outputs.append(out)
+
+    def _stop_ids(self, seq: Sequence) -> tuple[int, ...]:
+        p = seq.params
+        return p.stop_token_ids if p.ignore_eos else (*self.eos_ids, *p.stop_token_ids)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each sequence's next token from its row of logits [N, V] (penalties, logit_bias, min_tokens and
+        grammar applied to the whole batch as tensor ops, then each row's own temperature / top-k / top-p /
+        min-p and generator), -1 where the grammar allows no token; and its logprob (None unless asked)."""
+        if not seqs:
+            return [], []
+        params = [s.params for s in seqs]
+        short = [self._stop_ids(s) if len(s.output_ids) < s.params.min_tokens else () for s in seqs]
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        processed = logits
+        if constrained or any(short) or any(p.penalized or p.logit_bias for p in params):
+            processed = logits.clone()
+            apply_penalties(processed, params, [s.ids[: s.prompt_len] for s in seqs], [s.output_ids for s in seqs])
+            apply_logit_bias(processed, params)
+            ban_tokens(processed, short)
+            if constrained:
+                bitmask = self._grammars.fill_bitmask([seqs[i].matcher for i in constrained])
+                apply_bitmask(processed, constrained, bitmask)
+        dead = (~torch.isfinite(processed.max(dim=-1).values)).nonzero()[:, 0].tolist()
+        if dead:  # no token allowed (a grammar in an error state): sample anything, then report -1
+            processed = processed.clone()
+            processed[dead] = 0.0
+        tokens = sample(processed, params, [s.generator for s in seqs])
+        for i in dead:
+            tokens[i] = -1
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None and tokens[i] >= 0]
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if asked:
+            for i, lp in zip(asked, logprobs_of(logits[asked], [tokens[i] for i in asked],
+                                                [params[i].logprobs for i in asked])):  # fmt: skip
+                logprobs[i] = lp
+        return tokens, logprobs
+
+    def _verify(self, seq: Sequence, rows: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """A speculative draft's verification (rows [1 + len(draft), V]): its tokens and their logprobs."""
+        tokens = self.speculator.verify(seq, rows, self.throughput.spec)
+        k = seq.params.logprobs
+        return tokens, (logprobs_of(rows[: len(tokens)], tokens, [k] * len(tokens)) if k is not None
+                        else [None] * len(tokens))  # fmt: skip
+
+    def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that the rows of one chunk (logits [n, V], positions start..)
+        predict and that the sequence has not collected yet (a recomputed prefill collects nothing twice)."""
+        first = len(seq.prompt_logprobs) - start - 1  # the row that predicts the next uncollected token
+        last = min(len(logits), seq.prompt_len - start - 1)  # rows up to the one predicting the last prompt token
+        if first >= last:
+            return
+        targets = seq.ids[start + first + 1 : start + last + 1]
+        seq.prompt_logprobs += logprobs_of(logits[first:last], targets, [seq.params.prompt_logprobs] * len(targets))
+
+    def _append(self, seq: Sequence, tokens: list[int],
+                logprobs: list[TokenLogprob | None]) -> tuple[RequestOutput | None, int]:  # fmt: skip
+        """Take a step's new tokens in order (one sampled, or a verification's) until one finishes the
+        request: (its output for this step, or None if nothing to report; the tokens taken, the stop token
         included). Stop ids and strings, max_tokens and logprobs see exactly these tokens."""
         p = seq.params
-        stop_ids = p.stop_token_ids if p.ignore_eos else (*self.eos_ids, *p.stop_token_ids)
         text = ""
-        for i, token in enumerate(tokens):
-            if token in stop_ids:
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs)):
+            if token < 0:
+                return self._finish(seq, "stop", text), i
+            if token in self._stop_ids(seq):
+                seq.stop_token = token
                 return self._finish(seq, "stop", text), i + 1
             seq.ids.append(token)
             seq.new_ids.append(token)
-            if p.logprobs is not None:
-                seq.new_logprobs.append(token_logprob(rows[i], token, p.logprobs))
+            if logprob is not None:
+                seq.new_logprobs.append(logprob)
             text += seq.detokenizer.add([token]) if seq.detokenizer is not None else ""
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
+                if seq.matcher.is_stopped():  # the grammar is complete: only eos could follow
+                    return self._finish(seq, "stop", text), i + 1
             if seq.detokenizer is not None and seq.detokenizer.stopped:
                 return self._finish(seq, "stop", text), i + 1
             if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_context:
@@ -291,8 +444,13 @@ class Engine:
         return self._output(seq, reason, text)
 
     def _output(self, seq: Sequence, reason: str | None, text: str = "") -> RequestOutput:
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # reported once
+        completion = len(seq.output_ids) + (seq.stop_token is not None)
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
-                            else None, reason is not None, reason, seq.prompt_len, len(seq.output_ids))  # fmt: skip
+                            else None, reason is not None, reason, seq.prompt_len, completion,
+                            prompt_logprobs=prompt_logprobs)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 

@@ -37,6 +37,10 @@ class Sequence:
         self.admitted = False  # admitted at least once (its prompt counted)
         self.new_ids: list[int] = []  # tokens not yet reported in a RequestOutput
         self.new_logprobs: list[TokenLogprob] = []  # their logprobs (when asked for)
+        # the prompt tokens' logprobs collected so far (the first has none), when asked for and not yet reported
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.matcher = None  # the grammar's state (engine.structured), when the output is constrained
+        self.stop_token: int | None = None  # the eos / stop token that ended it (counted, not in ids)
         self.draft: list[int] = []  # speculative tokens to verify in the next step (engine/speculative.py)
         self.draft_probs: torch.Tensor | None = None  # [len(draft), V] their proposal distributions; None: one-hot
 

@@ -159,7 +159,7 @@ def verify(rows: torch.Tensor, draft: Draft, params, generator: torch.Generator 
                 break
             out.append(d)
         return out + [target[len(out)]]
-    p = sampling_probs(rows, params.temperature, params.top_k, params.top_p)  # [n + 1, V]
+    p = sampling_probs(rows, params)  # [n + 1, V]
     u = torch.rand(len(tokens), generator=generator, device=rows.device).tolist()
     out = []
     for i, d in enumerate(tokens):
@@ -185,6 +185,14 @@ def rollback(seq, accepted: int, allocator: BlockAllocator) -> None:
     seq.num_computed = len(seq.ids) + accepted
     allocator.shrink(seq.blocks, seq.num_computed)
     seq.draft = []
+
+
+def speculable(seq) -> bool:
+    """Whether a sequence's next tokens may be speculated: its sampling distribution at a position is the
+    model's, filtered by temperature / top-k / top-p / min-p alone (no penalties, logit_bias, pending
+    min_tokens or grammar)."""
+    p = seq.params
+    return not (p.penalized or p.logit_bias or seq.matcher is not None or len(seq.output_ids) < p.min_tokens)
 
 
 @dataclass
@@ -214,10 +222,14 @@ class Speculator:
     totals: SpecCounters = field(default_factory=SpecCounters)  # since start-up
 
     def propose(self, running: list, max_context: int) -> None:
-        """Set seq.draft on each decoding sequence of `running` (none when the step would be too large)."""
-        decoding = [s for s in running if s.is_decoding]
+        """Set seq.draft on each decoding sequence of `running` (none when the step would be too large) whose
+        sampling has no logits processing that depends on the tokens before each position (penalties,
+        logit_bias, min_tokens still pending, a grammar): verifying those would need it per draft position."""
         k = self.config.num_tokens
-        if not decoding or len(decoding) * (k + 1) > self.config.max_verify_tokens:
+        if sum(s.is_decoding for s in running) * (k + 1) > self.config.max_verify_tokens:
+            return
+        decoding = [s for s in running if s.is_decoding and speculable(s)]
+        if not decoding:
             return
         # no draft past the context or past max_tokens (the verification adds one token of its own)
         ks = [min(k, max_context - len(s.ids), s.params.max_tokens - len(s.output_ids) - 1) for s in decoding]
@@ -229,28 +241,15 @@ class Speculator:
         """A sequence ended (finished or aborted)."""
         self.proposer.release(seq.request_id)
 
-    def verify(self, seqs: list, logits: torch.Tensor, sample,
-               *counters: SpecCounters) -> tuple[list[torch.Tensor], list[list[int]]]:  # fmt: skip
-        """(rows [m_i, V] of each sequence, its new tokens): logits [sum m_i, V] holds 1 + len(draft)
-        rows per sequence. Sequences without a draft are sampled together by sample(seqs, rows [N, V]),
-        as without speculation; the others are verified (self.totals and `counters` count them)."""
-        sizes = [1 + len(s.draft) for s in seqs]
-        rows = list(logits.split(sizes))
-        plain = [i for i, s in enumerate(seqs) if not s.draft]
-        tokens: list[list[int]] = [[] for _ in seqs]
-        if plain:
-            sampled = sample([seqs[i] for i in plain], torch.cat([rows[i] for i in plain]))
-            for i, t in zip(plain, sampled):
-                tokens[i] = [t]
-        for i, seq in enumerate(seqs):
-            if seq.draft:
-                draft = Draft(seq.draft, seq.draft_probs)
-                tokens[i] = verify(rows[i], draft, seq.params, seq.generator)
-                for c in (self.totals, *counters):
-                    c.proposed += len(draft.tokens)
-                    c.accepted += len(tokens[i]) - 1
-                    c.verifications += 1
-        return rows, tokens
+    def verify(self, seq, rows: torch.Tensor, *counters: SpecCounters) -> list[int]:
+        """The new tokens of a sequence whose draft its rows [1 + len(seq.draft), V] score (see verify());
+        self.totals and `counters` count the draft and its accepted tokens."""
+        tokens = verify(rows, Draft(seq.draft, seq.draft_probs), seq.params, seq.generator)
+        for c in (self.totals, *counters):
+            c.proposed += len(seq.draft)
+            c.accepted += len(tokens) - 1
+            c.verifications += 1
+        return tokens
 
 
 def make_speculator(config: SpeculativeConfig, proposer: Proposer | None = None) -> Speculator:
@@ -310,7 +309,7 @@ class DraftModelProposer:
                 if p.temperature == 0:
                     token = int(row.argmax())
                 else:
-                    q = sampling_probs(row[None], p.temperature, p.top_k, p.top_p)[0]
+                    q = sampling_probs(row[None], p)[0]
                     token = int(torch.multinomial(q, 1, generator=seq.generator))
                     probs[id(seq)].append(q)
                 drafts[id(seq)].tokens.append(token)
