@@ -104,12 +104,13 @@ class LLM:
     engine (llama_kernels.engine.Engine) that generate(), generate_ids() and logits() run on."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cache: KVCache, max_context: int,
-                 max_batch: int, cuda_graphs: bool = True,
-                 prefill_chunk: int = planner.PREFILL_CHUNK) -> None:  # fmt: skip
+                 max_batch: int, cuda_graphs: bool = True, prefill_chunk: int = planner.PREFILL_CHUNK,
+                 prefix_caching: bool = True) -> None:  # fmt: skip
         self.model = model  # the Transformer, set up for max_context positions
         self.tokenizer = tokenizer  # Tokenizer, or None if the checkpoint has none
         self.cache = cache  # paged KV cache for max_batch * max_context tokens
-        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)  # its blocks, for every engine
+        # its blocks, for every engine; the KV dtype is part of every prefix-cache digest
+        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size, prefix_caching, str(cache.dtype))
         self.max_context = max_context  # tokens per sequence: prompt + new tokens
         self.max_batch = max_batch  # sequences decoded at once by generate()
         self.cuda_graphs = cuda_graphs  # on CUDA, replay decode steps as CUDA graphs
@@ -137,7 +138,7 @@ class LLM:
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
                         tp: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK,
-                        min_context: int = 1) -> LLM:  # fmt: skip
+                        min_context: int = 1, prefix_caching: bool = True) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
         Args:
@@ -166,7 +167,11 @@ class LLM:
                 (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
             min_context: tokens the caller needs per sequence (prompt + new tokens): a smaller
                 max_context (given or sized) is a ValueError before anything loads.
+            prefix_caching: keep the KV blocks of computed prompts (and outputs) and reuse them for
+                later prompts that start alike (llama_kernels.engine.block_allocator); False computes
+                every prompt in full.
         """
+        _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
@@ -194,25 +199,26 @@ class LLM:
         if kv_scales is not None and progress:
             print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
-                          kv_scales)  # fmt: skip
+                          prefix_caching, kv_scales)  # fmt: skip
 
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
                     max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None, max_batch: int = 8,
                     seed: int = 0, cuda_graphs: bool = True,
-                    prefill_chunk: int = planner.PREFILL_CHUNK) -> LLM:  # fmt: skip
+                    prefill_chunk: int = planner.PREFILL_CHUNK, prefix_caching: bool = True) -> LLM:  # fmt: skip
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
         and checked like from_pretrained (same arguments): for tokens/s without a checkpoint, and tests."""
+        _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
-        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk)
+        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching)
 
     @classmethod
     def _build(cls, model: Transformer, tokenizer: Tokenizer | None, kv_dtype: torch.dtype, max_context: int,
-               max_batch: int, cuda_graphs: bool, prefill_chunk: int,
+               max_batch: int, cuda_graphs: bool, prefill_chunk: int, prefix_caching: bool = True,
                kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> LLM:  # fmt: skip
         """The LLM over `model`; kv_scales (a checkpoint's FP8 KV scales) fix the cache's, else the engine
         calibrates them."""
@@ -224,7 +230,7 @@ class LLM:
         cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
         if kv_scales is not None:
             cache.set_scales(*kv_scales)
-        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk)
+        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -380,6 +386,11 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, max_context: in
                 f"{len(p) + max_new_tokens} > the allocated context of {max_context} tokens; shorten the prompt, "
                 "lower max_new_tokens or load with a larger max_context"
             )
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"LLM.from_pretrained: {name}={value!r}; expected True or False")
 
 
 def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,

@@ -13,7 +13,7 @@ from .. import distributed
 from ..loader.tokenizer import Tokenizer
 from ..model.kv_cache import KVCache
 from ..model.model import Transformer
-from .block_allocator import BlockAllocator
+from .block_allocator import BlockAllocator, PrefixChain
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
@@ -47,6 +47,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished, else None
     prompt_tokens: int
     completion_tokens: int  # tokens generated so far (stop token excluded)
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 @dataclass
@@ -58,6 +59,10 @@ class EngineStats:
     prompt_tokens_total: int  # prompt tokens of every admitted request
     generation_tokens_total: int  # tokens sampled (stop tokens included)
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not computed)
+    kv_blocks_cached: int = 0  # blocks registered in the prefix cache, held or free
+    kv_blocks_cached_free: int = 0  # of those, free ones (evicted least recently used when needed)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class GenerationStats:
     """Throughput counters of the engine's steps (LLM.generate reports those of one call)."""
 
     prompt_tokens: int = 0  # prompt tokens admitted
+    cached_tokens: int = 0  # of those, tokens found in the prefix cache (not computed)
     new_tokens: int = 0  # tokens sampled (stop tokens included)
     prefill_s: float = 0.0  # seconds in steps that held prefill chunks (their sampling included)
     decode_s: float = 0.0  # seconds in pure decode steps
@@ -75,7 +81,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Prompt tokens computed (cached ones excluded) per second of prefill."""
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -141,15 +148,19 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError (naming the field and value) before any state change."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> None:  # fmt: skip
+        """Queue a request; ValueError (naming the field and value) before any state change.
+        cache_salt: requests share cached prefix blocks only with requests of the same salt."""
         prompt = self.check_request(request_id, prompt_ids, params)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"Engine.add_request: cache_salt={cache_salt!r}; expected None or a non-empty string")
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
             generator = torch.Generator(self.device).manual_seed(seed)
         detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        seq = Sequence(request_id, prompt, params, generator, detok)
+        seq = Sequence(request_id, prompt, params, generator, detok, PrefixChain(self.allocator.root_key(cache_salt)))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -195,8 +206,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.allocator.used, self.allocator.num_blocks,
-                           self._prompt_total, self._generated_total, s.num_preemptions)  # fmt: skip
+        a = self.allocator
+        return EngineStats(len(s.running), len(s.waiting), a.used, a.num_blocks, self._prompt_total,
+                           self._generated_total, s.num_preemptions, s.prefix_queries, s.prefix_hits,
+                           a.num_cached, a.num_cached_free)  # fmt: skip
 
     # --- one iteration -------------------------------------------------------------------------
 
@@ -214,7 +227,7 @@ class Engine:
             chunks.append(Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids)))
         logits = self.runner.run(chunks, lead=self.lead)  # [N, V] float32: the chunks that end their sequence's known tokens
         for seq, n in scheduled:
-            seq.num_computed += n
+            self.scheduler.computed(seq, n)  # registers its newly full blocks in the prefix cache
         sampling = [seq for seq, n in scheduled if seq.num_computed == len(seq.ids)]
         tokens = self._sample(sampling, logits)
         for seq, row, token in zip(sampling, logits, tokens):
@@ -257,7 +270,8 @@ class Engine:
 
     def _output(self, seq: Sequence, reason: str | None, text: str = "") -> RequestOutput:
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
-                            else None, reason is not None, reason, seq.prompt_len, len(seq.output_ids))  # fmt: skip
+                            else None, reason is not None, reason, seq.prompt_len, len(seq.output_ids),
+                            seq.num_cached_tokens)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 
@@ -267,6 +281,7 @@ class Engine:
         self._prompt_total += prompt
         self._generated_total += sampled
         s.prompt_tokens += prompt
+        s.cached_tokens += sum(seq.num_cached_tokens for seq in admitted)
         s.new_tokens += sampled
         if admitted:
             s.batch_sizes.append(len(admitted))

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="auto: the activation dtype; fp8: e4m3 with per-head scales, from the checkpoint "
                         "when it carries them, else calibrated once at start-up")  # fmt: skip
+    parser.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full instead of "
+                        "reusing the cached KV blocks of earlier prompts that start alike")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
-                                  kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8")  # fmt: skip
+                                  kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8",
+                                  prefix_caching=not args.no_prefix_caching)  # fmt: skip
         engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
