@@ -177,9 +177,38 @@ def test_stream_joins_to_non_stream_and_usage_is_the_tokenizers(server, llm, cha
     assert tok.decode(ref) == text
     assert full.usage.prompt_tokens == len(prompt_ids) and full.usage.completion_tokens == len(ref)
     assert full.usage.total_tokens == len(prompt_ids) + len(ref)
-    assert chunks[-1].usage.model_dump() == full.usage.model_dump() and chunks[-1].choices == []
+    assert chunks[-1].choices == []
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (full.usage.prompt_tokens,
+                                                                    full.usage.completion_tokens)
+    # the streamed request came second: its prompt's whole blocks were cached by the first
+    cached = (len(prompt_ids) - 1) // 16 * 16
+    assert streamed.prompt_tokens_details.cached_tokens == cached
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [full.choices[0].finish_reason]
+
+
+def test_prefix_cache_hits_usage_salts_and_metrics(server, llm):
+    """A repeated prompt reports its cached whole blocks in usage.prompt_tokens_details.cached_tokens
+    and in /metrics; another cache_salt never hits them; the text is the same either way."""
+    client, tok = server.client(), llm.tokenizer
+    prompt = " ".join(WORDS * 6) + " and so"
+    n = len(tok.encode(prompt))
+    before = server.metrics()
+    answers = []
+    for salt in ("tenant-1", "tenant-1", "tenant-2"):
+        res = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                        extra_body={"cache_salt": salt})  # fmt: skip
+        answers.append((res.choices[0].text, res.usage.prompt_tokens_details.cached_tokens))
+    hit = (n - 1) // 16 * 16
+    assert [c for _, c in answers] == [0, hit, 0] and hit > 0
+    assert len({t for t, _ in answers}) == 1
+    after = server.metrics()
+    p = "llama_kernels_prefix_cache_"
+    assert after[p + "queries_total"] - before[p + "queries_total"] == 3 * n
+    assert after[p + "hits_total"] - before[p + "hits_total"] == hit
+    assert after["llama_kernels_kv_blocks_cached_free"] >= 2 * (n // 16)  # both salts' blocks stay cached
+    server.assert_no_blocks_held()
 
 
 def test_logprobs(server):

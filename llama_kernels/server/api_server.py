@@ -155,7 +155,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     async def respond(request: Request, req, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       chat: bool):  # fmt: skip
-        outputs = engine.generate(request_id, prompt_ids, params)
+        outputs = engine.generate(request_id, prompt_ids, params, cache_salt=req.cache_salt)
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": served_model_name}  # fmt: skip
         if req.stream:  # the first output before the headers: errors until then get a proper status code
@@ -168,7 +168,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         if result is _HUNG_UP:
             return _hung_up()
         text, logprobs, out = result
-        usage = _usage(len(prompt_ids), out.completion_tokens)
+        usage = _usage(len(prompt_ids), out.completion_tokens, out.cached_tokens)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                       "logprobs": chat_logprobs(logprobs) if req.logprobs else None,
@@ -212,7 +212,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             last = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
             yield event([{**last, "delta": {}} if chat else {**last, "text": ""}])
             if req.include_usage:
-                yield event([], _usage(prompt_tokens, out.completion_tokens))
+                yield event([], _usage(prompt_tokens, out.completion_tokens, out.cached_tokens))
             yield "data: [DONE]\n\n"
 
     def chat_logprobs(items) -> dict:
@@ -294,6 +294,8 @@ def _engine_error(err: Exception) -> OpenAIError:
     return _error(f"the engine failed on this request: {err}", 500)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens read from the prefix cache (not computed)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip

@@ -52,6 +52,10 @@ class EngineGauges:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    kv_blocks_cached: int = 0
+    kv_blocks_cached_free: int = 0
 
 
 class Metrics:
@@ -98,9 +102,17 @@ class Metrics:
                    [f"{p}_kv_blocks_used {g.kv_blocks_used}"])  # fmt: skip
             metric("kv_blocks_total", "gauge", "KV-cache blocks in the pool.",
                    [f"{p}_kv_blocks_total {g.kv_blocks_total}"])  # fmt: skip
+            metric("kv_blocks_cached", "gauge", "KV-cache blocks holding a cached prefix (held or free).",
+                   [f"{p}_kv_blocks_cached {g.kv_blocks_cached}"])  # fmt: skip
+            metric("kv_blocks_cached_free", "gauge", "Cached KV blocks no request holds (evicted LRU when needed).",
+                   [f"{p}_kv_blocks_cached_free {g.kv_blocks_cached_free}"])  # fmt: skip
+            metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+                   [f"{p}_prefix_cache_queries_total {g.prefix_cache_queries}"])  # fmt: skip
+            metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache (not computed).",
+                   [f"{p}_prefix_cache_hits_total {g.prefix_cache_hits}"])  # fmt: skip
             metric("num_preemptions_total", "counter", "Requests preempted (blocks given back, recomputed later).",
                    [f"{p}_num_preemptions_total {g.num_preemptions}"])  # fmt: skip
-            metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.",
+            metric("prompt_tokens_total", "counter", "Prompt tokens of admitted requests (prefix-cache hits included).",
                    [f"{p}_prompt_tokens_total {g.prompt_tokens_total}"])  # fmt: skip
             metric("generation_tokens_total", "counter", "Tokens generated.",
                    [f"{p}_generation_tokens_total {g.generation_tokens_total}"])  # fmt: skip

@@ -80,6 +80,8 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (vLLM's): generate max_tokens tokens whatever the eos
     user: str | None = None  # accepted and ignored
+    # extension (vLLM's): requests share cached prompt blocks only with requests of the same salt
+    cache_salt: str | None = Field(None, min_length=1)
     # accepted at their defaults only (see _DEFAULT_ONLY)
     n: Any = None
     best_of: Any = None
