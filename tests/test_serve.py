@@ -332,6 +332,24 @@ def test_bench_serve_smoke(server, tmp_path, load):
     server.assert_no_blocks_held()
 
 
+@pytest.mark.parametrize("workload", [["shared-prefix", "--prefix-len", "40"], ["multi-turn", "--turns", "3"]],
+                         ids=["shared-prefix", "multi-turn"])  # fmt: skip
+def test_bench_serve_prefix_workloads(server, tmp_path, workload):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--url", server.url, "--label", "on",
+           "--num-requests", "3", "--concurrency", "3", "--input-len", "8", "--output-len", "4", "--endpoint",
+           "chat", "--workload", *workload, "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["label"] == "on" and run["errors"] == 0 and 0 < run["cached_tokens"] < run["input_tokens"]
+    if workload[0] == "multi-turn":
+        assert run["completed"] == 9 and run["new_prompt_tokens"] > run["unseen_prompt_tokens"] > 0
+        assert run["computed_prompt_tokens"] == run["input_tokens"] - run["cached_tokens"]
+        assert "prompt tokens computed" in proc.stdout
+    server.assert_no_blocks_held()
+
+
 def test_tensor_parallel_serves_the_same_greedy_answers(tmp_path, alone, llm):
     """torchrun with gloo, 3 ranks (SmolLM2's 9 query and 3 KV heads split 3 ways): rank 0 serves."""
     with socket.socket() as sock:
