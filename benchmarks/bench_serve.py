@@ -233,11 +233,13 @@ def machine() -> dict:
             "python": platform.python_version(), "httpx": httpx.__version__}  # fmt: skip
 
 
-def table(runs: list[dict]) -> str:
+def table(runs: list[dict], width: int = 6) -> str:
+    """The runs as text; width: of the server label column."""
+
     def ms(d: dict, k: str) -> str:
         return "-" if d[k] is None else f"{d[k] * 1000:.0f}"
 
-    width = max([5] + [len(r.get("label") or "") for r in runs])
+    width = max([width] + [len(r.get("label") or "") for r in runs])
     head = (f"{'server':>{width}} {'conc':>5} {'rate':>6} {'ok/err':>8} {'req/s':>7} {'output tok/s':>12} "
             f"{'hit %':>6} | {'TTFT ms p50/p90/p99':>20} | {'TPOT ms p50/p90/p99':>20} | {'ITL ms p50/p90/p99':>20}")  # fmt: skip
     lines = [head, "-" * len(head)]
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_load(warm, url, model, 1, None))
         for concurrency, rate in plans:
             runs.append({"label": label, **asyncio.run(run_load(args, url, model, concurrency, rate))})
-            lines = table(runs[-1:]).splitlines()
+            lines = table(runs[-1:], max(len(label) for label in labels)).splitlines()
             print("\n".join(lines if len(runs) == 1 else lines[2:]), flush=True)  # the header once
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "servers": servers,
