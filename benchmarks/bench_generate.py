@@ -102,8 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load(args: argparse.Namespace, max_context: int, max_batch: int) -> tuple[LLM, str]:
     """(the LLM, its name) for --model / --preset / --smoke."""
     quant = None if args.quant == "bf16" else args.quant
+    # no prefix caching: the timed runs repeat the warm-up's prompts, and must prefill them in full
     kw = dict(quant=quant, device=args.device, max_context=max_context, policy=args.policy, max_batch=max_batch,
-              kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else None, cuda_graphs=not args.eager)  # fmt: skip
+              kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else None, cuda_graphs=not args.eager,
+              prefix_caching=False)  # fmt: skip
     if args.model:
         path = None if args.model == "embedded" else args.model
         return LLM.from_pretrained(path, progress=False, **kw), args.model

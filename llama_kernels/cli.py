@@ -122,6 +122,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward pass at most; "
                         f"longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK} on CUDA, 256 on the CPU)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full instead of "
+                        "reusing the KV blocks of earlier ones that start alike (e.g. chat history)")  # fmt: skip
     serve.speculative_arguments(parser)
 
 
@@ -166,8 +168,8 @@ def _load(args: argparse.Namespace, ckpt, min_context: int):
     return LLM.from_pretrained(ckpt, quant=args.quant, device=args.device, policy=args.policy,
                                max_context=args.max_context, cuda_graphs=not args.eager,
                                tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk,
-                               min_context=min_context, speculative=args.speculative,
-                               num_speculative_tokens=args.num_speculative_tokens,
+                               min_context=min_context, prefix_caching=not args.no_prefix_caching,
+                               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                                draft_model=args.draft_model)  # fmt: skip
 
 
@@ -223,7 +225,8 @@ def _prompt_ids(args: argparse.Namespace, tokenizer, text: str) -> tuple[list[in
 
 def _print_stats(s) -> None:
     """Throughput of the last generate call, on stderr (stdout holds only the generated text)."""
-    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    cached = f" ({s.cached_tokens} from the prefix cache)" if s.cached_tokens else ""
+    print(f"prefill: {s.prompt_tokens} tokens{cached}, {s.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
     print(f"decode: {s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s, {s.decode_gb_per_s:.2f} GB/s "
           f"(weight + KV bytes per step){_speculation(s)}", file=sys.stderr)  # fmt: skip
 

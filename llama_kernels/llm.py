@@ -109,11 +109,13 @@ class LLM:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cache: KVCache, max_context: int,
                  max_batch: int, cuda_graphs: bool = True, prefill_chunk: int = planner.PREFILL_CHUNK,
-                 speculative: SpeculativeConfig | None = None, draft: LLM | None = None) -> None:  # fmt: skip
+                 prefix_caching: bool = True, speculative: SpeculativeConfig | None = None,
+                 draft: LLM | None = None) -> None:  # fmt: skip
         self.model = model  # the Transformer, set up for max_context positions
         self.tokenizer = tokenizer  # Tokenizer, or None if the checkpoint has none
         self.cache = cache  # paged KV cache for max_batch * max_context tokens
-        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)  # its blocks, for every engine
+        # its blocks, for every engine; the KV dtype is part of every prefix-cache digest
+        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size, prefix_caching, str(cache.dtype))
         self.max_context = max_context  # tokens per sequence: prompt + new tokens
         self.max_batch = max_batch  # sequences decoded at once by generate()
         self.cuda_graphs = cuda_graphs  # on CUDA, replay decode steps as CUDA graphs
@@ -154,7 +156,7 @@ class LLM:
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
                         tp: int = 1, prefill_chunk: int | None = None,
-                        min_context: int = 1, speculative: str | None = None,
+                        min_context: int = 1, prefix_caching: bool = True, speculative: str | None = None,
                         num_speculative_tokens: int = 3, draft_model=None) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
@@ -186,6 +188,9 @@ class LLM:
                 (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
             min_context: tokens the caller needs per sequence (prompt + new tokens): a smaller
                 max_context (given or sized) is a ValueError before anything loads.
+            prefix_caching: keep the KV blocks of computed prompts (and outputs) and reuse them for
+                later prompts that start alike (llama_kernels.engine.block_allocator); False computes
+                every prompt in full.
             speculative: None, "ngram" or "draft": speculative decoding, each decoding sequence
                 proposing up to num_speculative_tokens tokens that one forward pass verifies exactly
                 (llama_kernels.engine.speculative). "ngram": the tokens that followed the latest earlier
@@ -201,6 +206,7 @@ class LLM:
         if spec is not None and spec.method == "draft" and tp > 1:
             raise ValueError(f"LLM.from_pretrained: speculative='draft' with tp={tp}; a draft model runs without "
                              "tensor parallel only (yet): use speculative='ngram'")  # fmt: skip
+        _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
@@ -236,13 +242,13 @@ class LLM:
         if draft is not None:
             check_draft(draft.config, ckpt.config, draft_model)
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
-                          kv_scales, spec, draft)  # fmt: skip
+                          prefix_caching, kv_scales, spec, draft)  # fmt: skip
 
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
                     max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None, max_batch: int = 8,
                     seed: int = 0, cuda_graphs: bool = True, prefill_chunk: int | None = None,
-                    speculative: str | None = None, num_speculative_tokens: int = 3,
+                    prefix_caching: bool = True, speculative: str | None = None, num_speculative_tokens: int = 3,
                     draft_model: LLM | None = None) -> LLM:  # fmt: skip
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
         and checked like from_pretrained (same arguments; draft_model: an LLM already built): for tokens/s
@@ -250,18 +256,19 @@ class LLM:
         spec = speculative_config(speculative, num_speculative_tokens, draft_model)
         if draft_model is not None:
             check_draft(draft_model.config, config, "draft_model")
+        _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
-        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, None, spec,
-                          draft_model)  # fmt: skip
+        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching,
+                          None, spec, draft_model)  # fmt: skip
 
     @classmethod
     def _build(cls, model: Transformer, tokenizer: Tokenizer | None, kv_dtype: torch.dtype, max_context: int,
-               max_batch: int, cuda_graphs: bool, prefill_chunk: int,
+               max_batch: int, cuda_graphs: bool, prefill_chunk: int, prefix_caching: bool = True,
                kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
                speculative: SpeculativeConfig | None = None, draft: LLM | None = None) -> LLM:  # fmt: skip
         """The LLM over `model`; kv_scales (a checkpoint's FP8 KV scales) fix the cache's, else the engine
@@ -274,7 +281,8 @@ class LLM:
         cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
         if kv_scales is not None:
             cache.set_scales(*kv_scales)
-        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk, speculative, draft)
+        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching,
+                   speculative, draft)  # fmt: skip
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -465,6 +473,11 @@ def check_draft(draft: LlamaConfig, target: LlamaConfig, name) -> None:
 def default_prefill_chunk(device: torch.device) -> int:
     """Prompt tokens per step unless asked: the planner's PREFILL_CHUNK on CUDA, CPU_PREFILL_CHUNK elsewhere."""
     return planner.PREFILL_CHUNK if device.type == "cuda" else CPU_PREFILL_CHUNK
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"LLM.from_pretrained: {name}={value!r}; expected True or False")
 
 
 def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,

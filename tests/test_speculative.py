@@ -16,7 +16,7 @@ from conftest import needs_smollm2 as smollm2
 
 from llama_kernels.engine import Engine, SamplingParams
 from llama_kernels.engine import speculative
-from llama_kernels.engine.block_allocator import BlockAllocator
+from llama_kernels.engine.block_allocator import BlockAllocator, PrefixChain
 from llama_kernels.engine.scheduler import Sequence
 from llama_kernels.engine.speculative import Draft, NgramProposer, SpeculativeConfig, make_speculator, rollback
 from llama_kernels.llm import LLM
@@ -58,16 +58,19 @@ class Recorder:
         engine.runner.run = lambda chunks, **kw: self.steps.append(list(chunks)) or run(chunks, **kw)
 
     def check_pool(self) -> None:
-        """Every running sequence holds exactly the blocks of its cached tokens (+ the next one's), no
-        block is held twice, and the pool's count of used blocks is theirs."""
+        """Every block's reference count is the number of running sequences holding it (prefix caching
+        shares blocks), the pool's used / free / cached-free blocks add up, and every running sequence
+        holds exactly the blocks of its cached tokens (+ the next one's)."""
         e = self.engine
+        a = e.allocator
         held = [b for s in e.scheduler.running for b in s.blocks]
-        assert len(held) == len(set(held)) and e.allocator.used == len(held)
-        assert sorted(held + e.allocator._free) == list(range(e.allocator.num_blocks))
+        assert all(a.ref_count(b) == held.count(b) for b in set(held)) and a.used == len(set(held))
+        assert sorted({*held} | {*a._free} | {*a._lru}) == list(range(a.num_blocks))
+        assert len(set(held)) + a.num_free == a.num_blocks
         for s in e.scheduler.running:
             if s.is_decoding:
-                assert not s.draft and len(s.blocks) == e.allocator.blocks_for(s.num_computed + 1) or \
-                    len(s.blocks) == e.allocator.blocks_for(s.num_computed), (s.request_id, len(s.blocks))
+                assert not s.draft and len(s.blocks) in (a.blocks_for(s.num_computed + 1),
+                                                          a.blocks_for(s.num_computed)), (s.request_id, len(s.blocks))
 
 
 def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]], recorder: Recorder | None = None):
@@ -198,9 +201,22 @@ def test_greedy_at_the_context_limit_and_stops(llm):
     assert tokens(outs) == free[:7] and outs[-1].completion_tokens == 7, "max_tokens cuts an accepted draft"
 
 
+def test_greedy_with_prefix_caching(llm):
+    """Requests sharing a prompt share its cached blocks; speculation beside them keeps the tokens, and
+    the blocks a rollback frees are never shared ones."""
+    prompt = REPEATING[2] + [40, 41, 42] * 4  # 42 tokens: 2 full blocks to share
+    requests = {str(i): (prompt + [i + 50], dataclasses.replace(GREEDY, max_tokens=30 + i)) for i in range(4)}
+    ref = run(Engine(llm.loaded, max_num_seqs=4), requests)
+    engine = Engine(llm.loaded, max_num_seqs=4, speculative=spec(3, ngram_min=1))
+    outs = run(engine, requests, Recorder(engine))
+    s = engine.stats()
+    assert s.prefix_cache_hits > 0 and s.spec_accepted_total > 0
+    assert {r: tokens(o) for r, o in outs.items()} == {r: tokens(o) for r, o in ref.items()}
+
+
 def test_rollback_gives_back_emptied_blocks():
     a = BlockAllocator(8, 16)
-    seq = Sequence("x", list(range(30)), GREEDY, None, None)
+    seq = Sequence("x", list(range(30)), GREEDY, None, None, PrefixChain(a.root_key(None)))
     assert a.grow(seq.blocks, 30)
     seq.num_computed = 29
     seq.draft = [1, 2, 3, 4, 5]
@@ -333,7 +349,7 @@ def test_smollm2_greedy_identical_on_a_quoting_prompt():
     s = engine.stats()
     assert s.spec_accepted_total / s.spec_proposed_total > 0.3, "the quoted sentence is proposed and accepted"
     target = LLM._build(llm.model, llm.tokenizer, llm.cache.dtype, llm.max_context, 1, False, llm.prefill_chunk,
-                        None, SpeculativeConfig("draft", 4), llm)  # fmt: skip
+                        speculative=SpeculativeConfig("draft", 4), draft=llm)  # fmt: skip
     assert tokens(run(target.engine, {"a": (ids, params)})["a"]) == ref
     s = target.engine.stats()
     assert s.spec_accepted_total >= 0.95 * s.spec_proposed_total and llm.allocator.used == 0

@@ -14,7 +14,7 @@ from .. import distributed
 from ..loader.tokenizer import Tokenizer
 from ..model.kv_cache import KVCache
 from ..model.model import Transformer
-from .block_allocator import BlockAllocator
+from .block_allocator import BlockAllocator, PrefixChain
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
 from .sampling import (SamplingParams, TokenLogprob, apply_bitmask, apply_logit_bias, apply_penalties, ban_tokens,
@@ -56,6 +56,7 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None), in the
     # request's first output when it asked for prompt_logprobs
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 @dataclass
@@ -67,6 +68,10 @@ class EngineStats:
     prompt_tokens_total: int  # prompt tokens of every admitted request
     generation_tokens_total: int  # tokens sampled (stop tokens included)
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not computed)
+    kv_blocks_cached: int = 0  # blocks registered in the prefix cache, held or free
+    kv_blocks_cached_free: int = 0  # of those, free ones (evicted least recently used when needed)
     spec_proposed_total: int = 0  # speculative draft tokens verified
     spec_accepted_total: int = 0  # of those, accepted
     spec_verifications_total: int = 0  # (sequence, step) pairs that verified a draft
@@ -78,6 +83,7 @@ class GenerationStats:
     """Throughput counters of the engine's steps (LLM.generate reports those of one call)."""
 
     prompt_tokens: int = 0  # prompt tokens admitted
+    cached_tokens: int = 0  # of those, tokens found in the prefix cache (not computed)
     new_tokens: int = 0  # tokens sampled (stop tokens included)
     prefill_s: float = 0.0  # seconds in steps that held prefill chunks (their sampling included)
     decode_s: float = 0.0  # seconds in pure decode steps
@@ -89,7 +95,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Prompt tokens computed (cached ones excluded) per second of prefill."""
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -162,9 +169,13 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError (naming the field and value) before any state change."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> None:  # fmt: skip
+        """Queue a request; ValueError (naming the field and value) before any state change.
+        cache_salt: requests share cached prefix blocks only with requests of the same salt."""
         prompt = self.check_request(request_id, prompt_ids, params)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"Engine.add_request: cache_salt={cache_salt!r}; expected None or a non-empty string")
         matcher = self._grammar_compiler().matcher(params.grammar) if params.grammar is not None else None
         generator = None
         if params.temperature > 0:
@@ -172,7 +183,8 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(seed)
         detok = (Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
                              params.include_stop_str_in_output) if self.tokenizer is not None else None)  # fmt: skip
-        seq = Sequence(request_id, prompt, params, generator, detok)
+        chain = PrefixChain(self.allocator.root_key(cache_salt))
+        seq = Sequence(request_id, prompt, params, generator, detok, chain)
         seq.matcher = matcher
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -231,10 +243,14 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        a = self.allocator
         spec = self.speculator.totals if self.speculator is not None else SpecCounters()
-        return EngineStats(len(s.running), len(s.waiting), self.allocator.used, self.allocator.num_blocks,
-                           self._prompt_total, self._generated_total, s.num_preemptions, spec.proposed,
-                           spec.accepted, spec.verifications, spec.mean_accepted_length)  # fmt: skip
+        return EngineStats(len(s.running), len(s.waiting), a.used, a.num_blocks, self._prompt_total,
+                           self._generated_total, s.num_preemptions, prefix_cache_queries=s.prefix_queries,
+                           prefix_cache_hits=s.prefix_hits, kv_blocks_cached=a.num_cached,
+                           kv_blocks_cached_free=a.num_cached_free, spec_proposed_total=spec.proposed,
+                           spec_accepted_total=spec.accepted, spec_verifications_total=spec.verifications,
+                           spec_mean_accepted_length=spec.mean_accepted_length)  # fmt: skip
 
     # --- one iteration -------------------------------------------------------------------------
 
@@ -258,7 +274,7 @@ class Engine:
         sampling, starts, r = [], [], 0  # the sequences that sample or verify, the first of their rows
         for seq, n in scheduled:
             chunk = self._chunk(seq, n)
-            seq.num_computed += n - chunk.spec
+            self.scheduler.computed(seq, n - chunk.spec)  # registers its newly full blocks in the prefix cache
             if chunk.all_logits:
                 self._add_prompt_logprobs(seq, chunk.start, logits[r : r + n])
                 r += n
@@ -450,7 +466,7 @@ class Engine:
         completion = len(seq.output_ids) + (seq.stop_token is not None)
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
                             else None, reason is not None, reason, seq.prompt_len, completion,
-                            prompt_logprobs=prompt_logprobs)  # fmt: skip
+                            prompt_logprobs=prompt_logprobs, cached_tokens=seq.num_cached_tokens)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 
@@ -460,6 +476,7 @@ class Engine:
         self._prompt_total += prompt
         self._generated_total += sampled
         s.prompt_tokens += prompt
+        s.cached_tokens += sum(seq.num_cached_tokens for seq in admitted)
         s.new_tokens += sampled
         if admitted:
             s.batch_sizes.append(len(admitted))

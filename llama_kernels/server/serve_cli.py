@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="auto: the activation dtype; fp8: e4m3 with per-head scales, from the checkpoint "
                         "when it carries them, else calibrated once at start-up")  # fmt: skip
+    parser.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full instead of "
+                        "reusing the cached KV blocks of earlier prompts that start alike")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default: "
                         "what a prompt of the whole context can need, JSON-escaped)")  # fmt: skip
     parser.add_argument("--strict-api", action="store_true", help="refuse (400) request fields this server does "
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                                   prefill_chunk=args.prefill_chunk,
                                   kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8",
                                   speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                                  draft_model=args.draft_model)  # fmt: skip
+                                  draft_model=args.draft_model, prefix_caching=not args.no_prefix_caching)  # fmt: skip
         engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, speculative=llm.new_speculator())
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
