@@ -214,6 +214,22 @@ def test_greedy_with_prefix_caching(llm):
     assert {r: tokens(o) for r, o in outs.items()} == {r: tokens(o) for r, o in ref.items()}
 
 
+def test_requests_with_position_dependent_processing_are_not_speculated(llm):
+    """Penalties, logit_bias, pending min_tokens: their logits processing depends on the tokens before each
+    position, so they decode one token a step (same tokens as without speculation); min_tokens only until
+    it is reached."""
+    engine = Engine(llm.loaded, speculative=spec(3, ngram_min=1))
+    for kw in ({"repetition_penalty": 1.3}, {"presence_penalty": 0.5}, {"logit_bias": ((7, 2.0),)}):
+        params = dataclasses.replace(GREEDY, **kw)
+        ref = tokens(run(Engine(llm.loaded), {"a": (REPEATING[0], params)})["a"])
+        assert tokens(run(engine, {"a": (REPEATING[0], params)})["a"]) == ref, kw
+        assert engine.stats().spec_verifications_total == 0, kw
+    rec = Recorder(engine)
+    run(engine, {"m": (REPEATING[0], dataclasses.replace(GREEDY, min_tokens=10))}, rec)
+    verified = [c.start - len(REPEATING[0]) + 1 for st in rec.steps for c in st if c.spec]  # outputs so far
+    assert verified and min(verified) >= 10
+
+
 def test_rollback_gives_back_emptied_blocks():
     a = BlockAllocator(8, 16)
     seq = Sequence("x", list(range(30)), GREEDY, None, None, PrefixChain(a.root_key(None)))

@@ -11,20 +11,27 @@ a bonus token when every draft token is accepted), so each verification yields 1
   tokens non-speculative greedy decoding gives.
 - sampling: exact rejection sampling (Leviathan et al. 2023; Chen et al. 2023): d_i is accepted with
   probability min(1, p_i(d_i) / q_i(d_i)), p the target's sampling distribution (temperature, top-k,
-  top-p applied) and q the proposer's; at the first rejection the token is drawn from
+  top-p, min-p applied) and q the proposer's; at the first rejection the token is drawn from
   normalize(max(0, p_i - q_i)). Every token then follows the target's distribution exactly. A
-  deterministic proposer (n-gram) has a one-hot q. The draws use the request's own generator.
+  deterministic proposer (n-gram) has a one-hot q. The draws use the request's own generator, so a
+  seeded request is reproducible, but its tokens are not those of non-speculative sampling (the same
+  distribution, other draws), and whether a step speculates depends on the batch (see below).
+
+Requests whose logits processing depends on the tokens before each position (penalties, logit_bias,
+min_tokens not yet reached, a grammar) are not speculated: speculable().
 
 The cache then holds k/v for the rejected draft tokens too; rollback() sets the sequence's computed
 length back to its accepted tokens and frees the blocks that hold none of them.
 
 When to speculate (SpeculativeConfig.max_verify_tokens): a verify step runs B (k + 1) tokens through
-the model instead of B. While that stays small the pass is bound by reading the weights and costs
-little more than a decode step; past it the extra tokens cost about as much compute as they save.
-So a step speculates only while (decoding sequences) x (k + 1) <= max_verify_tokens; larger steps
-decode one token per sequence. The default (32) comes from the verify cost measured on SmolLM2 on
-the CPU (a 32-token pass costs ~2x a 1-token one: benchmarks/results/spec_cpu_smollm2_*.json), i.e.
-where a mean accepted length of ~2 stops paying for the pass.
+the model instead of B, and pays off while the mean accepted length L (tokens per verification)
+exceeds cost(B (k + 1)) / cost(B). The rule is simpler: a step speculates only while (decoding
+sequences) x (k + 1) <= max_verify_tokens (32); larger steps decode one token per sequence. Measured
+on SmolLM2 on the CPU (bench_generate --speculative: benchmarks/results/spec_ngram_cpu_smollm2_*.json),
+a pass of T tokens costs 1.9x a 1-token pass at T = 6 (one sequence, k = 5), 3.0x at 32 and 4.2x at
+64, while prompt lookup on quoting prompts accepts ~4 tokens per verification: up to 32 tokens that
+still pays at every batch size, and past it the pass turns compute-bound (on a GPU much later: there
+the bound can be raised).
 """
 
 from __future__ import annotations
