@@ -6,12 +6,12 @@ most --phase-seconds) and polls /health 10 times a second (5 s timeout each) whi
 separate process:
 
 - none: no attack (the baseline of the same server, machine and moment);
-- oversized_prompts: 4 clients POST completions whose prompts cannot fit the context, in a loop: two of 1 MB,
-  two just under the byte bound a server may tokenize (context x the longest token's bytes);
+- oversized_prompts: 4 clients POST completions whose prompts (random words) cannot fit the context, in a
+  loop: two of 1 MB, two just under the byte bound a server may tokenize (context x the longest token's bytes);
 - many_stop_strings: 4 clients stream requests with 60,000 stop strings each (OpenAI allows 4), in a loop;
 - slowloris: 1100 connections that send part of their headers and then one byte every 2 s.
 
-The server runs under `ulimit -n 1024` (a common default) so the slowloris phase reaches the open-file limit
+The server runs under `ulimit -Sn 1024` (the common default soft limit; the hard one stays) so the slowloris phase reaches the open-file limit
 unless the server raises it. Writes a JSON with the machine, the conditions and per phase the gaps' and
 /health latencies' median / p99 / max, /health failures and the attack's responses.
 
@@ -27,9 +27,11 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import resource
 import socket
 import statistics
+import string
 import subprocess
 import sys
 import threading
@@ -45,9 +47,10 @@ MAX_TOKEN_BYTES = 162  # SmolLM2's longest token string (Tokenizer.max_token_byt
 
 
 def start_server(root: Path, max_context: int, log: Path) -> tuple[subprocess.Popen, str]:
-    cmd = f"ulimit -n 1024 && exec {sys.executable} -m llama_kernels serve --port 0 --max-context {max_context}"
+    cmd = f"ulimit -Sn 1024 && exec {sys.executable} -m llama_kernels serve --port 0 --max-context {max_context}"
     env = {**os.environ, "PYTHONPATH": str(root.resolve()), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env)
+    proc = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env,
+                            cwd=root)  # python -m puts the working directory first on sys.path: run in root
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -79,12 +82,23 @@ def _post_loop(url: str, body: bytes, stream: bool, stop, counts) -> None:
             counts.append(str(status))
 
 
+def words(nbytes: int) -> str:
+    """nbytes of seeded random lowercase words: every word new to the tokenizer's cache, so each costs a BPE."""
+    rng = random.Random(0)
+    out, n = [], 0
+    while n < nbytes:
+        w = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9)))
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)[:nbytes]
+
+
 def attack(kind: str, url: str, max_context: int, stop, counts) -> None:
     """Run one attack until `stop` is set (in a child process)."""
     path = url + "/v1/completions"
     if kind == "oversized_prompts":
-        big = json.dumps({"model": MODEL, "prompt": "hello " * 170_000, "max_tokens": 1}).encode()
-        under = json.dumps({"model": MODEL, "prompt": "hello " * (MAX_TOKEN_BYTES * max_context // 6 - 10),
+        big = json.dumps({"model": MODEL, "prompt": words(1_000_000), "max_tokens": 1}).encode()
+        under = json.dumps({"model": MODEL, "prompt": words(MAX_TOKEN_BYTES * max_context - 100),
                             "max_tokens": 1}).encode()  # fmt: skip
         jobs = [(big, False), (big, False), (under, False), (under, False)]
     elif kind == "many_stop_strings":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 
 import pytest
 import torch
@@ -199,7 +200,17 @@ def test_grammars_constrain_the_output(smol):
         engine.add_request("bad", prompt, SamplingParams(grammar=Grammar("json", "{not json")))
     with pytest.raises(ValueError, match="grammar"):
         engine.add_request("bad", prompt, SamplingParams(grammar=Grammar("regex", "(")))
+    with pytest.raises(ValueError, match="grammar"):
+        engine.compile_grammar(Grammar("lark", "start: ("))
     assert not engine.has_unfinished()
+    # a server compiles on a worker thread; the engine's add_request then finds it cached
+    digits = Grammar("regex", "[0-9]{4}")
+    worker = threading.Thread(target=engine.compile_grammar, args=(digits,))
+    worker.start()
+    worker.join()
+    assert digits in engine._grammars._cache
+    out = run(engine, {"d": (prompt, SamplingParams(max_tokens=8, temperature=0, grammar=digits))})["d"]
+    assert re.fullmatch("[0-9]{4}", "".join(o.new_text for o in out))
 
 
 class Letters:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -491,7 +492,7 @@ def _attack(url: str, body: bytes, stop: threading.Event, statuses: list[int]) -
                 statuses.append(413)
 
 
-def measure_under_attack(s: ServerProcess, attacks: list[tuple[str, bytes]], victim_tokens: int = 24):
+def measure_under_attack(s: ServerProcess, attacks: list[tuple[str, bytes]], victim_tokens: int = 12):
     """(victim gaps, /health latencies in s, attack response statuses) while each attack body is POSTed in a loop
     by its own client thread (four at most) and a victim streams; /health is polled 20 times a second."""
     stop, statuses, health = threading.Event(), [], []
@@ -520,8 +521,18 @@ def measure_under_attack(s: ServerProcess, attacks: list[tuple[str, bytes]], vic
     return gaps, health, statuses
 
 
-OVERSIZED = json.dumps({"model": MODEL, "prompt": "hello " * 170_000, "max_tokens": 1}).encode()  # 1 MB
-LONG = json.dumps({"model": MODEL, "prompt": "hello " * 13_000, "max_tokens": 1}).encode()  # 78 KB: tokenized
+def _bench_attacks():
+    spec = importlib.util.spec_from_file_location("bench_attacks", ROOT / "benchmarks" / "bench_attacks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# prompts of seeded random words (each new to the tokenizer's cache): 1 MB (2 s to tokenize), and 80 KB, under
+# the byte bound of MAX_CONTEXT x the longest token (so the server tokenizes it, then refuses it)
+_words = _bench_attacks().words
+OVERSIZED = json.dumps({"model": MODEL, "prompt": _words(1_000_000), "max_tokens": 1}).encode()
+LONG = json.dumps({"model": MODEL, "prompt": _words(80_000), "max_tokens": 1}).encode()
 STOPS = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 64, "ignore_eos": True,
                     "stop": [f"zq{i}" for i in range(60_000)]}).encode()  # fmt: skip
 

@@ -294,6 +294,34 @@ def test_a_prompt_too_long_in_bytes_is_refused_before_tokenizing(tokenizer, monk
         s.stop()
 
 
+def test_completions_past_max_concurrency_get_503_and_idle_connections_do_not_count(tokenizer):
+    s = Server(tokenizer, max_concurrency=2)
+    try:
+        host, port = s.url.split("//")[1].split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(5)]  # connections, no request
+        _assert_good(s)
+
+        async def go():
+            async with httpx.AsyncClient(timeout=30) as client:
+                body = {"prompt": "hello", "max_tokens": 60, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", s.url + COMPLETIONS, json=body) as a, \
+                        client.stream("POST", s.url + COMPLETIONS, json=body) as b:
+                    assert a.status_code == b.status_code == 200
+                    return await client.post(s.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2})
+
+        r = asyncio.run(go())
+        assert r.status_code == 503 and "--max-concurrency 2" in r.json()["error"]["message"], r.text
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 2
+        while s.async_engine.num_requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
 def test_a_body_slower_than_the_deadline_is_408(tokenizer):
     s = Server(tokenizer, body_timeout=0.5)
     try:
@@ -303,7 +331,9 @@ def test_a_body_slower_than_the_deadline_is_408(tokenizer):
                          b"Content-Length: 100\r\n\r\n{\"prompt\": ")
             sock.settimeout(10)
             start = time.monotonic()
-            head = sock.recv(4096)
+            head = b""
+            while piece := sock.recv(4096):  # the server closes the connection after the answer
+                head += piece
         assert head.startswith(b"HTTP/1.1 408 ") and b"within 0.5 s" in head, head
         assert 0.4 < time.monotonic() - start < 5
         _assert_good(s)

@@ -141,6 +141,13 @@ def test_batch_and_token_id_prompts_equal_one_by_one(server, llm):
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0)
     assert [c.text for c in by_ids.choices] == single
     assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+    # lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs=1, max_tokens=1
+    scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1,
+                                       seed=1234)  # fmt: skip
+    for c, p in zip(scored.choices, ids, strict=True):
+        lp = c.logprobs
+        assert len(lp.token_logprobs) == len(p) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
     streamed = ["", "", ""]
     for chunk in client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, stream=True):
         for c in chunk.choices:
@@ -157,6 +164,10 @@ def test_continuous_usage_stats_and_logprobs_details(server):
     assert all(c.usage is not None for c in chunks)
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    # guidellm's streamed completions: include_usage with continuous_usage_stats, usage in every chunk
+    pieces = list(client.completions.create(model=MODEL, prompt="One, two,", max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))  # fmt: skip
+    assert all(c.usage is not None for c in pieces) and pieces[-1].usage.completion_tokens == 4
     content = full.choices[0].logprobs.content
     assert all(c.top_logprobs == [] for c in content)
     assert b"".join(bytes(c.bytes) for c in content).decode() == full.choices[0].message.content  # the token's bytes

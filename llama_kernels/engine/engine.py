@@ -5,6 +5,7 @@ run on it. Synchronous: one thread calls it."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from ..model.model import Transformer
 from .block_allocator import BlockAllocator, PrefixChain
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
-from .sampling import (SamplingParams, TokenLogprob, apply_bitmask, apply_logit_bias, apply_penalties, ban_tokens,
+from .sampling import (Grammar, SamplingParams, TokenLogprob, apply_bitmask, apply_logit_bias, apply_penalties, ban_tokens,
                        logprobs_of, sample)  # fmt: skip
 from .scheduler import Scheduler, Sequence
 from .speculative import SpecCounters, SpeculativeConfig, Speculator, make_speculator, rollback
@@ -166,6 +167,7 @@ class Engine:
         self._generated_total = 0  # tokens sampled since start-up (stats())
         self._weight_bytes = weight_bytes(loaded.model)
         self._grammars: GrammarCompiler | None = None  # built on the first request with a grammar
+        self._grammars_lock = threading.Lock()  # compile_grammar may run on another thread
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -186,6 +188,9 @@ class Engine:
         chain = PrefixChain(self.allocator.root_key(cache_salt))
         seq = Sequence(request_id, prompt, params, generator, detok, chain)
         seq.matcher = matcher
+        # prompt logprobs come from the chunks of the prompt: with prefix caching (branch prefix, whose
+        # scheduler reads this), such a request computes its whole prompt instead of reading cached blocks
+        seq.reads_prefix_cache = params.prompt_logprobs is None
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -220,12 +225,18 @@ class Engine:
             raise ValueError(f"Engine.add_request: logit_bias token id {bad}; expected ids in [0, {vocab})")
         return prompt
 
+    def compile_grammar(self, grammar: Grammar) -> None:
+        """Compile `grammar` into the cache that add_request reads (ValueError if it does not compile).
+        Thread-safe: a server calls it on a worker thread so that the engine's thread finds it compiled."""
+        self._grammar_compiler().compile(grammar)
+
     def _grammar_compiler(self) -> GrammarCompiler:
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise ValueError("Engine.add_request: a grammar needs a tokenizer; this model has none")
-            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
-        return self._grammars
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("Engine.add_request: a grammar needs a tokenizer; this model has none")
+                self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+            return self._grammars
 
     def abort(self, request_id: str) -> None:
         """Free the request's blocks now; the next step() returns its final output (finish_reason
@@ -417,7 +428,7 @@ class Engine:
         predict and that the sequence has not collected yet (a recomputed prefill collects nothing twice)."""
         first = len(seq.prompt_logprobs) - start - 1  # the row that predicts the next uncollected token
         last = min(len(logits), seq.prompt_len - start - 1)  # rows up to the one predicting the last prompt token
-        if first >= last:
+        if first < 0 or first >= last:  # (first < 0: tokens before the chunk were never computed here)
             return
         targets = seq.ids[start + first + 1 : start + last + 1]
         seq.prompt_logprobs += logprobs_of(logits[first:last], targets, [seq.params.prompt_logprobs] * len(targets))

@@ -5,6 +5,7 @@ the sampled tokens. Compiled grammars are cached per (kind, spec); each request 
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 
 import torch
@@ -31,18 +32,26 @@ class GrammarCompiler:
         self._tok = llguidance.LLTokenizer(tokenizer.tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
         self._executor = llguidance.LLExecutor()
         self._cache: OrderedDict[Grammar, object] = OrderedDict()  # Grammar -> a fresh LLMatcher to copy
+        self._lock = threading.Lock()  # guards _cache
 
     def matcher(self, grammar: Grammar):
         """A new matcher at the start of `grammar`; ValueError (naming the problem) if it does not compile."""
-        base = self._cache.get(grammar)
-        if base is None:
-            base = self._compile(grammar)
+        return self.compile(grammar).deep_copy()
+
+    def compile(self, grammar: Grammar):
+        """The cached matcher of `grammar` at its start (compiled on first use; thread-safe: a server
+        compiles on its worker threads, the engine's thread then finds it here). Copy before use."""
+        with self._lock:
+            base = self._cache.get(grammar)
+            if base is not None:
+                self._cache.move_to_end(grammar)
+                return base
+        base = self._compile(grammar)  # outside the lock: llguidance releases the GIL while it compiles
+        with self._lock:
             self._cache[grammar] = base
             if len(self._cache) > MAX_CACHED:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(grammar)
-        return base.deep_copy()
+        return base
 
     def _compile(self, grammar: Grammar):
         m = self._llg.LLMatcher

@@ -48,11 +48,13 @@ def default_max_body_bytes(max_context: int, max_token_bytes: int) -> int:
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
               max_body_bytes: int | None = None, body_timeout: float = BODY_TIMEOUT,
-              strict_api: bool = False) -> FastAPI:  # fmt: skip
+              max_concurrency: int | None = None, strict_api: bool = False) -> FastAPI:  # fmt: skip
     """The app. api_key: when set, /v1/* needs `Authorization: Bearer <api_key>` (else 401);
     max_body_bytes: larger request bodies get 413 (default: default_max_body_bytes of the context);
-    body_timeout: seconds a body may take to arrive (else 408); strict_api: unknown request fields are
-    a 400 (else ignored with one warning line). The caller starts and shuts down `engine`.
+    body_timeout: seconds a body may take to arrive (else 408); max_concurrency: completions in flight
+    (being prepared or in the engine) at most, more get 503 (None: no limit; idle or slow connections do
+    not count: the launcher's header deadline bounds those); strict_api: unknown request fields are a 400
+    (else ignored with one warning line). The caller starts and shuts down `engine`.
 
     Parsing, chat templates and tokenization run on worker threads (the tokenizer releases the GIL),
     never on the event loop, so /health and running streams stay responsive under any prompt."""
@@ -123,9 +125,16 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                         request.url.path)  # fmt: skip
             raise _error("client closed the request", 499) from None
 
+    preparing = 0  # requests in prepare()
+
     async def prepare(fn, body: bytes):
         """fn(body) on a worker thread: (request, prompt ids, SamplingParams), or its OpenAIError."""
-        return await asyncio.get_running_loop().run_in_executor(workers, fn, body)
+        nonlocal preparing
+        preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(workers, fn, body)
+        finally:
+            preparing -= 1
 
     def check_length(nbytes: int, param: str) -> None:
         """400 for a prompt of nbytes UTF-8 bytes that cannot fit the context whatever its tokens (each token
@@ -206,6 +215,15 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             return Grammar("lark", "start: " + " | ".join(json.dumps(c) for c in req.guided_choice)), "guided_choice"
         return None, None
 
+    def compile_grammar(grammar: Grammar | None, field: str | None) -> None:
+        """Compile the request's grammar here, on the worker thread (cached per schema), so the engine's
+        thread never stalls on it; 400 naming the field if it does not compile."""
+        if grammar is not None:
+            try:
+                engine.compile_grammar(grammar)
+            except ValueError as err:
+                raise OpenAIError(f"{field}: {err}", param=field) from None
+
     def log_unknown(path: str, unknown: list[str]) -> None:
         if unknown:
             log.warning("%s: ignored unknown field(s) %s", path, ", ".join(sorted(unknown)))
@@ -248,6 +266,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         except Exception as err:  # noqa: BLE001  (a template's raise_exception, e.g. roles out of order)
             raise OpenAIError(f"messages: the chat template refused them: {err}", param="messages") from None
         grammar, field = grammar_of(req, forced_call_schema(req))
+        compile_grammar(grammar, field)
         choices = [Choice(j, prompt_ids, sampling(req, prompt_ids, "messages", j, grammar)) for j in
                    range(req.num_choices)]  # fmt: skip
         return req, choices, field
@@ -257,6 +276,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         log_unknown("/v1/completions", unknown)
         check_model(req.model)
         grammar, field = grammar_of(req)
+        compile_grammar(grammar, field)
         choices = []
         for i, prompt in enumerate(req.prompts):
             param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
@@ -277,6 +297,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     def check_open() -> None:
         if engine.draining:  # the port stays open while running requests finish: new ones are told so
             raise _error("the server is shutting down", 503)
+        if max_concurrency is not None and engine.num_requests + preparing >= max_concurrency:
+            raise _error(f"{engine.num_requests + preparing} requests in flight, the most this server takes "
+                         f"(--max-concurrency {max_concurrency}): retry later", 503)  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -324,11 +347,12 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 continue
             if c.drop_output:
                 text, logprobs = "", []
+            lp = None
             if req.logprobs is not None:
-                prompt_lps = list(zip(c.prompt_ids, first.prompt_logprobs)) if c.echo else []
+                prompt_lps = list(zip(c.prompt_ids, first.prompt_logprobs or [])) if c.echo else []
                 lp = completion_logprobs(prompt_lps + [(x.token_id, x) for x in logprobs], 0)
             out_choices.append({"index": c.index, "text": c.echo + text, "finish_reason": out.finish_reason,
-                                "logprobs": lp if req.logprobs is not None else None})  # fmt: skip
+                                "logprobs": lp})  # fmt: skip
         usage = _usage(prompt_tokens, completion_tokens, results[0][3].cached_tokens)  # the prompt's, once
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out_choices,
                 "usage": usage}  # fmt: skip

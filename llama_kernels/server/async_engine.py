@@ -171,6 +171,11 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def compile_grammar(self, grammar) -> None:
+        """Compile (and cache) a request's grammar on the calling thread (a worker, not the engine thread,
+        whose steps every stream waits for); ValueError if it does not compile."""
+        self.engine.compile_grammar(grammar)
+
     def abort(self, request_id: str) -> None:
         """Stop a request (no-op once it finished): its blocks are freed at the thread's next turn."""
         with self._cv:

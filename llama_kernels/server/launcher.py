@@ -2,8 +2,9 @@
 
 - Connections: a request's headers must arrive within header_timeout seconds of its first byte (or of
   the connection, for the first request), else the connection is closed (slowloris); idle keep-alive
-  connections close after KEEP_ALIVE s; requests over max_concurrency in flight get 503 (uvicorn's
-  limit_concurrency); the body deadline is the app's (408).
+  connections close after KEEP_ALIVE s. The request limit (503 past --max-concurrency) and the body
+  deadline (408) are the app's: uvicorn's limit_concurrency counts connections, so idle slow ones would
+  make it refuse every request.
 - The open-file limit is raised to its hard limit at start-up, and the event loop's repeated
   "socket.accept() out of system resource" errors are logged once per ACCEPT_LOG_INTERVAL, not per event.
 - SIGTERM / SIGINT: new requests get 503 (the port stays open), running ones have shutdown_timeout
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
-MAX_CONCURRENCY = 512  # connections or requests in flight at most (then 503)
 SHUTDOWN_TIMEOUT = 5.0  # seconds running requests may take to finish after SIGTERM
 ACCEPT_LOG_INTERVAL = 10.0  # seconds between two logs of repeated accept() errors
 
@@ -102,9 +102,9 @@ class _AcceptErrorLog:
         self.count += 1
         now = time.monotonic()
         if now - self.last >= self.interval:
-            log.error("accept() failed %d time(s) in the last %.0f s: %s (open-file limit %d)", self.count,
-                      min(now - self.last, 1e9), context.get("exception"),
-                      resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
+            log.error("accept() failed %d time(s) since the last report: %s (open-file limit %d; reported at most "
+                      "every %g s)", self.count, context.get("exception"), resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                      self.interval)  # fmt: skip
             self.last, self.count = now, 0
 
 
@@ -112,10 +112,9 @@ class Server(uvicorn.Server):
     """uvicorn's Server with the limits above and a graceful shutdown on SIGTERM / SIGINT."""
 
     def __init__(self, app, engine: AsyncEngine, *, host: str, port: int, header_timeout: float = HEADER_TIMEOUT,
-                 max_concurrency: int = MAX_CONCURRENCY, shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:  # fmt: skip
+                 shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:  # fmt: skip
         config = Config(app, host=host, port=port, log_level="warning", access_log=False,
-                        timeout_keep_alive=KEEP_ALIVE, limit_concurrency=max_concurrency,
-                        timeout_graceful_shutdown=max(shutdown_timeout, 1.0) + 5)  # fmt: skip
+                        timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=max(shutdown_timeout, 1.0) + 5)
         config.load()
         config.http_protocol_class = with_header_deadline(config.http_protocol_class, header_timeout)
         super().__init__(config)

@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "what a prompt of the whole context can need, JSON-escaped)")  # fmt: skip
     parser.add_argument("--strict-api", action="store_true", help="refuse (400) request fields this server does "
                         "not know, instead of ignoring them with a warning line")  # fmt: skip
-    parser.add_argument("--max-concurrency", type=int, default=512, help="connections or requests in flight at "
-                        "most; more get 503")  # fmt: skip
+    parser.add_argument("--max-concurrency", type=int, default=512, help="completions in flight at most (being "
+                        "tokenized or in the engine); more get 503")  # fmt: skip
     parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request's headers may take "
                         "to arrive (then the connection is closed); request bodies get 408 after 30 s")  # fmt: skip
     parser.add_argument("--shutdown-timeout", type=float, default=5.0, help="on SIGTERM or SIGINT: seconds running "
@@ -142,10 +142,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     step_timeout = args.step_timeout if args.step_timeout is not None else (120.0 if args.tp > 1 else None)
     async_engine = AsyncEngine(engine, step_timeout=step_timeout)
-    app = build_app(async_engine, name, api_key, args.max_body_bytes, strict_api=args.strict_api)
+    app = build_app(async_engine, name, api_key, args.max_body_bytes, max_concurrency=args.max_concurrency,
+                    strict_api=args.strict_api)
     raise_open_file_limit()
     server = Server(app, async_engine, host=args.host, port=args.port, header_timeout=args.header_timeout,
-                    max_concurrency=args.max_concurrency, shutdown_timeout=args.shutdown_timeout)  # fmt: skip
+                    shutdown_timeout=args.shutdown_timeout)  # fmt: skip
     async_engine.start()
     try:
         asyncio.run(_serve(server, sock, name))
