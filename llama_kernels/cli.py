@@ -120,8 +120,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default on CUDA: as "
                         "much as fits, per the memory planner; on the CPU: min(the model's, 4096))")  # fmt: skip
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
-    parser.add_argument("--prefill-chunk", type=int, default=plan.PREFILL_CHUNK, help="prompt tokens per "
-                        f"forward pass at most; longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK})")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward pass at most; "
+                        f"longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK} on CUDA, 256 on the CPU)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full instead of "
                         "reusing the KV blocks of earlier ones that start alike (e.g. chat history)")  # fmt: skip
 

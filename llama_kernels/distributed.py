@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,18 +29,40 @@ import torch.distributed as dist
 from .int4 import Int4Weight
 
 
-def init() -> None:
+TIMEOUT_S = 600.0  # default seconds a collective may wait for the other ranks before it fails
+
+
+class TensorParallelError(RuntimeError):
+    """A collective failed: another rank stopped, hung past the timeout or is unreachable (the group is
+    out of step for good)."""
+
+
+def init(timeout: float = TIMEOUT_S) -> None:
     """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT): NCCL with this rank's GPU when CUDA is available, else gloo.
-    Does nothing if it is already initialized."""
+    LOCAL_RANK, MASTER_ADDR/PORT): NCCL with this rank's GPU when CUDA is available, else gloo; a
+    collective waits `timeout` seconds for the other ranks, then fails. Does nothing if it is already
+    initialized."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError("tensor parallel needs a torchrun job: torchrun --nproc-per-node N -m llama_kernels ...")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout))
     atexit.register(dist.destroy_process_group)
+
+
+_SOURCE_PATH = re.compile(r"\[[^\]]*\.(?:cc|cpp|cu|h|hpp):\d+\]\s*|(?:[\w.+-]*/)+[\w.+-]+\.(?:cc|cpp|cu|h|hpp|py)(?::\d+)?")
+
+
+def describe_failure(err: BaseException) -> TensorParallelError:
+    """A collective's error as one line naming this rank, without the collective library's source paths
+    (gloo's "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer ...")."""
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    detail = " ".join(_SOURCE_PATH.sub("", first).split())
+    size = dist.get_world_size() if dist.is_initialized() else 1
+    return TensorParallelError(f"tensor parallel: rank {rank()} of {size}: a collective with the other ranks failed "
+                               f"(a rank stopped, hung or is unreachable): {detail}")  # fmt: skip
 
 
 def rank() -> int:

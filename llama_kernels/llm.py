@@ -21,6 +21,9 @@ from .engine.engine import Engine, GenerationStats, LoadedModel
 from .engine.sampling import SamplingParams
 
 CPU_MAX_CONTEXT = 4096  # default tokens per sequence on the CPU (capped by the model's own)
+# default prompt tokens per step on the CPU: a chunk there takes ~10 ms a token (SmolLM2, 2 cores), and every
+# running stream waits for it, so it is sized for latency; on CUDA the default is the planner's PREFILL_CHUNK
+CPU_PREFILL_CHUNK = 256
 BLOCK_SIZE = planner.KV_BLOCK_SIZE  # tokens per KV-cache block
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -137,7 +140,7 @@ class LLM:
     def from_pretrained(cls, path=None, quant: str | None = None, device=None, dtype=None,
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
-                        tp: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK,
+                        tp: int = 1, prefill_chunk: int | None = None,
                         min_context: int = 1, prefix_caching: bool = True) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
@@ -161,6 +164,8 @@ class LLM:
             cuda_graphs: on CUDA, replay decode steps as CUDA graphs (False: eager).
             prefill_chunk: prompt tokens per forward pass at most; longer prompts are prefilled in
                 chunks over the paged cache. The planner budgets activations for this many tokens.
+                Default: the planner's PREFILL_CHUNK on CUDA, CPU_PREFILL_CHUNK on the CPU (every running
+                request waits for a step's chunk: on the CPU a short one keeps their tokens flowing).
             tp: tensor-parallel ranks, inside a torchrun job of tp processes (its process group is
                 initialized here unless the caller did): each loads and runs its share of the model;
                 every rank returns the same tokens and logits. Must split the heads evenly
@@ -173,6 +178,7 @@ class LLM:
         """
         _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
+        prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
         shard = None
@@ -204,12 +210,13 @@ class LLM:
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
                     max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None, max_batch: int = 8,
-                    seed: int = 0, cuda_graphs: bool = True,
-                    prefill_chunk: int = planner.PREFILL_CHUNK, prefix_caching: bool = True) -> LLM:  # fmt: skip
+                    seed: int = 0, cuda_graphs: bool = True, prefill_chunk: int | None = None,
+                    prefix_caching: bool = True) -> LLM:  # fmt: skip
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
         and checked like from_pretrained (same arguments): for tokens/s without a checkpoint, and tests."""
         _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
+        prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
@@ -293,7 +300,7 @@ class LLM:
         if tp and not distributed.is_main():
             engine.follow()
             result = distributed.broadcast_object()
-            if isinstance(result, ValueError):
+            if isinstance(result, Exception):
                 raise result
             self.last_stats = engine.throughput
             return result
@@ -313,16 +320,22 @@ class LLM:
         for rid, (prompt, params) in requests.items():
             engine.add_request(rid, prompt, params)
         out: list[list[int]] = [[] for _ in prompts]
+        errors: list[str] = []  # prompts the engine failed (the others run to the end)
         while engine.has_unfinished():
             for o in engine.step():
                 i = ids[o.request_id]
                 out[i] += o.new_token_ids
                 for token in o.new_token_ids if on_token is not None else ():
                     on_token(i, token)
+                if o.finish_reason == "error":
+                    errors.append(f"prompt {i}: {o.error}")
+        result = RuntimeError(f"LLM.generate: {'; '.join(errors)}") if errors else out
         if tp:
             engine.stop_followers()
-            distributed.broadcast_object(out)
+            distributed.broadcast_object(result)
         self.last_stats = engine.throughput
+        if errors:
+            raise result
         return out
 
     def logits(self, input_ids) -> torch.Tensor:
@@ -393,6 +406,11 @@ def _check_flag(name: str, value) -> None:
         raise ValueError(f"LLM.from_pretrained: {name}={value!r}; expected True or False")
 
 
+def default_prefill_chunk(device: torch.device) -> int:
+    """Prompt tokens per step unless asked: the planner's PREFILL_CHUNK on CUDA, CPU_PREFILL_CHUNK elsewhere."""
+    return planner.PREFILL_CHUNK if device.type == "cuda" else CPU_PREFILL_CHUNK
+
+
 def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,
              prefill_chunk) -> tuple[torch.device, torch.dtype, torch.dtype]:  # fmt: skip
     """(device, activation dtype, KV-cache dtype) from from_pretrained's arguments, checked."""
@@ -410,8 +428,9 @@ def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,
         kv_dtype = _dtype("kv_cache_dtype", kv_cache_dtype)
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"LLM.from_pretrained: max_batch={max_batch!r}; expected an int >= 1")
-    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-        raise ValueError(f"LLM.from_pretrained: prefill_chunk={prefill_chunk!r}; expected an int >= 1")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):  # fmt: skip
+        raise ValueError(f"LLM.from_pretrained: prefill_chunk={prefill_chunk!r}; expected None or an int >= 1")
     return device, dtype, kv_dtype
 
 

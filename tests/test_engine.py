@@ -16,7 +16,7 @@ from llama_kernels.llm import LLM
 from llama_kernels.model import LlamaConfig
 from llama_kernels.engine import Engine, SamplingParams
 from llama_kernels.engine.block_allocator import BlockAllocator
-from llama_kernels.engine.detokenizer import Detokenizer
+from llama_kernels.engine.detokenizer import MAX_OPEN, Detokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,6 +162,75 @@ def test_abort_frees_blocks_now(llm):
     assert [o.finish_reason for o in engine.step()] == ["abort"] and not engine.has_unfinished()
 
 
+def test_cpu_prefill_chunk_is_sized_for_latency_and_cuda_keeps_the_planners(llm):
+    """Every running stream waits for a step's prefill chunk: on the CPU the default is 256 tokens (the
+    planner's 8192 stalled streams ~10 s behind a 1016-token prompt); on CUDA it stays the planner's."""
+    from llama_kernels import plan
+    from llama_kernels.llm import CPU_PREFILL_CHUNK, default_prefill_chunk
+
+    assert llm.prefill_chunk == CPU_PREFILL_CHUNK == 256 and Engine(llm.loaded).scheduler.prefill_chunk == 256
+    assert default_prefill_chunk(torch.device("cuda")) == plan.PREFILL_CHUNK
+    explicit = LLM.from_config(CONFIG, device="cpu", max_context=64, max_batch=1, prefill_chunk=8192)
+    assert Engine(explicit.loaded).scheduler.prefill_chunk == 8192
+
+
+POISON_TOP_P = 0.123  # the sampling of a request with this top_p raises (monkeypatched sample)
+
+
+def _victims(engine: Engine) -> dict[str, tuple[list[int], SamplingParams]]:
+    return {f"v{i}": (PROMPTS[i], SamplingParams(max_tokens=6, temperature=0.8, seed=i, ignore_eos=True))
+            for i in range(4)}  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["sampling", "forward"])
+def test_a_failing_request_fails_alone(llm, monkeypatch, where):
+    """One request whose sampling (or forward) raises finishes with finish_reason "error"; the four
+    requests batched with it get exactly their solo outputs and no blocks leak."""
+    from llama_kernels.engine import engine as engine_module
+
+    ref = {rid: alone(llm, p, sp) for rid, (p, sp) in _victims(None).items()}
+    poison = [9, 9, 9, 9, 9, 9, 9]
+    if where == "sampling":
+        real = engine_module.sample
+
+        def sample(logits, temperature, top_k, top_p, generator):
+            if top_p == POISON_TOP_P:
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+            return real(logits, temperature, top_k, top_p, generator)
+
+        monkeypatch.setattr(engine_module, "sample", sample)
+        bad = SamplingParams(max_tokens=6, temperature=1.0, top_p=POISON_TOP_P)
+    else:
+        run_model = llm.engine.runner.run.__func__
+
+        def forward(self, chunks, *a, **kw):
+            if any(c.tokens[:1] == [9] and c.start == 0 for c in chunks):
+                raise RuntimeError("injected forward failure")
+            return run_model(self, chunks, *a, **kw)
+
+        monkeypatch.setattr(engine_module.ModelRunner, "run", forward)
+        bad = SamplingParams(max_tokens=6, temperature=0)
+    engine = Engine(llm.loaded, max_num_seqs=5)
+    outs = run(engine, {**_victims(engine), "bad": (poison, bad)})
+    assert [(o.finish_reason, o.error) for o in outs["bad"]] == [
+        ("error", "RuntimeError: " + ("probability tensor contains either `inf`, `nan` or element < 0"
+                                      if where == "sampling" else "injected forward failure"))]  # fmt: skip
+    for rid, ref_tokens in ref.items():
+        assert tokens(outs[rid]) == ref_tokens and outs[rid][-1].finish_reason == "length", rid
+    assert engine.allocator.used == 0 and not engine.has_unfinished()
+
+
+def test_a_tiny_top_p_never_fails_other_requests(llm):
+    """top_p=5e-324 rounds to 0 in float32 (every token masked by a plain nucleus cut): that request
+    fails alone or succeeds, and the four others finish with their solo outputs."""
+    ref = {rid: alone(llm, p, sp) for rid, (p, sp) in _victims(None).items()}
+    engine = Engine(llm.loaded, max_num_seqs=5)
+    outs = run(engine, {**_victims(engine), "tiny": ([5, 6, 7], SamplingParams(max_tokens=6, top_p=5e-324, seed=1))})
+    assert outs["tiny"][-1].finish_reason in ("error", "length", "stop")
+    for rid, ref_tokens in ref.items():
+        assert tokens(outs[rid]) == ref_tokens and outs[rid][-1].finish_reason == "length", rid
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("max_tokens", 0, "max_tokens=0; expected an int >= 1"),
     ("temperature", -1.0, "temperature=-1.0; expected a number >= 0"),
@@ -277,6 +346,16 @@ def test_detokenizer_decodes_windows_with_the_text_of_a_full_decode():
     assert "".join(pieces) + d.finish() == Pieces().decode(ids)
     assert not any(p.endswith("\ufffd") for p in pieces if p)
     assert max(tok.lengths) < 40, "decode calls cover a window, not the whole output"
+
+
+def test_detokenizer_window_stays_bounded_on_output_that_never_completes_a_character():
+    """8000 tokens that each start a 3-byte character and never finish it: every decode call covers a
+    bounded window (it grew with the output: 7.4 s for 8000 such tokens), and the text is U+FFFD per token."""
+    tok = Counting()
+    d = Detokenizer(tok, ("STOP",))
+    pieces = feed(d, [7] * 8000)
+    assert max(tok.lengths) <= 2 * (MAX_OPEN + 1) and sum(tok.lengths) < 40 * 8000
+    assert "".join(pieces) + d.finish() == "\ufffd" * 8000
 
 
 @smollm2

@@ -85,7 +85,8 @@ class FakeEngine:
             text = self.tokenizer.decode(out[-1:]) if not done_eos else ""
             reason = ("stop" if done_eos else "length") if finished else None
             outs.append(RequestOutput(rid, text, [] if done_eos else [token], None, finished, reason,
-                                      len(r["prompt"]), len(out), len(r["prompt"]) // BLOCK * BLOCK))  # fmt: skip
+                                      len(r["prompt"]), len(out),
+                                      cached_tokens=len(r["prompt"]) // BLOCK * BLOCK))  # fmt: skip
             if finished:
                 del self.reqs[rid]
         time.sleep(0.01)  # a step takes time, as a real one does
@@ -179,6 +180,8 @@ BAD = [
     (CHAT, {"messages": MSG, "temperature": 3}, 400, "temperature", ["temperature=3", "less than or equal to 2"]),
     (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p", ["top_p=0", "greater than 0"]),
     (CHAT, {"messages": MSG, "stop": 5}, 400, "stop", ["stop=5", "string"]),
+    (CHAT, {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ["5 strings", "at most 4"]),
+    (CHAT, {"messages": MSG, "stop": "x" * 257}, 400, "stop", ["at most 256 characters"]),
     (CHAT, {"messages": MSG, "n": 2}, 400, "n", ["n=2", "n=1"]),
     (CHAT, {"messages": MSG, "cache_salt": ""}, 400, "cache_salt", ["cache_salt=''", "at least 1"]),
     (COMPLETIONS, {"prompt": "hi", "cache_salt": 5}, 400, "cache_salt", ["cache_salt=5", "string"]),
@@ -224,9 +227,100 @@ def test_chunked_oversized_body_is_413(server):
         for _ in range(10):
             yield b"x" * 1000
 
-    r = httpx.post(server.url + CHAT, content=chunks(), timeout=10)
+    r = httpx.post(server.url + CHAT, content=chunks(), headers={"content-type": "application/json"}, timeout=10)
     assert r.status_code == 413, r.text
     _assert_good(server)
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"])
+def test_a_body_that_is_not_json_is_415(server, ctype):
+    """A text/plain POST needs no CORS preflight: parsed as JSON, any web page could make a key-less server work."""
+    body = json.dumps({"messages": MSG, "max_tokens": 2}).encode()
+    headers = {"content-type": ctype} if ctype else {}
+    r = httpx.post(server.url + CHAT, content=body, headers=headers, timeout=10)
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+    assert _post(server, CHAT, body, {"content-type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_a_prompt_too_long_in_bytes_is_refused_before_tokenizing(tokenizer, monkeypatch):
+    """A prompt of more bytes than context x the longest token cannot fit: 400 without running the tokenizer."""
+    s = Server(tokenizer)  # the default body limit: the context's worth of prompt bytes
+    try:
+        calls = []
+        monkeypatch.setattr(tokenizer, "encode", lambda text: calls.append(text) or [1])
+        n = tokenizer.max_token_bytes * s.engine.max_context
+        for path, body in ((COMPLETIONS, {"prompt": "x" * n}), (CHAT, {"messages": [{"role": "user", "content": "x" * n}]})):
+            r = _post(s, path, body)
+            assert r.status_code == 400 and f"{n} bytes" in r.json()["error"]["message"], r.text
+        assert calls == []
+        monkeypatch.undo()
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
+def test_completions_past_max_concurrency_get_503_and_idle_connections_do_not_count(tokenizer):
+    s = Server(tokenizer, max_concurrency=2)
+    try:
+        host, port = s.url.split("//")[1].split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(5)]  # connections, no request
+        _assert_good(s)
+
+        async def go():
+            async with httpx.AsyncClient(timeout=30) as client:
+                body = {"prompt": "hello", "max_tokens": 60, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", s.url + COMPLETIONS, json=body) as a, \
+                        client.stream("POST", s.url + COMPLETIONS, json=body) as b:
+                    assert a.status_code == b.status_code == 200
+                    return await client.post(s.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2})
+
+        r = asyncio.run(go())
+        assert r.status_code == 503 and "--max-concurrency 2" in r.json()["error"]["message"], r.text
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 2
+        while s.async_engine.num_requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
+def test_a_body_slower_than_the_deadline_is_408(tokenizer):
+    s = Server(tokenizer, body_timeout=0.5)
+    try:
+        host, port = s.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            sock.settimeout(10)
+            start = time.monotonic()
+            head = b""
+            while piece := sock.recv(4096):  # the server closes the connection after the answer
+                head += piece
+        assert head.startswith(b"HTTP/1.1 408 ") and b"within 0.5 s" in head, head
+        assert 0.4 < time.monotonic() - start < 5
+        _assert_good(s)
+    finally:
+        s.stop()
+
+
+def test_repeated_accept_errors_are_logged_once_per_interval(caplog):
+    """accept() out of file descriptors repeats for every pending connection: one log line per interval."""
+    from llama_kernels.server.launcher import _AcceptErrorLog
+
+    handler, loop, seen = _AcceptErrorLog(interval=60), asyncio.new_event_loop(), []
+    loop.default_exception_handler = seen.append
+    try:
+        with caplog.at_level("ERROR", logger="llama_kernels.server.launcher"):
+            for _ in range(1000):
+                handler(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "EMFILE")})
+            handler(loop, {"message": "something else"})
+    finally:
+        loop.close()
+    assert len(caplog.records) == 1 and "accept() failed 1 time(s)" in caplog.records[0].getMessage()
+    assert handler.count == 999 and seen == [{"message": "something else"}]
 
 
 def test_api_key(tokenizer):
@@ -322,6 +416,49 @@ def test_disconnect_before_a_non_streamed_answer_aborts(server):
         assert time.monotonic() < deadline, "the abandoned request still runs a second after the disconnect"
         time.sleep(0.02)
     _assert_good(server)
+
+
+def test_finish_counters_count_every_request_exactly_once(tokenizer):
+    """A request whose client leaves while the engine finishes it, and one that leaves before the engine
+    thread has seen it, are each counted once (as aborts)."""
+    from llama_kernels.server.async_engine import AsyncEngine
+
+    engine = FakeEngine(tokenizer)
+    gate, in_step = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def step():
+        in_step.set()
+        assert gate.wait(10)
+        return real_step()
+
+    engine.step = step
+    ae = AsyncEngine(engine)
+    ae.start()
+
+    async def go():
+        params = SamplingParams(max_tokens=1, temperature=0)
+        a = asyncio.ensure_future(anext(ae.generate("a", [1, 2, 3], params)))
+        assert await asyncio.to_thread(in_step.wait, 10)  # the engine thread is in a step that finishes "a"
+        b = asyncio.ensure_future(anext(ae.generate("b", [1, 2, 3], params)))
+        await asyncio.sleep(0.05)  # "b" is queued for the engine thread, which is busy
+        for task in (a, b):  # both clients leave
+            task.cancel()
+        await asyncio.gather(a, b, return_exceptions=True)
+        gate.set()
+
+    try:
+        asyncio.run(go())
+        deadline = time.monotonic() + 5
+        while engine.has_unfinished() or ae._aborts or ae._adds:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        m = parse_metrics(ae.metrics.render())
+        counts = {k: v for k, v in m.items() if k.startswith("llama_kernels_request_success_total")}
+        assert counts == {'llama_kernels_request_success_total{finished_reason="abort"}': 2.0}, counts
+    finally:
+        gate.set()
+        ae.shutdown()
 
 
 def test_serve_package_and_cli_import_without_fastapi():

@@ -3,6 +3,8 @@ ending inside a UTF-8 character and never showing any part of a stop string."""
 
 from __future__ import annotations
 
+MAX_OPEN = 8  # tokens the window stays open for an incomplete character (one is at most 4 bytes)
+
 
 class Detokenizer:
     """Decodes a growing list of token ids and returns, after each addition, the text that is safe
@@ -13,7 +15,9 @@ class Detokenizer:
     Each addition decodes only a window (like vLLM's prefix/read offsets): the tokens since the text last ended on
     a whole character, in the context of the tokens before them back to the previous such point, so a step costs
     the same at any output length. Relies on decode(ids + more) starting with decode(ids) (byte-level BPE
-    decoders do), also for the windows.
+    decoders do), also for the windows. A window still open after MAX_OPEN tokens holds bytes that are no
+    character (the model's output is invalid UTF-8 there): it closes, its U+FFFD shown, so a step's cost
+    stays bounded whatever the output.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
@@ -32,7 +36,8 @@ class Detokenizer:
             return ""
         self.ids += ids
         tail = self._tail()
-        if tail.endswith("\ufffd"):  # an incomplete character decodes as U+FFFD: the window stays open
+        incomplete = tail.endswith("\ufffd")  # an incomplete character decodes as U+FFFD
+        if incomplete and len(self.ids) - self.read <= MAX_OPEN:  # the window stays open
             text = self.text + tail.rstrip("\ufffd")
         else:
             self.text += tail

@@ -4,6 +4,7 @@ run on it. Synchronous: one thread calls it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
 from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,9 +47,10 @@ class RequestOutput:
     new_token_ids: list[int]  # tokens since the previous output (stop token excluded)
     new_logprobs: list[TokenLogprob] | None  # their logprobs, when the request asked for them
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished, else None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished, else None
     prompt_tokens: int
     completion_tokens: int  # tokens generated so far (stop token excluded)
+    error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
@@ -214,28 +218,80 @@ class Engine:
     # --- one iteration -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once over every scheduled chunk, sample, detokenize."""
+        """Schedule, run the model once over every scheduled chunk, sample, detokenize.
+
+        Failures stay with their request: if the step's forward or sampling raises, it is redone one
+        sequence at a time and only the sequences that raise alone finish, with finish_reason "error"."""
         outputs, self._pending = self._pending, []
         scheduled, admitted = self.scheduler.schedule()
         if not scheduled:
             return outputs
         t0 = time.perf_counter()
         decode = all(seq.is_decoding for seq, _ in scheduled)
-        chunks = []
-        for seq, n in scheduled:
-            start = seq.num_computed
-            chunks.append(Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids)))
-        logits = self.runner.run(chunks, lead=self.lead)  # [N, V] float32: the chunks that end their sequence's known tokens
-        for seq, n in scheduled:
+        scheduled, logits = self._forward(scheduled, outputs)  # logits [N, V] float32: the chunks that end their
+        for seq, n in scheduled:  # sequence's known tokens
             self.scheduler.computed(seq, n)  # registers its newly full blocks in the prefix cache
         sampling = [seq for seq, n in scheduled if seq.num_computed == len(seq.ids)]
-        tokens = self._sample(sampling, logits)
+        states = [seq.generator.get_state() if seq.generator is not None else None for seq in sampling]
+        try:
+            tokens = self._sample(sampling, logits)
+        except Exception:  # noqa: BLE001  (one request's sampling: find it, fail it alone)
+            for seq, state in zip(sampling, states):  # as if the batch's sampling had not run
+                if state is not None:
+                    seq.generator.set_state(state)
+            tokens = [self._isolated(seq, outputs, lambda i=i, seq=seq: self._sample([seq], logits[i : i + 1])[0])
+                      for i, seq in enumerate(sampling)]  # fmt: skip
         for seq, row, token in zip(sampling, logits, tokens):
-            out = self._append(seq, row, token)
+            out = self._isolated(seq, outputs, self._append, seq, row, token) if token is not None else None
             if out is not None:
                 outputs.append(out)
         self._account(time.perf_counter() - t0, decode, scheduled, admitted, len(sampling))
         return outputs
+
+    def _forward(self, scheduled: list[tuple[Sequence, int]], outputs: list[RequestOutput]):
+        """(the scheduled pairs whose forward ran, their logits): the whole step at once, or, if that
+        raises, one sequence at a time, failing those that raise alone (their error outputs go to outputs).
+        Rerunning a chunk rewrites the same cache slots with the same k/v."""
+
+        def run(pairs):
+            chunks = [Chunk(seq.ids[seq.num_computed : seq.num_computed + n], seq.num_computed, seq.blocks,
+                            seq.num_computed + n == len(seq.ids)) for seq, n in pairs]  # fmt: skip
+            return self.runner.run(chunks, lead=self.lead)
+
+        try:
+            return scheduled, run(scheduled)
+        except Exception as err:  # noqa: BLE001
+            if self.model.tp is not None:  # the ranks ran (or missed) this step together: no retry can realign them
+                raise distributed.describe_failure(err) from None
+            if len(scheduled) == 1:
+                self._fail(scheduled[0][0], err, outputs)
+                return [], torch.empty(0)
+        ran, rows = [], []
+        for pair in scheduled:
+            logits = self._isolated(pair[0], outputs, run, [pair])
+            if logits is not None:
+                ran.append(pair)
+                rows.append(logits)
+        return ran, torch.cat(rows) if rows else torch.empty(0)
+
+    def _isolated(self, seq: Sequence, outputs: list[RequestOutput], fn, *args):
+        """fn(*args); if it raises, seq finishes with finish_reason "error" (its output goes to outputs,
+        its blocks back to the pool) and the result is None."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            self._fail(seq, err, outputs)
+            return None
+
+    def _fail(self, seq: Sequence, err: Exception, outputs: list[RequestOutput]) -> None:
+        """Finish seq with finish_reason "error" (one log line; the traceback at debug level)."""
+        log.warning("request %s failed: %s: %s", seq.request_id, type(err).__name__, err)
+        log.debug("request %s failed", seq.request_id, exc_info=err)
+        if self._seqs.pop(seq.request_id, None) is not None:
+            self.scheduler.remove(seq)
+            out = self._output(seq, "error")
+            out.error = f"{type(err).__name__}: {err}"
+            outputs.append(out)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Each sequence's next token from its row of logits [N, V], with its own parameters and generator."""
@@ -271,7 +327,7 @@ class Engine:
     def _output(self, seq: Sequence, reason: str | None, text: str = "") -> RequestOutput:
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
                             else None, reason is not None, reason, seq.prompt_len, len(seq.output_ids),
-                            seq.num_cached_tokens)  # fmt: skip
+                            cached_tokens=seq.num_cached_tokens)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 

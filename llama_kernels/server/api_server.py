@@ -10,32 +10,58 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import os
 import re
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from functools import lru_cache
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from .async_engine import AsyncEngine, EngineError
+from .async_engine import AsyncEngine, EngineError, EngineUnavailable
+from .metrics import CONTENT_TYPE
 from ..engine.engine import SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (then 408)
 _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-                 413: "invalid_request_error", 500: "internal_server_error", 503: "service_unavailable"}  # fmt: skip
+                 408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                 500: "internal_server_error", 503: "service_unavailable"}  # fmt: skip
+log = logging.getLogger(__name__)
+
+
+def default_max_body_bytes(max_context: int, max_token_bytes: int) -> int:
+    """The largest body a prompt that fits the context can need: each of its bytes JSON-escaped (at most
+    6 bytes: \\u0001), max_token_bytes per token, plus 64 KiB for the rest of the request."""
+    return 6 * max_token_bytes * max_context + (64 << 10)
 
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              max_body_bytes: int = 1 << 20) -> FastAPI:  # fmt: skip
+              max_body_bytes: int | None = None, body_timeout: float = BODY_TIMEOUT,
+              max_concurrency: int | None = None) -> FastAPI:  # fmt: skip
     """The app. api_key: when set, /v1/* needs `Authorization: Bearer <api_key>` (else 401);
-    max_body_bytes: larger request bodies get 413. The caller starts and shuts down `engine`."""
+    max_body_bytes: larger request bodies get 413 (default: default_max_body_bytes of the context);
+    body_timeout: seconds a body may take to arrive (else 408); max_concurrency: completions in flight
+    (being prepared or in the engine) at most, more get 503 (None: no limit; idle or slow connections do
+    not count: the launcher's header deadline bounds those). The caller starts and shuts down `engine`.
+
+    Parsing, chat templates and tokenization run on worker threads (the tokenizer releases the GIL),
+    never on the event loop, so /health and running streams stay responsive under any prompt."""
     app = FastAPI(title="llama-kernels", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     tok = engine.tokenizer
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(engine.max_context, tok.max_token_bytes)
+    # request preparation, at a lower CPU priority than the engine thread (whose steps every stream waits for)
+    workers = ThreadPoolExecutor(2, thread_name_prefix="llama-kernels-tokenize", initializer=_lower_priority)
 
     @lru_cache(maxsize=1 << 16)
     def token_text(token_id: int) -> str:
@@ -43,7 +69,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        # an unread oversized body: close the connection rather than receive it to keep the connection alive
+        headers = {"connection": "close"} if err.status in (408, 413) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -64,15 +92,52 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                          code="invalid_api_key")  # fmt: skip
 
     async def read_body(request: Request) -> bytes:
+        """The JSON body: 415 unless Content-Type is application/json (a text/plain POST needs no CORS
+        preflight, so a web page could otherwise drive a key-less local server), 413 over max_body_bytes,
+        408 if it takes over body_timeout seconds; a client that leaves mid-upload is one log line."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.partition(";")[0].strip().lower() != "application/json":
+            raise _error(f"Content-Type {ctype!r}; expected 'application/json'", 415)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise _error(f"request body of {declared} bytes; expected at most {max_body_bytes}", 413)
-        body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > max_body_bytes:
-                raise _error(f"request body over {max_body_bytes} bytes; expected at most {max_body_bytes}", 413)
-        return bytes(body)
+
+        async def read() -> bytes:
+            body = bytearray()
+            async for piece in request.stream():
+                body += piece
+                if len(body) > max_body_bytes:
+                    raise _error(f"request body over {max_body_bytes} bytes; expected at most {max_body_bytes}", 413)
+            return bytes(body)
+
+        try:
+            return await asyncio.wait_for(read(), body_timeout)
+        except TimeoutError:
+            raise _error(f"request body not received within {body_timeout:g} s", 408) from None
+        except ClientDisconnect:
+            client = request.client
+            log.warning("client %s left during the upload of %s", f"{client.host}:{client.port}" if client else "?",
+                        request.url.path)  # fmt: skip
+            raise _error("client closed the request", 499) from None
+
+    preparing = 0  # requests in prepare()
+
+    async def prepare(fn, body: bytes):
+        """fn(body) on a worker thread: (request, prompt ids, SamplingParams), or its OpenAIError."""
+        nonlocal preparing
+        preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(workers, fn, body)
+        finally:
+            preparing -= 1
+
+    def check_length(nbytes: int, param: str) -> None:
+        """400 for a prompt of nbytes UTF-8 bytes that cannot fit the context whatever its tokens (each token
+        stands for at most tok.max_token_bytes bytes), before any tokenization."""
+        at_least = -(-nbytes // tok.max_token_bytes)
+        if at_least >= engine.max_context:
+            raise OpenAIError(f"{param}: {nbytes} bytes, so at least {at_least} tokens; expected fewer than the "
+                              f"context of {engine.max_context} tokens (prompt + max_tokens)", param=param)  # fmt: skip
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_model_name:
@@ -109,13 +174,14 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health():
-        if not engine.alive:
-            raise _error("the engine thread has stopped", 503)
+        problem = engine.unavailable()
+        if problem is not None:
+            raise _error(problem, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -124,33 +190,50 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                  "max_model_len": engine.max_context}  # fmt: skip
         return {"object": "list", "data": [model]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_key(request)
-        req = parse(ChatCompletionRequest, await read_body(request))
+    def prepare_chat(body: bytes):
+        req = parse(ChatCompletionRequest, body)
         check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        check_length(sum(len(m["content"].encode(errors="surrogatepass")) for m in messages), "messages")
         try:
             prompt_ids = tok.apply_chat_template(messages)
         except Exception as err:  # noqa: BLE001  (a template's raise_exception, e.g. roles out of order)
             raise OpenAIError(f"messages: the chat template refused them: {err}", param="messages") from None
-        params = sampling(req, prompt_ids, "messages")
-        return await respond(request, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=True)
+        return req, prompt_ids, sampling(req, prompt_ids, "messages")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        check_key(request)
-        req = parse(CompletionRequest, await read_body(request))
+    def prepare_completion(body: bytes):
+        req = parse(CompletionRequest, body)
         check_model(req.model)
         prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
         if isinstance(prompt, str):
+            check_length(len(prompt.encode(errors="surrogatepass")), "prompt")
             prompt_ids = tok.encode(prompt)
         else:
             bad = next((t for t in prompt if not 0 <= t < tok.vocab_size), None)
             if bad is not None:
                 raise OpenAIError(f"prompt: token id {bad}; expected ids in [0, {tok.vocab_size})", param="prompt")
             prompt_ids = list(prompt)
-        params = sampling(req, prompt_ids, "prompt")
+        return req, prompt_ids, sampling(req, prompt_ids, "prompt")
+
+    def check_open() -> None:
+        if engine.draining:  # the port stays open while running requests finish: new ones are told so
+            raise _error("the server is shutting down", 503)
+        if max_concurrency is not None and engine.num_requests + preparing >= max_concurrency:
+            raise _error(f"{engine.num_requests + preparing} requests in flight, the most this server takes "
+                         f"(--max-concurrency {max_concurrency}): retry later", 503)  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_open()
+        check_key(request)
+        req, prompt_ids, params = await prepare(prepare_chat, await read_body(request))
+        return await respond(request, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_open()
+        check_key(request)
+        req, prompt_ids, params = await prepare(prepare_completion, await read_body(request))
         return await respond(request, req, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, chat=False)
 
     async def respond(request: Request, req, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -237,6 +320,14 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
 
 _HUNG_UP = object()  # _until_hangup's result when the client left first
+WORKER_NICE = 10  # niceness the preparation threads add (Linux: per thread)
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority
+        pass
 
 
 async def _until_hangup(request: Request, work):
@@ -291,6 +382,8 @@ def _error(message: str, status: int, code: str | None = None) -> OpenAIError:
 def _engine_error(err: Exception) -> OpenAIError:
     if isinstance(err, ValueError):  # the engine refused the request (add_request)
         return OpenAIError(str(err))
+    if isinstance(err, EngineUnavailable):  # shutting down, stalled or broken
+        return _error(str(err), 503)
     return _error(f"the engine failed on this request: {err}", 500)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "oversubscribes the pool, preempting requests when it runs out")  # fmt: skip
     parser.add_argument("--max-context", type=int, default=None, help="tokens per request, prompt + output (default "
                         "on CUDA: as much as the memory planner fits; on the CPU: min(the model's, 4096))")  # fmt: skip
-    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step at most")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step at most "
+                        "(default: the planner's 8192 on CUDA; 256 on the CPU, where every stream waits for it)")
     parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
@@ -36,17 +38,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "when it carries them, else calibrated once at start-up")  # fmt: skip
     parser.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full instead of "
                         "reusing the cached KV blocks of earlier prompts that start alike")  # fmt: skip
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default: "
+                        "what a prompt of the whole context can need, JSON-escaped)")  # fmt: skip
+    parser.add_argument("--max-concurrency", type=int, default=512, help="completions in flight at most (being "
+                        "tokenized or in the engine); more get 503")  # fmt: skip
+    parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request's headers may take "
+                        "to arrive (then the connection is closed); request bodies get 408 after 30 s")  # fmt: skip
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0, help="on SIGTERM or SIGINT: seconds running "
+                        "requests may take to finish (new ones get 503) before the rest end with an error; 0: at "
+                        "once")  # fmt: skip
+    parser.add_argument("--step-timeout", type=float, default=None, help="seconds an engine step may run before "
+                        "/health turns 503 and the requests in flight fail (default: 120 under --tp > 1, else no "
+                        "bound)")  # fmt: skip
+    parser.add_argument("--tp-timeout", type=float, default=600.0, help="seconds a tensor-parallel collective waits "
+                        "for the other ranks before it fails")  # fmt: skip
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
                         "HTTP and schedules; every rank runs the forward)")  # fmt: skip
 
 
 def _check(args: argparse.Namespace) -> str | None:
-    for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp"):
+    for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp",
+                 "max_concurrency"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')}={value}; expected an integer >= 1"
+    for name in ("header_timeout", "step_timeout", "tp_timeout"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            return f"--{name.replace('_', '-')}={value}; expected a number of seconds > 0"
+    if not args.shutdown_timeout >= 0:
+        return f"--shutdown-timeout={args.shutdown_timeout}; expected a number of seconds >= 0"
     if not 0 <= args.port <= 65535:
         return f"--port={args.port}; expected 0 to 65535"
     return None
@@ -59,16 +81,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as err:
-        print(f'llama-kernels serve needs FastAPI and uvicorn ({err}): pip install "llama-kernels[serve]"',
+        print(f'llama-kernels serve needs FastAPI, uvicorn and prometheus-client ({err}): pip install "llama-kernels[serve]"',
               file=sys.stderr)  # fmt: skip
         return 1
-    from ..distributed import is_main
+    from .. import distributed
+    from ..engine.engine import Engine
     from ..llm import LLM
     from .api_server import build_app
     from .async_engine import AsyncEngine
-    from ..engine.engine import Engine
+    from .launcher import Server, raise_open_file_limit
 
     serves_http = args.tp == 1 or os.environ.get("RANK", "0") == "0"  # torchrun's rank 0 (before any process group)
     try:  # before the weights load: a busy port fails at once
@@ -79,28 +103,35 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else DEFAULT_NAME)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
+        if args.tp > 1:
+            distributed.init(args.tp_timeout)
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
+                                  prefill_chunk=args.prefill_chunk,
                                   kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8",
                                   prefix_caching=not args.no_prefix_caching)  # fmt: skip
-        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk)
+        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
             sock.close()
         print(f"llama-kernels serve: {err}", file=sys.stderr)
         return 2
-    if not is_main():  # tensor parallel: the other ranks run rank 0's steps until it stops them
+    if not distributed.is_main():  # tensor parallel: the other ranks run rank 0's steps until it stops them
+        for sig in (signal.SIGTERM, signal.SIGINT):  # (torchrun signals every rank; rank 0 drains, then stops them)
+            signal.signal(sig, signal.SIG_IGN)
         engine.follow()
         return 0
-    async_engine = AsyncEngine(engine)
-    app = build_app(async_engine, name, api_key, args.max_body_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=5))  # fmt: skip
+    step_timeout = args.step_timeout if args.step_timeout is not None else (120.0 if args.tp > 1 else None)
+    async_engine = AsyncEngine(engine, step_timeout=step_timeout)
+    app = build_app(async_engine, name, api_key, args.max_body_bytes, max_concurrency=args.max_concurrency)
+    raise_open_file_limit()
+    server = Server(app, async_engine, host=args.host, port=args.port, header_timeout=args.header_timeout,
+                    shutdown_timeout=args.shutdown_timeout)  # fmt: skip
     async_engine.start()
     try:
         asyncio.run(_serve(server, sock, name))
     finally:
-        async_engine.shutdown()
+        async_engine.shutdown()  # stops the tensor-parallel followers
     return 0
 
 
