@@ -350,3 +350,20 @@ def test_a_failed_forward_registers_nothing(off, monkeypatch):
     assert {k: v[0] for k, v in got.items() if k != "bad"} == {k: v[0] for k, v in want.items() if k != "bad"}
     again = run(Engine(on.loaded), {"bad": (poison, GREEDY), "ok0": requests["ok0"]})
     assert again["bad"] == (want["bad"][0], 0) and again["ok0"] == (want["ok0"][0], len(requests["ok0"][0]) // BS * BS)
+
+
+def test_a_sequence_that_needs_every_prompt_logit_reads_no_cached_block(on):
+    """reads_prefix_cache False (a request that needs every prompt token's logits, e.g. prompt
+    logprobs): its whole prompt is computed even when cached; the same prompt beside it reads the cache."""
+    prompt = ids(2 * BS + 3, seed=13)
+    first = run(Engine(on.loaded), {"first": (prompt, GREEDY)})["first"]
+    engine = Engine(on.loaded)
+    outs = {}
+    for rid, reads in (("all", False), ("cached", True)):
+        engine.add_request(rid, prompt, GREEDY)
+        engine.scheduler.waiting[-1].reads_prefix_cache = reads
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = (outs.get(o.request_id, ([], 0))[0] + o.new_token_ids, o.cached_tokens)
+    assert outs == {"all": (first[0], 0), "cached": (first[0], 2 * BS)}
+    assert engine.throughput.cached_tokens == 2 * BS and engine.allocator.used == 0
