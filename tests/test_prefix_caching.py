@@ -322,3 +322,48 @@ def test_no_prefix_caching_flag_reaches_the_loader(command, monkeypatch, capsys)
     monkeypatch.setattr(LLM, "from_pretrained", fake_load)
     assert cli.main(command) != 0 and cli.main([*command, "--no-prefix-caching"]) != 0
     assert seen == [True, False] and "stop here" in capsys.readouterr().err
+
+
+def test_a_failed_forward_registers_nothing(off, monkeypatch):
+    """A step whose forward raises is redone one sequence at a time (Engine failure isolation): the
+    failing request's blocks go back unregistered, the others' are registered, and the same prompt
+    later is computed afresh with its caching-off tokens."""
+    from llama_kernels.engine import engine as engine_module
+
+    on = tiny(True)
+    poison = [9] * (2 * BS + 8)
+    shared = ids(2 * BS, seed=12)
+    requests = {f"ok{i}": (shared + ids(5, seed=30 + i), GREEDY) for i in range(2)}
+    run_model = engine_module.ModelRunner.run
+
+    def forward(self, chunks, *a, **kw):
+        if any(c.tokens[:1] == [9] and c.start == 0 for c in chunks):
+            raise RuntimeError("injected forward failure")
+        return run_model(self, chunks, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine_module.ModelRunner, "run", forward)
+        got = run(Engine(on.loaded, max_num_seqs=3), {**requests, "bad": (poison, GREEDY)}, each_step=check_pool)
+    assert got["bad"] == ([], 0)
+    assert all(reg.tokens != (9,) * BS for reg in on.allocator._by_block.values()), "a failed block was registered"
+    want = run(Engine(off.loaded), {**requests, "bad": (poison, GREEDY)})
+    assert {k: v[0] for k, v in got.items() if k != "bad"} == {k: v[0] for k, v in want.items() if k != "bad"}
+    again = run(Engine(on.loaded), {"bad": (poison, GREEDY), "ok0": requests["ok0"]})
+    assert again["bad"] == (want["bad"][0], 0) and again["ok0"] == (want["ok0"][0], len(requests["ok0"][0]) // BS * BS)
+
+
+def test_a_sequence_that_needs_every_prompt_logit_reads_no_cached_block(on):
+    """reads_prefix_cache False (a request that needs every prompt token's logits, e.g. prompt
+    logprobs): its whole prompt is computed even when cached; the same prompt beside it reads the cache."""
+    prompt = ids(2 * BS + 3, seed=13)
+    first = run(Engine(on.loaded), {"first": (prompt, GREEDY)})["first"]
+    engine = Engine(on.loaded)
+    outs = {}
+    for rid, reads in (("all", False), ("cached", True)):
+        engine.add_request(rid, prompt, GREEDY)
+        engine.scheduler.waiting[-1].reads_prefix_cache = reads
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = (outs.get(o.request_id, ([], 0))[0] + o.new_token_ids, o.cached_tokens)
+    assert outs == {"all": (first[0], 0), "cached": (first[0], 2 * BS)}
+    assert engine.throughput.cached_tokens == 2 * BS and engine.allocator.used == 0

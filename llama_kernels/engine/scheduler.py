@@ -45,6 +45,7 @@ class Sequence:
         self.admitted = False  # admitted at least once (its prompt counted)
         self.chain = chain  # its block digests and the cached registrations its leading blocks equal
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
+        self.reads_prefix_cache = True  # may start from cached blocks (False when every prompt token's logits count)
         self.new_ids: list[int] = []  # tokens not yet reported in a RequestOutput
         self.new_logprobs: list[TokenLogprob] = []  # their logprobs (when asked for)
         # the prompt tokens' logprobs collected so far (the first has none), when asked for and not yet reported
@@ -146,10 +147,9 @@ class Scheduler:
         next chunk: the chunk's tokens, or 0 (nothing changed) if it does not fit or waits for a
         block a running sequence is computing."""
         a, bs = self.allocator, self.allocator.block_size
-        # at least the last token is computed; a prompt collecting its logprobs is computed in full (its
-        # cached blocks have no logits)
-        hits = a.match(seq.chain, seq.ids, (len(seq.ids) - 1) // bs) if seq.prompt_logprobs is None else []
-        if pending and len(hits) < (len(seq.ids) - 1) // bs and seq.chain.digests[len(hits)] in pending:
+        hittable = (len(seq.ids) - 1) // bs if seq.reads_prefix_cache else 0  # the last token is always computed
+        hits = a.match(seq.chain, seq.ids, hittable)
+        if pending and len(hits) < hittable and seq.chain.digests[len(hits)] in pending:
             return 0
         n = min(len(seq.ids) - len(hits) * bs, self.prefill_chunk, budget)
         if not a.can_take(hits, a.blocks_for(len(hits) * bs + n) - len(hits)):
