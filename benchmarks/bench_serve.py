@@ -11,8 +11,11 @@ Workloads (--workload): random (independent prompts), shared-prefix (one --prefi
 prompt shared by every request, then a --input-len-word user turn of its own), multi-turn
 (--num-requests conversations of --turns turns, chat only, each turn resending the whole history:
 --concurrency conversations at a time; reports the prompt tokens computed, i.e. not cached, against
-the tokens new in each turn's prompt). Several --url (e.g. one server with prefix caching, one
-without) run the same load one after the other, into one table and one JSON.
+the tokens new in each turn's prompt), quote (each prompt asks to repeat its --input-len words: the
+answer quotes the prompt, what speculative prompt lookup is for). Several --url (e.g. one server with
+prefix caching or speculation, one without) run the same load one after the other, into one table and
+one JSON. Where a server's /metrics has speculative-decoding counters, each run reports the draft
+tokens proposed and accepted during it, the acceptance rate and the tokens per verification.
 
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --num-requests 64 --concurrency 1 4 16
 
@@ -132,6 +135,9 @@ def request_body(args: argparse.Namespace, model: str, prompt, chat: bool) -> di
 def make_prompts(args: argparse.Namespace, rng: random.Random, chat: bool) -> list:
     """The prompts of the random and shared-prefix workloads (strings, or chat message lists)."""
     prefix = make_prompt(random.Random(args.seed + 1), args.prefix_len) if args.workload == "shared-prefix" else None
+    if args.workload == "quote":
+        return [f"Repeat the following text exactly, word for word:\n\n{make_prompt(rng, args.input_len)}"
+                for _ in range(args.num_requests)]
     prompts = []
     for _ in range(args.num_requests):
         user = make_prompt(rng, args.input_len)
@@ -235,6 +241,35 @@ def machine() -> dict:
             "python": platform.python_version(), "httpx": httpx.__version__}  # fmt: skip
 
 
+SPEC_METRICS = {"proposed": "llama_kernels_spec_decode_num_draft_tokens_total",
+                "accepted": "llama_kernels_spec_decode_num_accepted_tokens_total",
+                "verifications": "llama_kernels_spec_decode_num_verifications_total"}  # this server's names
+
+
+def spec_counters(url: str, headers: dict) -> dict | None:
+    """The server's speculative-decoding counters from its /metrics (None where it has none)."""
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", headers=headers, timeout=30).text
+    except httpx.HTTPError:
+        return None
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    if not all(name in values for name in SPEC_METRICS.values()):
+        return None
+    return {key: float(values[name]) for key, name in SPEC_METRICS.items()}
+
+
+def spec_delta(before: dict | None, after: dict | None) -> dict | None:
+    """Draft tokens proposed / accepted and verifications during a run, the acceptance rate and the tokens
+    per verification (accepted drafts + the target's own); None without counters or without drafts."""
+    if before is None or after is None:
+        return None
+    d = {key: int(after[key] - before[key]) for key in SPEC_METRICS}
+    if not d["verifications"]:
+        return None
+    return {**d, "acceptance_rate": d["accepted"] / d["proposed"],
+            "tokens_per_verification": (d["accepted"] + d["verifications"]) / d["verifications"]}
+
+
 def table(runs: list[dict], width: int = 6) -> str:
     """The runs as text; width: of the server label column."""
 
@@ -256,6 +291,11 @@ def table(runs: list[dict], width: int = 6) -> str:
             f"{'/'.join(ms(p, k) for k in ('p50', 'p90', 'p99')):>20} | "
             f"{'/'.join(ms(i, k) for k in ('p50', 'p90', 'p99')):>20}"
         )
+        if r.get("speculative"):
+            sp = r["speculative"]
+            lines.append(f"{'':>{width}} speculative: {sp['accepted']}/{sp['proposed']} draft tokens accepted "
+                         f"({100 * sp['acceptance_rate']:.0f}%), {sp['tokens_per_verification']:.2f} tokens per "
+                         "verification")  # fmt: skip
         if r.get("computed_per_new") is not None:
             lines.append(f"{'':>{width}} prompt tokens computed {r['computed_prompt_tokens']}: "
                          f"{r['computed_per_new']:.2f}x the {r['new_prompt_tokens']} new in the turns' prompts, "
@@ -271,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", nargs="+", default=None, help="a name for each --url in the table and JSON")
     parser.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
     parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    parser.add_argument("--workload", choices=("random", "shared-prefix", "multi-turn"), default="random",
-                        help="random prompts; one shared system prompt (--prefix-len) + a user turn each; or "
-                        "multi-turn chats (--turns) resending their history")  # fmt: skip
+    parser.add_argument("--workload", choices=("random", "shared-prefix", "multi-turn", "quote"),
+                        default="random",
+                        help="random prompts; one shared system prompt (--prefix-len) + a user turn each; "
+                        "multi-turn chats (--turns) resending their history; or prompts asking to repeat "
+                        "their text (speculative prompt lookup)")  # fmt: skip
     parser.add_argument("--prefix-len", type=int, default=1000, help="shared-prefix: system prompt words (~tokens)")
     parser.add_argument("--turns", type=int, default=8, help="multi-turn: turns per conversation")
     parser.add_argument("--num-requests", type=int, default=64, help="requests (multi-turn: conversations)")
@@ -335,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "seed": args.seed + 1000})  # fmt: skip
             asyncio.run(run_load(warm, url, model, 1, None))
         for concurrency, rate in plans:
+            before = spec_counters(url, headers)
             runs.append({"label": label, **asyncio.run(run_load(args, url, model, concurrency, rate))})
+            runs[-1]["speculative"] = spec_delta(before, spec_counters(url, headers))
             lines = table(runs[-1:], max(len(label) for label in labels)).splitlines()
             print("\n".join(lines if len(runs) == 1 else lines[2:]), flush=True)  # the header once
     report = {

@@ -75,3 +75,24 @@ def test_vs_transformers_smoke():
     """Both sides run the same weights: their greedy tokens agree."""
     result = _load("bench_vs_transformers").main(["--smoke", "--threads", "1"])
     assert result["agree"] == result["new_tokens"] == 4 and len(result["ours"]) == len(result["transformers"]) == 1
+
+
+def test_bench_serve_speculative_counters_and_quote_workload(monkeypatch):
+    """bench_serve's per-run speculative figures from two /metrics readings, and its quoting prompts."""
+    import argparse
+    import random
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "bench_serve.py")
+    bs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_serve", bs)  # its dataclasses look their module up there
+    spec.loader.exec_module(bs)
+    before = {"proposed": 10.0, "accepted": 4.0, "verifications": 5.0}
+    after = {"proposed": 40.0, "accepted": 22.0, "verifications": 17.0}
+    d = bs.spec_delta(before, after)
+    assert (d["proposed"], d["accepted"], d["verifications"]) == (30, 18, 12)
+    assert d["acceptance_rate"] == 0.6 and d["tokens_per_verification"] == 2.5
+    assert bs.spec_delta(before, before) is None and bs.spec_delta(None, after) is None
+    args = argparse.Namespace(workload="quote", num_requests=3, input_len=5, prefix_len=0, seed=0)
+    prompts = bs.make_prompts(args, random.Random(0), True)
+    assert len(prompts) == 3 and all(p.startswith("Repeat the following text exactly") for p in prompts)

@@ -383,6 +383,7 @@ def test_counters_reach_metrics_and_the_cli_line(llm, capsys):
     values = parse(m.render())
     assert values["llama_kernels_spec_decode_num_draft_tokens_total"] == s.spec_proposed_total > 0
     assert values["llama_kernels_spec_decode_num_accepted_tokens_total"] == s.spec_accepted_total > 0
+    assert values["llama_kernels_spec_decode_num_verifications_total"] == s.spec_verifications_total > 0
     assert values["llama_kernels_spec_decode_mean_accepted_length"] == pytest.approx(s.spec_mean_accepted_length)
     c = engine.throughput.spec
     assert (c.proposed, c.accepted, c.verifications) == (s.spec_proposed_total, s.spec_accepted_total,

@@ -43,6 +43,8 @@ ENGINE_METRICS = (
      "kv_blocks_cached_free"),
     ("spec_decode_num_draft_tokens_total", "counter", "Speculative draft tokens verified.", "spec_proposed_total"),
     ("spec_decode_num_accepted_tokens_total", "counter", "Speculative draft tokens accepted.", "spec_accepted_total"),
+    ("spec_decode_num_verifications_total", "counter", "Requests' steps that verified a speculative draft.",
+     "spec_verifications_total"),
     ("spec_decode_mean_accepted_length", "gauge", "Tokens per speculative verification (accepted drafts + the "
      "target's own token; 0 before any).", "spec_mean_accepted_length"),
 )  # fmt: skip
