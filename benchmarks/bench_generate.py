@@ -12,6 +12,12 @@ downloading anything:
     python benchmarks/bench_generate.py --model /models/Llama-3.1-8B-Instruct --quant int4
     python benchmarks/bench_generate.py --smoke      # a tiny random model on the CPU (CI)
     python benchmarks/bench_generate.py --model embedded --quant bf16,fp8,int4 --batch-sizes 1 --repeat 9
+    python benchmarks/bench_generate.py --model embedded --speculative ngram --threads 1 --out spec.json
+
+With --speculative, single-stream greedy generation of a workload that quotes its input (rewrite,
+code-edit and summarize prompts, through the chat template) with and without speculative decoding,
+runs interleaved: tokens/s of each, the speedup, the acceptance rate, the accepted length, and whether
+the outputs are token-identical (they must be).
 
 Each figure is the median of --repeat timed runs (default 3), with the min-max spread of tokens/s; a bar
 shows the runs on a terminal. On the CPU a warning first gives a lower bound of the run's time. Several
@@ -83,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, help="timed runs per batch size: the median is reported, "
                    "with the min-max spread of tokens/s (default 3; smoke 1)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="a tiny random model, few tokens (CI)")
+    p.add_argument("--speculative", choices=("ngram",), default=None, help="compare single-stream greedy "
+                   "decoding with and without speculation on a quoting workload (needs a tokenizer: --model)")
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="k of --speculative")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = p.parse_args(argv)
     bad = [q for q in args.quant.split(",") if q not in QUANTS]
@@ -91,14 +101,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "of them comma-separated")  # fmt: skip
     if args.repeat is not None and args.repeat < 1:
         p.error(f"--repeat {args.repeat}: expected an int >= 1")
+    if args.speculative and "," in args.quant:
+        p.error(f"--speculative --quant {args.quant}: expected one weight format")
+    if args.speculative and not (args.model or args.smoke):
+        p.error("--speculative needs a model with a tokenizer: --model PATH or --model embedded")
+    if args.num_speculative_tokens < 1:
+        p.error(f"--num-speculative-tokens {args.num_speculative_tokens}: expected an int >= 1")
     return args
 
 
 def load(args: argparse.Namespace, quant: str, max_context: int, max_batch: int) -> tuple[LLM, str]:
     """(the LLM with weights in format `quant`, its name) for --model / --preset / --smoke."""
     quant = None if quant == "bf16" else quant
+    # no prefix caching: the timed runs repeat the warm-up's prompts, and must prefill them in full
     kw = dict(quant=quant, device=args.device, max_context=max_context, policy=args.policy, max_batch=max_batch,
-              kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else None, cuda_graphs=not args.eager)  # fmt: skip
+              kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else None, cuda_graphs=not args.eager,
+              prefix_caching=False)  # fmt: skip
     if args.model:
         path = None if args.model == "embedded" else args.model
         return LLM.from_pretrained(path, progress=False, **kw), args.model
@@ -155,6 +173,117 @@ def measure(llms: dict[str, LLM], batch: int, prompt_len: int, new_tokens: int, 
     return rows
 
 
+PARAGRAPH = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+    "the engineer Gustave Eiffel, whose company desigend and built the tower from 1887 to 1889. Locally "
+    "nicknamed \"La dame de fer\", it was constructed as the centerpiece of the 1889 World's Fair, and to crown "
+    "the centennial anniversary of the French Revolution. Although initially criticised by some of France's "
+    "leading artists and intellectuals for its design, it has since become a global cultural icon of France."
+)
+CODE = """def mean(xs):
+    total = 0
+    for x in xs:
+        total = total + x
+    return total / len(xs)
+
+
+def variance(xs):
+    m = mean(xs)
+    total = 0
+    for x in xs:
+        total = total + (x - m) ** 2
+    return total / len(xs)
+"""
+# A workload whose answers quote their input: what prompt lookup is for.
+QUOTING_PROMPTS = [
+    "Rewrite the following paragraph, fixing the spelling mistakes and keeping everything else the same:\n\n"
+    + PARAGRAPH,
+    "Add a docstring to each function in this Python code and return the complete code:\n\n" + CODE,
+    "Rename the function `mean` to `average` everywhere in this code and show the full result:\n\n" + CODE,
+    "Summarize the following text in two sentences, quoting its key facts:\n\n" + PARAGRAPH,
+]
+
+
+def measure_speculative(llm: LLM, args: argparse.Namespace, new_tokens: int, repeat: int) -> dict:
+    """Single-stream greedy generation of QUOTING_PROMPTS (chat template), with and without speculation:
+    `repeat` rounds, each running every prompt once per mode, the modes interleaved prompt by prompt (so
+    load from other processes hits both alike), after a warm-up round. Per mode the median over rounds of
+    the round's tokens/s (new tokens / seconds of its generates; decode tokens/s likewise over decode steps)."""
+    from llama_kernels.engine import Engine
+    from llama_kernels.engine.speculative import SpeculativeConfig
+
+    if llm.tokenizer is None:  # --smoke: repeated random ids
+        prompts = [[(7 * i + j) % 50 + 3 for j in range(12)] * 2 for i in range(2)]
+    else:
+        prompts = [llm.encode_prompt(p, chat=True) for p in QUOTING_PROMPTS]
+    config = SpeculativeConfig(args.speculative, args.num_speculative_tokens)
+    engines = {"plain": llm.engine, "speculative": Engine(llm.loaded, max_num_seqs=1, speculative=config)}
+    outputs: dict[str, list[list[int]]] = {mode: [] for mode in engines}
+    rounds: dict[str, list[dict]] = {mode: [] for mode in engines}
+    keys = ("new", "seconds", "decode_tokens", "decode_s", "decode_steps", "proposed", "accepted", "verifications")
+    for r in range(repeat + 1):  # round 0 warms up (not reported)
+        totals = {mode: dict.fromkeys(keys, 0) for mode in engines}
+        for prompt in prompts:
+            for mode, engine in engines.items():
+                llm.engine = engine
+                outputs[mode].append(llm.generate_ids([prompt], max_new_tokens=new_tokens)[0])
+                s, t = llm.last_stats, totals[mode]
+                for key, value in zip(keys, (s.new_tokens, s.prefill_s + s.decode_s, s.decode_tokens, s.decode_s,
+                                             s.decode_steps, s.spec.proposed, s.spec.accepted, s.spec.verifications)):
+                    t[key] += value
+        llm.engine = engines["plain"]
+        if r:
+            for mode, t in totals.items():
+                rounds[mode].append(t)
+        tqdm.write(f"round {r}{' (warm-up)' if not r else ''}: " + ", ".join(
+            f"{mode} {t['new'] / t['seconds']:.2f} tok/s" for mode, t in totals.items()), file=sys.stdout)  # fmt: skip
+        sys.stdout.flush()
+    identical = [a == b for a, b in zip(outputs["plain"], outputs["speculative"])]
+    result = {"method": args.speculative, "k": args.num_speculative_tokens, "prompts": len(prompts),
+              "prompt_tokens": [len(p) for p in prompts], "new_tokens": new_tokens, "repeat": repeat,
+              "greedy_identical": all(identical), "identical_generates": f"{sum(identical)}/{len(identical)}"}
+    for mode, rs in rounds.items():
+        tok_s = [t["new"] / t["seconds"] for t in rs]
+        dec_s = [t["decode_tokens"] / t["decode_s"] for t in rs]
+        result[mode] = {
+            "tok_s": statistics.median(tok_s), "tok_s_min": min(tok_s), "tok_s_max": max(tok_s),
+            "decode_tok_s": statistics.median(dec_s), "decode_tok_s_min": min(dec_s), "decode_tok_s_max": max(dec_s),
+            "step_ms": statistics.median(1e3 * t["decode_s"] / t["decode_steps"] for t in rs),
+            "new_tokens_per_round": rs[0]["new"], "rounds": rs,
+        }  # fmt: skip
+    t = rounds["speculative"][0]
+    result["speculative"].update(acceptance_rate=t["accepted"] / max(t["proposed"], 1),
+                                 mean_accepted_length=(t["accepted"] + t["verifications"]) / max(t["verifications"], 1))
+    result["speedup"] = result["speculative"]["tok_s"] / result["plain"]["tok_s"]
+    result["decode_speedup"] = result["speculative"]["decode_tok_s"] / result["plain"]["decode_tok_s"]
+    sizes = (1, 2, 4, 8) if args.smoke else (1, 2, 4, 6, 8, 16, 32, 64)
+    result["verify_cost_ms"] = verify_cost_ms(llm, sizes, 8 if args.smoke else 256, repeat)
+    return result
+
+
+def verify_cost_ms(llm: LLM, sizes: tuple[int, ...], prefix: int, repeat: int) -> dict[int, float]:
+    """Median ms of one forward pass of T new tokens (logits of all T, as a verification wants) over a
+    cached prefix of `prefix` tokens, for each T in sizes: what SpeculativeConfig.max_verify_tokens weighs."""
+    from llama_kernels.engine.runner import Chunk
+
+    ids = [(7 * i) % 97 + 3 for i in range(prefix + max(sizes))]
+    blocks: list[int] = []
+    llm.allocator.grow(blocks, len(ids))
+    try:
+        llm.engine.runner.run([Chunk(ids[:prefix], 0, blocks, False)])
+        out = {}
+        for t in sizes:
+            times = []
+            for _ in range(repeat + 1):
+                t0 = time.perf_counter()
+                llm.engine.runner.run([Chunk(ids[prefix : prefix + t], prefix, blocks, True, t - 1)])
+                times.append(time.perf_counter() - t0)
+            out[t] = 1e3 * statistics.median(times[1:])
+        return out
+    finally:
+        llm.allocator.free(blocks)
+
+
 def cpu_estimate_s(llm: LLM, batches: list[int], prompt_len: int, new_tokens: int, repeat: int) -> float:
     """A lower bound of the run's seconds on the CPU, from one small batch-1 generate: every prompt token at
     batch 1's prefill rate, every decode step at batch 1's step time (larger batches only take longer)."""
@@ -169,6 +298,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.backend:
         os.environ[backends.ENV_VAR] = args.backend
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     prompt_len = args.prompt_len or (16 if args.smoke else 512)
@@ -176,7 +307,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     copy_bps = copy_bandwidth(device, args.smoke)
     llms: dict[str, LLM] = {}
     for quant in args.quant.split(","):
-        llms[quant], name = load(args, quant, prompt_len + new_tokens, max(batches))
+        if args.speculative:  # one sequence; its context fits every prompt of the workload + the new tokens
+            llms[quant], name = load(args, quant, 64 if args.smoke else 1024, 1)
+        else:
+            llms[quant], name = load(args, quant, prompt_len + new_tokens, max(batches))
     first = next(iter(llms.values()))
     meta = {
         "benchmark": "generate", "model": name, "quant": args.quant, "dtype": str(first.model.dtype)[6:],
@@ -188,7 +322,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "driver": common._driver(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "triton": common._version("triton"), "backends": {op: backends.select(op, device)[0] for op in backends.ops()},
         "smoke": args.smoke, "copy_Bps": copy_bps,
+        "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }  # fmt: skip
+    repeat = args.repeat or (1 if args.smoke else 3)
+    if args.speculative:
+        spec = measure_speculative(first, args, args.new_tokens or (8 if args.smoke else 128), repeat)
+        p, s = spec["plain"], spec["speculative"]
+        print(f"# speculative {spec['method']} k={spec['k']}: {name}, {spec['prompts']} quoting prompts, batch 1, "
+              f"greedy, {spec['new_tokens']} new tokens each, {repeat} interleaved rounds (medians)")  # fmt: skip
+        print(f"plain       {p['tok_s']:7.2f} tok/s  decode {p['decode_tok_s']:7.2f} tok/s  step {p['step_ms']:.1f} ms")
+        print(f"speculative {s['tok_s']:7.2f} tok/s  decode {s['decode_tok_s']:7.2f} tok/s  step {s['step_ms']:.1f} ms"
+              f"  acceptance {100 * s['acceptance_rate']:.0f}%, {s['mean_accepted_length']:.2f} tokens per "
+              "verification")  # fmt: skip
+        print(f"speedup {spec['speedup']:.2f}x (decode {spec['decode_speedup']:.2f}x); greedy outputs identical: "
+              f"{spec['greedy_identical']} ({spec['identical_generates']} generates)")  # fmt: skip
+        one = spec["verify_cost_ms"][1]
+        print("forward pass of T tokens (ms, x the 1-token pass): " + ", ".join(
+            f"T={t} {ms:.1f} ({ms / one:.2f}x)" for t, ms in spec["verify_cost_ms"].items()))  # fmt: skip
+        meta["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        if args.out:
+            common.write_json(args.out, {"meta": meta, "speculative": spec})
+            print(f"# wrote {args.out}")
+        return [spec]
     weights = ", ".join(meta["dtype"] if q == "bf16" else q for q in llms)
     graphs = "on" if meta["cuda_graphs"] else "off"
     print(f"# generate: {name} {weights}, KV {meta['kv_dtype']}, CUDA graphs {graphs}  {meta['device']}  torch "
@@ -196,7 +351,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'weights':<8} {'batch':>5} {'prompt':>6} {'new':>4} {'prefill tok/s':>13} {'decode tok/s':>12} "
           f"{'step ms':>8} {'GB/s':>8} {'%roofline':>9} {'CPU s':>7} {'wall s':>7}  (medians; CPU s: this process's "
           "CPU time per generate)", flush=True)  # fmt: skip
-    repeat = args.repeat or (1 if args.smoke else 3)
     if device.type == "cpu" and not args.smoke:
         est = len(llms) * cpu_estimate_s(first, batches, prompt_len, new_tokens, repeat)
         shorter = [flag for flag, given in (("--batch-sizes 1", batches == [1]), ("--prompt-len", args.prompt_len),

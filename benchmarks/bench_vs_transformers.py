@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     repeat = args.repeat or (1 if args.smoke else 7)
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM.from_pretrained(dtype="float32", device="cpu", progress=False, max_context=512, max_batch=1)
+    # no prefix caching: every run prefills the prompt, as transformers does
+    llm = LLM.from_pretrained(dtype="float32", device="cpu", progress=False, max_context=512, max_batch=1,
+                              prefix_caching=False)
     hf = hf_model(llm)
     ids = llm.encode_prompt(PROMPT, chat=True)
     run_ours(llm, ids, 2), run_hf(hf, ids, 2)  # warm-up

@@ -146,6 +146,19 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager", action="store_true", help="run decode eagerly instead of as CUDA graphs")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward pass at most; "
                         f"longer prompts are prefilled in chunks (default {plan.PREFILL_CHUNK} on CUDA, 256 on the CPU)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full instead of "
+                        "reusing the KV blocks of earlier ones that start alike (e.g. chat history)")  # fmt: skip
+    from .server.serve_cli import speculative_arguments  # argparse only: no torch
+
+    speculative_arguments(parser)
+
+
+def check_speculative(args: argparse.Namespace) -> None:
+    """ValueError for bad --speculative / --draft-model / --num-speculative-tokens (before anything loads)."""
+    if args.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens {args.num_speculative_tokens}; expected an int >= 1")
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        raise ValueError("--speculative draft needs --draft-model PATH, and --draft-model needs --speculative draft")
 
 
 def _check_before_load(args: argparse.Namespace) -> None:
@@ -153,6 +166,7 @@ def _check_before_load(args: argparse.Namespace) -> None:
     from .llm import check_sampling, resolve_device
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_speculative(args)
     if args.max_context is not None and args.max_context < 1:
         raise ValueError(f"--max-context {args.max_context}; expected an int >= 1")
     tp = getattr(args, "tp", 1)
@@ -181,7 +195,9 @@ def _load(args: argparse.Namespace, ckpt, min_context: int):
                                max_context=args.max_context, cuda_graphs=not args.eager,
                                tp=getattr(args, "tp", 1), prefill_chunk=args.prefill_chunk,
                                kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
-                               min_context=min_context)  # fmt: skip
+                               min_context=min_context, prefix_caching=not args.no_prefix_caching,
+                               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                               draft_model=args.draft_model)  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -236,9 +252,19 @@ def _prompt_ids(args: argparse.Namespace, tokenizer, text: str) -> tuple[list[in
 
 def _print_stats(s) -> None:
     """Throughput of the last generate call, on stderr (stdout holds only the generated text)."""
-    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    cached = f" ({s.cached_tokens} from the prefix cache)" if s.cached_tokens else ""
+    print(f"prefill: {s.prompt_tokens} tokens{cached}, {s.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
     print(f"decode: {s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s, {s.decode_gb_per_s:.2f} GB/s "
-          "(weight + KV bytes per step)", file=sys.stderr)  # fmt: skip
+          f"(weight + KV bytes per step){_speculation(s)}", file=sys.stderr)  # fmt: skip
+
+
+def _speculation(s) -> str:
+    """', acceptance ...' of the speculative drafts of a generate call ('' when none was verified)."""
+    c = s.spec
+    if not c.verifications:
+        return ""
+    return (f", speculative acceptance {100 * c.acceptance_rate:.0f}% ({c.accepted}/{c.proposed} draft tokens), "
+            f"{c.mean_accepted_length:.2f} tokens per verification")  # fmt: skip
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -307,7 +333,7 @@ def _run_chat(args: argparse.Namespace) -> int:
         print()
         history.append({"role": "assistant", "content": llm.tokenizer.decode(out)})
         s = llm.last_stats
-        print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s{_speculation(s)}]", file=sys.stderr)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from .engine.block_allocator import BlockAllocator
 from .engine.detokenizer import Detokenizer
 from .engine.engine import Engine, GenerationStats, LoadedModel
 from .engine.sampling import SamplingParams
+from .engine.speculative import DraftModelProposer, SpeculativeConfig, Speculator, make_speculator
 
 CPU_MAX_CONTEXT = 4096  # default tokens per sequence on the CPU (capped by the model's own)
 # default prompt tokens per step on the CPU: a chunk there takes ~10 ms a token (SmolLM2, 2 cores), and every
@@ -112,18 +113,33 @@ class LLM:
     engine (llama_kernels.engine.Engine) that generate(), generate_ids() and logits() run on."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cache: KVCache, max_context: int,
-                 max_batch: int, cuda_graphs: bool = True,
-                 prefill_chunk: int = planner.PREFILL_CHUNK) -> None:  # fmt: skip
+                 max_batch: int, cuda_graphs: bool = True, prefill_chunk: int = planner.PREFILL_CHUNK,
+                 prefix_caching: bool = True, speculative: SpeculativeConfig | None = None,
+                 draft: LLM | None = None) -> None:  # fmt: skip
         self.model = model  # the Transformer, set up for max_context positions
         self.tokenizer = tokenizer  # Tokenizer, or None if the checkpoint has none
         self.cache = cache  # paged KV cache for max_batch * max_context tokens
-        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)  # its blocks, for every engine
+        # its blocks, for every engine; the KV dtype is part of every prefix-cache digest
+        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size, prefix_caching, str(cache.dtype))
         self.max_context = max_context  # tokens per sequence: prompt + new tokens
         self.max_batch = max_batch  # sequences decoded at once by generate()
         self.cuda_graphs = cuda_graphs  # on CUDA, replay decode steps as CUDA graphs
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass at most (the planner's number)
-        self.engine = Engine(self.loaded, max_num_seqs=max_batch)  # fixes FP8 KV scales once (calibration pass)
+        self.speculative = speculative  # speculative decoding of generate() (and the server's engine), or None
+        self.draft = draft  # the draft model of speculative method "draft" (its own cache and block pool)
+        # the engine fixes the FP8 KV scales once (calibration pass)
+        self.engine = Engine(self.loaded, max_num_seqs=max_batch, speculative=self.new_speculator())
         self.last_stats: GenerationStats | None = None  # throughput of the last generate call
+
+    def new_speculator(self) -> Speculator | None:
+        """A Speculator for an engine on this model (its own proposer state; a draft model's cache pool is
+        shared), or None without speculative decoding."""
+        if self.speculative is None:
+            return None
+        if self.speculative.method == "draft":
+            d = self.draft
+            return make_speculator(self.speculative, DraftModelProposer(d.engine.runner, d.allocator, d.max_context))
+        return make_speculator(self.speculative)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -145,7 +161,8 @@ class LLM:
                         max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None,
                         max_batch: int = 8, progress: bool = True, cuda_graphs: bool = True,
                         tp: int = 1, prefill_chunk: int | None = None,
-                        min_context: int = 1) -> LLM:  # fmt: skip
+                        min_context: int = 1, prefix_caching: bool = True, speculative: str | None = None,
+                        num_speculative_tokens: int = 3, draft_model=None) -> LLM:  # fmt: skip
         """Load a model (with tp > 1, this rank's share of it: see llama_kernels.distributed).
 
         Args:
@@ -176,7 +193,25 @@ class LLM:
                 (ValueError before anything loads, naming the valid choices). Only rank 0 prints.
             min_context: tokens the caller needs per sequence (prompt + new tokens): a smaller
                 max_context (given or sized) is a ValueError before anything loads.
+            prefix_caching: keep the KV blocks of computed prompts (and outputs) and reuse them for
+                later prompts that start alike (llama_kernels.engine.block_allocator); False computes
+                every prompt in full.
+            speculative: None, "ngram" or "draft": speculative decoding, each decoding sequence
+                proposing up to num_speculative_tokens tokens that one forward pass verifies exactly
+                (llama_kernels.engine.speculative). "ngram": the tokens that followed the latest earlier
+                occurrence of its last tokens (prompt lookup); "draft": draft_model's greedy (or sampled)
+                continuation.
+            num_speculative_tokens: k, draft tokens per sequence per step at most.
+            draft_model: with speculative="draft", a smaller Llama with the same tokenizer (path as
+                `path`), loaded with the same quant, dtype, KV-cache dtype and sizes, on its own cache;
+                or an LLM already loaded. Not under tensor parallel yet, and the memory planner does not
+                count it yet.
         """
+        spec = speculative_config(speculative, num_speculative_tokens, draft_model)
+        if spec is not None and spec.method == "draft" and tp > 1:
+            raise ValueError(f"LLM.from_pretrained: speculative='draft' with tp={tp}; a draft model runs without "
+                             "tensor parallel only (yet): use speculative='ngram'")  # fmt: skip
+        _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
@@ -204,27 +239,43 @@ class LLM:
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
         if kv_scales is not None and progress:
             print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
+        draft = draft_model if isinstance(draft_model, LLM) else None
+        if spec is not None and spec.method == "draft" and draft is None:
+            draft = cls.from_pretrained(draft_model, quant, device, dtype, max_context, policy=policy,
+                                        kv_cache_dtype=kv_cache_dtype, max_batch=max_batch, progress=progress,
+                                        cuda_graphs=False, prefill_chunk=prefill_chunk)  # fmt: skip
+        if draft is not None:
+            check_draft(draft.config, ckpt.config, draft_model)
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
-                          kv_scales)  # fmt: skip
+                          prefix_caching, kv_scales, spec, draft)  # fmt: skip
 
     @classmethod
     def from_config(cls, config: LlamaConfig, quant: str | None = None, device=None, dtype=None,
                     max_context: int | None = None, *, policy: str = "all", kv_cache_dtype=None, max_batch: int = 8,
-                    seed: int = 0, cuda_graphs: bool = True, prefill_chunk: int | None = None) -> LLM:  # fmt: skip
+                    seed: int = 0, cuda_graphs: bool = True, prefill_chunk: int | None = None,
+                    prefix_caching: bool = True, speculative: str | None = None, num_speculative_tokens: int = 3,
+                    draft_model: LLM | None = None) -> LLM:  # fmt: skip
         """A model of `config`'s shapes with random weights (see random_model) and no tokenizer, sized
-        and checked like from_pretrained (same arguments): for tokens/s without a checkpoint, and tests."""
+        and checked like from_pretrained (same arguments; draft_model: an LLM already built): for tokens/s
+        without a checkpoint, and tests."""
+        spec = speculative_config(speculative, num_speculative_tokens, draft_model)
+        if draft_model is not None:
+            check_draft(draft_model.config, config, "draft_model")
+        _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
-        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk)
+        return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching,
+                          None, spec, draft_model)  # fmt: skip
 
     @classmethod
     def _build(cls, model: Transformer, tokenizer: Tokenizer | None, kv_dtype: torch.dtype, max_context: int,
-               max_batch: int, cuda_graphs: bool, prefill_chunk: int,
-               kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> LLM:  # fmt: skip
+               max_batch: int, cuda_graphs: bool, prefill_chunk: int, prefix_caching: bool = True,
+               kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+               speculative: SpeculativeConfig | None = None, draft: LLM | None = None) -> LLM:  # fmt: skip
         """The LLM over `model`; kv_scales (a checkpoint's FP8 KV scales) fix the cache's, else the engine
         calibrates them."""
         c = model.config
@@ -235,7 +286,8 @@ class LLM:
         cache = KVCache(c.num_layers, blocks, BLOCK_SIZE, kv_heads, c.head_dim, kv_dtype, device)
         if kv_scales is not None:
             cache.set_scales(*kv_scales)
-        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk)
+        return cls(model, tokenizer, cache, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching,
+                   speculative, draft)  # fmt: skip
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -399,9 +451,38 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, max_context: in
             )
 
 
+def speculative_config(speculative: str | None, num_speculative_tokens: int, draft_model) -> SpeculativeConfig | None:
+    """The SpeculativeConfig of from_pretrained's arguments (None: no speculation), checked."""
+    if speculative is None:
+        if draft_model is not None:
+            raise ValueError("LLM.from_pretrained: draft_model is given but speculative=None; pass speculative='draft'")
+        return None
+    if speculative not in ("ngram", "draft"):
+        raise ValueError(f"LLM.from_pretrained: speculative={speculative!r}; expected None, 'ngram' or 'draft'")
+    if (speculative == "draft") != (draft_model is not None):
+        raise ValueError(f"LLM.from_pretrained: speculative={speculative!r} with draft_model={draft_model!r}; "
+                         "'draft' needs a draft_model, 'ngram' takes none")  # fmt: skip
+    k = num_speculative_tokens
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"LLM.from_pretrained: num_speculative_tokens={k!r}; expected an int >= 1")
+    return SpeculativeConfig(speculative, k)
+
+
+def check_draft(draft: LlamaConfig, target: LlamaConfig, name) -> None:
+    """ValueError unless a draft model can propose for the target (the same vocabulary)."""
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} has a vocabulary of {draft.vocab_size} tokens, "
+                         f"the model {target.vocab_size}; a draft model needs the same tokenizer")  # fmt: skip
+
+
 def default_prefill_chunk(device: torch.device) -> int:
     """Prompt tokens per step unless asked: the planner's PREFILL_CHUNK on CUDA, CPU_PREFILL_CHUNK elsewhere."""
     return planner.PREFILL_CHUNK if device.type == "cuda" else CPU_PREFILL_CHUNK
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"LLM.from_pretrained: {name}={value!r}; expected True or False")
 
 
 def _resolve(quant, device, dtype, kv_cache_dtype, max_batch,

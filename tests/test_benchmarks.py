@@ -121,6 +121,20 @@ def test_generate_benchmark_smoke(tmp_path):
     assert row["repeat"] == 3 and row["decode_tok_s_min"] <= row["decode_tok_s"] <= row["decode_tok_s_max"]
 
 
+def test_generate_benchmark_speculative_smoke(tmp_path):
+    """--speculative: both modes measured in one run, and their greedy outputs identical."""
+    out = tmp_path / "spec.json"
+    threads = torch.get_num_threads()
+    try:
+        (spec,) = _load("bench_generate").main(["--smoke", "--speculative", "ngram", "--threads", "1", "--out",
+                                                str(out)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert spec["greedy_identical"] and spec["plain"]["tok_s"] > 0 and spec["speculative"]["tok_s"] > 0
+    assert spec["speedup"] == spec["speculative"]["tok_s"] / spec["plain"]["tok_s"]
+    assert json.loads(out.read_text())["speculative"]["k"] == 5
+
+
 def test_generate_benchmark_interleaves_weight_formats(capsys):
     """Several --quant formats: one model each, a row each per batch size, in the order given."""
     rows = _load("bench_generate").main(["--smoke", "--quant", "bf16,int4", "--batch-sizes", "1", "--repeat", "2"])
@@ -165,3 +179,24 @@ def test_prefill_baseline_check_is_the_ops_bottom_right_causal_attention():
     top_left = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), kx.float(), vx.float(),
                                                                 is_causal=True)[0].transpose(0, 1)  # fmt: skip
     assert bench.rel_err(top_left[-16:], rows) > bench.CLOSE
+
+
+def test_bench_serve_speculative_counters_and_quote_workload(monkeypatch):
+    """bench_serve's per-run speculative figures from two /metrics readings, and its quoting prompts."""
+    import argparse
+    import random
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "bench_serve.py")
+    bs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_serve", bs)  # its dataclasses look their module up there
+    spec.loader.exec_module(bs)
+    before = {"proposed": 10.0, "accepted": 4.0, "verifications": 5.0}
+    after = {"proposed": 40.0, "accepted": 22.0, "verifications": 17.0}
+    d = bs.spec_delta(before, after)
+    assert (d["proposed"], d["accepted"], d["verifications"]) == (30, 18, 12)
+    assert d["acceptance_rate"] == 0.6 and d["tokens_per_verification"] == 2.5
+    assert bs.spec_delta(before, before) is None and bs.spec_delta(None, after) is None
+    args = argparse.Namespace(workload="quote", num_requests=3, input_len=5, prefix_len=0, seed=0)
+    prompts = bs.make_prompts(args, random.Random(0), True)
+    assert len(prompts) == 3 and all(p.startswith("Repeat the following text exactly") for p in prompts)

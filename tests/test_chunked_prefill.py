@@ -47,7 +47,9 @@ def greedy(llm: LLM, prompts: list[list[int]], chunk: int, new: int = 6, **kw) -
 
 @pytest.mark.parametrize("kv", [None, "fp8"])
 def test_chunked_logits_equal_one_shot_tiny(kv):
-    llm = LLM.from_config(CONFIG, device="cpu", max_context=256, max_batch=2, seed=1, kv_cache_dtype=kv)
+    # no prefix caching: each greedy() below must prefill the whole prompt in its own chunks
+    llm = LLM.from_config(CONFIG, device="cpu", max_context=256, max_batch=2, seed=1, kv_cache_dtype=kv,
+                          prefix_caching=False)
     ids = prompt(150, seed=2)
     one_shot = Engine(llm.loaded, prefill_chunk=256).logits(ids)
     assert one_shot.shape == (150, CONFIG.vocab_size)
@@ -60,7 +62,7 @@ def test_chunked_logits_equal_one_shot_tiny(kv):
 
 @smollm2
 def test_chunked_logits_equal_one_shot_smollm2():
-    llm = LLM.from_pretrained(None, max_context=128, max_batch=1, progress=False)
+    llm = LLM.from_pretrained(None, max_context=128, max_batch=1, progress=False, prefix_caching=False)
     ids = llm.encode_prompt("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. It "
                             "is named after the engineer Gustave Eiffel, whose company designed and built it.")
     one_shot = Engine(llm.loaded, prefill_chunk=128).logits(ids)
@@ -71,7 +73,7 @@ def test_chunked_logits_equal_one_shot_smollm2():
 
 
 def test_a_batch_of_5_300_1000_tokens_in_chunks_of_128():
-    llm = LLM.from_config(CONFIG, device="cpu", max_context=1024 + 16, max_batch=3, seed=4)
+    llm = LLM.from_config(CONFIG, device="cpu", max_context=1024 + 16, max_batch=3, seed=4, prefix_caching=False)
     prompts = [prompt(n, seed=n) for n in (5, 300, 1000)]
     steps = []
     engine_run = Engine.__init__
@@ -93,7 +95,7 @@ def test_a_batch_of_5_300_1000_tokens_in_chunks_of_128():
 
 def test_triton_backend_agrees_with_torch_in_chunks(monkeypatch):
     pytest.importorskip("triton")
-    llm = LLM.from_config(CONFIG, device="cpu", max_context=64, max_batch=2, seed=5)
+    llm = LLM.from_config(CONFIG, device="cpu", max_context=64, max_batch=2, seed=5, prefix_caching=False)
     prompts = [prompt(37, seed=6), prompt(9, seed=7)]
     ref = Engine(llm.loaded, prefill_chunk=16).logits(prompts[0])
     ref_tokens = greedy(llm, prompts, chunk=16, new=3)

@@ -27,8 +27,9 @@ PROMPTS = [[(7 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([
 
 @pytest.fixture(scope="module")
 def llm():
-    """A tiny random fp32 Llama with a pool of 4 x 128 tokens (32 blocks)."""
-    return LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=4, seed=3)
+    """A tiny random fp32 Llama with a pool of 4 x 128 tokens (32 blocks); no prefix caching, so every
+    test here prefills its prompts in full (tests/test_prefix_caching.py covers caching)."""
+    return LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=4, seed=3, prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
@@ -376,23 +377,25 @@ def test_decode_ops_on_the_torch_backend_keep_decode_eager(llm):
     assert llm.graphs is None and fp8.graphs is None
 
 
-TP_PROMPTS = [[5, 17, 99, 3, 42, 8, 77, 12], [9, 1, 100], [4] * 12, list(range(30, 50))]
+# the last prompt shares its first block with the one before: a prefix-cache hit under tensor parallel
+TP_PROMPTS = [[5, 17, 99, 3, 42, 8, 77, 12], [9, 1, 100], [4] * 12, list(range(30, 50)), list(range(30, 46)) + [7, 7]]
 
 
-def tp_engine_tokens(path, tp: int, kv_cache_dtype=None) -> tuple[dict[str, list[int]], int, list]:
-    """({id: tokens}, preemptions, FP8 KV scales k + v of this rank: 2L x [Hkv] or None) of 4 requests
-    on a 4-block pool with chunks of 8, on this rank of tp (rank 0 schedules; the other ranks follow
-    and return no tokens)."""
+def tp_engine_tokens(path, tp: int, kv_cache_dtype=None) -> tuple[dict[str, list[int]], tuple[int, int], list]:
+    """({id: tokens}, (preemptions, prefix-cache hit tokens), FP8 KV scales k + v of this rank: 2L x [Hkv]
+    or None) of 5 requests on a 4-block pool with chunks of 8, on this rank of tp (rank 0 schedules; the
+    other ranks follow and return no tokens)."""
     llm = LLM.from_pretrained(path, max_context=64, max_batch=1, progress=False, tp=tp, kv_cache_dtype=kv_cache_dtype)
     scales = llm.cache.k_scale + llm.cache.v_scale
     engine = Engine(llm.loaded, max_num_seqs=4, prefill_chunk=8)
     if llm.model.tp is not None and torch.distributed.get_rank() != 0:
         engine.follow()
-        return {}, 0, scales
+        return {}, (0, 0), scales
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
     engine.stop_followers()
-    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().num_preemptions, scales
+    s = engine.stats()
+    return {rid: tokens(o) for rid, o in outs.items()}, (s.num_preemptions, s.prefix_cache_hits), scales
 
 
 def _tp_worker(rank: int, tp: int, port: int, path, out, kv_cache_dtype=None) -> None:
@@ -418,10 +421,10 @@ def test_tensor_parallel_engine_matches_one_process(tmp_path):
     from test_tensor_parallel import write_model
 
     path = write_model(tmp_path / "model", 6, 6, True)
-    ref, ref_preemptions, _ = tp_engine_tokens(path, tp=1)
-    assert ref_preemptions > 0
-    got, preemptions, _ = spawn_tp2(path, tmp_path)[0]
-    assert got == ref and preemptions == ref_preemptions
+    ref, ref_counts, _ = tp_engine_tokens(path, tp=1)
+    assert ref_counts[0] > 0 and ref_counts[1] > 0, "preemptions and prefix-cache hits"
+    got, counts, _ = spawn_tp2(path, tmp_path)[0]
+    assert got == ref and counts == ref_counts
 
 
 def test_tensor_parallel_fp8_kv_scales_from_the_checkpoint(tmp_path):

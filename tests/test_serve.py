@@ -184,9 +184,38 @@ def test_stream_joins_to_non_stream_and_usage_is_the_tokenizers(server, llm, cha
     eos = full.choices[0].finish_reason == "stop"  # the eos token counts (as vLLM)
     assert full.usage.prompt_tokens == len(prompt_ids) and full.usage.completion_tokens == len(ref) + eos
     assert full.usage.total_tokens == len(prompt_ids) + len(ref) + eos
-    assert chunks[-1].usage.model_dump() == full.usage.model_dump() and chunks[-1].choices == []
+    assert chunks[-1].choices == []
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (full.usage.prompt_tokens,
+                                                                    full.usage.completion_tokens)
+    # the streamed request came second: its prompt's whole blocks were cached by the first
+    cached = (len(prompt_ids) - 1) // 16 * 16
+    assert streamed.prompt_tokens_details.cached_tokens == cached
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [full.choices[0].finish_reason]
+
+
+def test_prefix_cache_hits_usage_salts_and_metrics(server, llm):
+    """A repeated prompt reports its cached whole blocks in usage.prompt_tokens_details.cached_tokens
+    and in /metrics; another cache_salt never hits them; the text is the same either way."""
+    client, tok = server.client(), llm.tokenizer
+    prompt = " ".join(WORDS * 6) + " and so"
+    n = len(tok.encode(prompt))
+    before = server.metrics()
+    answers = []
+    for salt in ("tenant-1", "tenant-1", "tenant-2"):
+        res = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                        extra_body={"cache_salt": salt})  # fmt: skip
+        answers.append((res.choices[0].text, res.usage.prompt_tokens_details.cached_tokens))
+    hit = (n - 1) // 16 * 16
+    assert [c for _, c in answers] == [0, hit, 0] and hit > 0
+    assert len({t for t, _ in answers}) == 1
+    after = server.metrics()
+    p = "llama_kernels_prefix_cache_"
+    assert after[p + "queries_total"] - before[p + "queries_total"] == 3 * n
+    assert after[p + "hits_total"] - before[p + "hits_total"] == hit
+    assert after["llama_kernels_kv_blocks_cached_free"] >= 2 * (n // 16)  # both salts' blocks stay cached
+    server.assert_no_blocks_held()
 
 
 def test_logprobs(server):
@@ -307,6 +336,24 @@ def test_bench_serve_smoke(server, tmp_path, load):
         assert r["completed"] == 6 and r["errors"] == 0 and r["output_tokens"] == 24
         assert r["output_tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0 and r["itl_s"]["p99"] >= r["itl_s"]["p50"]
     assert "output tok/s" in proc.stdout
+    server.assert_no_blocks_held()
+
+
+@pytest.mark.parametrize("workload", [["shared-prefix", "--prefix-len", "40"], ["multi-turn", "--turns", "3"]],
+                         ids=["shared-prefix", "multi-turn"])  # fmt: skip
+def test_bench_serve_prefix_workloads(server, tmp_path, workload):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--url", server.url, "--label", "on",
+           "--num-requests", "3", "--concurrency", "3", "--input-len", "8", "--output-len", "4", "--endpoint",
+           "chat", "--workload", *workload, "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["label"] == "on" and run["errors"] == 0 and 0 < run["cached_tokens"] < run["input_tokens"]
+    if workload[0] == "multi-turn":
+        assert run["completed"] == 9 and run["new_prompt_tokens"] > run["unseen_prompt_tokens"] > 0
+        assert run["computed_prompt_tokens"] == run["input_tokens"] - run["cached_tokens"]
+        assert "prompt tokens computed" in proc.stdout
     server.assert_no_blocks_held()
 
 

@@ -47,13 +47,17 @@ class FakeEngine:
         self.reqs: dict[str, dict] = {}  # id -> {"prompt", "params", "out"}
         self.aborted: list[str] = []  # ids with a final "abort" output pending
         self.prompt_total = self.gen_total = 0
+        self.salts: dict[str, str] = {}  # id -> the cache_salt it came with
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> None:  # fmt: skip
         if request_id in self.reqs:
             raise ValueError(f"request_id={request_id!r} already exists")
         if len(prompt_ids) + params.max_tokens > self.max_context:
             raise ValueError(f"max_tokens={params.max_tokens}: over the context")
         self.reqs[request_id] = {"prompt": prompt_ids, "params": params, "out": []}
+        if cache_salt is not None:
+            self.salts[request_id] = cache_salt
         self.prompt_total += len(prompt_ids)
 
     def abort(self, request_id: str) -> None:
@@ -82,7 +86,8 @@ class FakeEngine:
             text = self.tokenizer.decode(out[-1:]) if not done_eos else ""
             reason = ("stop" if done_eos else "length") if finished else None
             outs.append(RequestOutput(rid, text, [] if done_eos else [token], None, finished, reason,
-                                      len(r["prompt"]), len(out)))  # fmt: skip
+                                      len(r["prompt"]), len(out),
+                                      cached_tokens=len(r["prompt"]) // BLOCK * BLOCK))  # fmt: skip
             if finished:
                 del self.reqs[rid]
         time.sleep(0.01)  # a step takes time, as a real one does
@@ -92,7 +97,9 @@ class FakeEngine:
         used = sum(-(-(len(r["prompt"]) + len(r["out"])) // BLOCK) for r in self.reqs.values())
         return type("Stats", (), dict(num_running=len(self.reqs), num_waiting=0, kv_blocks_used=used,
                                       kv_blocks_total=self.blocks_total, prompt_tokens_total=self.prompt_total,
-                                      generation_tokens_total=self.gen_total, num_preemptions=0))  # fmt: skip
+                                      generation_tokens_total=self.gen_total, num_preemptions=0,
+                                      prefix_cache_queries=self.prompt_total, prefix_cache_hits=0,
+                                      kv_blocks_cached=0, kv_blocks_cached_free=0))  # fmt: skip
 
 
 class Server:
@@ -211,6 +218,8 @@ BAD = [
      "stream_options.continuous_usage_stats", ["'x'"]),
     (CHAT, {"messages": MSG, "audio": {"voice": "x"}}, 400, "audio", ["audio"]),
     (CHAT, {"messages": MSG, "echo": True}, 400, "echo", ["echo"]),
+    (CHAT, {"messages": MSG, "cache_salt": ""}, 400, "cache_salt", ["cache_salt=''", "at least 1"]),
+    (COMPLETIONS, {"prompt": "hi", "cache_salt": 5}, 400, "cache_salt", ["cache_salt=5", "string"]),
     (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", ["stream=true"]),
     (CHAT, {"messages": MSG, "top_logprobs": 3}, 400, "top_logprobs", ["logprobs=true"]),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", ["21", "20"]),
@@ -448,6 +457,16 @@ def test_stream_format_and_usage(server):
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
+def test_cache_salt_reaches_the_engine_and_usage_reports_cached_tokens(server):
+    body = {"prompt": "hello " * 40, "max_tokens": 2, "cache_salt": "tenant-7"}
+    r = _post(server, COMPLETIONS, body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]  # the fake engine reports the prompt's whole blocks as cached
+    assert usage["prompt_tokens_details"] == {"cached_tokens": usage["prompt_tokens"] // BLOCK * BLOCK}
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+    assert server.engine.salts.get(r.json()["id"] + "-0") == "tenant-7"  # choice 0's engine request
+
+
 def test_disconnect_aborts_and_frees_blocks(server):
     async def go():
         async with httpx.AsyncClient(timeout=30) as client:
@@ -473,7 +492,8 @@ def test_metrics_exposition(server):
     text = httpx.get(server.url + "/metrics", timeout=10).text
     m = parse_metrics(text)
     for name in ("num_requests_running", "num_requests_waiting", "kv_blocks_used", "kv_blocks_total",
-                 "prompt_tokens_total", "generation_tokens_total"):  # fmt: skip
+                 "prompt_tokens_total", "generation_tokens_total", "prefix_cache_queries_total",
+                 "prefix_cache_hits_total", "kv_blocks_cached", "kv_blocks_cached_free"):  # fmt: skip
         assert f"llama_kernels_{name}" in m, name
     assert m["llama_kernels_kv_blocks_total"] == 64 and m["llama_kernels_generation_tokens_total"] >= 4
     for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds"):

@@ -15,12 +15,13 @@ from .. import distributed
 from ..loader.tokenizer import Tokenizer
 from ..model.kv_cache import KVCache
 from ..model.model import Transformer
-from .block_allocator import BlockAllocator
+from .block_allocator import BlockAllocator, PrefixChain
 from .detokenizer import Detokenizer
 from .runner import Chunk, ModelRunner
 from .sampling import (Grammar, SamplingParams, TokenLogprob, apply_bitmask, apply_logit_bias, apply_penalties, ban_tokens,
                        logprobs_of, sample)  # fmt: skip
 from .scheduler import Scheduler, Sequence
+from .speculative import SpecCounters, SpeculativeConfig, Speculator, make_speculator, rollback
 from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None), in the
     # request's first output when it asked for prompt_logprobs
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 @dataclass
@@ -67,6 +69,14 @@ class EngineStats:
     prompt_tokens_total: int  # prompt tokens of every admitted request
     generation_tokens_total: int  # tokens sampled (stop tokens included)
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not computed)
+    kv_blocks_cached: int = 0  # blocks registered in the prefix cache, held or free
+    kv_blocks_cached_free: int = 0  # of those, free ones (evicted least recently used when needed)
+    spec_proposed_total: int = 0  # speculative draft tokens verified
+    spec_accepted_total: int = 0  # of those, accepted
+    spec_verifications_total: int = 0  # (sequence, step) pairs that verified a draft
+    spec_mean_accepted_length: float = 0.0  # tokens per verification (accepted drafts + 1); 0 before any
 
 
 @dataclass
@@ -74,6 +84,7 @@ class GenerationStats:
     """Throughput counters of the engine's steps (LLM.generate reports those of one call)."""
 
     prompt_tokens: int = 0  # prompt tokens admitted
+    cached_tokens: int = 0  # of those, tokens found in the prefix cache (not computed)
     new_tokens: int = 0  # tokens sampled (stop tokens included)
     prefill_s: float = 0.0  # seconds in steps that held prefill chunks (their sampling included)
     decode_s: float = 0.0  # seconds in pure decode steps
@@ -81,10 +92,12 @@ class GenerationStats:
     decode_tokens: int = 0  # tokens those steps produced (a sequence's first token comes from its prefill)
     decode_bytes: int = 0  # weight + KV bytes the decode steps read
     batch_sizes: list[int] = field(default_factory=list)  # requests admitted per step that admitted any
+    spec: SpecCounters = field(default_factory=SpecCounters)  # speculative drafts proposed / accepted
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Prompt tokens computed (cached ones excluded) per second of prefill."""
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -118,16 +131,22 @@ class Engine:
             planner's PREFILL_CHUNK unless loaded with another, so the planner's activation budget holds).
         max_num_batched_tokens: tokens per step at most, decodes included (default
             max(prefill_chunk, max_num_seqs); must be >= max_num_seqs so every running sequence
-            decodes every step).
+            decodes every step). Speculative drafts count too.
+        speculative: speculative decoding (engine/speculative.py), or None; a Speculator brings its
+            own proposer (a draft model), a SpeculativeConfig of method "ngram" needs none.
     """
 
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 8, prefill_chunk: int | None = None,
-                 max_num_batched_tokens: int | None = None) -> None:  # fmt: skip
+                 max_num_batched_tokens: int | None = None,
+                 speculative: SpeculativeConfig | Speculator | None = None) -> None:  # fmt: skip
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         prefill_chunk = _positive_int("prefill_chunk", loaded.prefill_chunk if prefill_chunk is None else prefill_chunk)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(prefill_chunk, max_num_seqs)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens, max_num_seqs)
+        if isinstance(speculative, SpeculativeConfig):
+            speculative = make_speculator(speculative)
+        self.speculator: Speculator | None = speculative  # None: one token per sequence per step
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer  # encode / decode / apply_chat_template (None for a random model)
@@ -152,9 +171,13 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError (naming the field and value) before any state change."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> None:  # fmt: skip
+        """Queue a request; ValueError (naming the field and value) before any state change.
+        cache_salt: requests share cached prefix blocks only with requests of the same salt."""
         prompt = self.check_request(request_id, prompt_ids, params)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"Engine.add_request: cache_salt={cache_salt!r}; expected None or a non-empty string")
         matcher = self._grammar_compiler().matcher(params.grammar) if params.grammar is not None else None
         generator = None
         if params.temperature > 0:
@@ -162,7 +185,8 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(seed)
         detok = (Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
                              params.include_stop_str_in_output) if self.tokenizer is not None else None)  # fmt: skip
-        seq = Sequence(request_id, prompt, params, generator, detok)
+        chain = PrefixChain(self.allocator.root_key(cache_salt))
+        seq = Sequence(request_id, prompt, params, generator, detok, chain)
         seq.matcher = matcher
         # prompt logprobs come from the chunks of the prompt: with prefix caching (branch prefix, whose
         # scheduler reads this), such a request computes its whole prompt instead of reading cached blocks
@@ -221,6 +245,8 @@ class Engine:
         if seq is None:
             return
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         self._pending.append(self._output(seq, "abort"))
 
     def has_unfinished(self) -> bool:
@@ -228,52 +254,76 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.allocator.used, self.allocator.num_blocks,
-                           self._prompt_total, self._generated_total, s.num_preemptions)  # fmt: skip
+        a = self.allocator
+        spec = self.speculator.totals if self.speculator is not None else SpecCounters()
+        return EngineStats(len(s.running), len(s.waiting), a.used, a.num_blocks, self._prompt_total,
+                           self._generated_total, s.num_preemptions, prefix_cache_queries=s.prefix_queries,
+                           prefix_cache_hits=s.prefix_hits, kv_blocks_cached=a.num_cached,
+                           kv_blocks_cached_free=a.num_cached_free, spec_proposed_total=spec.proposed,
+                           spec_accepted_total=spec.accepted, spec_verifications_total=spec.verifications,
+                           spec_mean_accepted_length=spec.mean_accepted_length)  # fmt: skip
 
     # --- one iteration -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once over every scheduled chunk, sample, detokenize.
+        """Schedule, run the model once over every scheduled chunk (and speculative draft), sample or verify,
+        detokenize.
 
         Failures stay with their request: if the step's forward or sampling raises, it is redone one
         sequence at a time and only the sequences that raise alone finish, with finish_reason "error"."""
         outputs, self._pending = self._pending, []
-        scheduled, admitted = self.scheduler.schedule()
+        t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_context)  # seq.draft of decoding sequences
+        scheduled, admitted = self.scheduler.schedule()  # a draft that does not fit is dropped there
         if not scheduled:
             return outputs
-        t0 = time.perf_counter()
         decode = all(seq.is_decoding for seq, _ in scheduled)
-        # logits [R, V] float32: the last token's row of the chunks that end their sequence's known tokens,
-        # every row of those that collect prompt logprobs (see _chunk)
+        # logits [R, V] float32: the last 1 + len(draft) rows of the chunks that end their sequence's known
+        # tokens, every row of those that collect prompt logprobs (see _chunk)
         scheduled, logits = self._forward(scheduled, outputs)
-        sampling, rows, r = [], [], 0
+        sampling, starts, r = [], [], 0  # the sequences that sample or verify, the first of their rows
         for seq, n in scheduled:
             chunk = self._chunk(seq, n)
-            seq.num_computed += n
+            self.scheduler.computed(seq, n - chunk.spec)  # registers its newly full blocks in the prefix cache
             if chunk.all_logits:
                 self._add_prompt_logprobs(seq, chunk.start, logits[r : r + n])
                 r += n
             elif chunk.logits:
-                r += 1
+                r += 1 + chunk.spec
             if chunk.logits:
                 sampling.append(seq)
-                rows.append(r - 1)
-        logits = logits[rows] if len(rows) != len(logits) else logits
-        states = [seq.generator.get_state() if seq.generator is not None else None for seq in sampling]
-        try:
-            picks = list(zip(*self._sample(sampling, logits)))  # (token, logprob) per sequence
-        except Exception:  # noqa: BLE001  (one request's sampling: find it, fail it alone)
-            for seq, state in zip(sampling, states):  # as if the batch's sampling had not run
-                if state is not None:
-                    seq.generator.set_state(state)
-            picks = [self._isolated(seq, outputs, lambda i=i, seq=seq: next(zip(*self._sample([seq], logits[i : i + 1]))))
-                     for i, seq in enumerate(sampling)]  # fmt: skip
+                starts.append(r - 1 - chunk.spec)
+        plain = [i for i, seq in enumerate(sampling) if not seq.draft]
+        picks: list = [None] * len(sampling)  # ([tokens], [logprobs]) per sequence; None: it failed
+        if plain:
+            seqs, last = [sampling[i] for i in plain], logits[[starts[i] for i in plain]]
+            states = [seq.generator.get_state() if seq.generator is not None else None for seq in seqs]
+            try:
+                one = list(zip(*self._sample(seqs, last)))  # (token, logprob) per sequence
+            except Exception:  # noqa: BLE001  (one request's sampling: find it, fail it alone)
+                for seq, state in zip(seqs, states):  # as if the batch's sampling had not run
+                    if state is not None:
+                        seq.generator.set_state(state)
+                one = [self._isolated(seq, outputs, lambda j=j, seq=seq: next(zip(*self._sample([seq], last[j : j + 1]))))
+                       for j, seq in enumerate(seqs)]  # fmt: skip
+            for i, pick in zip(plain, one):
+                picks[i] = None if pick is None else ([pick[0]], [pick[1]])
+        for i, seq in enumerate(sampling):
+            if seq.draft:  # its rows score [last token, draft...]: verify, then drop the rejected tokens' slots
+                rows = logits[starts[i] : starts[i] + 1 + len(seq.draft)]
+                picks[i] = self._isolated(seq, outputs, self._verify, seq, rows)
+                if picks[i] is not None:
+                    rollback(seq, len(picks[i][0]) - 1, self.allocator)
+        produced = 0
         for seq, pick in zip(sampling, picks):
-            out = self._isolated(seq, outputs, self._append, seq, *pick) if pick is not None else None
-            if out is not None:
-                outputs.append(out)
-        self._account(time.perf_counter() - t0, decode, scheduled, admitted, len(sampling))
+            result = self._isolated(seq, outputs, self._append, seq, *pick) if pick is not None else None
+            if result is not None:
+                out, taken = result
+                produced += taken
+                if out is not None:
+                    outputs.append(out)
+        self._account(time.perf_counter() - t0, decode, scheduled, admitted, produced)
         return outputs
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], outputs: list[RequestOutput]):
@@ -302,12 +352,13 @@ class Engine:
 
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> Chunk:
-        """The next n tokens of seq (before num_computed advances): logits of its last token when they end
-        its known tokens, of every token while it collects prompt logprobs."""
-        start = seq.num_computed
+        """The next n tokens of seq (before num_computed advances; a speculative draft comes last): logits
+        of its last token (and of the draft's positions) when they end its known tokens, of every token
+        while it collects prompt logprobs."""
+        start, end = seq.num_computed, seq.num_computed + n - len(seq.draft)  # the draft follows ids[:end]
         collecting = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
-        return Chunk(seq.ids[start : start + n], start, seq.blocks, start + n == len(seq.ids),
-                     collecting and start < seq.prompt_len)  # fmt: skip
+        return Chunk(seq.ids[start:end] + seq.draft, start, seq.blocks, end == len(seq.ids),
+                     collecting and start < seq.prompt_len, len(seq.draft))  # fmt: skip
 
     def _isolated(self, seq: Sequence, outputs: list[RequestOutput], fn, *args):
         """fn(*args); if it raises, seq finishes with finish_reason "error" (its output goes to outputs,
@@ -365,6 +416,13 @@ class Engine:
                 logprobs[i] = lp
         return tokens, logprobs
 
+    def _verify(self, seq: Sequence, rows: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """A speculative draft's verification (rows [1 + len(draft), V]): its tokens and their logprobs."""
+        tokens = self.speculator.verify(seq, rows, self.throughput.spec)
+        k = seq.params.logprobs
+        return tokens, (logprobs_of(rows[: len(tokens)], tokens, [k] * len(tokens)) if k is not None
+                        else [None] * len(tokens))  # fmt: skip
+
     def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         """Logprobs of the prompt tokens that the rows of one chunk (logits [n, V], positions start..)
         predict and that the sequence has not collected yet (a recomputed prefill collects nothing twice)."""
@@ -375,34 +433,41 @@ class Engine:
         targets = seq.ids[start + first + 1 : start + last + 1]
         seq.prompt_logprobs += logprobs_of(logits[first:last], targets, [seq.params.prompt_logprobs] * len(targets))
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
-        """Take a sampled token; the request's output for this step (None if nothing to report)."""
+    def _append(self, seq: Sequence, tokens: list[int],
+                logprobs: list[TokenLogprob | None]) -> tuple[RequestOutput | None, int]:  # fmt: skip
+        """Take a step's new tokens in order (one sampled, or a verification's) until one finishes the
+        request: (its output for this step, or None if nothing to report; the tokens taken, the stop token
+        included). Stop ids and strings, max_tokens and logprobs see exactly these tokens."""
         p = seq.params
-        if token < 0:
-            return self._finish(seq, "stop")
-        if token in self._stop_ids(seq):
-            seq.stop_token = token
-            return self._finish(seq, "stop")
-        seq.ids.append(token)
-        seq.new_ids.append(token)
-        if logprob is not None:
-            seq.new_logprobs.append(logprob)
-        text = seq.detokenizer.add([token]) if seq.detokenizer is not None else ""
-        if seq.matcher is not None:
-            seq.matcher.consume_token(token)
-            if seq.matcher.is_stopped():  # the grammar is complete: only eos could follow
-                return self._finish(seq, "stop", text)
-        if seq.detokenizer is not None and seq.detokenizer.stopped:
-            return self._finish(seq, "stop", text)
-        if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_context:
-            return self._finish(seq, "length", text)
-        return self._output(seq, None, text)
+        text = ""
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs)):
+            if token < 0:
+                return self._finish(seq, "stop", text), i
+            if token in self._stop_ids(seq):
+                seq.stop_token = token
+                return self._finish(seq, "stop", text), i + 1
+            seq.ids.append(token)
+            seq.new_ids.append(token)
+            if logprob is not None:
+                seq.new_logprobs.append(logprob)
+            text += seq.detokenizer.add([token]) if seq.detokenizer is not None else ""
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
+                if seq.matcher.is_stopped():  # the grammar is complete: only eos could follow
+                    return self._finish(seq, "stop", text), i + 1
+            if seq.detokenizer is not None and seq.detokenizer.stopped:
+                return self._finish(seq, "stop", text), i + 1
+            if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_context:
+                return self._finish(seq, "length", text), i + 1
+        return self._output(seq, None, text), len(tokens)
 
     def _finish(self, seq: Sequence, reason: str, text: str = "") -> RequestOutput:
         if seq.detokenizer is not None:
             text += seq.detokenizer.finish()  # what was held back ('' after a stop string)
         del self._seqs[seq.request_id]
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         return self._output(seq, reason, text)
 
     def _output(self, seq: Sequence, reason: str | None, text: str = "") -> RequestOutput:
@@ -412,7 +477,7 @@ class Engine:
         completion = len(seq.output_ids) + (seq.stop_token is not None)
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
                             else None, reason is not None, reason, seq.prompt_len, completion,
-                            prompt_logprobs=prompt_logprobs)  # fmt: skip
+                            prompt_logprobs=prompt_logprobs, cached_tokens=seq.num_cached_tokens)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 
@@ -422,6 +487,7 @@ class Engine:
         self._prompt_total += prompt
         self._generated_total += sampled
         s.prompt_tokens += prompt
+        s.cached_tokens += sum(seq.num_cached_tokens for seq in admitted)
         s.new_tokens += sampled
         if admitted:
             s.batch_sizes.append(len(admitted))

@@ -38,6 +38,7 @@ class Chunk:
     blocks: list[int]  # the sequence's cache blocks (enough for start + len(tokens) tokens)
     logits: bool  # compute the logits of its last token
     all_logits: bool = False  # compute the logits of every token (prompt logprobs)
+    spec: int = 0  # with logits: also those of the `spec` tokens before it (a speculative draft's verification)
 
 
 def decode_ops(model: Transformer) -> set[str]:
@@ -152,8 +153,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], all_logits: bool = False, lead: bool = False) -> torch.Tensor:
-        """Logits [N, V] float32 of the chunks that ask for them (their last tokens, or every token of a
-        chunk with all_logits, in order), or with all_logits of every token [T, V]. A step whose chunks are all one token is a decode step.
+        """Logits [N, V] float32 of the chunks that ask for them (their last 1 + spec tokens, or every token of
+        a chunk with all_logits, in order), or with all_logits of every token [T, V]. A step whose chunks are
+        all one token is a decode step.
         With lead (rank 0 under tensor parallel), the step is first sent to the ranks in follow()."""
         if lead:
             distributed.broadcast_object(("run", chunks, all_logits))
@@ -174,7 +176,8 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=dev)
         ends = torch.tensor(lens).cumsum(0) - 1  # row of each chunk's last token
         want = torch.tensor([r for c, n, e in zip(chunks, lens, ends.tolist())
-                             for r in (range(e - n + 1, e + 1) if c.all_logits else (e,) if c.logits else ())],
+                             for r in (range(e - n + 1, e + 1) if c.all_logits else range(e - c.spec, e + 1)
+                                       if c.logits else ())],
                             dtype=torch.int64)  # fmt: skip
         with frozen_values():  # the batch's index tensors are value-checked once, not in every layer
             if decode and not all_logits:  # a decode step: every sequence's logits

@@ -216,6 +216,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return tokens
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution [N, V] float32 that sample() draws from for rows of logits [N, V] (already processed)
+    of one request (temperature > 0): what speculative verification compares its drafts against."""
+    n, v, dev = logits.shape[0], logits.shape[-1], logits.device
+    return filter_logits(logits.float(), torch.full((n,), float(params.temperature), device=dev),
+                         torch.full((n,), params.top_k or v, device=dev),
+                         torch.full((n,), float(params.top_p), dtype=torch.float64, device=dev),
+                         torch.full((n,), float(params.min_p), device=dev)).softmax(dim=-1)  # fmt: skip
+
+
 def logprobs_of(logits: torch.Tensor, tokens: list[int], k: list[int]) -> list[TokenLogprob]:
     """TokenLogprob of tokens[i] with the top k[i] of row i of logits [N, V] (raw model logits)."""
     logp = logits.float().log_softmax(dim=-1)

@@ -318,7 +318,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     async def respond(request: Request, req, request_id: str, choices: list[Choice], field: str | None, chat: bool):
         """Run every choice as an engine request of its own (id: request id + '-' + choice index, so
         identical prompts can share their prefix blocks) and answer them together."""
-        streams = [engine.generate(f"{request_id}-{c.index}", c.prompt_ids, c.params) for c in choices]
+        streams = [engine.generate(f"{request_id}-{c.index}", c.prompt_ids, c.params, cache_salt=req.cache_salt)
+                   for c in choices]  # fmt: skip
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": served_model_name}  # fmt: skip
         prompt_tokens = sum(len(c.prompt_ids) for c in choices[:: req.num_choices])  # each prompt once, whatever n
@@ -352,7 +353,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 lp = completion_logprobs(prompt_lps + [(x.token_id, x) for x in logprobs], 0)
             out_choices.append({"index": c.index, "text": c.echo + text, "finish_reason": out.finish_reason,
                                 "logprobs": lp})  # fmt: skip
-        usage = _usage(prompt_tokens, completion_tokens)
+        usage = _usage(prompt_tokens, completion_tokens, results[0][3].cached_tokens)  # the prompt's, once
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out_choices,
                 "usage": usage}  # fmt: skip
 
@@ -363,9 +364,10 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         held = [[] for _ in choices]  # chat with tools: (text, logprobs) held while the answer may be a call
         holding = [tools] * len(choices)
         started = [False] * len(choices)  # the choice's first output was sent
+        cached = [0] * len(choices)  # prompt tokens each choice found in the prefix cache
 
         def usage():
-            return _usage(prompt_tokens, sum(completion))
+            return _usage(prompt_tokens, sum(completion), cached[0])  # the prompt's, once
 
         def event(items: list, final_usage=None) -> str:
             body = {**head, "choices": items}
@@ -387,6 +389,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         def pieces(k: int, out) -> list[dict]:
             """The chunk items of one engine output of choice k (its last one included)."""
             c, items = choices[k], []
+            cached[k] = out.cached_tokens
             if not c.drop_output:
                 completion[k] = out.completion_tokens
             text, lps = ("", []) if c.drop_output else (out.new_text, out.new_logprobs or [])
@@ -620,6 +623,8 @@ def _engine_error(err: Exception, field: str | None = None) -> OpenAIError:
     return _error(f"the engine failed on this request: {err}", 500)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens read from the prefix cache (not computed)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip

@@ -65,7 +65,7 @@ class AsyncEngine:
         self.max_context: int = engine.max_context  # tokens per request: prompt + output
         self.metrics = metrics or Metrics()
         self._cv = threading.Condition()  # guards the fields below; notified on new work and on stop
-        self._adds: list[tuple[str, list[int], object]] = []  # (request id, prompt ids, SamplingParams)
+        self._adds: list[tuple[str, list[int], object, dict]] = []  # (request id, prompt ids, SamplingParams, extra)
         self._aborts: list[str] = []  # request ids
         self._streams: dict[str, _Stream] = {}  # request id -> stream, from generate() until finished/aborted
         self._stop = False
@@ -140,8 +140,10 @@ class AsyncEngine:
                 log.error("watchdog: %s; failing %d request(s)", problem, self.num_requests)
                 self.fail_all(problem, "error")
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params) -> AsyncIterator:
-        """The request's RequestOutputs as the engine produces them, the last one finished.
+    async def generate(self, request_id: str, prompt_ids: list[int], params,
+                       cache_salt: str | None = None) -> AsyncIterator:  # fmt: skip
+        """The request's RequestOutputs as the engine produces them, the last one finished
+        (cache_salt: see Engine.add_request).
 
         params.validate() runs here (ValueError at once); errors inside the engine raise EngineError.
         Closing or cancelling the iterator before the end aborts the request."""
@@ -156,7 +158,8 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request_id={request_id!r} is already running")
             self._streams[request_id] = stream
-            self._adds.append((request_id, list(prompt_ids), params))
+            extra = {"cache_salt": cache_salt} if cache_salt is not None else {}
+            self._adds.append((request_id, list(prompt_ids), params, extra))
             self._cv.notify()
         finished, last, status = False, None, "aborted"
         try:
@@ -223,8 +226,8 @@ class AsyncEngine:
                     live.discard(rid)
                 else:  # aborted before the thread added it
                     adds = [a for a in adds if a[0] != rid]
-            for rid, ids, params in adds:
-                if self._call(live, [rid], self.engine.add_request, rid, ids, params)[0]:
+            for rid, ids, params, extra in adds:
+                if self._call(live, [rid], self.engine.add_request, rid, ids, params, **extra)[0]:
                     live.add(rid)
             if live:
                 self._step_started = time.monotonic()
@@ -257,11 +260,11 @@ class AsyncEngine:
             return
         stream.put(out)
 
-    def _call(self, live: set[str], affected: list[str], fn, *args):
-        """(True, fn(*args)); on an exception, fail the affected requests (and abort them in the engine
+    def _call(self, live: set[str], affected: list[str], fn, *args, **kwargs):
+        """(True, fn(*args, **kwargs)); on an exception, fail the affected requests (and abort them in the engine
         so their blocks come back), log it, and return (False, None)."""
         try:
-            return True, fn(*args)
+            return True, fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001  (the thread must survive anything the engine raises)
             log.error("engine error in %s for %d request(s):\n%s", getattr(fn, "__name__", fn), len(affected),
                       traceback.format_exc())  # fmt: skip

@@ -32,8 +32,21 @@ ENGINE_METRICS = (
     ("kv_blocks_total", "gauge", "KV-cache blocks in the pool.", "kv_blocks_total"),
     ("num_preemptions_total", "counter", "Requests preempted (blocks given back, recomputed later).",
      "num_preemptions"),
-    ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", "prompt_tokens_total"),
+    ("prompt_tokens_total", "counter", "Prompt tokens of admitted requests (prefix-cache hits included).",
+     "prompt_tokens_total"),
     ("generation_tokens_total", "counter", "Tokens generated.", "generation_tokens_total"),
+    ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+    ("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache (not computed).",
+     "prefix_cache_hits"),
+    ("kv_blocks_cached", "gauge", "KV-cache blocks holding a cached prefix (held or free).", "kv_blocks_cached"),
+    ("kv_blocks_cached_free", "gauge", "Cached KV blocks no request holds (evicted LRU when needed).",
+     "kv_blocks_cached_free"),
+    ("spec_decode_num_draft_tokens_total", "counter", "Speculative draft tokens verified.", "spec_proposed_total"),
+    ("spec_decode_num_accepted_tokens_total", "counter", "Speculative draft tokens accepted.", "spec_accepted_total"),
+    ("spec_decode_num_verifications_total", "counter", "Requests' steps that verified a speculative draft.",
+     "spec_verifications_total"),
+    ("spec_decode_mean_accepted_length", "gauge", "Tokens per speculative verification (accepted drafts + the "
+     "target's own token; 0 before any).", "spec_mean_accepted_length"),
 )  # fmt: skip
 
 
@@ -67,12 +80,13 @@ class Metrics:
                                 ["finished_reason"], registry=r)  # fmt: skip
 
     def set_gauges(self, stats) -> None:
-        """Copy an EngineStats (any object with ENGINE_METRICS' attributes)."""
-        values = {attr: int(getattr(stats, attr)) for *_, attr in ENGINE_METRICS}
+        """Copy an EngineStats (any object with ENGINE_METRICS' attributes; a missing one reads 0)."""
+        values = {attr: (float if attr == "spec_mean_accepted_length" else int)(getattr(stats, attr, 0))
+                  for *_, attr in ENGINE_METRICS}  # fmt: skip
         with self._lock:
             self._engine = values
 
-    def engine_values(self) -> dict[str, int]:
+    def engine_values(self) -> dict[str, float]:
         with self._lock:
             return self._engine
 

@@ -134,7 +134,7 @@ _DEFAULT_ONLY: dict[str, tuple[tuple, str]] = {
 IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_retention",
            "safety_identifier", "prediction", "reasoning_effort", "verbosity", "request_id", "priority",
            "spaces_between_special_tokens", "documents", "add_special_tokens", "return_tokens_as_token_ids",
-           "kv_transfer_params", "vllm_xargs", "cache_salt")  # fmt: skip
+           "kv_transfer_params", "vllm_xargs")  # fmt: skip
 
 
 class _Sampling(_Open):
@@ -166,6 +166,7 @@ class _Sampling(_Open):
     guided_json: dict[str, Any] | str | None = None  # a JSON schema the output must follow
     guided_regex: str | None = None  # a regex the output must match
     guided_choice: list[str] | None = None  # the output is one of these strings
+    cache_salt: str | None = Field(None, min_length=1)  # requests share cached prompt blocks only within a salt
     # the fields of _DEFAULT_ONLY and IGNORED are not declared: they land in model_extra
 
     def check(self) -> None:

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="auto: the activation dtype; fp8: e4m3 with per-head scales, from the checkpoint "
                         "when it carries them, else calibrated once at start-up")  # fmt: skip
+    parser.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full instead of "
+                        "reusing the cached KV blocks of earlier prompts that start alike")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default: "
                         "what a prompt of the whole context can need, JSON-escaped)")  # fmt: skip
     parser.add_argument("--strict-api", action="store_true", help="refuse (400) request fields this server does "
@@ -61,6 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, in a torchrun job of as many "
                         "processes: torchrun --nproc-per-node N -m llama_kernels serve ... --tp N (rank 0 serves "
                         "HTTP and schedules; every rank runs the forward)")  # fmt: skip
+    speculative_arguments(parser)
+
+
+def speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """--speculative, --draft-model and --num-speculative-tokens (serve, and the CLI's generate and chat)."""
+    parser.add_argument("--speculative", choices=("ngram", "draft"), default=None, help="speculative decoding: "
+                        "'ngram' proposes the tokens that followed the latest earlier occurrence of the last few "
+                        "tokens (prompt lookup; pays off when the output quotes the prompt), 'draft' the "
+                        "continuation of --draft-model; verified exactly in one forward pass (same greedy output; "
+                        "sampling keeps its distribution)")  # fmt: skip
+    parser.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller Llama with the "
+                        "same tokenizer (Hugging Face directory or .gguf), loaded like the model")  # fmt: skip
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="with --speculative: draft tokens "
+                        "per sequence per step at most")  # fmt: skip
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -68,7 +84,7 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"MODEL={args.model!r} and --model={args.model_option!r} differ; give the model once"
     args.model = args.model or args.model_option
     for name in ("max_num_seqs", "kv_cache_seqs", "max_context", "prefill_chunk", "max_body_bytes", "tp",
-                 "max_concurrency"):  # fmt: skip
+                 "max_concurrency", "num_speculative_tokens"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')}={value}; expected an integer >= 1"
@@ -80,6 +96,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--shutdown-timeout={args.shutdown_timeout}; expected a number of seconds >= 0"
     if not 0 <= args.port <= 65535:
         return f"--port={args.port}; expected 0 to 65535"
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        return "--speculative draft needs --draft-model PATH, and --draft-model needs --speculative draft"
     return None
 
 
@@ -113,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM.from_pretrained(args.model, quant=args.quant, device=args.device, max_context=args.max_context,
                                   max_batch=args.kv_cache_seqs or args.max_num_seqs, tp=args.tp,
                                   prefill_chunk=args.prefill_chunk,
-                                  kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8")  # fmt: skip
-        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs)
+                                  kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "fp8",
+                                  speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                  draft_model=args.draft_model, prefix_caching=not args.no_prefix_caching)  # fmt: skip
+        engine = Engine(llm.loaded, max_num_seqs=args.max_num_seqs, speculative=llm.new_speculator())
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         if sock is not None:
             sock.close()
