@@ -616,9 +616,9 @@ def test_serve_command_busy_port_fails_before_loading(capsys):
         busy.listen()
         port = busy.getsockname()[1]
         start = time.monotonic()
-        assert serve_cli.run(parser.parse_args(["--port", str(port)])) == 2
+        assert serve_cli.run(parser.parse_args(["--port", str(port)])) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"llama-kernels serve: cannot listen on 127.0.0.1:{port}: Address already in use", err
+    assert err == f"llama-kernels serve: error: cannot listen on 127.0.0.1:{port}: Address already in use", err
     assert time.monotonic() - start < 1.0  # no model was loaded
 
 

