@@ -15,8 +15,8 @@ The server runs under `ulimit -Sn 1024` (the common default soft limit; the hard
 unless the server raises it. Writes a JSON with the machine, the conditions and per phase the gaps' and
 /health latencies' median / p99 / max, /health failures and the attack's responses.
 
-    python benchmarks/bench_attacks.py --root . --json after.json
-    python benchmarks/bench_attacks.py --root /path/to/old/checkout --json before.json
+    python benchmarks/bench_attacks.py --root . --out after.json
+    python benchmarks/bench_attacks.py --root /path/to/old/checkout --out before.json
 """
 
 from __future__ import annotations
@@ -227,7 +227,8 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, default=40.0, help="the victim's time limit per phase")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--label", default=None, help="what the run measures (e.g. before / after)")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
+    parser.add_argument("--json", dest="out", type=Path, help=argparse.SUPPRESS)  # the old name of --out
     args = parser.parse_args()
     log = Path(f"/tmp/bench_attacks_server_{os.getpid()}.log")
     load_before = os.getloadavg()
@@ -261,8 +262,8 @@ def main() -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
