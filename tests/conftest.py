@@ -123,3 +123,21 @@ def default_model_missing() -> str:
 
 
 needs_smollm2 = pytest.mark.skipif(bool(default_model_missing()), reason=default_model_missing() or "available")
+
+
+def run_engine(engine, requests: dict) -> dict[str, list]:
+    """Add every request {id: (prompt ids, SamplingParams)} to an Engine, step until done; {id: the
+    RequestOutputs it got}. Asserts that no KV block is left in use."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    outs: dict[str, list] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert engine.allocator.used == 0, "blocks leaked"
+    return outs
+
+
+def output_tokens(outs: list) -> list[int]:
+    """The token ids of a request's RequestOutputs, in order."""
+    return [t for o in outs for t in o.new_token_ids]

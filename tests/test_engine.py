@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs_smollm2 as smollm2
+from conftest import output_tokens as tokens
+from conftest import run_engine as run
 
 from llama_kernels.llm import LLM
 from llama_kernels.model import LlamaConfig
@@ -35,22 +37,6 @@ def llm():
 @pytest.fixture(scope="module")
 def smol():
     return LLM.from_pretrained(None, max_context=256, max_batch=2, progress=False)
-
-
-def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
-    """Add every request, step until done; {id: the RequestOutputs it got}."""
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    outs: dict[str, list] = {rid: [] for rid in requests}
-    while engine.has_unfinished():
-        for o in engine.step():
-            outs[o.request_id].append(o)
-    assert engine.allocator.used == 0, "blocks leaked"
-    return outs
-
-
-def tokens(outs: list) -> list[int]:
-    return [t for o in outs for t in o.new_token_ids]
 
 
 def alone(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:

@@ -12,6 +12,8 @@ import threading
 import pytest
 import torch
 from conftest import needs_smollm2
+from conftest import output_tokens as tokens
+from conftest import run_engine as run
 
 from llama_kernels.engine import Engine, SamplingParams
 from llama_kernels.engine.sampling import Grammar, apply_bitmask, apply_logit_bias, apply_penalties, filter_logits
@@ -28,21 +30,6 @@ PROMPT = [(5 * j) % 250 + 3 for j in range(23)]
 @pytest.fixture(scope="module")
 def llm():
     return LLM.from_config(CONFIG, device="cpu", max_context=128, max_batch=4, seed=5)
-
-
-def run(engine: Engine, requests: dict) -> dict[str, list]:
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    outs: dict[str, list] = {rid: [] for rid in requests}
-    while engine.has_unfinished():
-        for o in engine.step():
-            outs[o.request_id].append(o)
-    assert engine.allocator.used == 0, "blocks leaked"
-    return outs
-
-
-def tokens(outs: list) -> list[int]:
-    return [t for o in outs for t in o.new_token_ids]
 
 
 def test_penalties_and_bias_match_a_per_row_reference():
