@@ -125,15 +125,18 @@ def default_model_missing() -> str:
 needs_smollm2 = pytest.mark.skipif(bool(default_model_missing()), reason=default_model_missing() or "available")
 
 
-def run_engine(engine, requests: dict) -> dict[str, list]:
-    """Add every request {id: (prompt ids, SamplingParams)} to an Engine, step until done; {id: the
-    RequestOutputs it got}. Asserts that no KV block is left in use."""
+def run_engine(engine, requests: dict, after_step=None) -> dict[str, list]:
+    """Add every request {id: (prompt ids, SamplingParams)} to an Engine, step until done (calling
+    after_step() after each step, if given); {id: the RequestOutputs it got}. Asserts that no KV block is
+    left in use."""
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
     outs: dict[str, list] = {rid: [] for rid in requests}
     while engine.has_unfinished():
         for o in engine.step():
             outs[o.request_id].append(o)
+        if after_step is not None:
+            after_step()
     assert engine.allocator.used == 0, "blocks leaked"
     return outs
 

@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 from conftest import needs_smollm2 as smollm2
+from conftest import output_tokens as tokens
+from conftest import run_engine
 
 from llama_kernels.engine import Engine, SamplingParams
 from llama_kernels.engine import speculative
@@ -74,21 +76,9 @@ class Recorder:
 
 
 def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]], recorder: Recorder | None = None):
-    """Add every request, step until done; {id: the RequestOutputs it got}."""
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    outs: dict[str, list] = {rid: [] for rid in requests}
-    while engine.has_unfinished():
-        for o in engine.step():
-            outs[o.request_id].append(o)
-        if recorder is not None:
-            recorder.check_pool()
-    assert engine.allocator.used == 0, "blocks leaked"
-    return outs
-
-
-def tokens(outs: list) -> list[int]:
-    return [t for o in outs for t in o.new_token_ids]
+    """Add every request, step until done (checking the pool after each step with a recorder); {id: the
+    RequestOutputs it got}."""
+    return run_engine(engine, requests, recorder.check_pool if recorder is not None else None)
 
 
 def spec(k: int, **kw) -> SpeculativeConfig:
