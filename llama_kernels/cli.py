@@ -417,9 +417,9 @@ def _info_arguments(info: argparse.ArgumentParser) -> None:
 
 
 def _selftest_arguments(parser: argparse.ArgumentParser) -> None:
-    from . import selftest  # imports torch: only when `selftest` is the command
+    from .selftest_cli import add_arguments
 
-    selftest.add_arguments(parser)
+    add_arguments(parser)
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import backends, ops, precompile, reference
+from .selftest_cli import add_arguments, selftest_argv
 from .measure import LLAMA31_PROJECTIONS, environment, measure_peaks, time_budgeted
 
 FP8 = torch.float8_e4m3fn
@@ -515,30 +516,6 @@ def record(device: torch.device, rows: list[Row], bench: bool) -> tuple[str, dic
 # --- the command -----------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bench", action="store_true", help="also time each passing kernel (GPU): us, GB/s or "
-                        "TFLOP/s and percent of the peaks measured at the start; dispatch then prefers the fastest")
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the rows as a JSON list to PATH")
-    parser.add_argument("--op", action="append", default=None, help="only this op (repeatable)")
-    parser.add_argument("--backends", default="cuda,triton,torch", help="backends to check (comma-separated)")
-    parser.add_argument("--no-record", action="store_true", help="do not write the user's record of passing kernels")
-    parser.add_argument("--device", default=None, help="cuda or cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--compile-workers", type=int, default=0, metavar="N", help="before the first launch, "
-                        "compile every Triton specialization the run will launch in N processes (GPU; default 0: "
-                        "each compiles at its first launch, one at a time)")  # fmt: skip
-
-
-def _argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--backends", args.backends] + (["--bench"] if args.bench else [])
-    argv += ["--no-record"] if args.no_record else []
-    argv += ["--json", os.path.abspath(args.json)] if args.json else []
-    argv += ["--device", args.device] if args.device else []
-    argv += ["--compile-workers", str(args.compile_workers)] if args.compile_workers else []
-    for op in args.op or []:
-        argv += ["--op", op]
-    return argv
-
-
 def _validate(args: argparse.Namespace) -> str | None:
     for op in args.op or []:
         if op not in backends.ops():
@@ -569,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get("TRITON_INTERPRET") != "1":
             # Triton picks the interpreter when a kernel is defined (at import): rerun in a fresh process.
             env = {**os.environ, "TRITON_INTERPRET": "1"}
-            return subprocess.call([sys.executable, "-m", "llama_kernels.selftest", *_argv(args)], env=env,
+            return subprocess.call([sys.executable, "-m", "llama_kernels.selftest", *selftest_argv(args)], env=env,
                                    cwd=Path(__file__).parents[1])  # `-m` then finds this same package
         print("no CUDA GPU present: checking the triton kernels under the Triton interpreter at small shapes "
               "against the reference (nothing is recorded; --bench needs a GPU)", flush=True)  # fmt: skip

@@ -224,7 +224,7 @@ def test_version_and_help_do_not_import_torch():
     """--version and --help answer without importing torch (2.8 s on a quiet machine when they did)."""
     code = ("import sys\nfrom llama_kernels.cli import main\n"
             "for argv in (['--version'], ['--help'], ['generate', '--help'], ['chat', '--help'], ['plan', '--help'],"
-            " ['quantize', '--help'], ['info', '--help']):\n"
+            " ['quantize', '--help'], ['info', '--help'], ['selftest', '--help'], ['serve', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -233,7 +233,7 @@ def test_version_and_help_do_not_import_torch():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "quantize", "plan", "info"])
+@pytest.mark.parametrize("command", ["generate", "chat", "quantize", "plan", "info", "selftest", "serve"])
 def test_every_option_shows_its_default(command):
     from llama_kernels.cli import build_parser
 

@@ -36,7 +36,7 @@ def _parse(*argv: str):
 def test_compile_workers_parses_and_is_a_no_op_without_a_gpu(capsys, monkeypatch):
     assert _parse().compile_workers == 0  # off by default
     args = _parse("--compile-workers", "3", "--op", "rms_norm", "--backends", "triton")
-    assert args.compile_workers == 3 and "--compile-workers" in selftest._argv(args)  # survives the re-exec
+    assert args.compile_workers == 3 and "--compile-workers" in selftest.selftest_argv(args)  # survives the re-exec
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(selftest.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(selftest, "precompile_triton", lambda *a: pytest.fail("compiled on the CPU"))

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "on CUDA: as much as the memory planner fits; on the CPU: min(the model's, 4096))")  # fmt: skip
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step at most "
                         "(default: the planner's 8192 on CUDA; 256 on the CPU, where every stream waits for it)")
-    parser.add_argument("--quant", choices=("fp8", "int4"), default=None, help="quantize the weights while loading")
+    parser.add_argument("--quant", choices=("fp8", "int4"), default=None,
+                        help="quantize the weights while loading (default: as the checkpoint stores them)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="auto: the activation dtype; fp8: e4m3 with per-head scales, from the checkpoint "
