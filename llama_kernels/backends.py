@@ -584,3 +584,8 @@ def check_formats(device: torch.device, fp8_weights: bool, fp8_kv: bool) -> None
                     f"{what} cannot run on this {_sm(cap)} GPU ({device}): no GPU kernel for {op} "
                     f"({explain(op, device)[1]}); {instead}"
                 )
+
+
+# The op layer registers every backend (the torch reference, cuda, triton) when it is imported, so that importing this
+# module alone gives a full registry too. Last, because ops imports this module.
+from . import ops as _ops  # noqa: E402,F401

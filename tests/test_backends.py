@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -365,3 +366,16 @@ def test_triton_ops_on_a_gpu_that_is_not_the_current_one():
         out = ops.decode_attention(*args[:5], None, *args[5:], backend="triton")
         assert_rel_close(out, reference.decode_attention(*args[:5], None, *args[5:]), TOL[torch.bfloat16])
         torch.cuda.synchronize(dev)
+
+
+@pytest.mark.parametrize("module", ["llama_kernels.backends", "llama_kernels.cuda", "llama_kernels.triton"])
+def test_importing_any_layer_alone_registers_every_backend(module):
+    """Importing the backend registry (or one backend package) first still registers the ops of all three backends
+    (before, only importing llama_kernels.ops did)."""
+    code = (f"import {module}\nfrom llama_kernels import backends\n"
+            "print(sorted(backends.ops()), sorted(backends._REGISTRY['rms_norm']))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(llama_kernels.__file__).parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{sorted(backends.ops())} {sorted(backends._REGISTRY['rms_norm'])}"
+    assert len(backends.ops()) >= 9 and "torch" in backends._REGISTRY["rms_norm"]
