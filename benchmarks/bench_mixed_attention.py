@@ -15,10 +15,10 @@ pass, is built before timing (its build is timed on its own, "plan").
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402  (sets TRITON_INTERPRET without a GPU, before triton loads)
 
-from llama_kernels import BackendUnavailableError, backends, ops  # noqa: E402
+from llama_kernels import ops  # noqa: E402
 from llama_kernels.triton import prefill_attention  # noqa: E402
 
 BLOCK = 16
@@ -125,30 +125,14 @@ def impls(s: Spec, t: dict, decode_backends: list[str]) -> dict:
     return calls
 
 
-def usable(op: str, device: torch.device, names: list[str]) -> list[str]:
-    out = []
-    for name in names:
-        try:
-            backends.select(op, device, name)
-            out.append(name)
-        except BackendUnavailableError as err:
-            print(f"# skip {op} on {name}: {err}", file=sys.stderr)
-    return out
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations, any device (CI)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", default="cuda,triton", help="decode_attention backends to time (comma-separated)")
-    parser.add_argument("--iters", type=int, default=None, help="timed runs per configuration (median reported)")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file (after every case)")
-    args = parser.parse_args(argv)
+    args = common.parse_args(__doc__, argv, backends="cuda,triton")  # --backends: those of decode_attention
     device = torch.device(args.device)
     iters, warmup = args.iters or (1 if args.smoke else 30), 0 if args.smoke else 5
-    if not usable("paged_prefill_attention", device, ["triton"]):
+    if not common.our_backends("paged_prefill_attention", device, "triton"):
         raise SystemExit("bench_mixed_attention: the triton paged_prefill_attention cannot run here")
-    decode_backends = usable("decode_attention", device, [b for b in args.backends.split(",") if b != "torch"])
+    requested = ",".join(b for b in args.backends.split(",") if b != "torch")
+    decode_backends = common.our_backends("decode_attention", device, requested)
     meta = {
         "benchmark": "mixed attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -159,7 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# mixed attention: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}")
     print(f"{'case':<52} {'mixed us':>9} {'prefill':>9} {'decode':>9} {'plan':>7} {'ratio':>6}")
     rows = []
-    for i, s in enumerate(specs(args.smoke), 1):
+    cases = [s for s in specs(args.smoke) if args.only is None or re.search(args.only, s.name)]
+    for i, s in enumerate(cases, 1):
         tensors = build(s, device)
         times = {label: common.time_call(device, fn, iters, warmup) * 1e6
                  for label, fn in impls(s, tensors, decode_backends).items()}  # fmt: skip
@@ -173,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "ratio": times["mixed"] / (times["prefill alone"] + decode[0]), "peak_bytes": peak_bytes(s)}  # fmt: skip
         rows.append(row)
         print(f"{s.name:<52} {times['mixed']:9.1f} {times['prefill alone']:9.1f} {decode[0]:9.1f} "
-              f"{times['plan']:7.1f} {row['ratio']:6.2f}  [{i}/{len(specs(args.smoke))}]", flush=True)  # fmt: skip
+              f"{times['plan']:7.1f} {row['ratio']:6.2f}  [{i}/{len(cases)}]", flush=True)  # fmt: skip
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -51,11 +51,12 @@ class Case:
     extra: dict = field(default_factory=dict)  # more columns for this case's rows (e.g. its batch mix)
 
 
-def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
+def parse_args(doc: str, argv: list[str] | None, backends: str = "cuda,triton,torch") -> argparse.Namespace:
+    """The options every kernel benchmark takes; `backends`: the default of --backends."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations, any device (CI)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", default="cuda,triton,torch", help="our backends to time (comma-separated)")
+    parser.add_argument("--backends", default=backends, help="our backends to time (comma-separated)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per configuration (median reported)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--only", default=None, metavar="REGEX", help="only the cases whose 'op shape' matches")
