@@ -274,13 +274,13 @@ def test_tool_call_round_trip(server):
     question = [{"role": "user", "content": "What is the weather in Paris?"}]
     kw = dict(model=MODEL, messages=question, tools=[WEATHER, TIME], max_tokens=40, temperature=0,
               tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
-    deltas, reasons = [], []
-    for chunk in client.chat.completions.create(**kw, stream=True):
-        for c in chunk.choices:
-            deltas += c.delta.tool_calls or []
-            reasons += [c.finish_reason] if c.finish_reason else []
-    assert reasons == ["tool_calls"] and len(deltas) == 1
-    call = deltas[0]
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    content, calls, reasons, pieces = _streamed_calls(client.chat.completions.create(**kw, stream=True))
+    assert reasons == ["tool_calls"] and content == "" and pieces > 2  # the arguments came in pieces
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in calls]
+    call = calls[0]
     assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
     args = json.loads(call.function.arguments)
     assert _valid(args, WEATHER["function"]["parameters"])
@@ -298,6 +298,29 @@ def test_tool_call_round_trip(server):
     calls = required.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name in ("get_weather", "get_time")
     assert _valid(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    _, streamed, reasons, _ = _streamed_calls(client.chat.completions.create(
+        model=MODEL, messages=question, tools=[WEATHER, TIME], max_tokens=40, temperature=0, tool_choice="required",
+        stream=True))  # fmt: skip
+    assert reasons == ["tool_calls"] and [(c.function.name, c.function.arguments) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in calls]
+
+
+def _streamed_calls(stream) -> tuple[str, list, list[str], int]:
+    """(content, tool calls accumulated from their deltas, finish reasons, argument pieces) of a chat stream."""
+    content, calls, reasons, pieces = "", [], [], 0
+    for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            reasons += [c.finish_reason] if c.finish_reason else []
+            for d in c.delta.tool_calls or []:
+                if d.index == len(calls):  # a call's first delta: its id, type and name
+                    assert d.id and d.type == "function" and d.function.name and d.function.arguments == ""
+                    calls.append(d)
+                else:
+                    assert d.id is None and d.function.name is None
+                    calls[d.index].function.arguments += d.function.arguments
+                    pieces += 1
+    return content, calls, reasons, pieces
 
 
 def test_langchain_chat_openai(server):
@@ -323,6 +346,9 @@ def test_langchain_chat_openai(server):
     ai = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(question)
     (call,) = ai.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+    chunks = list(llm.bind_tools([get_weather], tool_choice="get_weather").stream(question))
+    streamed = sum(chunks[1:], chunks[0])  # LangChain's tool_call_chunks, merged by index
+    assert len(chunks) > 3 and [(c["name"], c["args"]) for c in streamed.tool_calls] == [(call["name"], call["args"])]
     answer = llm.bind_tools([get_weather]).invoke([*question, ai, ToolMessage(get_weather.invoke(call["args"]),
                                                                               tool_call_id=call["id"])])  # fmt: skip
     assert answer.content

@@ -30,7 +30,7 @@ from .async_engine import AsyncEngine, EngineError, EngineUnavailable
 from .metrics import CONTENT_TYPE
 from ..engine.sampling import Grammar, SamplingParams, TokenLogprob
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse
-from .tools import forced_call_schema, may_be_call, parse_calls, template_messages
+from .tools import ToolCallStream, forced_call_schema, parse_calls, template_messages
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (then 408)
@@ -361,8 +361,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                             chat: bool, tools: bool):  # fmt: skip
         completion = [0] * len(choices)  # tokens so far per choice
         offsets = [0] * len(choices)  # characters so far per choice (completions' text_offset)
-        held = [[] for _ in choices]  # chat with tools: (text, logprobs) held while the answer may be a call
-        holding = [tools] * len(choices)
+        calls = [ToolCallStream(req) if tools else None for _ in choices]  # chat with tools: the calls' deltas
+        held = [[] for _ in choices]  # chat: logprobs of text not sent yet (held while it may be a call)
         started = [False] * len(choices)  # the choice's first output was sent
         cached = [0] * len(choices)  # prompt tokens each choice found in the prefix cache
 
@@ -394,23 +394,21 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 completion[k] = out.completion_tokens
             text, lps = ("", []) if c.drop_output else (out.new_text, out.new_logprobs or [])
             if chat:
-                if holding[k]:
-                    held[k].append((text, lps))
-                    so_far = "".join(t for t, _ in held[k])
+                held[k] += lps
+                reason = out.finish_reason
+                if calls[k] is None:
+                    deltas = [{"content": text}] if text or held[k] else []
+                else:
+                    deltas = calls[k].feed(text)
                     if out.finished:
-                        calls = parse_calls(so_far, req)
-                        if calls:
-                            deltas = [{"index": i, **call} for i, call in enumerate(calls)]
-                            return [chat_piece(k, {"tool_calls": deltas}, [x for _, ls in held[k] for x in ls]),
-                                    chat_piece(k, {}, [], "tool_calls")]  # fmt: skip
-                    if not out.finished and may_be_call(so_far):
-                        return []
-                    holding[k] = False
-                    text, lps = so_far, [x for _, ls in held[k] for x in ls]
-                if text or lps:
-                    items.append(chat_piece(k, {"content": text}, lps))
+                        last, called = calls[k].finish()
+                        deltas += last
+                        reason = "tool_calls" if called else reason
+                for delta in deltas:  # the logprobs held so far go with the first
+                    items.append(chat_piece(k, delta, held[k]))
+                    held[k] = []
                 if out.finished:
-                    items.append(chat_piece(k, {}, [], out.finish_reason))
+                    items.append(chat_piece(k, {}, held[k], reason))
                 return items
             lps = [(x.token_id, x) for x in lps]
             if c.echo and not started[k]:  # the prompt (and its logprobs) first
