@@ -104,6 +104,30 @@ def test_logit_bias_forces_and_bans_and_penalties_apply(server, llm):
     assert extras.choices[0].finish_reason in ("stop", "length")
 
 
+def test_best_of_returns_the_most_likely_candidates(server):
+    client = server.client()
+    kw = dict(model=MODEL, prompt="My favourite animal is the", max_tokens=5)
+    plain = client.completions.create(**kw, temperature=0)
+    greedy = client.completions.create(**kw, temperature=0, best_of=3)
+    assert [c.text for c in greedy.choices] == [plain.choices[0].text] and greedy.choices[0].logprobs is None
+    assert greedy.usage.completion_tokens == 3 * plain.usage.completion_tokens  # every candidate counts
+    # choice i samples with seed + i: n=4 is best_of=4's candidates, each with its sampled tokens' logprobs
+    four = client.completions.create(**kw, temperature=1.0, seed=11, n=4, logprobs=0)
+    sums = [sum(c.logprobs.token_logprobs) for c in four.choices]
+    assert len(set(sums)) == 4, sums  # (distinct candidates: the ranking below is well defined)
+    ranked = sorted(four.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert [c.index for c in ranked[:2]] != [0, 1]  # (the seed makes taking the first two wrong)
+    best = client.completions.create(**kw, temperature=1.0, seed=11, n=2, best_of=4, logprobs=0)
+    assert [c.index for c in best.choices] == [0, 1]
+    assert [(c.text, c.logprobs.token_logprobs) for c in best.choices] == [
+        (c.text, c.logprobs.token_logprobs) for c in ranked[:2]]  # fmt: skip
+    assert best.usage.completion_tokens == four.usage.completion_tokens
+    quiet = client.completions.create(**kw, temperature=1.0, seed=11, n=2, best_of=4)  # ranked without logprobs
+    assert [c.text for c in quiet.choices] == [c.text for c in ranked[:2]] and quiet.choices[0].logprobs is None
+    two = client.completions.create(**{**kw, "prompt": ["One, two,", "The sky is"]}, temperature=0, best_of=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 2 * 2 * 5
+
+
 def test_echo_prompt_logprobs_equal_llm_logits(server, llm):
     prompt = "The quick brown fox jumps over the lazy dog"
     ids = llm.tokenizer.encode(prompt)

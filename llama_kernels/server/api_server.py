@@ -18,7 +18,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from fastapi import FastAPI, Request
@@ -289,9 +289,12 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                     raise OpenAIError(f"{param}: token id {bad}; expected ids in [0, {tok.vocab_size})", param="prompt")
                 prompt_ids = list(prompt)
             echo = (prompt if isinstance(prompt, str) else tok.decode(prompt_ids)) if req.echo else ""
-            for j in range(req.num_choices):
+            ranked = req.num_candidates > req.num_choices  # best_of: candidates are ranked by their logprobs
+            for j in range(req.num_candidates):
                 params = sampling(req, prompt_ids, param, j, grammar)
-                choices.append(Choice(i * req.num_choices + j, prompt_ids, params, echo, req.max_tokens == 0))
+                if ranked and params.logprobs is None:
+                    params = replace(params, logprobs=0)
+                choices.append(Choice(i * req.num_candidates + j, prompt_ids, params, echo, req.max_tokens == 0))
         return req, choices, field
 
     def check_open() -> None:
@@ -322,7 +325,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                    for c in choices]  # fmt: skip
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": served_model_name}  # fmt: skip
-        prompt_tokens = sum(len(c.prompt_ids) for c in choices[:: req.num_choices])  # each prompt once, whatever n
+        prompt_tokens = sum(len(c.prompt_ids) for c in choices[:: req.num_candidates])  # each prompt once, whatever n
         tools = chat and bool(req.active_tools)
         if req.stream:  # the first outputs before the headers: errors until then get a proper status code
             firsts = await _until_hangup(request, _all(streams, _first_output, field))
@@ -333,10 +336,14 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         results = await _until_hangup(request, _all(streams, _collect, field))
         if results is _HUNG_UP:
             return _hung_up()
-        out_choices, completion_tokens = [], 0
-        for c, (text, logprobs, first, out) in zip(choices, results):
+        # every candidate's tokens (best_of's too, as OpenAI bills them)
+        completion_tokens = sum(0 if c.drop_output else r[3].completion_tokens for c, r in zip(choices, results))
+        pairs = list(zip(choices, results))
+        if req.num_candidates > req.num_choices:
+            pairs = _best(pairs, req.num_candidates, req.num_choices)
+        out_choices = []
+        for c, (text, logprobs, first, out) in pairs:
             text = "".join(text)
-            completion_tokens += 0 if c.drop_output else out.completion_tokens
             if chat:
                 message, reason = {"role": "assistant", "content": text}, out.finish_reason
                 calls = parse_calls(text, req) if tools else None
@@ -476,6 +483,16 @@ class Choice:
 
 _HUNG_UP = object()  # _until_hangup's result when the client left first
 WORKER_NICE = 10  # niceness the preparation threads add (Linux: per thread)
+
+
+def _best(pairs: list[tuple[Choice, tuple]], per_prompt: int, n: int) -> list[tuple[Choice, tuple]]:
+    """best_of: of each prompt's per_prompt (choice, _collect result) candidates, the n with the highest sum
+    of sampled-token logprobs, best first (ties in candidate order), indexed 0.. n-1 per prompt in order."""
+    out = []
+    for start in range(0, len(pairs), per_prompt):
+        group = sorted(pairs[start : start + per_prompt], key=lambda pair: -sum(x.logprob for x in pair[1][1]))
+        out += [(replace(c, index=start // per_prompt * n + rank), res) for rank, (c, res) in enumerate(group[:n])]
+    return out
 
 
 def _lower_priority() -> None:
