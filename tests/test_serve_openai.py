@@ -128,6 +128,26 @@ def test_best_of_returns_the_most_likely_candidates(server):
     assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 2 * 2 * 5
 
 
+def test_min_tokens_holds_stop_strings(server):
+    """vLLM v1: no stop check (eos, stop_token_ids, stop strings) until min_tokens tokens are out; then a stop
+    string ending in the later tokens' text ends the output."""
+    client = server.client()
+    kw = dict(model=MODEL, prompt="List some animals: cat, dog,", max_tokens=12, temperature=0,
+              extra_body={"min_tokens": 4})  # fmt: skip
+    free = client.completions.create(**kw, logprobs=0).choices[0]  # the same tokens, no stop string
+    text, tokens = free.text, free.logprobs.tokens
+    assert "".join(tokens) == text and len(tokens) == 12
+    unchecked = len("".join(tokens[:4]))  # the first min_tokens tokens' text
+    stop = ","
+    early, late = text.find(stop), text.find(stop, unchecked)
+    assert 0 <= early < unchecked and late >= unchecked, (text, tokens)  # the prompt makes this hold
+    assert client.completions.create(**{**kw, "extra_body": None}, stop=stop).choices[0].text == text[:early]
+    held = client.completions.create(**kw, stop=stop).choices[0]
+    assert held.text == text[:late] and held.finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=stop, stream=True) if c.choices)
+    assert streamed == text[:late]
+
+
 def test_echo_prompt_logprobs_equal_llm_logits(server, llm):
     prompt = "The quick brown fox jumps over the lazy dog"
     ids = llm.tokenizer.encode(prompt)
