@@ -217,3 +217,23 @@ def test_detokenizer_include_stop_str_and_special_tokens():
     assert text(Detokenizer(Letters(), ("cd",), include_stop=True), [1, 2, 3, 4, 5]) == "abcd"
     assert text(Detokenizer(Letters()), [0, 1, 0]) == "a"
     assert text(Detokenizer(Letters(), skip_special_tokens=False), [0, 1, 0]) == "<s>a<s>"
+
+
+def test_detokenizer_min_tokens_holds_stop_strings():
+    """vLLM v1: no stop string counts until more than min_tokens tokens are out, then one ending in their text."""
+    from llama_kernels.engine.detokenizer import Detokenizer
+
+    def text(stop: tuple[str, ...], ids: list[int], min_tokens: int, **kw) -> str:
+        d = Detokenizer(Letters(), stop, min_tokens=min_tokens, **kw)
+        return "".join(d.add([i]) for i in ids) + d.finish()
+
+    abcbd = [1, 2, 3, 2, 4]
+    assert text(("b",), abcbd, 0) == "a" and text(("b",), abcbd, 1) == "a"
+    assert text(("b",), abcbd, 2) == "abc" and text(("b",), abcbd, 3) == "abc"  # the 2nd token's b is ignored
+    assert text(("b",), abcbd, 4) == "abcbd"  # none after the 4th token
+    assert text(("b",), abcbd, 2, include_stop=True) == "abcb"
+    assert text(("bc",), abcbd, 2) == "a"  # it ends in the 3rd token's text: a match
+    assert text(("ab",), [1, 2, 1, 2], 2) == "ab" and text(("ab",), [1, 2, 1, 2], 3) == "ab"
+    assert text(("ab",), [1, 2, 1, 2], 4) == "abab"
+    d = Detokenizer(Letters(), ("b",), min_tokens=2)
+    assert d.add(abcbd) + d.finish() == "abc"  # tokens added together: the same as one by one

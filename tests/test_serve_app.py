@@ -186,6 +186,9 @@ BAD = [
     (CHAT, {"messages": MSG, "n": 0}, 400, "n", ["n=0", "greater than or equal to 1"]),
     (CHAT, {"messages": MSG, "n": 17}, 400, "n", ["n=17", "16"]),
     (CHAT, {"messages": MSG, "best_of": 3}, 400, "best_of", ["best_of=3", "n=1"]),
+    (COMPLETIONS, {"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of", ["best_of=2", "n=3", "best_of >= n"]),
+    (COMPLETIONS, {"prompt": "x", "best_of": 2, "stream": True}, 400, "best_of", ["best_of=2", "stream"]),
+    (COMPLETIONS, {"prompt": "x", "best_of": 17}, 400, "best_of", ["best_of=17", "16"]),
     (CHAT, {"messages": MSG, "presence_penalty": 2.5}, 400, "presence_penalty", ["2.5", "2"]),
     (CHAT, {"messages": MSG, "frequency_penalty": "x"}, 400, "frequency_penalty", ["'x'", "number"]),
     (CHAT, {"messages": MSG, "repetition_penalty": 0}, 400, "repetition_penalty", ["=0", "greater than 0"]),
@@ -430,6 +433,70 @@ def test_llama31_tool_calls_are_parsed_and_prompted():
     tool["function"]["parameters"] = {"type": "object", "properties": {"a": {"type": "integer"}}}
     closed = forced_call_schema(req(tool_choice="required"))["properties"]["parameters"]
     assert closed == {**tool["function"]["parameters"], "additionalProperties": False}  # no invented arguments
+
+
+def _stream_calls(stream, pieces: list[str]) -> tuple[str, list[dict], bool, list[dict]]:
+    """(content, tool calls accumulated as the openai client does, called, every delta) of pieces fed to stream."""
+    deltas = [d for p in pieces for d in stream.feed(p)]
+    last, called = stream.finish()
+    deltas += last
+    content, calls = "", []
+    for d in deltas:
+        content += d.get("content", "")
+        for c in d.get("tool_calls", []):
+            if c["index"] == len(calls):  # a call's first delta: id, type, name, arguments ""
+                assert c["id"].startswith("call_") and c["type"] == "function" and c["function"]["arguments"] == ""
+                calls.append({"id": c["id"], "type": "function", "function": dict(c["function"])})
+            else:
+                assert set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}, c
+                calls[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
+    return content, calls, called, deltas
+
+
+def test_tool_calls_stream_as_argument_deltas():
+    """ToolCallStream: any split of the text gives the calls parse_calls finds (names, ids once, the
+    arguments' pieces adding up to the same text), no call JSON in content, content as soon as the text
+    cannot be a call."""
+    import random
+
+    from llama_kernels.server.protocol import ChatCompletionRequest, parse
+    from llama_kernels.server.tools import ToolCallStream, parse_calls
+
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("f", "fg")]
+
+    def req(**kw):
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, **kw}
+        return parse(ChatCompletionRequest, json.dumps(body).encode())[0]
+
+    rng = random.Random(0)
+    texts = ['{"name": "f", "parameters": {"x": 1, "s": "a}{\\"b"}}',
+             ' <|python_tag|>{"parameters": {"y": [1, {"z": null}]}, "name": "fg"}',
+             '{"name": "fg", "arguments": {"y": "\u00e9"}}; {"name": "f", "parameters": {}}\n;'
+             '{"name":"f","parameters":{"q":2}}',
+             '{"name":"f","parameters":{"a":1},"extra":[1,2]}']  # fmt: skip
+    for text in texts:
+        for r in (req(), req(parallel_tool_calls=False)):
+            want = parse_calls(text, r)
+            assert want is not None, text
+            for split in range(6):  # by characters, and in random pieces
+                cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, len(text) // 3))) if split else []
+                pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])] if split else list(text)
+                content, calls, called, deltas = _stream_calls(ToolCallStream(r), pieces)
+                assert called and content == "", (text, content)
+                assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+                    (c["function"]["name"], c["function"]["arguments"]) for c in want], (text, pieces)
+                if not split and text.startswith('{"name"'):  # streamed as generated: arguments in pieces
+                    assert sum("arguments" in d.get("tool_calls", [{}])[0]["function"] for d in deltas) > 3
+    for text, streamed_early in [("Hello there", True), ('  {"answer": 1}', False), ('{"name": "g", "x": 1}', True),
+                                 ('{"name": "f", "parameters": {"x": 1}} and more', False)]:  # fmt: skip
+        content, calls, called, deltas = _stream_calls(ToolCallStream(req()), list(text))
+        assert not called and parse_calls(text, req()) is None
+        if streamed_early:  # plain text as it comes, no call
+            assert content == text and calls == [] and len(deltas) > 1, (text, deltas)
+        elif "answer" in text:  # held while it might be a call, then all of it
+            assert content == text and len(deltas) == 1
+        else:  # a call was streamed and the rest never became one: no content, not tool_calls
+            assert content == "" and len(calls) == 1
 
 
 def test_engine_failure_fails_only_its_request(server):

@@ -104,6 +104,50 @@ def test_logit_bias_forces_and_bans_and_penalties_apply(server, llm):
     assert extras.choices[0].finish_reason in ("stop", "length")
 
 
+def test_best_of_returns_the_most_likely_candidates(server):
+    client = server.client()
+    kw = dict(model=MODEL, prompt="My favourite animal is the", max_tokens=5)
+    plain = client.completions.create(**kw, temperature=0)
+    greedy = client.completions.create(**kw, temperature=0, best_of=3)
+    assert [c.text for c in greedy.choices] == [plain.choices[0].text] and greedy.choices[0].logprobs is None
+    assert greedy.usage.completion_tokens == 3 * plain.usage.completion_tokens  # every candidate counts
+    # choice i samples with seed + i: n=4 is best_of=4's candidates, each with its sampled tokens' logprobs
+    four = client.completions.create(**kw, temperature=1.0, seed=11, n=4, logprobs=0)
+    sums = [sum(c.logprobs.token_logprobs) for c in four.choices]
+    assert len(set(sums)) == 4, sums  # (distinct candidates: the ranking below is well defined)
+    ranked = sorted(four.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert [c.index for c in ranked[:2]] != [0, 1]  # (the seed makes taking the first two wrong)
+    best = client.completions.create(**kw, temperature=1.0, seed=11, n=2, best_of=4, logprobs=0)
+    assert [c.index for c in best.choices] == [0, 1]
+    assert [(c.text, c.logprobs.token_logprobs) for c in best.choices] == [
+        (c.text, c.logprobs.token_logprobs) for c in ranked[:2]]  # fmt: skip
+    assert best.usage.completion_tokens == four.usage.completion_tokens
+    quiet = client.completions.create(**kw, temperature=1.0, seed=11, n=2, best_of=4)  # ranked without logprobs
+    assert [c.text for c in quiet.choices] == [c.text for c in ranked[:2]] and quiet.choices[0].logprobs is None
+    two = client.completions.create(**{**kw, "prompt": ["One, two,", "The sky is"]}, temperature=0, best_of=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 2 * 2 * 5
+
+
+def test_min_tokens_holds_stop_strings(server):
+    """vLLM v1: no stop check (eos, stop_token_ids, stop strings) until min_tokens tokens are out; then a stop
+    string ending in the later tokens' text ends the output."""
+    client = server.client()
+    kw = dict(model=MODEL, prompt="List some animals: cat, dog,", max_tokens=12, temperature=0,
+              extra_body={"min_tokens": 4})  # fmt: skip
+    free = client.completions.create(**kw, logprobs=0).choices[0]  # the same tokens, no stop string
+    text, tokens = free.text, free.logprobs.tokens
+    assert "".join(tokens) == text and len(tokens) == 12
+    unchecked = len("".join(tokens[:4]))  # the first min_tokens tokens' text
+    stop = ","
+    early, late = text.find(stop), text.find(stop, unchecked)
+    assert 0 <= early < unchecked and late >= unchecked, (text, tokens)  # the prompt makes this hold
+    assert client.completions.create(**{**kw, "extra_body": None}, stop=stop).choices[0].text == text[:early]
+    held = client.completions.create(**kw, stop=stop).choices[0]
+    assert held.text == text[:late] and held.finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=stop, stream=True) if c.choices)
+    assert streamed == text[:late]
+
+
 def test_echo_prompt_logprobs_equal_llm_logits(server, llm):
     prompt = "The quick brown fox jumps over the lazy dog"
     ids = llm.tokenizer.encode(prompt)
@@ -274,13 +318,13 @@ def test_tool_call_round_trip(server):
     question = [{"role": "user", "content": "What is the weather in Paris?"}]
     kw = dict(model=MODEL, messages=question, tools=[WEATHER, TIME], max_tokens=40, temperature=0,
               tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
-    deltas, reasons = [], []
-    for chunk in client.chat.completions.create(**kw, stream=True):
-        for c in chunk.choices:
-            deltas += c.delta.tool_calls or []
-            reasons += [c.finish_reason] if c.finish_reason else []
-    assert reasons == ["tool_calls"] and len(deltas) == 1
-    call = deltas[0]
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    content, calls, reasons, pieces = _streamed_calls(client.chat.completions.create(**kw, stream=True))
+    assert reasons == ["tool_calls"] and content == "" and pieces > 2  # the arguments came in pieces
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in calls]
+    call = calls[0]
     assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
     args = json.loads(call.function.arguments)
     assert _valid(args, WEATHER["function"]["parameters"])
@@ -298,6 +342,29 @@ def test_tool_call_round_trip(server):
     calls = required.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name in ("get_weather", "get_time")
     assert _valid(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    _, streamed, reasons, _ = _streamed_calls(client.chat.completions.create(
+        model=MODEL, messages=question, tools=[WEATHER, TIME], max_tokens=40, temperature=0, tool_choice="required",
+        stream=True))  # fmt: skip
+    assert reasons == ["tool_calls"] and [(c.function.name, c.function.arguments) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in calls]
+
+
+def _streamed_calls(stream) -> tuple[str, list, list[str], int]:
+    """(content, tool calls accumulated from their deltas, finish reasons, argument pieces) of a chat stream."""
+    content, calls, reasons, pieces = "", [], [], 0
+    for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            reasons += [c.finish_reason] if c.finish_reason else []
+            for d in c.delta.tool_calls or []:
+                if d.index == len(calls):  # a call's first delta: its id, type and name
+                    assert d.id and d.type == "function" and d.function.name and d.function.arguments == ""
+                    calls.append(d)
+                else:
+                    assert d.id is None and d.function.name is None
+                    calls[d.index].function.arguments += d.function.arguments
+                    pieces += 1
+    return content, calls, reasons, pieces
 
 
 def test_langchain_chat_openai(server):
@@ -323,6 +390,9 @@ def test_langchain_chat_openai(server):
     ai = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(question)
     (call,) = ai.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+    chunks = list(llm.bind_tools([get_weather], tool_choice="get_weather").stream(question))
+    streamed = sum(chunks[1:], chunks[0])  # LangChain's tool_call_chunks, merged by index
+    assert len(chunks) > 3 and [(c["name"], c["args"]) for c in streamed.tool_calls] == [(call["name"], call["args"])]
     answer = llm.bind_tools([get_weather]).invoke([*question, ai, ToolMessage(get_weather.invoke(call["args"]),
                                                                               tool_call_id=call["id"])])  # fmt: skip
     assert answer.content

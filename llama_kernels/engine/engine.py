@@ -184,7 +184,8 @@ class Engine:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
             generator = torch.Generator(self.device).manual_seed(seed)
         detok = (Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
-                             params.include_stop_str_in_output) if self.tokenizer is not None else None)  # fmt: skip
+                             params.include_stop_str_in_output, params.min_tokens)
+                 if self.tokenizer is not None else None)  # fmt: skip
         chain = PrefixChain(self.allocator.root_key(cache_salt))
         seq = Sequence(request_id, prompt, params, generator, detok, chain)
         seq.matcher = matcher

@@ -31,7 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: output ends before the first occurrence (see include_stop_str_in_output)
     stop_token_ids: tuple[int, ...] = ()  # besides the model's eos ids
     ignore_eos: bool = False  # keep going past the model's eos ids (stop_token_ids still stop)
-    min_tokens: int = 0  # the eos / stop token ids are masked until this many tokens were generated
+    min_tokens: int = 0  # eos / stop token ids masked and stop strings unchecked until this many tokens are out
     presence_penalty: float = 0.0  # [-2, 2]: subtracted once from the logit of every token already generated
     frequency_penalty: float = 0.0  # [-2, 2]: subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # > 0: logits of tokens seen (prompt or output) / it if > 0, else x it

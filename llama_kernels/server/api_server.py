@@ -18,7 +18,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from fastapi import FastAPI, Request
@@ -30,7 +30,7 @@ from .async_engine import AsyncEngine, EngineError, EngineUnavailable
 from .metrics import CONTENT_TYPE
 from ..engine.sampling import Grammar, SamplingParams, TokenLogprob
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse
-from .tools import forced_call_schema, may_be_call, parse_calls, template_messages
+from .tools import ToolCallStream, forced_call_schema, parse_calls, template_messages
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (then 408)
@@ -289,9 +289,12 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                     raise OpenAIError(f"{param}: token id {bad}; expected ids in [0, {tok.vocab_size})", param="prompt")
                 prompt_ids = list(prompt)
             echo = (prompt if isinstance(prompt, str) else tok.decode(prompt_ids)) if req.echo else ""
-            for j in range(req.num_choices):
+            ranked = req.num_candidates > req.num_choices  # best_of: candidates are ranked by their logprobs
+            for j in range(req.num_candidates):
                 params = sampling(req, prompt_ids, param, j, grammar)
-                choices.append(Choice(i * req.num_choices + j, prompt_ids, params, echo, req.max_tokens == 0))
+                if ranked and params.logprobs is None:
+                    params = replace(params, logprobs=0)
+                choices.append(Choice(i * req.num_candidates + j, prompt_ids, params, echo, req.max_tokens == 0))
         return req, choices, field
 
     def check_open() -> None:
@@ -322,7 +325,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                    for c in choices]  # fmt: skip
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": served_model_name}  # fmt: skip
-        prompt_tokens = sum(len(c.prompt_ids) for c in choices[:: req.num_choices])  # each prompt once, whatever n
+        prompt_tokens = sum(len(c.prompt_ids) for c in choices[:: req.num_candidates])  # each prompt once, whatever n
         tools = chat and bool(req.active_tools)
         if req.stream:  # the first outputs before the headers: errors until then get a proper status code
             firsts = await _until_hangup(request, _all(streams, _first_output, field))
@@ -333,10 +336,14 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         results = await _until_hangup(request, _all(streams, _collect, field))
         if results is _HUNG_UP:
             return _hung_up()
-        out_choices, completion_tokens = [], 0
-        for c, (text, logprobs, first, out) in zip(choices, results):
+        # every candidate's tokens (best_of's too, as OpenAI bills them)
+        completion_tokens = sum(0 if c.drop_output else r[3].completion_tokens for c, r in zip(choices, results))
+        pairs = list(zip(choices, results))
+        if req.num_candidates > req.num_choices:
+            pairs = _best(pairs, req.num_candidates, req.num_choices)
+        out_choices = []
+        for c, (text, logprobs, first, out) in pairs:
             text = "".join(text)
-            completion_tokens += 0 if c.drop_output else out.completion_tokens
             if chat:
                 message, reason = {"role": "assistant", "content": text}, out.finish_reason
                 calls = parse_calls(text, req) if tools else None
@@ -361,8 +368,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                             chat: bool, tools: bool):  # fmt: skip
         completion = [0] * len(choices)  # tokens so far per choice
         offsets = [0] * len(choices)  # characters so far per choice (completions' text_offset)
-        held = [[] for _ in choices]  # chat with tools: (text, logprobs) held while the answer may be a call
-        holding = [tools] * len(choices)
+        calls = [ToolCallStream(req) if tools else None for _ in choices]  # chat with tools: the calls' deltas
+        held = [[] for _ in choices]  # chat: logprobs of text not sent yet (held while it may be a call)
         started = [False] * len(choices)  # the choice's first output was sent
         cached = [0] * len(choices)  # prompt tokens each choice found in the prefix cache
 
@@ -394,23 +401,21 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 completion[k] = out.completion_tokens
             text, lps = ("", []) if c.drop_output else (out.new_text, out.new_logprobs or [])
             if chat:
-                if holding[k]:
-                    held[k].append((text, lps))
-                    so_far = "".join(t for t, _ in held[k])
+                held[k] += lps
+                reason = out.finish_reason
+                if calls[k] is None:
+                    deltas = [{"content": text}] if text or held[k] else []
+                else:
+                    deltas = calls[k].feed(text)
                     if out.finished:
-                        calls = parse_calls(so_far, req)
-                        if calls:
-                            deltas = [{"index": i, **call} for i, call in enumerate(calls)]
-                            return [chat_piece(k, {"tool_calls": deltas}, [x for _, ls in held[k] for x in ls]),
-                                    chat_piece(k, {}, [], "tool_calls")]  # fmt: skip
-                    if not out.finished and may_be_call(so_far):
-                        return []
-                    holding[k] = False
-                    text, lps = so_far, [x for _, ls in held[k] for x in ls]
-                if text or lps:
-                    items.append(chat_piece(k, {"content": text}, lps))
+                        last, called = calls[k].finish()
+                        deltas += last
+                        reason = "tool_calls" if called else reason
+                for delta in deltas:  # the logprobs held so far go with the first
+                    items.append(chat_piece(k, delta, held[k]))
+                    held[k] = []
                 if out.finished:
-                    items.append(chat_piece(k, {}, [], out.finish_reason))
+                    items.append(chat_piece(k, {}, held[k], reason))
                 return items
             lps = [(x.token_id, x) for x in lps]
             if c.echo and not started[k]:  # the prompt (and its logprobs) first
@@ -478,6 +483,16 @@ class Choice:
 
 _HUNG_UP = object()  # _until_hangup's result when the client left first
 WORKER_NICE = 10  # niceness the preparation threads add (Linux: per thread)
+
+
+def _best(pairs: list[tuple[Choice, tuple]], per_prompt: int, n: int) -> list[tuple[Choice, tuple]]:
+    """best_of: of each prompt's per_prompt (choice, _collect result) candidates, the n with the highest sum
+    of sampled-token logprobs, best first (ties in candidate order), indexed 0.. n-1 per prompt in order."""
+    out = []
+    for start in range(0, len(pairs), per_prompt):
+        group = sorted(pairs[start : start + per_prompt], key=lambda pair: -sum(x.logprob for x in pair[1][1]))
+        out += [(replace(c, index=start // per_prompt * n + rank), res) for rank, (c, res) in enumerate(group[:n])]
+    return out
 
 
 def _lower_priority() -> None:

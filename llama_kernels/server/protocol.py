@@ -145,7 +145,7 @@ class _Sampling(_Open):
     temperature: float | None = Field(None, ge=0, le=2)  # None: 1.0 (OpenAI's default); 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, le=MAX_N)  # choices per prompt, each its own sequence
-    best_of: int | None = Field(None, ge=1, le=MAX_N)  # only best_of = n (no ranking)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # completions: candidates per prompt, the n best returned
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # choice i samples with seed + i
     stop: str | list[str] | None = None
     stream: bool | None = None
@@ -176,9 +176,6 @@ class _Sampling(_Open):
             value = extra.get(name)
             if not any(value == a and type(value) is type(a) for a in allowed):
                 raise OpenAIError(f"{name}={_clip(value)}: {why}", param=name)
-        if self.best_of is not None and self.best_of != self.num_choices:
-            raise OpenAIError(f"best_of={self.best_of} with n={self.num_choices}: only best_of = n is supported "
-                              "(no ranking of candidates)", param="best_of")  # fmt: skip
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed with stream=true", param="stream_options")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -210,6 +207,11 @@ class _Sampling(_Open):
         return self.n or 1
 
     @property
+    def num_candidates(self) -> int:
+        """Sequences generated per prompt: best_of (the num_choices with the highest sum of logprobs are kept)."""
+        return self.best_of or self.num_choices
+
+    @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
@@ -236,6 +238,9 @@ class ChatCompletionRequest(_Sampling):
 
     def check(self) -> None:
         super().check()
+        if self.best_of is not None and self.best_of != self.num_choices:
+            raise OpenAIError(f"best_of={self.best_of} with n={self.num_choices}: chat supports only best_of = n "
+                              "(ranking candidates is a completions feature)", param="best_of")  # fmt: skip
         if self.echo:
             raise OpenAIError("echo=True: echoing the last message is not supported in chat; expected false",
                               param="echo")  # fmt: skip
@@ -291,6 +296,12 @@ class CompletionRequest(_Sampling):
             if len(p) == 0:
                 where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
                 raise OpenAIError(f"{where} is empty; expected a non-empty string or token ids", param="prompt")
+        if self.best_of is not None and self.best_of < self.num_choices:
+            raise OpenAIError(f"best_of={self.best_of} with n={self.num_choices}: expected best_of >= n",
+                              param="best_of")  # fmt: skip
+        if self.stream and self.num_candidates > self.num_choices:  # (as OpenAI: the best are known at the end)
+            raise OpenAIError(f"best_of={self.best_of} with n={self.num_choices} cannot be streamed; expected "
+                              "stream=false or best_of = n", param="best_of")  # fmt: skip
         if self.max_tokens == 0 and not self.echo:
             raise OpenAIError("max_tokens=0: only with echo=true (scoring the prompt); expected >= 1",
                               param="max_tokens")  # fmt: skip
