@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from ..attention_workspace import HOPPER_TILE_ROWS, programs, tile_rows, workspace_shapes
 from . import attention_plan
 from .attention import HEAD_DIMS, LOG2E, MIN_SPLIT_TOKENS, _interpreted, _sm_count
 from .attention_plan import AttentionPlan
@@ -39,7 +40,6 @@ from .norm import EMULATE_CASTS, round_to
 
 FP8 = torch.float8_e4m3fn
 _FP8_UNIT = tl.constexpr(256.0)  # _e4m3_as_f16 yields value / 256: the scales carry the factor back
-WAVES = 2  # programs per SM a step's plan aims at (see _programs)
 ITEM_FIELDS = tl.constexpr(attention_plan.ITEM_FIELDS)
 MERGE_M = 32  # rows per merge program: its [rows, D] float32 accumulator and partial fit in registers
 
@@ -295,8 +295,8 @@ def tile_config(
     elif capability is not None and capability < (9, 0) and d == 128:
         block_m, block_n, warps, stages = 64, 16 if fp8 else 32, 4, 2
     else:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
-    return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
+        block_m, block_n, warps, stages = HOPPER_TILE_ROWS, 64, 8, 3
+    return tile_rows(block_m, group), block_n, warps, stages
 
 
 def small_rows(group: int, block_m: int) -> int:
@@ -320,12 +320,6 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return None
 
 
-def _programs(num_sms: int, num_kv_heads: int) -> int:
-    """Programs per KV head a step's work is spread over: two waves of the SMs (the short items of the
-    second fill the first's tail; one wave leaves 1.4x the mean on one SM where tiles split unevenly)."""
-    return WAVES * max(1, num_sms // num_kv_heads)
-
-
 def make_plan(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -341,9 +335,9 @@ def make_plan(
     under the interpreter) shared by the KV heads."""
     hkv = k_cache.shape[2]
     cfg = call_config(q.dtype, q.shape[1] // hkv, q.shape[2], k_cache.dtype, _capability(q.device))
-    programs = _programs(num_sms or _sm_count(q.device), hkv)
+    num_programs = programs(num_sms or _sm_count(q.device), hkv)
     return attention_plan.build_plan(seq_lens, query_lens, q.shape[0], block_table.shape[1] * k_cache.shape[1],
-                                     cfg.block_m // (q.shape[1] // hkv), cfg.block_n, programs,
+                                     cfg.block_m // (q.shape[1] // hkv), cfg.block_n, num_programs,
                                      triton.cdiv(min_chunk, cfg.block_n) * cfg.block_n)  # fmt: skip
 
 
@@ -382,7 +376,7 @@ def balance(
     capacity = triton.cdiv(max(seq_lens), block_size) * block_size
     plan = attention_plan.build_plan(
         torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(query_lens, dtype=torch.int32), sum(query_lens),
-        capacity, cfg.block_m // group, cfg.block_n, _programs(num_sms, num_kv_heads),
+        capacity, cfg.block_m // group, cfg.block_n, programs(num_sms, num_kv_heads),
         triton.cdiv(min_chunk, cfg.block_n) * cfg.block_n,
     )  # fmt: skip
     live = plan.items[:, attention_plan.SEQ] >= 0
@@ -417,8 +411,8 @@ def run_plan(
         return out
     is_fp8 = k_cache.dtype == FP8
     k, v = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if is_fp8 else (k_cache, v_cache)
-    part = torch.empty(max_slots, hkv, cfg.block_m, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(max_slots, hkv, cfg.block_m, dtype=torch.float32, device=q.device)
+    part, lse = (torch.empty(shape, dtype=torch.float32, device=q.device)
+                 for shape in workspace_shapes(max_slots, hkv, cfg.block_m, d))  # fmt: skip
     sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
     with backends.on_device(q):
         _item_kernel[(items.shape[0] * hkv,)](
