@@ -17,6 +17,10 @@ the launch back, well over 1 when one program walks a 128K-token row alone while
     python benchmarks/bench_prefill.py --out benchmarks/results/prefill-h100-<date>.json
     python benchmarks/bench_prefill.py --smoke
 
+`--backends ...,triton-fp8t` adds, on FP8 chunks, the triton kernel with its transposed prefill tiles
+(prefill_attention.FP8_TRANSPOSED: decoded K/V kept out of shared memory; off by default, this is the
+A/B that decides it).
+
 The case list is the table CASES below: one line per case, easy to extend.
 """
 
@@ -35,6 +39,8 @@ from common import Case, our_backends  # noqa: E402
 
 from llama_kernels import ops  # noqa: E402
 from llama_kernels.selftest import rel_err  # noqa: E402
+
+FP8_TRANSPOSED = "triton-fp8t"  # --backends name of the triton kernel with FP8_TRANSPOSED on
 
 # per-GPU attention shapes: query heads, KV heads, head_dim
 MODELS = {"8B": (32, 8, 128), "405B/8": (16, 1, 128), "smoke": (6, 2, 64)}
@@ -141,8 +147,22 @@ def _sdpa_baselines(q, k_cache, v_cache, table, ctx: int, hq: int, scale: float)
     return out
 
 
+def _fp8_transposed(call):
+    """`call` (a triton paged_prefill_attention) with prefill_attention.FP8_TRANSPOSED on."""
+    from llama_kernels.triton import prefill_attention
+
+    def run():
+        prefill_attention.FP8_TRANSPOSED = True
+        try:
+            return call()
+        finally:
+            prefill_attention.FP8_TRANSPOSED = False
+
+    return run
+
+
 def _case(op: str, model: str, dtype: torch.dtype, seqs: list[tuple[int, int]], device, usable: list[str],
-          baselines: bool, mix: str | None) -> Case:  # fmt: skip
+          baselines: bool, mix: str | None, transposed: bool = False) -> Case:  # fmt: skip
     hq, hkv, d = MODELS[model]
     scale = 1 / math.sqrt(d)
 
@@ -156,6 +176,8 @@ def _case(op: str, model: str, dtype: torch.dtype, seqs: list[tuple[int, int]], 
         else:
             impls = {be: lambda be=be: ops.paged_prefill_attention(q, k_cache, v_cache, table, lens, qlens, scale,
                                                                    scales, scales, backend=be) for be in usable}  # fmt: skip
+            if transposed and dtype == FP8 and "triton" in impls:
+                impls[FP8_TRANSPOSED] = _fp8_transposed(impls["triton"])
         if baselines:
             impls.update(_sdpa_baselines(q, k_cache, v_cache, table, seqs[0][0], hq, scale))
         return impls
@@ -175,6 +197,9 @@ def _case(op: str, model: str, dtype: torch.dtype, seqs: list[tuple[int, int]], 
 
 
 def cases(device: torch.device, smoke: bool, requested: str) -> list[Case]:
+    names = requested.split(",")
+    transposed = FP8_TRANSPOSED in names
+    requested = ",".join(n for n in names if n != FP8_TRANSPOSED)
     prefill = our_backends("paged_prefill_attention", device, requested)
     decode = [b for b in our_backends("decode_attention", device, requested) if b in prefill] or prefill
     out = []
@@ -182,7 +207,8 @@ def cases(device: torch.device, smoke: bool, requested: str) -> list[Case]:
         for dtype in KV_DTYPES:
             seqs = [(prefix + chunk, chunk)]
             if not decode_ctx:
-                out.append(_case("paged_prefill_attention", model, dtype, seqs, device, prefill, True, None))
+                out.append(_case("paged_prefill_attention", model, dtype, seqs, device, prefill, True, None,
+                                 transposed))
                 continue
             rows = [(ctx, 1) for ctx in decode_ctx]
             mix = f"{model} chunk{chunk} prefix{prefix} + decode {','.join(map(str, decode_ctx))} {str(dtype)[6:]}"

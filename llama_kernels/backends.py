@@ -48,6 +48,9 @@ ROW_BUCKETS = ((1, "1"), (16, "2-16"), (128, "17-128"))  # rows of the first arg
 # Package files every kernel's result depends on besides its own sources: the reference it is checked
 # against, the op layer that validates and routes its calls, the INT4 layout (part of code_id).
 SHARED_SOURCES = ("int4.py", "reference.py", "ops.py")
+# Package files outside a backend's directory that its kernels' results depend on (part of its code_id):
+# the triton prefill attention's plan workspace and tile rows (torch-free, shared with the memory planner).
+BACKEND_SOURCES = {"triton": ("attention_workspace.py",)}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -278,11 +281,12 @@ def code_id(backend: str) -> str:
     """A fingerprint of every file a backend's kernels depend on: for cuda the build info
     (:func:`_build_fingerprint`: the digest of the sources _C was compiled from, nvcc's version,
     checked or not) and llama_kernels/cuda/*.py; for triton its version and llama_kernels/triton/*.py;
-    for both SHARED_SOURCES (int4.py, reference.py, ops.py). A record made with other code does not
-    count (a changed kernel must pass again); shipped entries carry it."""
+    for both SHARED_SOURCES (int4.py, reference.py, ops.py); and the backend's BACKEND_SOURCES. A record
+    made with other code does not count (a changed kernel must pass again); shipped entries carry it."""
     h = hashlib.sha256()
     pkg = Path(__file__).parent
-    files = [*sorted((pkg / backend).glob("*.py")), *(pkg / name for name in SHARED_SOURCES)]
+    files = [*sorted((pkg / backend).glob("*.py")),
+             *(pkg / name for name in SHARED_SOURCES + BACKEND_SOURCES.get(backend, ()))]  # fmt: skip
     if backend == "cuda":
         h.update(_build_fingerprint().encode())
     elif backend == "triton":

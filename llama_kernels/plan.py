@@ -12,7 +12,9 @@ tensor parallel over N GPUs:
   times :func:`kv_cache_bytes_per_token`; an FP8 cache adds one float32 scale per layer, K/V
   and local KV head (``rope_and_cache``'s k_scale/v_scale [Hkv]).
 * activations + workspace of the largest prefill chunk, T = min(prefill_chunk, batch x context)
-  tokens (see :func:`_activation_bytes`), plus the RoPE cos/sin tables for the context.
+  tokens (see :func:`_activation_bytes`), plus the RoPE cos/sin tables for the context and the
+  prefill attention plan's partial outputs (:func:`llama_kernels.attention_workspace.workspace_bytes`
+  at :data:`GPU_SMS`, the kernel's own formula: ~34 MB for 8 KV heads of 128 dims).
 * CUDA-graph pool: the same activation formula for one decode step of ``batch`` tokens (the
   graphs captured for every batch size share one pool, as large as the largest), plus the
   split-KV partial outputs of ``decode_attention``.
@@ -31,6 +33,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
+
+from .attention_workspace import HOPPER_TILE_ROWS, tile_rows, workspace_bytes
 
 __all__ = [
     "PRESETS",
@@ -122,7 +126,8 @@ PREFILL_CHUNK = 8192
 #: Hopper (cublasSetWorkspace); the FP8 GEMMs (cublasLt / CUTLASS) use at most this much.
 GEMM_WORKSPACE = 32 * MiB
 #: SMs of an H100 SXM / H200; decode_attention splits each (sequence, KV head) into at most
-#: ceil(2 x SMs / (batch x KV heads)) splits (llama_kernels/triton/attention.py:num_splits).
+#: ceil(2 x SMs / (batch x KV heads)) splits (llama_kernels/triton/attention.py:num_splits), and
+#: the prefill attention plan's workspace grows with it (attention_workspace.workspace_bytes).
 GPU_SMS = 132
 #: Planning allowance for the CUDA context and the kernel images loaded into it (torch, cuBLAS,
 #: cuBLASLt, Triton, llama_kernels._C).  A bare torch CUDA context on H100 with CUDA 12 lazy
@@ -351,7 +356,10 @@ def _runtime_bytes(m: _Model, gpus: int, quant: str, kv_dtype: str, weights: int
     if kv_dtype == "fp8":
         kv += 2 * m.layers * kv_heads * FP32
     rope = context * m.head_dim * FP32  # cos and sin, [context, head_dim / 2] float32 each
-    activations = _activation_bytes(m, gpus, quant, min(prefill_chunk, batch * context), batch, act) + rope
+    # The prefill attention plan's split-KV partials, for the sm_90 tiles (the largest) on GPU_SMS SMs.
+    group = m.heads // gpus // kv_heads
+    attention = workspace_bytes(GPU_SMS, kv_heads, tile_rows(HOPPER_TILE_ROWS, group), m.head_dim)
+    activations = _activation_bytes(m, gpus, quant, min(prefill_chunk, batch * context), batch, act) + rope + attention
     # decode_attention's partial outputs and log-sum-exps: [batch, q heads, splits, head_dim + 1] f32
     batch_splits = batch * math.ceil(2 * GPU_SMS / (batch * kv_heads))
     partials = batch_splits * m.heads // gpus * (m.head_dim + 1) * FP32

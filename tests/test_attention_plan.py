@@ -87,6 +87,33 @@ def test_mixed_batch_matches_reference(lens, group, d, block_size, dtype, cache_
     assert_rel_close(out, want, TOL[dtype], f"group {group} D {d} {dtype}/{cache_dtype}")
 
 
+# The same cases over e4m3 caches on the transposed prefill tiles (prefill_attention.FP8_TRANSPOSED):
+# q in fp16 where the case has float32, MIXED[2] for MIXED[3] (whose tiles of <= 2 tokens all take the
+# decode-row path), and a 448-token prefix so that prefill tiles span several 128-token KV tiles and split.
+TRANSPOSED_CASES = [(MIXED[2] if lens is MIXED[3] else lens, group, d, bs, torch.float16 if dt == torch.float32 else dt,
+                     split) for lens, group, d, bs, dt, _, split in CASES]  # fmt: skip
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("lens,group,d,block_size,dtype,split", TRANSPOSED_CASES,
+                         ids=[f"g{c[1]}-d{c[2]}-bs{c[3]}-{c[4]}-{'split' if c[5] else 'whole'}".replace("torch.", "")
+                              for c in TRANSPOSED_CASES])  # fmt: skip
+def test_fp8_transposed_tiles_match_reference(monkeypatch, lens, group, d, block_size, dtype, split):
+    monkeypatch.setattr(prefill_attention, "FP8_TRANSPOSED", True)
+    seq_lens = [n + 448 for n in lens[0]]
+    args = mixed_case(seq_lens, lens[1], group, d, block_size, dtype, FP8, seed=group + d + 1)
+    q, kc, vc, table, lens_t, qlens, ks, vs = args
+    cfg = prefill_attention.call_config(dtype, group, d, FP8, None)
+    assert cfg.transposed and cfg.block_m == prefill_attention.TRANSPOSED_ROWS
+    plan = prefill_attention.make_plan(q, kc, table, lens_t, qlens, 32, 1 if split else 4096)
+    items = plan.items[plan.items[:, SEQ] >= 0]
+    prefill = items[:, NTOK] * group > cfg.small_m  # items on the transposed tiles (the others: decode rows)
+    assert bool(prefill.any()) and bool((items[prefill, SLOT] >= 0).any()) == split  # the paths the case names
+    want = reference.paged_prefill_attention(q, kc, vc, table, lens_t, qlens, 0.1, ks, vs)
+    out = prefill_attention.paged_prefill_attention(q, kc, vc, table, lens_t, qlens, 0.1, ks, vs, plan=plan)
+    assert_rel_close(out, want, TOL[dtype], f"transposed tiles, group {group} D {d} {dtype}")
+
+
 def test_ops_default_plan_and_plans_memo():
     # Through ops with the step's memo: the second call (another layer) reuses the plan; a new
     # query_lens tensor (another step's) gets a new one.

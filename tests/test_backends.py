@@ -128,16 +128,16 @@ def test_validated_record_is_well_formed():
 
 
 def test_code_id_covers_every_file_a_kernel_depends_on(tmp_path, monkeypatch):
-    """The kernel's own sources, int4.py, reference.py, ops.py, and for cuda the build info (the digest of
-    csrc/, nvcc's version, checked or not): a change to any of them changes the hash; an unrelated file,
-    or the arch list, does not."""
+    """The kernel's own sources, int4.py, reference.py, ops.py, for triton attention_workspace.py, and for
+    cuda the build info (the digest of csrc/, nvcc's version, checked or not): a change to any of them
+    changes the hash; an unrelated file, or the arch list, does not."""
     import shutil
 
     pkg = Path(backends.__file__).parent
     copy = tmp_path / "llama_kernels"
     for sub in ("cuda", "triton"):
         shutil.copytree(pkg / sub, copy / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in backends.SHARED_SOURCES + ("llm.py",):
+    for name in backends.SHARED_SOURCES + backends.BACKEND_SOURCES["triton"] + ("llm.py",):
         shutil.copy(pkg / name, copy / name)
     info = types.ModuleType("llama_kernels._build_info")
     info.SOURCES_SHA256, info.CUDA_COMPILER_VERSION, info.CHECKED, info.CUDA_ARCHS = "aa", "13.0.88", False, ["90a"]
@@ -153,7 +153,8 @@ def test_code_id_covers_every_file_a_kernel_depends_on(tmp_path, monkeypatch):
         before = ids()
         for name, changes in (("int4.py", {"cuda", "triton"}), ("reference.py", {"cuda", "triton"}),
                               ("ops.py", {"cuda", "triton"}), ("triton/attention.py", {"triton"}),
-                              ("cuda/attention.py", {"cuda"}), ("llm.py", set())):  # fmt: skip
+                              ("cuda/attention.py", {"cuda"}), ("attention_workspace.py", {"triton"}),
+                              ("llm.py", set())):  # fmt: skip
             with open(copy / name, "a") as f:
                 f.write("\n# changed\n")
             after = ids()

@@ -76,6 +76,18 @@ def test_prefill_benchmark_reports_the_straggler_ratio_and_skips_missing_baselin
     assert all(r["straggler_ratio"] == r["mixed_us"] / r["alone_us"] > 0 for r in ratios)
 
 
+def test_prefill_benchmark_times_the_fp8_transposed_variant():
+    """--backends triton,triton-fp8t: FP8 chunks also run with prefill_attention.FP8_TRANSPOSED on (the GPU
+    A/B of issue 22 item 3), the same attention as the default triton path; the flag is off after."""
+    from llama_kernels.triton import prefill_attention
+
+    rows = _load("bench_prefill").main(["--smoke", "--backends", "triton,triton-fp8t", "--only", "chunk40.*float8"])
+    impls = {r["impl"]: r for r in rows}
+    assert {"triton", "triton-fp8t"} <= set(impls) and all(r["kv"] == "float8_e4m3fn" for r in rows)
+    assert not any("error" in r for r in rows) and impls["triton-fp8t"]["time_us"] > 0
+    assert prefill_attention.FP8_TRANSPOSED is False
+
+
 def test_a_benchmark_cut_short_keeps_the_cases_it_timed(tmp_path, monkeypatch):
     """The JSON is rewritten after every case; an implementation that raises costs only its own row."""
     bench = _load("bench_norm_rope")

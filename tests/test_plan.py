@@ -4,6 +4,7 @@ issue, the largest context x batch, the errors, and `llama-kernels plan`."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -107,6 +108,29 @@ def test_fewer_bytes_with_more_gpus_and_smaller_formats():
     assert weights("fp8") < 0.52 * weights("bf16")
     for quant in ("int4", "fp8", "fp8-meta", "bf16"):
         assert weights(quant, 8) < weights(quant, 4)
+
+
+@pytest.mark.parametrize("model,gpus,group,kv_heads,d", [("llama-3.1-8b", 1, 4, 8, 128),
+                                                        ("llama-3.1-405b", 8, 16, 1, 128),
+                                                        ("llama-3.2-1b", 1, 4, 8, 64)])  # fmt: skip
+def test_activations_count_the_prefill_attention_plans_workspace(monkeypatch, model, gpus, group, kv_heads, d):
+    """The prefill attention plan's partial outputs (issue 22) are in the activation budget at the size the
+    kernel allocates for a plan on an H100 (132 SMs, sm_90 tiles): the planner's share is the kernel's
+    own workspace, measured from a plan built for 132 SMs, and at most 35 MB."""
+    from llama_kernels import plan as planner
+    from llama_kernels.attention_workspace import workspace_shapes
+    from llama_kernels.triton import attention_plan, prefill_attention
+
+    with_ws = plan(model, gpus=gpus, max_context=4096)
+    monkeypatch.setattr(planner, "workspace_bytes", lambda *a: 0)
+    counted = with_ws.activation_bytes - plan(model, gpus=gpus, max_context=4096).activation_bytes
+    cfg = prefill_attention.call_config(torch.bfloat16, group, d, torch.bfloat16, (9, 0))
+    lens = torch.tensor([4096], dtype=torch.int32)
+    built = attention_plan.build_plan(lens, lens, 4096, 4096, cfg.block_m // group, cfg.block_n,
+                                      prefill_attention.programs(planner.GPU_SMS, kv_heads), 256)  # fmt: skip
+    kernel = sum(4 * math.prod(s) for s in workspace_shapes(built.max_slots, kv_heads, cfg.block_m, d))
+    assert counted == kernel and 0 < counted <= 35e6, (counted, kernel)
+    assert with_ws.activation_bytes > counted + planner.GEMM_WORKSPACE  # added to, not instead of, the rest
 
 
 # --- the issue's cases -------------------------------------------------------------------------

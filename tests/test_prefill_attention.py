@@ -10,6 +10,8 @@ their cross product.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,18 +196,14 @@ def test_triton_realistic_sizes():
 # --- compile for sm_90 / sm_89 / sm_80 ---------------------------------------------------------
 
 _INTS = ("num_tokens", "num_kv_heads", "max_blocks")
-_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "SMALL_M", "BLOCK_N", "IS_FP8", "DOT_F32", "EMULATE_CASTS",
-               "INTERPRETED")  # fmt: skip
+_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "SMALL_M", "BLOCK_N", "IS_FP8", "DOT_F32", "TRANSPOSED",
+               "EMULATE_CASTS", "INTERPRETED")  # fmt: skip
 
 
-@pytest.mark.parametrize("group,d,cache,capability", [
-    (1, 128, "bf16", 90), (8, 128, "bf16", 90), (3, 64, "fp16", 90),
-    (8, 128, "u8", 90), (16, 64, "u8", 90),
-    (8, 128, "u8", 89), (16, 64, "u8", 89), (8, 128, "bf16", 80), (1, 128, "fp16", 89),
-    (4, 128, "u8", 80),  # FP8 caches decode in integer ops: no sm_89 needed
-])  # fmt: skip
-def test_kernel_compiles_without_spills(group, d, cache, capability):
-    # The item kernel, both its row counts (prefill tiles and decode rows) in one program.
+def _compile_item_kernel(group, d, cache, capability):
+    """The item kernel as a launch with bf16 q (fp16 for an fp16 cache) over `cache` ("bf16", "fp16",
+    or "u8": e4m3 bits) would compile it for sm_<capability>, in the configuration call_config picks;
+    returns (compiled, config)."""
     dtype = "fp16" if cache == "fp16" else "bf16"
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", "table_ptr": "*i32",
                  "items_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": f"*{dtype}",
@@ -216,13 +214,71 @@ def test_kernel_compiles_without_spills(group, d, cache, capability):
     cfg = prefill_attention.call_config(q_dtype, group, d, cache_dtype, divmod(capability, 10))
     assert not cfg.dot_f32 and cfg.small_m == max(16, group)
     constexprs = dict(GROUP=group, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_M=cfg.block_m, SMALL_M=cfg.small_m,
-                      BLOCK_N=cfg.block_n, IS_FP8=cache == "u8", DOT_F32=False, EMULATE_CASTS=False,
-                      INTERPRETED=False)  # fmt: skip
+                      BLOCK_N=cfg.block_n, IS_FP8=cache == "u8", DOT_F32=False, TRANSPOSED=cfg.transposed,
+                      EMULATE_CASTS=False, INTERPRETED=False)  # fmt: skip
     compiled = compile_for(prefill_attention._item_kernel, signature, constexprs, capability,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    return compiled, cfg
+
+
+@pytest.mark.parametrize("group,d,cache,capability", [
+    (1, 128, "bf16", 90), (8, 128, "bf16", 90), (3, 64, "fp16", 90),
+    (8, 128, "u8", 90), (16, 64, "u8", 90),
+    (8, 128, "u8", 89), (16, 64, "u8", 89), (8, 128, "bf16", 80), (1, 128, "fp16", 89),
+    (4, 128, "u8", 80),  # FP8 caches decode in integer ops: no sm_89 needed
+])  # fmt: skip
+def test_kernel_compiles_without_spills(group, d, cache, capability):
+    # The item kernel, both its row counts (prefill tiles and decode rows) in one program.
+    compiled, _ = _compile_item_kernel(group, d, cache, capability)
     report = ptxas_report(compiled, capability)
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["log"]
     assert "mma" in compiled.asm["ptx"]  # the dots run on tensor cores
+
+
+_SSA = r"(%[\w#]+)"
+
+
+def decoded_tiles(ttgir: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Where the e4m3-decoded K/V tiles go in a compiled item kernel's TTGIR: the dots (tt.dot, or
+    ttng.warp_group_dot under wgmma) with an operand that is a decoded tile in registers, and the
+    decoded tiles written to shared memory (ttg.local_alloc of one: the round trip).
+
+    A decoded tile is the f16 bitcast that ends _e4m3_as_f16 (its i16 -> f16 bitcast is the kernel's
+    only one), followed through its conversion to bf16 (tt.fp_to_fp; arith.extf + truncf on triton 3.6),
+    tt.trans and ttg.convert_layout."""
+    decoded = set(re.findall(_SSA + r" = tt\.bitcast %\S+ : tensor<\d+x\d+xi16[^\n]*-> tensor<\d+x\d+xf16", ttgir))
+    follow = r"(?:tt\.fp_to_fp|arith\.extf|arith\.truncf|tt\.trans|ttg\.convert_layout)"
+    derived = re.findall(_SSA + " = " + follow + " " + _SSA, ttgir)
+    while True:
+        more = {out for out, src in derived if src in decoded} - decoded
+        if not more:
+            break
+        decoded |= more
+    dots = re.findall(r"= (tt\.dot|ttng\.warp_group_dot) " + _SSA + ", " + _SSA, ttgir)
+    fed = [(op, a if a in decoded else b) for op, a, b in dots if a in decoded or b in decoded]
+    stored = [v for v in re.findall(r"= ttg\.local_alloc " + _SSA, ttgir) if v in decoded]
+    return fed, stored
+
+
+@pytest.mark.parametrize("group,d,capability,transposed", [
+    (8, 128, 89, False), (16, 64, 89, False), (8, 128, 90, False), (16, 64, 90, False),  # as compiled above
+    (1, 128, 90, True), (16, 64, 90, True),
+])  # fmt: skip
+def test_fp8_decoded_tiles_reach_the_dots_from_registers(monkeypatch, group, d, capability, transposed):
+    # Issue 22 item 3. Each of the 8 dots (QK and PV, in the unmasked and masked loops, of prefill tiles
+    # and decode rows) takes its decoded K or V tile from registers on mma.sync (sm_89; decode rows on
+    # sm_90) and on wgmma in transposed space (FP8_TRANSPOSED: the decoded K and V^T are A operands).
+    # Today's sm_90 prefill tiles store the decoded K and V to shared memory, wgmma's B operand: 4 tiles.
+    monkeypatch.setattr(prefill_attention, "FP8_TRANSPOSED", transposed)
+    compiled, cfg = _compile_item_kernel(group, d, "u8", capability)
+    assert cfg.transposed == transposed
+    fed, stored = decoded_tiles(compiled.asm["ttgir"])
+    wgmma_b = 4 if capability >= 90 and not transposed else 0
+    assert len(fed) == 8 - wgmma_b and len(stored) == wgmma_b, (fed, stored)
+    if capability >= 90:
+        assert sum(op == "ttng.warp_group_dot" for op, _ in fed) == (4 if transposed else 0)
+    report = ptxas_report(compiled, capability)
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["log"]
 
 
 @pytest.mark.parametrize("capability", [80, 90])

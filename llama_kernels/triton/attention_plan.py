@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..attention_workspace import partial_slots
+
 # Columns of AttentionPlan.items (an eighth pads a row to 32 bytes: one load per item)
 SEQ, ROW0, NTOK, POS0, KV_LO, KV_HI, SLOT = range(7)
 ITEM_FIELDS = 8
@@ -44,7 +46,7 @@ class AttentionPlan(NamedTuple):
     # [max_merges, 4]: per split query tile: first row of q, tokens, first partial slot, slots (0: none)
     merges: torch.Tensor
     chunk: torch.Tensor  # [] int32: the step's KV chunk length (a multiple of block_n)
-    max_slots: int  # partial slots a kernel's workspace needs (2 * programs)
+    max_slots: int  # partial slots a kernel's workspace needs (attention_workspace.partial_slots)
     tile_tokens: int  # new tokens per query tile
     block_n: int  # KV tokens per kernel tile: chunk boundaries are multiples of it
 
@@ -118,4 +120,4 @@ def build_plan(
     dest = torch.where(split, torch.cumsum(split, 0, dtype=i32) - 1, max_merges).long()
     merges = torch.zeros(max_merges + 1, 4, dtype=i32, device=dev)
     merges.index_copy_(0, dest, torch.stack([row0, ntok, slot0, split_n], dim=1))
-    return AttentionPlan(items, merges[:max_merges], chunk, 2 * programs, tile_tokens, block_n)
+    return AttentionPlan(items, merges[:max_merges], chunk, partial_slots(programs), tile_tokens, block_n)

@@ -19,7 +19,9 @@ The grids depend only on shapes and the SM count (the plan's bounds), never on t
 seq_lens and query_lens: a call needs no host sync; slots past the plan's items return at once.
 
 FP8 e4m3 caches are decoded with integer ops (the fp16 of value / 256, exact) rather than
-Triton's float8 conversion, which exists only on sm_89+: the kernel runs on sm_80 too.
+Triton's float8 conversion, which exists only on sm_89+: the kernel runs on sm_80 too. The decoded
+tiles feed mma.sync from registers (sm_80/89, and decode-row tiles on sm_90); Hopper's prefill tiles
+store them to shared memory, wgmma's B operand (FP8_TRANSPOSED: the variant that avoids it, off).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from ..attention_workspace import HOPPER_TILE_ROWS, programs, tile_rows, workspace_shapes
 from . import attention_plan
 from .attention import HEAD_DIMS, LOG2E, MIN_SPLIT_TOKENS, _interpreted, _sm_count
 from .attention_plan import AttentionPlan
@@ -39,8 +42,17 @@ from .norm import EMULATE_CASTS, round_to
 
 FP8 = torch.float8_e4m3fn
 _FP8_UNIT = tl.constexpr(256.0)  # _e4m3_as_f16 yields value / 256: the scales carry the factor back
-WAVES = 2  # programs per SM a step's plan aims at (see _programs)
 ITEM_FIELDS = tl.constexpr(attention_plan.ITEM_FIELDS)
+# Prefill tiles over an e4m3 cache in transposed space on sm_90 (S^T = K Q^T, O^T += V^T P^T: the decoded K
+# and V^T are wgmma's register A operands, so they never go to shared memory; see _attend_tile_t). Off: in
+# the compiled loop (triton 3.6 and 3.9) the round trip it removes (8 16-byte shared stores per thread per
+# 64 KV tokens) comes back as more: P^T through shared memory, V^T gathered byte by byte from the cp.async
+# stage (96 shared loads), softmax reductions across the warps that split the KV axis (108-192 shuffles,
+# shared exchanges, 8-19 barriers): 2.2-2.5x the PTX per query row x key of today's loop. Turn on only after
+# a GPU timing shows it faster. sm_89 (and sm_90's decode-row tiles, mma.sync) already feed the decoded
+# tiles to the dots from registers.
+FP8_TRANSPOSED = False
+TRANSPOSED_ROWS = 64  # rows of a transposed prefill tile: the query axis is wgmma's N (128 rows spill)
 MERGE_M = 32  # rows per merge program: its [rows, D] float32 accumulator and partial fit in registers
 
 
@@ -93,10 +105,71 @@ def _attend_tile(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, tab
 
 
 @triton.jit
+def _attend_tile_t(q_t, acc_t, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr, qk_scale, num_kv_heads,
+                   max_blocks, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL_MASK: tl.constexpr):  # fmt: skip
+    """_attend_tile in transposed space, for e4m3 caches under wgmma: S^T = K Q^T and O^T += V^T P^T, so
+    the decoded K and V^T are the dots' A operands, taken from registers (B, Q^T and P^T, must be in
+    shared memory: the decoded tiles then never go there). q_t [D, M], acc_t [D, M]."""
+    t = t0 + tl.arange(0, BLOCK_N)
+    valid = t < kv_hi
+    block = tl.load(table_ptr + b * max_blocks + t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    rows = (block * BLOCK_SIZE + t % BLOCK_SIZE) * num_kv_heads + kv_head
+    d = tl.arange(0, HEAD_DIM)
+    k = _load_kv(k_ptr, rows[:, None] * HEAD_DIM + d[None, :], valid[:, None], q_t.dtype, True)  # [N, D]
+    s = tl.dot(k, q_t, input_precision="ieee") * qk_scale  # [N, M]: S^T, base-2 logits
+    if CAUSAL_MASK:
+        s = tl.where((t[:, None] <= pos[None, :]) & valid[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[None, :])  # [N, M]: P^T
+    v_t = _load_kv(v_ptr, d[:, None] + rows[None, :] * HEAD_DIM, valid[None, :], q_t.dtype, True)  # [D, N]
+    acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p.to(q_t.dtype), input_precision="ieee")
+    return acc_t, m_new, l_i * alpha + tl.sum(p, 0)
+
+
+@triton.jit
+def _attend_range(q, acc, m_i, l_i, lo, hi, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr, qk_scale, num_kv_heads,
+                  max_blocks, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_FP8: tl.constexpr, CAUSAL_MASK: tl.constexpr, TRANSPOSED: tl.constexpr,
+                  INTERPRETED: tl.constexpr):  # fmt: skip
+    """The online softmax over the KV tiles starting at lo, lo + BLOCK_N, ... below hi."""
+    if INTERPRETED:  # while loops: Triton 3.6's interpreter cannot take a loaded scalar as a range() bound
+        t0 = lo  # (int() of a 1-element array, refused by numpy >= 2.4); compiled, range() pipelines
+        while t0 < hi:
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
+                                         qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, IS_FP8,
+                                         CAUSAL_MASK, TRANSPOSED)  # fmt: skip
+            t0 += BLOCK_N
+    else:
+        for t0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
+                                         qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, IS_FP8,
+                                         CAUSAL_MASK, TRANSPOSED)  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_step(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr, qk_scale, num_kv_heads,
+                 max_blocks, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_FP8: tl.constexpr, CAUSAL_MASK: tl.constexpr, TRANSPOSED: tl.constexpr):  # fmt: skip
+    if TRANSPOSED:
+        return _attend_tile_t(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr, qk_scale,
+                              num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL_MASK)  # fmt: skip
+    else:
+        return _attend_tile(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr, qk_scale,
+                            num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, IS_FP8, CAUSAL_MASK)  # fmt: skip
+
+
+@triton.jit
 def _attend_item(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, lse_ptr, qk_scale, v_mul, b, row0, ntok, pos0,
                  kv_lo, kv_hi, slot, kv_head, num_tokens, num_kv_heads, max_blocks, GROUP: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, M: tl.constexpr, PART_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr, DOT_F32: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr, DOT_F32: tl.constexpr, TRANSPOSED: tl.constexpr,
                  EMULATE_CASTS: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
     """One work item with M rows (>= ntok * GROUP): out rows, or its partial in slot `slot`."""
     r = tl.arange(0, M)
@@ -112,31 +185,21 @@ def _attend_item(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, lse_ptr, qk_
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, HEAD_DIM], tl.float32)
     full_end = tl.minimum((pos0 + 1) // BLOCK_N * BLOCK_N, kv_hi)  # tiles before it: visible to every row
     mask_from = tl.maximum(kv_lo, full_end)
-    if INTERPRETED:  # while loops: Triton 3.6's interpreter cannot take a loaded scalar as a range() bound
-        t0 = kv_lo  # (int() of a 1-element array, refused by numpy >= 2.4); compiled, range() pipelines
-        while t0 < full_end:
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
-                                         qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         IS_FP8, False)  # fmt: skip
-            t0 += BLOCK_N
-        t0 = mask_from
-        while t0 < kv_hi:
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
-                                         qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         IS_FP8, True)  # fmt: skip
-            t0 += BLOCK_N
+    if TRANSPOSED:
+        q = tl.trans(q)  # [D, M]
+        acc = tl.zeros([HEAD_DIM, M], tl.float32)
     else:
-        for t0 in range(kv_lo, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
-                                         qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         IS_FP8, False)  # fmt: skip
-        for t0 in range(mask_from, kv_hi, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, t0, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
-                                         qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         IS_FP8, True)  # fmt: skip
+        acc = tl.zeros([M, HEAD_DIM], tl.float32)
+    acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, kv_lo, full_end, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
+                                  qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, IS_FP8, False,
+                                  TRANSPOSED, INTERPRETED)  # fmt: skip
+    acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, mask_from, kv_hi, pos, kv_hi, b, kv_head, k_ptr, v_ptr, table_ptr,
+                                  qk_scale, num_kv_heads, max_blocks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, IS_FP8, True,
+                                  TRANSPOSED, INTERPRETED)  # fmt: skip
+    if TRANSPOSED:
+        acc = tl.trans(acc)
 
     # The first chunk holds token 0, seen by every row: there l_i > 0. A later chunk may start past a
     # row's position: l_i = 0, lse = -inf, and the merge gives it no weight.
@@ -173,6 +236,7 @@ def _item_kernel(
     BLOCK_N: tl.constexpr,  # cache tokens per KV tile
     IS_FP8: tl.constexpr,  # e4m3 caches, dequantized by the per-head k_scale / v_scale
     DOT_F32: tl.constexpr,  # dots in float32: a cache of another 16-bit dtype, or bf16 under the interpreter
+    TRANSPOSED: tl.constexpr,  # BLOCK_M tiles in transposed space (_attend_tile_t): e4m3 caches under wgmma
     EMULATE_CASTS: tl.constexpr,  # round the bf16 output to nearest even in integer ops (interpreter)
     INTERPRETED: tl.constexpr,  # under the interpreter: loops bounded by loaded values run as while loops
 ):
@@ -196,12 +260,12 @@ def _item_kernel(
     if SMALL_M < BLOCK_M and ntok * GROUP <= SMALL_M:
         _attend_item(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, lse_ptr, qk_scale, v_mul, b, row0, ntok,
                      pos0, kv_lo, kv_hi, slot, kv_head, num_tokens, num_kv_heads, max_blocks, GROUP, HEAD_DIM,
-                     BLOCK_SIZE, SMALL_M, BLOCK_M, BLOCK_N, IS_FP8, DOT_F32, EMULATE_CASTS,
+                     BLOCK_SIZE, SMALL_M, BLOCK_M, BLOCK_N, IS_FP8, DOT_F32, False, EMULATE_CASTS,
                      INTERPRETED)  # fmt: skip
     else:
         _attend_item(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, lse_ptr, qk_scale, v_mul, b, row0, ntok,
                      pos0, kv_lo, kv_hi, slot, kv_head, num_tokens, num_kv_heads, max_blocks, GROUP, HEAD_DIM,
-                     BLOCK_SIZE, BLOCK_M, BLOCK_M, BLOCK_N, IS_FP8, DOT_F32, EMULATE_CASTS,
+                     BLOCK_SIZE, BLOCK_M, BLOCK_M, BLOCK_N, IS_FP8, DOT_F32, TRANSPOSED, EMULATE_CASTS,
                      INTERPRETED)  # fmt: skip
 
 
@@ -276,6 +340,7 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int
     dot_f32: bool  # the dots run in float32
+    transposed: bool  # prefill tiles in transposed space (_attend_tile_t): see FP8_TRANSPOSED
 
 
 def tile_config(
@@ -295,8 +360,8 @@ def tile_config(
     elif capability is not None and capability < (9, 0) and d == 128:
         block_m, block_n, warps, stages = 64, 16 if fp8 else 32, 4, 2
     else:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
-    return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
+        block_m, block_n, warps, stages = HOPPER_TILE_ROWS, 64, 8, 3
+    return tile_rows(block_m, group), block_n, warps, stages
 
 
 def small_rows(group: int, block_m: int) -> int:
@@ -310,20 +375,18 @@ def call_config(q_dtype: torch.dtype, group: int, d: int, cache_dtype: torch.dty
     (None: the interpreter)."""
     is_fp8 = cache_dtype == FP8
     dot_f32 = (not is_fp8 and cache_dtype != q_dtype) or (q_dtype == torch.bfloat16 and capability is None)
+    if (FP8_TRANSPOSED and is_fp8 and q_dtype != torch.float32 and group <= TRANSPOSED_ROWS
+            and (capability is None or capability >= (9, 0))):  # fmt: skip
+        # 64 x 128 tiles on 8 warps, two stages: no spills with triton 3.6 and 3.9 (128-row tiles spill)
+        return TileConfig(TRANSPOSED_ROWS, small_rows(group, TRANSPOSED_ROWS), 128, 8, 2, dot_f32, True)
     block_m, block_n, warps, stages = tile_config(group, d, torch.float32 if dot_f32 else q_dtype, is_fp8, capability)
-    return TileConfig(block_m, small_rows(group, block_m), block_n, warps, stages, dot_f32)
+    return TileConfig(block_m, small_rows(group, block_m), block_n, warps, stages, dot_f32, False)
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
     if device.type == "cuda" and not _interpreted():
         return backends.device_capability(backends.device_index(device))
     return None
-
-
-def _programs(num_sms: int, num_kv_heads: int) -> int:
-    """Programs per KV head a step's work is spread over: two waves of the SMs (the short items of the
-    second fill the first's tail; one wave leaves 1.4x the mean on one SM where tiles split unevenly)."""
-    return WAVES * max(1, num_sms // num_kv_heads)
 
 
 def make_plan(
@@ -341,9 +404,9 @@ def make_plan(
     under the interpreter) shared by the KV heads."""
     hkv = k_cache.shape[2]
     cfg = call_config(q.dtype, q.shape[1] // hkv, q.shape[2], k_cache.dtype, _capability(q.device))
-    programs = _programs(num_sms or _sm_count(q.device), hkv)
+    num_programs = programs(num_sms or _sm_count(q.device), hkv)
     return attention_plan.build_plan(seq_lens, query_lens, q.shape[0], block_table.shape[1] * k_cache.shape[1],
-                                     cfg.block_m // (q.shape[1] // hkv), cfg.block_n, programs,
+                                     cfg.block_m // (q.shape[1] // hkv), cfg.block_n, num_programs,
                                      triton.cdiv(min_chunk, cfg.block_n) * cfg.block_n)  # fmt: skip
 
 
@@ -382,7 +445,7 @@ def balance(
     capacity = triton.cdiv(max(seq_lens), block_size) * block_size
     plan = attention_plan.build_plan(
         torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(query_lens, dtype=torch.int32), sum(query_lens),
-        capacity, cfg.block_m // group, cfg.block_n, _programs(num_sms, num_kv_heads),
+        capacity, cfg.block_m // group, cfg.block_n, programs(num_sms, num_kv_heads),
         triton.cdiv(min_chunk, cfg.block_n) * cfg.block_n,
     )  # fmt: skip
     live = plan.items[:, attention_plan.SEQ] >= 0
@@ -417,15 +480,16 @@ def run_plan(
         return out
     is_fp8 = k_cache.dtype == FP8
     k, v = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if is_fp8 else (k_cache, v_cache)
-    part = torch.empty(max_slots, hkv, cfg.block_m, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(max_slots, hkv, cfg.block_m, dtype=torch.float32, device=q.device)
+    part, lse = (torch.empty(shape, dtype=torch.float32, device=q.device)
+                 for shape in workspace_shapes(max_slots, hkv, cfg.block_m, d))  # fmt: skip
     sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
     with backends.on_device(q):
         _item_kernel[(items.shape[0] * hkv,)](
             q, k, v, block_table, items, k_scale if is_fp8 else out, v_scale if is_fp8 else out,  # placeholders
             out, part, lse, sm_scale * LOG2E, t, hkv, block_table.shape[1],
             GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, SMALL_M=cfg.small_m,
-            BLOCK_N=cfg.block_n, IS_FP8=is_fp8, DOT_F32=cfg.dot_f32, EMULATE_CASTS=EMULATE_CASTS,
+            BLOCK_N=cfg.block_n, IS_FP8=is_fp8, DOT_F32=cfg.dot_f32, TRANSPOSED=cfg.transposed,
+            EMULATE_CASTS=EMULATE_CASTS,
             INTERPRETED=_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         _merge_kernel[(merges.shape[0] * hkv * (cfg.block_m // MERGE_M),)](
