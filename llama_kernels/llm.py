@@ -203,19 +203,21 @@ class LLM:
                 continuation.
             num_speculative_tokens: k, draft tokens per sequence per step at most.
             draft_model: with speculative="draft", a smaller Llama with the same tokenizer (path as
-                `path`), loaded with the same quant, dtype, KV-cache dtype and sizes, on its own cache;
-                or an LLM already loaded. Not under tensor parallel yet, and the memory planner does not
-                count it yet.
+                `path`), loaded with the same quant, dtype, KV-cache dtype, sizes and tp (sharded over the
+                same ranks: its heads must split by tp too), on its own cache; or an LLM already loaded
+                (with the same tp).
         """
         spec = speculative_config(speculative, num_speculative_tokens, draft_model)
-        if spec is not None and spec.method == "draft" and tp > 1:
-            raise ValueError(f"LLM.from_pretrained: speculative='draft' with tp={tp}; a draft model runs without "
-                             "tensor parallel only (yet): use speculative='ngram'")  # fmt: skip
         _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
+        draft = draft_model if isinstance(draft_model, LLM) else None
+        if draft is None and draft_model is not None:  # preflighted and checked before anything loads
+            draft = draft_model if isinstance(draft_model, Checkpoint) else open_checkpoint(draft_model)
+        if draft is not None:
+            check_draft(draft, ckpt.config, draft_model, tp)
         shard = None
         if tp > 1:
             distributed.init()
@@ -239,13 +241,10 @@ class LLM:
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
         if kv_scales is not None and progress:
             print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
-        draft = draft_model if isinstance(draft_model, LLM) else None
-        if spec is not None and spec.method == "draft" and draft is None:
-            draft = cls.from_pretrained(draft_model, quant, device, dtype, max_context, policy=policy,
+        if isinstance(draft, Checkpoint):  # sharded over the same ranks as the model
+            draft = cls.from_pretrained(draft, quant, device, dtype, max_context, policy=policy,
                                         kv_cache_dtype=kv_cache_dtype, max_batch=max_batch, progress=progress,
-                                        cuda_graphs=False, prefill_chunk=prefill_chunk)  # fmt: skip
-        if draft is not None:
-            check_draft(draft.config, ckpt.config, draft_model)
+                                        cuda_graphs=False, tp=tp, prefill_chunk=prefill_chunk)  # fmt: skip
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
                           prefix_caching, kv_scales, spec, draft)  # fmt: skip
 
@@ -260,7 +259,7 @@ class LLM:
         without a checkpoint, and tests."""
         spec = speculative_config(speculative, num_speculative_tokens, draft_model)
         if draft_model is not None:
-            check_draft(draft_model.config, config, "draft_model")
+            check_draft(draft_model, config, "draft_model")
         _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
@@ -468,11 +467,24 @@ def speculative_config(speculative: str | None, num_speculative_tokens: int, dra
     return SpeculativeConfig(speculative, k)
 
 
-def check_draft(draft: LlamaConfig, target: LlamaConfig, name) -> None:
-    """ValueError unless a draft model can propose for the target (the same vocabulary)."""
-    if draft.vocab_size != target.vocab_size:
-        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} has a vocabulary of {draft.vocab_size} tokens, "
+def check_draft(draft: LLM | Checkpoint, target: LlamaConfig, name, tp: int = 1) -> None:
+    """ValueError unless a draft model (an LLM, or a checkpoint to load) can propose for the target: the same
+    vocabulary, and shards for the target's tp ranks (a loaded LLM: loaded with that tp)."""
+    config = draft.config
+    if config.vocab_size != target.vocab_size:
+        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} has a vocabulary of {config.vocab_size} tokens, "
                          f"the model {target.vocab_size}; a draft model needs the same tokenizer")  # fmt: skip
+    if isinstance(draft, LLM):
+        loaded = draft.model.tp.size if draft.model.tp is not None else 1
+        if loaded != tp:
+            raise ValueError(f"LLM.from_pretrained: draft_model is an LLM loaded with tp={loaded}, the model with "
+                             f"tp={tp}; a draft model runs under the model's tensor parallelism: load it with tp={tp}")
+        return
+    ok = distributed.valid_tp(config.num_heads, config.num_kv_heads, config.intermediate_size)
+    if tp not in ok:
+        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} cannot be split by tp={tp} ({config.num_heads} "
+                         f"query heads, {config.num_kv_heads} KV heads, intermediate_size {config.intermediate_size});"
+                         f" a draft model runs under the model's tensor parallelism; tp that split it: {ok}")
 
 
 def default_prefill_chunk(device: torch.device) -> int:

@@ -386,43 +386,72 @@ def test_counters_reach_metrics_and_the_cli_line(llm, capsys):
 TP_PROMPTS = [[5, 6, 7, 8] * 3, [9, 1, 100, 9, 1], list(range(30, 50)) * 2]
 
 
-def tp_spec_tokens(path, tp: int) -> tuple[dict[str, list[int]], int]:
-    """({id: greedy tokens}, draft tokens accepted) of 3 requests with n-gram speculation (k = 3) on this
-    rank of tp (rank 0 schedules and verifies; the other ranks follow and return nothing)."""
-    llm = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False, tp=tp)
-    engine = Engine(llm.loaded, max_num_seqs=3, speculative=SpeculativeConfig(num_tokens=3, ngram_min=1))
-    if llm.model.tp is not None and torch.distributed.get_rank() != 0:
-        engine.follow()
-        return {}, 0
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
-    engine.stop_followers()
-    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().spec_accepted_total
+def tp_spec_tokens(path, draft, tp: int) -> dict[str, tuple[dict[str, list[int]], int, int]]:
+    """{proposer: ({id: greedy tokens}, draft tokens proposed, accepted)} of 3 requests with speculation
+    (k = 3) by n-gram and by the draft model `draft`, on this rank of tp (rank 0 schedules, proposes and
+    verifies; the other ranks follow, running the target's and the draft's passes, and return nothing)."""
+    llm = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False, tp=tp, speculative="draft",
+                              num_speculative_tokens=3, draft_model=draft)  # fmt: skip
+    assert (llm.draft.model.tp is not None) == (tp > 1)  # the draft is sharded too
+    out = {}
+    for name, speculator in (("ngram", SpeculativeConfig(num_tokens=3, ngram_min=1)), ("draft", llm.new_speculator())):
+        engine = Engine(llm.loaded, max_num_seqs=3, speculative=speculator)
+        if llm.model.tp is not None and torch.distributed.get_rank() != 0:
+            engine.follow()
+            continue
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
+        engine.stop_followers()
+        s = engine.stats()
+        out[name] = {rid: tokens(o) for rid, o in outs.items()}, s.spec_proposed_total, s.spec_accepted_total
+    return out
 
 
-def _tp_worker(rank: int, port: int, path, out) -> None:
+def _tp_worker(rank: int, port: int, path, draft, out) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.save(tp_spec_tokens(path, 2), f"{out}.{rank}")
+    torch.save(tp_spec_tokens(path, draft, 2), f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
 def test_tensor_parallel_speculation_matches_one_process(tmp_path):
-    """TP=2 over gloo: the other rank runs rank 0's verify passes; the tokens equal one process's and
-    plain decoding's."""
+    """TP=2 over gloo, n-gram and a draft model (a random 1-layer Llama sharing the target's embedding, lm_head
+    and first layer, sharded over the same 2 ranks; 3 query heads and 1 KV head per rank): the other rank runs rank 0's verify and draft passes; the
+    tokens, drafts proposed and accepted equal one process's, and the tokens plain decoding's."""
     import socket
 
     from test_tensor_parallel import write_model
 
-    path = write_model(tmp_path / "model", 6, 6, True)
-    ref, accepted = tp_spec_tokens(path, 1)
+    path = write_model(tmp_path / "model", 6, 2, False)  # untied: its greedy tokens do not just repeat
+    draft = write_model(tmp_path / "draft", 6, 2, False, layers=1)
+    ref = tp_spec_tokens(path, draft, 1)
     plain = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    assert ref == {r: tokens(o) for r, o in run(Engine(plain.loaded, max_num_seqs=3),
-                                                  {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)}).items()}
-    assert accepted > 0
+    want = {r: tokens(o) for r, o in run(Engine(plain.loaded, max_num_seqs=3),
+                                         {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)}).items()}  # fmt: skip
+    for name, (got, proposed, accepted) in ref.items():
+        assert got == want and proposed > accepted > 0, (name, proposed, accepted)  # some rejected
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_tp_worker, args=(port, path, tmp_path / "tp.pt"), nprocs=2)
-    assert torch.load(tmp_path / "tp.pt.0") == (ref, accepted)
+    torch.multiprocessing.spawn(_tp_worker, args=(port, path, draft, tmp_path / "tp.pt"), nprocs=2)
+    assert torch.load(tmp_path / "tp.pt.0") == ref
+
+
+def test_a_draft_model_that_tp_cannot_split_is_refused_before_loading(tmp_path, monkeypatch):
+    """--tp 2 with a draft of 3 heads (or an LLM loaded without tp): one line naming the draft and tp, before
+    any process group or weight load."""
+    from test_tensor_parallel import write_model
+
+    import llama_kernels.llm as llm_module
+
+    path = write_model(tmp_path / "model", 6, 6, True)
+    draft = write_model(tmp_path / "draft", 3, 3, True, layers=1)
+    one = LLM.from_pretrained(draft, max_context=16, max_batch=1, progress=False)
+    monkeypatch.setattr(llm_module, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    monkeypatch.setattr(llm_module.distributed, "init", lambda *a, **k: pytest.fail("joined a process group"))
+    with pytest.raises(ValueError, match=rf"draft_model={draft} cannot be split by tp=2 \(3 query heads, 3 KV "
+                                         r"heads, intermediate_size 192\); .* tp that split it: \[1, 3\]$"):
+        LLM.from_pretrained(path, tp=2, speculative="draft", draft_model=draft, progress=False)
+    with pytest.raises(ValueError, match="draft_model is an LLM loaded with tp=1, the model with tp=2; .* with tp=2"):
+        LLM.from_pretrained(path, tp=2, speculative="draft", draft_model=one, progress=False)

@@ -507,7 +507,7 @@ class Engine:
         takes, until rank 0 calls stop_followers(). Requests are added to rank 0's engine only."""
         if self.model.tp is None or distributed.is_main():
             raise RuntimeError("Engine.follow: only ranks other than 0 of a tensor-parallel model follow")
-        self.runner.follow()
+        self.runner.follow(self.speculator.proposer.runners if self.speculator is not None else None)
 
     def stop_followers(self) -> None:
         """Rank 0 under tensor parallel: end the other ranks' follow() (no-op otherwise)."""

@@ -152,13 +152,15 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(model, cache, max_num_seqs, max_context)
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk], all_logits: bool = False, lead: bool = False) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], all_logits: bool = False, lead: bool = False,
+            key: str = "target") -> torch.Tensor:  # fmt: skip
         """Logits [N, V] float32 of the chunks that ask for them (their last 1 + spec tokens, or every token of
         a chunk with all_logits, in order), or with all_logits of every token [T, V]. A step whose chunks are
         all one token is a decode step.
-        With lead (rank 0 under tensor parallel), the step is first sent to the ranks in follow()."""
+        With lead (rank 0 under tensor parallel), the step is first sent to the ranks in follow(), which run
+        it on their runner of that key ("target": the engine's model, or one a proposer runs: "draft")."""
         if lead:
-            distributed.broadcast_object(("run", chunks, all_logits))
+            distributed.broadcast_object(("run", key, chunks, all_logits))
         bs = self.cache.block_size
         tokens = [t for c in chunks for t in c.tokens]
         positions = [c.start + i for c in chunks for i in range(len(c.tokens))]
@@ -186,13 +188,16 @@ class ModelRunner:
             index = None if all_logits else want.to(dev)
             return self.model(ids, batch, self.cache, index).float()
 
-    def follow(self) -> None:
-        """Under tensor parallel, on ranks other than 0: run each step rank 0 leads, until it stops."""
+    def follow(self, others: dict[str, ModelRunner] | None = None) -> None:
+        """Under tensor parallel, on ranks other than 0: run each pass rank 0 leads, on this runner (key
+        "target") or on the one of `others` it names (a draft model's), until rank 0 stops."""
+        runners = {"target": self, **(others or {})}
         while True:
             message = distributed.broadcast_object()
             if message[0] == "stop":
                 return
-            self.run(*message[1:])
+            _, key, chunks, all_logits = message
+            runners[key].run(chunks, all_logits)
 
     @staticmethod
     def stop_followers() -> None:

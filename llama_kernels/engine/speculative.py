@@ -41,6 +41,7 @@ from typing import Protocol
 
 import torch
 
+from .. import distributed
 from .block_allocator import BlockAllocator
 from .runner import Chunk
 from .sampling import sampling_probs
@@ -86,6 +87,10 @@ class Draft:
 class Proposer(Protocol):
     """Proposes drafts for a batch of sequences (a draft model or an EAGLE-style head runs them as one batch)."""
 
+    # the model runners it runs passes on, by key: under tensor parallel rank 0's proposer sends each pass to
+    # the other ranks (runner.run(..., lead=True, key=key)), whose Engine.follow runs it on theirs
+    runners: dict
+
     def propose(self, seqs: list, ks: list[int]) -> list[Draft]:
         """One draft per sequence (engine Sequences: request_id, ids = prompt + output so far, params,
         generator) of at most ks[i] tokens (may be empty)."""
@@ -126,6 +131,8 @@ class NgramProposer:
     """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens (n from
     ngram_max down to ngram_min) and propose the tokens that followed it. No model; per request an
     NgramIndex (so a step costs O(new tokens), not O(context))."""
+
+    runners: dict = {}  # no model
 
     def __init__(self, ngram_max: int = 4, ngram_min: int = 2) -> None:
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
@@ -279,10 +286,15 @@ class DraftModelProposer:
     draft's sampling distribution (same temperature / top-k / top-p) with the request's generator, and
     pass q to the verification. A sequence whose draft cache is full proposes nothing; state of
     sequences that ended is dropped then (release), of those preempted at the next proposal.
+
+    Under tensor parallel the draft model is sharded over the same ranks as the target: rank 0 proposes
+    and sends each draft pass to the other ranks (key "draft"), which run it in Engine.follow.
     """
 
     def __init__(self, runner, allocator: BlockAllocator, max_context: int) -> None:
         self.runner = runner  # a ModelRunner over the draft model and its cache
+        self.runners = {"draft": runner}
+        self.lead = runner.model.tp is not None and distributed.is_main()  # rank 0 under tensor parallel
         self.allocator = allocator  # the draft cache's blocks
         self.max_context = max_context  # the draft model's positions
         self.state: dict[str, tuple[list[int], list[int]]] = {}  # request id -> (cached tokens, blocks)
@@ -308,7 +320,7 @@ class DraftModelProposer:
                       zip(step, [a for a in active if a[1] > i])]  # fmt: skip
             if not chunks:
                 break
-            logits = self.runner.run(chunks)  # [n, V] float32
+            logits = self.runner.run(chunks, lead=self.lead, key="draft")  # [n, V] float32
             nxt = []
             for (seq, new), row, (_, k, cached, _) in zip(step, logits, [a for a in active if a[1] > i]):
                 cached.extend(new)
