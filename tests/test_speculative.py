@@ -394,7 +394,8 @@ def tp_spec_tokens(path, draft, tp: int) -> dict[str, tuple[dict[str, list[int]]
                               num_speculative_tokens=3, draft_model=draft)  # fmt: skip
     assert (llm.draft.model.tp is not None) == (tp > 1)  # the draft is sharded too
     out = {}
-    for name, speculator in (("ngram", SpeculativeConfig(num_tokens=3, ngram_min=1)), ("draft", llm.new_speculator())):
+    speculators = {"ngram": SpeculativeConfig(num_tokens=3, ngram_min=1), "draft": llm.new_speculator()}
+    for name, speculator in speculators.items():
         engine = Engine(llm.loaded, max_num_seqs=3, speculative=speculator)
         if llm.model.tp is not None and torch.distributed.get_rank() != 0:
             engine.follow()
@@ -416,8 +417,9 @@ def _tp_worker(rank: int, port: int, path, draft, out) -> None:
 
 def test_tensor_parallel_speculation_matches_one_process(tmp_path):
     """TP=2 over gloo, n-gram and a draft model (a random 1-layer Llama sharing the target's embedding, lm_head
-    and first layer, sharded over the same 2 ranks; 3 query heads and 1 KV head per rank): the other rank runs rank 0's verify and draft passes; the
-    tokens, drafts proposed and accepted equal one process's, and the tokens plain decoding's."""
+    and first layer, sharded over the same 2 ranks; 3 query heads and 1 KV head per rank): the other rank
+    runs rank 0's verify and draft passes; the tokens, drafts proposed and accepted equal one process's, and
+    the tokens plain decoding's."""
     import socket
 
     from test_tensor_parallel import write_model
