@@ -38,9 +38,9 @@ def _dtype(name: str, value) -> torch.dtype:
     raise ValueError(f"LLM.from_pretrained: {name}={value!r}; expected one of {sorted(_DTYPES)}")
 
 
-def planner_config(config: LlamaConfig) -> dict:
-    """The Hugging Face config keys llama_kernels.plan reads, from a LlamaConfig."""
-    return dict(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+def planner_config(config: LlamaConfig, name: str = "config") -> dict:
+    """The Hugging Face config keys llama_kernels.plan reads, from a LlamaConfig (name: the model's, in messages)."""
+    return dict(_name_or_path=name, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                 num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                 num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, vocab_size=config.vocab_size,
                 tie_word_embeddings=config.tie_word_embeddings,
@@ -53,7 +53,8 @@ _PLAN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 def size_context(config: LlamaConfig, device: torch.device, max_context: int | None = None, *,
                  quant: str | None = None, policy: str = "all", kv_dtype: torch.dtype = torch.bfloat16,
                  dtype: torch.dtype = torch.bfloat16, max_batch: int = 8, gpu_mem_bytes: int | None = None,
-                 gpus: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK) -> int:  # fmt: skip
+                 gpus: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK, name: str = "the model",
+                 draft: LlamaConfig | None = None, draft_name: str = "the draft model") -> int:  # fmt: skip
     """Tokens per sequence to allocate the KV cache for; raises ValueError when the model cannot fit.
 
     On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, with the real
@@ -63,23 +64,33 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
     context that fits (whole KV blocks, capped by max_position_embeddings); a
     model or a max_context that does not fit raises ValueError with the planner's table
     (plan.check_fits). On the CPU there is no planning: None means min(max_position_embeddings, 4096).
+    name: the model's, in the planner's messages. With a speculative draft model to load (draft, named
+    draft_name), the planner counts its weights and its KV cache of as many tokens (a draft that does not
+    fit beside the model: one line, plan.check_fits), and the context is capped by its
+    max_position_embeddings too.
     """
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                     or max_context < 1):  # fmt: skip
         raise ValueError(f"LLM.from_pretrained: max_context={max_context!r}; expected an int >= 1")
+    if draft is not None and max_context is not None and max_context > draft.max_position_embeddings:
+        raise ValueError(f"max_context (--max-context) {max_context} is above the trained context of the draft model "
+                         f"{draft_name} ({draft.max_position_embeddings} tokens); expected at most "
+                         f"{draft.max_position_embeddings}")  # fmt: skip
     if max_context is not None and max_context > config.max_position_embeddings:
         # refused rather than extrapolated: past its trained length a model's RoPE positions are untrained
         raise ValueError(f"max_context (--max-context) {max_context} is above the model's trained context of "
                          f"{config.max_position_embeddings} tokens (max_position_embeddings); expected at most "
                          f"{config.max_position_embeddings}")  # fmt: skip
     if gpu_mem_bytes is None and device.type != "cuda":
-        return max_context or min(config.max_position_embeddings, CPU_MAX_CONTEXT)
+        positions = min(config.max_position_embeddings, draft.max_position_embeddings if draft else math.inf)
+        return max_context or min(positions, CPU_MAX_CONTEXT)
     if gpu_mem_bytes is None:
         gpu_mem_bytes = torch.cuda.mem_get_info(device)[0]
     weights = {None: "bf16", "fp8": "fp8-meta" if policy == "meta" else "fp8", "int4": "int4"}[quant]
-    p = planner.plan(planner_config(config), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype], dtype=_PLAN_DTYPES[dtype],
+    p = planner.plan(planner_config(config, name), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype], dtype=_PLAN_DTYPES[dtype],
                      gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch,
-                     prefill_chunk=prefill_chunk)  # fmt: skip
+                     prefill_chunk=prefill_chunk,
+                     draft=None if draft is None else planner_config(draft, draft_name))  # fmt: skip
     planner.check_fits(p)
     return p.max_context
 
@@ -138,7 +149,8 @@ class LLM:
             return None
         if self.speculative.method == "draft":
             d = self.draft
-            return make_speculator(self.speculative, DraftModelProposer(d.engine.runner, d.allocator, d.max_context))
+            return make_speculator(self.speculative, DraftModelProposer(d.engine.runner, d.allocator, d.max_context,
+                                                                          d.prefill_chunk))
         return make_speculator(self.speculative)
 
     @property
@@ -226,9 +238,16 @@ class LLM:
         progress = progress and distributed.is_main()
         backends.check_formats(device, quant == "fp8" or any(s.kind.startswith("fp8") for s in ckpt.quantized.values()),
                                kv_dtype == torch.float8_e4m3fn)  # fmt: skip
+        draft_shard = None
+        if isinstance(draft, Checkpoint):
+            backends.check_formats(device, any(s.kind.startswith("fp8") for s in draft.quantized.values()), False)
+            draft_shard = distributed.TensorParallel.current(draft.config, tp) if tp > 1 else None
         requested = max_context
+        # a draft still to load is planned with the model (an LLM given as draft_model is loaded already)
         max_context = size_context(ckpt.config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   dtype=dtype, max_batch=max_batch, gpus=tp, prefill_chunk=prefill_chunk)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch, gpus=tp, prefill_chunk=prefill_chunk,
+                                   name=str(ckpt.path), draft=draft.config if isinstance(draft, Checkpoint) else None,
+                                   draft_name=str(draft_model))  # fmt: skip
         if min_context > max_context:
             how = "--max-context / max_context=" if requested is not None else _context_rule(device, ckpt.config)
             raise ValueError(f"the prompt and the new tokens need {min_context} tokens but the context is "
@@ -237,14 +256,16 @@ class LLM:
         if progress:
             _say_context(device, max_context, max_batch, ckpt.config, requested is not None)
         # read (and checked) before any weight loads; a cache that is not FP8 ignores them
-        kv_scales = read_kv_scales(ckpt, shard) if kv_dtype == torch.float8_e4m3fn else None
+        fp8_kv = kv_dtype == torch.float8_e4m3fn
+        kv_scales = read_kv_scales(ckpt, shard) if fp8_kv else None
+        draft_kv_scales = read_kv_scales(draft, draft_shard) if fp8_kv and isinstance(draft, Checkpoint) else None
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
         if kv_scales is not None and progress:
             print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
-        if isinstance(draft, Checkpoint):  # sharded over the same ranks as the model
-            draft = cls.from_pretrained(draft, quant, device, dtype, max_context, policy=policy,
-                                        kv_cache_dtype=kv_cache_dtype, max_batch=max_batch, progress=progress,
-                                        cuda_graphs=False, tp=tp, prefill_chunk=prefill_chunk)  # fmt: skip
+        if isinstance(draft, Checkpoint):  # same formats and sizes, sharded over the same ranks; planned above
+            draft_model = load_model(draft, dtype, device, quant, policy, progress, draft_shard)
+            draft = cls._build(draft_model, draft.tokenizer, kv_dtype, max_context, max_batch, False, prefill_chunk,
+                               prefix_caching, draft_kv_scales)  # fmt: skip
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
                           prefix_caching, kv_scales, spec, draft)  # fmt: skip
 

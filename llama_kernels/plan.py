@@ -649,7 +649,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                         help=f"largest prefill chunk in tokens (default {PREFILL_CHUNK})")  # fmt: skip
     parser.add_argument("--draft", help="a speculative draft model loaded beside it (a preset or a config.json): "
-                        "its weights and its own KV cache are counted")  # fmt: skip
+                        "its weights and its own KV cache are counted (default: none)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
 
 

@@ -341,6 +341,25 @@ def test_rejection_sampling_with_a_draft_distribution():
 
 
 @smollm2
+def test_the_draft_prefills_in_chunks(llm, drafted, monkeypatch):
+    """The draft model catches up with new prompts in passes of at most its prefill_chunk tokens (the memory
+    planner's activation bound), several sequences per pass; greedy output unchanged."""
+    from llama_kernels.engine.speculative import DraftModelProposer
+
+    d = drafted.draft
+    passes, forward = [], d.engine.runner.run
+    monkeypatch.setattr(d.engine.runner, "run",
+                        lambda chunks, **kw: passes.append([len(c.tokens) for c in chunks]) or forward(chunks, **kw))
+    proposer = DraftModelProposer(d.engine.runner, d.allocator, d.max_context, prefill_chunk=24)
+    requests = {str(i): (p, GREEDY) for i, p in enumerate(PROMPTS[:5])}
+    ref = run(Engine(llm.loaded, max_num_seqs=4), requests)
+    engine = Engine(drafted.loaded, max_num_seqs=4, speculative=make_speculator(spec(3, method="draft"), proposer))
+    outs = run(engine, requests)
+    assert {r: tokens(o) for r, o in outs.items()} == {r: tokens(o) for r, o in ref.items()}
+    assert max(map(sum, passes)) == 24 and any(sum(p) == 24 and len(p) > 1 for p in passes)
+    assert engine.stats().spec_proposed_total > 0 and d.allocator.used == 0
+
+
 def test_smollm2_greedy_identical_on_a_quoting_prompt():
     """n-gram, and SmolLM2 as its own draft model (the same weights, its own cache): the greedy tokens of
     plain decoding; the self-draft is accepted (nearly) always."""
