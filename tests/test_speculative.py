@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_rel_close
 from conftest import needs_smollm2 as smollm2
 from conftest import output_tokens as tokens
 from conftest import run_engine
@@ -19,6 +20,7 @@ from conftest import run_engine
 from llama_kernels.engine import Engine, SamplingParams
 from llama_kernels.engine import speculative
 from llama_kernels.engine.block_allocator import BlockAllocator, PrefixChain
+from llama_kernels.engine.runner import Chunk
 from llama_kernels.engine.scheduler import Sequence
 from llama_kernels.engine.speculative import Draft, NgramProposer, SpeculativeConfig, make_speculator, rollback
 from llama_kernels.llm import LLM
@@ -476,3 +478,102 @@ def test_a_draft_model_that_tp_cannot_split_is_refused_before_loading(tmp_path, 
         LLM.from_pretrained(path, tp=2, speculative="draft", draft_model=draft, progress=False)
     with pytest.raises(ValueError, match="draft_model is an LLM loaded with tp=1, the model with tp=2; .* with tp=2"):
         LLM.from_pretrained(path, tp=2, speculative="draft", draft_model=one, progress=False)
+
+
+# --- the verify step as CUDA graphs ---------------------------------------------------------------
+
+
+def test_verify_layout_pads_and_buckets():
+    """verify_layout (the pure part of VerifyGraphs): the live chunks packed as the eager step packs them,
+    then padding to the bucket's static shapes (B q + 1 tokens, B + 1 sequences: one token for each missing
+    sequence, the rest in a last one; slot -1, position 0, block 0); None for steps that are not verify
+    steps (they run as before)."""
+    from llama_kernels.engine.runner import verify_layout
+
+    a = Chunk([7, 8, 9, 10], 20, [3, 5], True, spec=3)
+    b = Chunk([4, 6], 16, [1, 2], True, spec=1)
+    c = Chunk([11], 30, [0, 6], True)  # a plain decode beside them
+    lay = verify_layout([a, b, c], 3, [1, 2, 4], 16, 5)
+    assert lay.size == 4 and lay.rows == 7
+    assert lay.tokens == [7, 8, 9, 10, 4, 6, 11] + [0] * 10
+    assert lay.positions == [20, 21, 22, 23, 16, 17, 30] + [0] * 10
+    assert lay.slots == [84, 85, 86, 87, 32, 33, 110] + [-1] * 10
+    assert lay.block_table == [[3, 5, 0, 0, 0], [1, 2, 0, 0, 0], [0, 6, 0, 0, 0], [0] * 5, [0] * 5]
+    assert lay.seq_lens == [24, 18, 31, 1, 9] and lay.query_lens == [4, 2, 1, 1, 9]
+    one = verify_layout([b], 3, [1, 2, 4], 16, 5)
+    assert (one.size, one.seq_lens, one.query_lens, len(one.tokens)) == (1, [18, 3], [2, 3], 5)
+    full = verify_layout([a, a, a, a], 3, [1, 2, 4], 16, 5)  # every draft k long, the bucket full
+    assert full.query_lens == [4, 4, 4, 4, 1] and full.rows == 16
+    assert verify_layout([a, b, c], 5, [1, 2, 4], 16, 5).query_lens == [4, 2, 1, 1, 17]  # k = 5: 4 x 6 + 1
+    prefill = Chunk([1, 2, 3], 0, [4], True)
+    for chunks, k in [([c], 3), ([a, prefill], 3), ([a], 2), ([dataclasses.replace(a, all_logits=True)], 3),
+                      ([a, dataclasses.replace(c, logits=False)], 3), ([a, b, c, c, c], 3)]:  # fmt: skip
+        assert verify_layout(chunks, k, [1, 2, 4], 16, 5) is None, (chunks, k)
+    with pytest.raises(ValueError, match="verify_layout: a sequence of this step needs more than the 5 x 16 tokens"):
+        verify_layout([dataclasses.replace(a, start=78)], 3, [1, 2, 4], 16, 5)
+
+
+def test_the_padded_verify_layout_gives_the_eager_logits(llm):
+    """What a verify graph replays, run eagerly on the CPU: 3 sequences (drafts of 3, 1 and 0 tokens, one
+    across a block boundary) padded to bucket 4's 17 tokens give the eager step's logits and write exactly
+    its k/v."""
+    from llama_kernels.engine.runner import buckets, verify_layout
+    from llama_kernels.model import AttentionBatch
+
+    runner, cache, alloc = llm.engine.runner, llm.cache, llm.allocator
+    prompts, drafts = [PROMPTS[4][:30], PROMPTS[6], PROMPTS[3]], [[9, 200, 31], [77], []]
+    blocks = [[] for _ in prompts]
+    chunks = []
+    try:
+        for p, d, bl in zip(prompts, drafts, blocks):
+            assert alloc.grow(bl, len(p) + len(d))
+            runner.run([Chunk(p[:-1], 0, bl, True)])
+            chunks.append(Chunk(p[-1:] + d, len(p) - 1, bl, True, spec=len(d)))
+        eager = runner.run(chunks)  # [7, V]
+        after = [t.clone() for t in cache.k + cache.v]
+        width = -(-max(llm.max_context, 4 * 4 + 1) // cache.block_size)
+        lay = verify_layout(chunks, 3, buckets(4), cache.block_size, width)
+        assert lay.size == 4 and lay.rows == 7 and len(lay.tokens) == 17
+        batch = AttentionBatch(torch.tensor(lay.positions), torch.tensor(lay.slots),
+                               torch.tensor(lay.block_table, dtype=torch.int32),
+                               torch.tensor(lay.seq_lens, dtype=torch.int32),
+                               torch.tensor(lay.query_lens, dtype=torch.int32))  # fmt: skip
+        with torch.inference_mode():
+            padded = llm.model(torch.tensor(lay.tokens), batch, cache).float()
+    finally:
+        for bl in blocks:
+            alloc.free(bl)
+    assert padded.shape == (17, CONFIG.vocab_size)
+    assert_rel_close(padded[: lay.rows], eager, 1e-5, "the live rows' logits")
+    live = torch.tensor([s for s in lay.slots if s >= 0])
+    for a, b in zip(cache.k + cache.v, after):
+        a, b = a.flatten(0, 1).clone(), b.flatten(0, 1).clone()
+        assert_rel_close(a[live], b[live], 1e-6, "the live tokens' k/v")
+        a[live] = b[live] = 0
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), "a padding token wrote to the cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant,kv", [(None, None), ("fp8", "fp8")])
+def test_verify_graphs_match_eager(quant, kv):
+    """On a GPU: verify steps replayed as CUDA graphs (buckets 1 to 4, drafts of 0 to 3 tokens padded) give
+    the eager verify logits and the same greedy tokens."""
+    config = dataclasses.replace(CONFIG, head_dim=64)  # the triton prefill attention takes D 64 or 128
+    kw = dict(quant=quant, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, max_context=128, max_batch=4, seed=3)
+    requests = {str(i): (p, GREEDY) for i, p in enumerate(REPEATING + [PROMPTS[4]])}
+    seen = {}
+    for graphs in (True, False):
+        llm = LLM.from_config(config, cuda_graphs=graphs, **kw)
+        engine = Engine(llm.loaded, max_num_seqs=4, speculative=spec(3, ngram_min=1))
+        assert (engine.runner.verify_graphs is not None) == graphs
+        steps, run_ = [], engine.runner.run
+        engine.runner.run = lambda chunks, **k: steps.append(
+            (any(c.spec for c in chunks), run_(chunks, **k).clone())) or steps[-1][1]  # fmt: skip
+        outs = run(engine, requests)
+        seen[graphs] = {r: tokens(o) for r, o in outs.items()}, steps, engine.runner.verify_graphs
+    (got, got_steps, vg), (ref, ref_steps, _) = seen[True], seen[False]
+    assert got == ref and vg.graphs, "greedy tokens equal; some verify steps ran as graphs"
+    verify = [(g, r) for (spec_step, g), (_, r) in zip(got_steps, ref_steps) if spec_step]
+    assert verify
+    for i, (g, r) in enumerate(verify):
+        assert_rel_close(g, r, 0.02, f"{quant}/{kv} verify step {i} logits")

@@ -153,8 +153,8 @@ class Engine:
         self.max_context = loaded.max_context  # tokens per sequence (prompt + output)
         self.allocator = loaded.allocator  # the block pool, shared by every engine on this model
         self.scheduler = Scheduler(self.allocator, max_num_seqs, prefill_chunk, max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, loaded.cache, max_num_seqs, loaded.max_context,
-                                  loaded.cuda_graphs)  # fmt: skip
+        self.runner = ModelRunner(loaded.model, loaded.cache, max_num_seqs, loaded.max_context, loaded.cuda_graphs,
+                                  speculative.config.num_tokens if speculative is not None else 0)  # fmt: skip
         self.runner.calibrate(self.allocator, self.tokenizer, loaded.max_context)
         self.device = loaded.model.tok_embeddings.weight.device
         # under tensor parallel, rank 0 schedules and sends each step to the other ranks (see follow())

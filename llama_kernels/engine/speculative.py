@@ -17,6 +17,9 @@ a bonus token when every draft token is accepted), so each verification yields 1
   seeded request is reproducible, but its tokens are not those of non-speculative sampling (the same
   distribution, other draws), and whether a step speculates depends on the batch (see below).
 
+On CUDA a step whose chunks are all verifications and plain decodes runs as a CUDA graph (runner.py:
+VerifyGraphs; shorter drafts are padded, see verify_layout); steps with prefill chunks run eagerly.
+
 Requests whose logits processing depends on the tokens before each position (penalties, logit_bias,
 min_tokens not yet reached, a grammar) are not speculated: speculable().
 
