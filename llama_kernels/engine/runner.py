@@ -233,7 +233,7 @@ class VerifyGraphs:
         return verify_layout(chunks, self.k, self.buckets, self.cache.block_size, self.width)
 
     def __call__(self, layout: VerifyLayout) -> torch.Tensor:
-        """Logits [layout.rows, V] of a verify step."""
+        """Logits [layout.rows, V] of a verify step (a copy: the next replay overwrites the graph's output)."""
         live = (layout.tokens, layout.positions, layout.slots, layout.block_table, layout.seq_lens,
                 layout.query_lens)  # fmt: skip
         with torch.cuda.device(self.device):
@@ -249,7 +249,7 @@ class VerifyGraphs:
                                         AttentionBatch(pos, slots, table, lens, qlens))  # fmt: skip
                 self.graphs[layout.size] = graph, bufs, logits
             graph.replay()
-        return logits[: layout.rows]
+        return logits[: layout.rows].clone()
 
 
 class ModelRunner:
