@@ -54,7 +54,8 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
                  quant: str | None = None, policy: str = "all", kv_dtype: torch.dtype = torch.bfloat16,
                  dtype: torch.dtype = torch.bfloat16, max_batch: int = 8, gpu_mem_bytes: int | None = None,
                  gpus: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK, name: str = "the model",
-                 draft: LlamaConfig | None = None, draft_name: str = "the draft model") -> int:  # fmt: skip
+                 draft: LlamaConfig | None = None, draft_name: str = "the draft model",
+                 spec_tokens: int = 0) -> int:  # fmt: skip
     """Tokens per sequence to allocate the KV cache for; raises ValueError when the model cannot fit.
 
     On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, with the real
@@ -67,7 +68,8 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
     name: the model's, in the planner's messages. With a speculative draft model to load (draft, named
     draft_name), the planner counts its weights and its KV cache of as many tokens (a draft that does not
     fit beside the model: one line, plan.check_fits), and the context is capped by its
-    max_position_embeddings too.
+    max_position_embeddings too. spec_tokens: speculative draft tokens per sequence whose verify steps run as
+    CUDA graphs (0: none), for their memory pool.
     """
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                     or max_context < 1):  # fmt: skip
@@ -87,10 +89,11 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
     if gpu_mem_bytes is None:
         gpu_mem_bytes = torch.cuda.mem_get_info(device)[0]
     weights = {None: "bf16", "fp8": "fp8-meta" if policy == "meta" else "fp8", "int4": "int4"}[quant]
-    p = planner.plan(planner_config(config, name), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype], dtype=_PLAN_DTYPES[dtype],
-                     gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch,
-                     prefill_chunk=prefill_chunk,
-                     draft=None if draft is None else planner_config(draft, draft_name))  # fmt: skip
+    p = planner.plan(planner_config(config, name), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype],
+                     dtype=_PLAN_DTYPES[dtype], gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context,
+                     batch=max_batch, prefill_chunk=prefill_chunk,
+                     draft=None if draft is None else planner_config(draft, draft_name),
+                     spec_tokens=spec_tokens)  # fmt: skip
     planner.check_fits(p)
     return p.max_context
 
@@ -247,7 +250,8 @@ class LLM:
         max_context = size_context(ckpt.config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
                                    dtype=dtype, max_batch=max_batch, gpus=tp, prefill_chunk=prefill_chunk,
                                    name=str(ckpt.path), draft=draft.config if isinstance(draft, Checkpoint) else None,
-                                   draft_name=str(draft_model))  # fmt: skip
+                                   draft_name=str(draft_model),
+                                   spec_tokens=graphed_spec_tokens(spec, cuda_graphs))  # fmt: skip
         if min_context > max_context:
             how = "--max-context / max_context=" if requested is not None else _context_rule(device, ckpt.config)
             raise ValueError(f"the prompt and the new tokens need {min_context} tokens but the context is "
@@ -286,7 +290,8 @@ class LLM:
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                   spec_tokens=graphed_spec_tokens(spec, cuda_graphs))  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
         return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching,
                           None, spec, draft_model)  # fmt: skip
@@ -486,6 +491,11 @@ def speculative_config(speculative: str | None, num_speculative_tokens: int, dra
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"LLM.from_pretrained: num_speculative_tokens={k!r}; expected an int >= 1")
     return SpeculativeConfig(speculative, k)
+
+
+def graphed_spec_tokens(spec: SpeculativeConfig | None, cuda_graphs: bool) -> int:
+    """Draft tokens per sequence whose verify steps may run as CUDA graphs (the planner's graph pool), or 0."""
+    return spec.num_tokens if spec is not None and cuda_graphs else 0
 
 
 def check_draft(draft: LLM | Checkpoint, target: LlamaConfig, name, tp: int = 1) -> None:

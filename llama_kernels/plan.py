@@ -15,7 +15,9 @@ tensor parallel over N GPUs:
   tokens (see :func:`_activation_bytes`), plus the RoPE cos/sin tables for the context.
 * CUDA-graph pool: the same activation formula for one decode step of ``batch`` tokens (the
   graphs captured for every batch size share one pool, as large as the largest), plus the
-  split-KV partial outputs of ``decode_attention``.
+  split-KV partial outputs of ``decode_attention``; with speculative decoding of ``spec_tokens``
+  draft tokens, the larger of that and a verify step's (``batch x (spec_tokens + 1) + 1`` tokens,
+  every token's logits: the verify graphs share the pool).
 * communication (NCCL), the framework's reserve (CUDA context + allocator fragmentation) and
   the headroom left: constants below, each with its source.
 * with a speculative draft model (``draft``): its weights (same formats, sharded over the same GPUs)
@@ -357,8 +359,8 @@ def _kv_bytes(m: _Model, gpus: int, kv_dtype: str, context: int, batch: int, blo
 
 
 def _runtime_bytes(m: _Model, gpus: int, quant: str, kv_dtype: str, weights: int, context: int, batch: int,
-                   prefill_chunk: int, block_size: int, act: int,
-                   draft: _Model | None = None) -> dict[str, int]:  # fmt: skip
+                   prefill_chunk: int, block_size: int, act: int, draft: _Model | None = None,
+                   spec_tokens: int = 0) -> dict[str, int]:  # fmt: skip
     """Everything but the weights, for ``batch`` sequences of ``context`` tokens (``weights``: the model's
     and the draft's, for the fragmentation reserve); with a draft model, its KV cache as "draft_kv_cache"."""
     kv_heads = _kv_heads_per_gpu(m, gpus)
@@ -374,6 +376,9 @@ def _runtime_bytes(m: _Model, gpus: int, quant: str, kv_dtype: str, weights: int
     batch_splits = batch * math.ceil(2 * GPU_SMS / (batch * kv_heads))
     partials = batch_splits * m.heads // gpus * (m.head_dim + 1) * FP32
     graph_pool = _activation_bytes(m, gpus, quant, batch, batch, act) + partials
+    if spec_tokens:  # the verify graphs' static step (engine/runner.py: verify_layout)
+        verify = batch * (spec_tokens + 1) + 1
+        graph_pool = max(graph_pool, _activation_bytes(m, gpus, quant, verify, verify, act))
     return {
         "kv_cache": kv,
         **({"draft_kv_cache": _kv_bytes(draft, gpus, kv_dtype, context, batch, block_size)} if draft else {}),
@@ -528,6 +533,7 @@ def plan(
     prefill_chunk: int = PREFILL_CHUNK,
     block_size: int = KV_BLOCK_SIZE,
     draft: Mapping | str | None = None,
+    spec_tokens: int = 0,
 ) -> Plan:
     """Plan the memory of ``config`` (a dict of Hugging Face config keys, a preset name or a
     config.json path) on ``gpus`` GPUs of ``gpu_mem_bytes`` bytes each, for ``batch`` sequences of
@@ -537,7 +543,8 @@ def plan(
     :data:`KV_DTYPES`, ``dtype`` the activation dtype (:data:`DTYPES`; unquantized weights too).
     ``draft``: a speculative draft model (as ``config``) loaded beside it, in the same formats over the
     same GPUs with its own KV cache of ``batch x max_context`` tokens; the context is then capped by
-    both models' max_position_embeddings.
+    both models' max_position_embeddings. ``spec_tokens``: draft tokens per sequence of speculative
+    decoding (0: none), for the verify step's CUDA graphs.
     Raises ValueError on a bad argument, naming it and the valid choices."""
     m = _model(config)
     _check_gpus(m, gpus)
@@ -555,6 +562,8 @@ def plan(
     for name, value in [("gpu_mem_bytes", gpu_mem_bytes), ("batch", batch), ("group_size", group_size),
                         ("prefill_chunk", prefill_chunk), ("block_size", block_size)]:  # fmt: skip
         _check_positive(name, value)
+    if isinstance(spec_tokens, bool) or not isinstance(spec_tokens, int) or spec_tokens < 0:
+        raise ValueError(f"spec_tokens={spec_tokens!r}; expected an int >= 0")
     if max_context is not None:
         _check_positive("max_context", max_context)
         for model in (m, d) if d is not None else (m,):
@@ -568,7 +577,7 @@ def plan(
 
     def runtime(ctx: int, b: int) -> dict[str, int]:
         return _runtime_bytes(m, gpus, quant, kv_dtype, weights + draft_weights, ctx, b, prefill_chunk, block_size,
-                              act, d)  # fmt: skip
+                              act, d, spec_tokens)  # fmt: skip
 
     def fits(ctx: int, b: int) -> bool:
         return weights + draft_weights + sum(runtime(ctx, b).values()) <= gpu_mem_bytes
@@ -650,6 +659,9 @@ def add_arguments(parser) -> None:
                         help=f"largest prefill chunk in tokens (default {PREFILL_CHUNK})")  # fmt: skip
     parser.add_argument("--draft", help="a speculative draft model loaded beside it (a preset or a config.json): "
                         "its weights and its own KV cache are counted (default: none)")  # fmt: skip
+    parser.add_argument("--num-speculative-tokens", type=int, default=0,
+                        help="draft tokens per sequence of speculative decoding, for the verify step's CUDA graphs "
+                             "(default 0: none)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
 
 
@@ -661,6 +673,7 @@ def run(args, parser=None) -> int:
         raise ValueError(f"--gpu-mem: {e}") from None
     p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, dtype=args.dtype, gpus=args.gpus,
              gpu_mem_bytes=gpu_mem, max_context=args.max_context, batch=args.batch, group_size=args.group_size,
-             prefill_chunk=args.prefill_chunk, draft=args.draft)  # fmt: skip
+             prefill_chunk=args.prefill_chunk, draft=args.draft,
+             spec_tokens=args.num_speculative_tokens)  # fmt: skip
     print(json.dumps(p.to_dict(), indent=2) if args.json else p.format())
     return 0 if p.fits else 1

@@ -420,3 +420,26 @@ def test_cli_draft(capsys):
     assert "draft weights (llama-3.2-1b)" in out and "draft KV cache (8 x " in out and "\nfits: " in out
     assert cli.main(["plan", "llama-3.1-8b", "--draft", "llama-3.2-1b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == plan("llama-3.1-8b", draft="llama-3.2-1b").to_dict()
+
+
+def test_the_verify_graphs_pool_is_counted(monkeypatch, capsys):
+    """spec_tokens = k: the CUDA-graph pool holds a verify step of batch (k + 1) + 1 tokens with every
+    token's logits (engine/runner.py: verify_layout) when it is larger than a decode step's; size_context
+    plans with it; plan --num-speculative-tokens."""
+    from llama_kernels.llm import size_context
+    from llama_kernels.plan import _activation_bytes, _model
+
+    base = plan("llama-3.1-8b", quant="fp8", batch=8, max_context=8192)
+    p = plan("llama-3.1-8b", quant="fp8", batch=8, max_context=8192, spec_tokens=5)
+    assert p.cuda_graph_pool_bytes == _activation_bytes(_model("llama-3.1-8b"), 1, "fp8", 49, 49, 2)
+    assert p.cuda_graph_pool_bytes > base.cuda_graph_pool_bytes
+    assert p.total_bytes > base.total_bytes and p.kv_cache_bytes == base.kv_cache_bytes
+    with pytest.raises(ValueError, match="spec_tokens=-1; expected an int >= 0"):
+        plan("llama-3.1-8b", spec_tokens=-1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * GiB, H100))
+    config = _llama_config(PRESETS["llama-3.1-8b"])
+    got = size_context(config, torch.device("cuda", 0), quant="fp8", max_batch=64, spec_tokens=7)
+    assert got == plan("llama-3.1-8b", quant="fp8", batch=64, gpu_mem_bytes=24 * GiB, spec_tokens=7).max_context
+    assert cli.main(["plan", "llama-3.1-8b", "--quant", "fp8", "--batch", "8", "--max-context", "8192",
+                     "--num-speculative-tokens", "5", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["cuda_graph_pool_bytes"] == p.cuda_graph_pool_bytes
