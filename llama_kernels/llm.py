@@ -219,8 +219,9 @@ class LLM:
             num_speculative_tokens: k, draft tokens per sequence per step at most.
             draft_model: with speculative="draft", a smaller Llama with the same tokenizer (path as
                 `path`), loaded with the same quant, dtype, KV-cache dtype, sizes and tp (sharded over the
-                same ranks: its heads must split by tp too), on its own cache; or an LLM already loaded
-                (with the same tp).
+                same ranks: its heads must split by tp too), on its own cache of as many tokens, both
+                counted by the memory planner with the model before anything loads (the context is also
+                capped by the draft's maximum); or an LLM already loaded (with the same tp).
         """
         spec = speculative_config(speculative, num_speculative_tokens, draft_model)
         _check_flag("prefix_caching", prefix_caching)
