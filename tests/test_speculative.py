@@ -577,3 +577,21 @@ def test_verify_graphs_match_eager(quant, kv):
     assert verify
     for i, (g, r) in enumerate(verify):
         assert_rel_close(g, r, 0.02, f"{quant}/{kv} verify step {i} logits")
+
+
+def test_a_draft_caps_the_context(tmp_path):
+    """A draft trained on fewer positions caps the sized context (the CPU default here) and refuses a larger
+    max_context in one line naming it, before anything loads."""
+    import json
+
+    from test_tensor_parallel import write_model
+
+    path = write_model(tmp_path / "model", 6, 2, False)
+    draft = write_model(tmp_path / "draft", 6, 2, False, layers=1)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    llm = LLM.from_pretrained(path, max_batch=1, progress=False, speculative="draft", draft_model=draft)
+    assert llm.max_context == llm.draft.max_context == 48 < llm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"^max_context \(--max-context\) 64 is above the trained context of the "
+                                         rf"draft model {draft} \(48 tokens\); expected at most 48$"):
+        LLM.from_pretrained(path, max_context=64, progress=False, speculative="draft", draft_model=draft)
