@@ -558,7 +558,7 @@ def call(op: str, device: torch.device, backend: str | None, args: tuple):
 
 # Reference ops that synchronize with the host (int(seq_lens[b]); boolean-mask indexing), so
 # that a CUDA graph cannot capture them; every cuda and triton kernel can be captured.
-HOST_SYNCING_REFERENCE = frozenset({"decode_attention", "rope_and_cache"})
+HOST_SYNCING_REFERENCE = frozenset({"decode_attention", "rope_and_cache", "paged_prefill_attention"})
 
 # The ops each FP8 format runs in every forward pass: their torch reference on a GPU (float32
 # dequantized weights, an N x K x 4-byte temporary per GEMM) must never be the hot loop.

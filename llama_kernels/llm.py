@@ -38,9 +38,9 @@ def _dtype(name: str, value) -> torch.dtype:
     raise ValueError(f"LLM.from_pretrained: {name}={value!r}; expected one of {sorted(_DTYPES)}")
 
 
-def planner_config(config: LlamaConfig) -> dict:
-    """The Hugging Face config keys llama_kernels.plan reads, from a LlamaConfig."""
-    return dict(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+def planner_config(config: LlamaConfig, name: str = "config") -> dict:
+    """The Hugging Face config keys llama_kernels.plan reads, from a LlamaConfig (name: the model's, in messages)."""
+    return dict(_name_or_path=name, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                 num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                 num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, vocab_size=config.vocab_size,
                 tie_word_embeddings=config.tie_word_embeddings,
@@ -53,7 +53,9 @@ _PLAN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 def size_context(config: LlamaConfig, device: torch.device, max_context: int | None = None, *,
                  quant: str | None = None, policy: str = "all", kv_dtype: torch.dtype = torch.bfloat16,
                  dtype: torch.dtype = torch.bfloat16, max_batch: int = 8, gpu_mem_bytes: int | None = None,
-                 gpus: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK) -> int:  # fmt: skip
+                 gpus: int = 1, prefill_chunk: int = planner.PREFILL_CHUNK, name: str = "the model",
+                 draft: LlamaConfig | None = None, draft_name: str = "the draft model",
+                 spec_tokens: int = 0) -> int:  # fmt: skip
     """Tokens per sequence to allocate the KV cache for; raises ValueError when the model cannot fit.
 
     On CUDA (or whenever gpu_mem_bytes is given) the memory planner decides, with the real
@@ -63,23 +65,35 @@ def size_context(config: LlamaConfig, device: torch.device, max_context: int | N
     context that fits (whole KV blocks, capped by max_position_embeddings); a
     model or a max_context that does not fit raises ValueError with the planner's table
     (plan.check_fits). On the CPU there is no planning: None means min(max_position_embeddings, 4096).
+    name: the model's, in the planner's messages. With a speculative draft model to load (draft, named
+    draft_name), the planner counts its weights and its KV cache of as many tokens (a draft that does not
+    fit beside the model: one line, plan.check_fits), and the context is capped by its
+    max_position_embeddings too. spec_tokens: speculative draft tokens per sequence whose verify steps run as
+    CUDA graphs (0: none), for their memory pool.
     """
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                     or max_context < 1):  # fmt: skip
         raise ValueError(f"LLM.from_pretrained: max_context={max_context!r}; expected an int >= 1")
+    if draft is not None and max_context is not None and max_context > draft.max_position_embeddings:
+        raise ValueError(f"max_context (--max-context) {max_context} is above the trained context of the draft model "
+                         f"{draft_name} ({draft.max_position_embeddings} tokens); expected at most "
+                         f"{draft.max_position_embeddings}")  # fmt: skip
     if max_context is not None and max_context > config.max_position_embeddings:
         # refused rather than extrapolated: past its trained length a model's RoPE positions are untrained
         raise ValueError(f"max_context (--max-context) {max_context} is above the model's trained context of "
                          f"{config.max_position_embeddings} tokens (max_position_embeddings); expected at most "
                          f"{config.max_position_embeddings}")  # fmt: skip
     if gpu_mem_bytes is None and device.type != "cuda":
-        return max_context or min(config.max_position_embeddings, CPU_MAX_CONTEXT)
+        positions = min(config.max_position_embeddings, draft.max_position_embeddings if draft else math.inf)
+        return max_context or min(positions, CPU_MAX_CONTEXT)
     if gpu_mem_bytes is None:
         gpu_mem_bytes = torch.cuda.mem_get_info(device)[0]
     weights = {None: "bf16", "fp8": "fp8-meta" if policy == "meta" else "fp8", "int4": "int4"}[quant]
-    p = planner.plan(planner_config(config), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype], dtype=_PLAN_DTYPES[dtype],
-                     gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context, batch=max_batch,
-                     prefill_chunk=prefill_chunk)  # fmt: skip
+    p = planner.plan(planner_config(config, name), quant=weights, kv_dtype=_PLAN_DTYPES[kv_dtype],
+                     dtype=_PLAN_DTYPES[dtype], gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=max_context,
+                     batch=max_batch, prefill_chunk=prefill_chunk,
+                     draft=None if draft is None else planner_config(draft, draft_name),
+                     spec_tokens=spec_tokens)  # fmt: skip
     planner.check_fits(p)
     return p.max_context
 
@@ -138,7 +152,8 @@ class LLM:
             return None
         if self.speculative.method == "draft":
             d = self.draft
-            return make_speculator(self.speculative, DraftModelProposer(d.engine.runner, d.allocator, d.max_context))
+            return make_speculator(self.speculative, DraftModelProposer(d.engine.runner, d.allocator, d.max_context,
+                                                                          d.prefill_chunk))
         return make_speculator(self.speculative)
 
     @property
@@ -203,19 +218,22 @@ class LLM:
                 continuation.
             num_speculative_tokens: k, draft tokens per sequence per step at most.
             draft_model: with speculative="draft", a smaller Llama with the same tokenizer (path as
-                `path`), loaded with the same quant, dtype, KV-cache dtype and sizes, on its own cache;
-                or an LLM already loaded. Not under tensor parallel yet, and the memory planner does not
-                count it yet.
+                `path`), loaded with the same quant, dtype, KV-cache dtype, sizes and tp (sharded over the
+                same ranks: its heads must split by tp too), on its own cache of as many tokens, both
+                counted by the memory planner with the model before anything loads (the context is also
+                capped by the draft's maximum); or an LLM already loaded (with the same tp).
         """
         spec = speculative_config(speculative, num_speculative_tokens, draft_model)
-        if spec is not None and spec.method == "draft" and tp > 1:
-            raise ValueError(f"LLM.from_pretrained: speculative='draft' with tp={tp}; a draft model runs without "
-                             "tensor parallel only (yet): use speculative='ngram'")  # fmt: skip
         _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         distributed.check_tp(ckpt.config, tp)
+        draft = draft_model if isinstance(draft_model, LLM) else None
+        if draft is None and draft_model is not None:  # preflighted and checked before anything loads
+            draft = draft_model if isinstance(draft_model, Checkpoint) else open_checkpoint(draft_model)
+        if draft is not None:
+            check_draft(draft, ckpt.config, draft_model, tp)
         shard = None
         if tp > 1:
             distributed.init()
@@ -224,9 +242,17 @@ class LLM:
         progress = progress and distributed.is_main()
         backends.check_formats(device, quant == "fp8" or any(s.kind.startswith("fp8") for s in ckpt.quantized.values()),
                                kv_dtype == torch.float8_e4m3fn)  # fmt: skip
+        draft_shard = None
+        if isinstance(draft, Checkpoint):
+            backends.check_formats(device, any(s.kind.startswith("fp8") for s in draft.quantized.values()), False)
+            draft_shard = distributed.TensorParallel.current(draft.config, tp) if tp > 1 else None
         requested = max_context
+        # a draft still to load is planned with the model (an LLM given as draft_model is loaded already)
         max_context = size_context(ckpt.config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   dtype=dtype, max_batch=max_batch, gpus=tp, prefill_chunk=prefill_chunk)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch, gpus=tp, prefill_chunk=prefill_chunk,
+                                   name=str(ckpt.path), draft=draft.config if isinstance(draft, Checkpoint) else None,
+                                   draft_name=str(draft_model),
+                                   spec_tokens=graphed_spec_tokens(spec, cuda_graphs))  # fmt: skip
         if min_context > max_context:
             how = "--max-context / max_context=" if requested is not None else _context_rule(device, ckpt.config)
             raise ValueError(f"the prompt and the new tokens need {min_context} tokens but the context is "
@@ -235,17 +261,16 @@ class LLM:
         if progress:
             _say_context(device, max_context, max_batch, ckpt.config, requested is not None)
         # read (and checked) before any weight loads; a cache that is not FP8 ignores them
-        kv_scales = read_kv_scales(ckpt, shard) if kv_dtype == torch.float8_e4m3fn else None
+        fp8_kv = kv_dtype == torch.float8_e4m3fn
+        kv_scales = read_kv_scales(ckpt, shard) if fp8_kv else None
+        draft_kv_scales = read_kv_scales(draft, draft_shard) if fp8_kv and isinstance(draft, Checkpoint) else None
         model = load_model(ckpt, dtype, device, quant, policy, progress, shard)
         if kv_scales is not None and progress:
             print("KV cache: FP8 scales from the checkpoint", file=sys.stderr)
-        draft = draft_model if isinstance(draft_model, LLM) else None
-        if spec is not None and spec.method == "draft" and draft is None:
-            draft = cls.from_pretrained(draft_model, quant, device, dtype, max_context, policy=policy,
-                                        kv_cache_dtype=kv_cache_dtype, max_batch=max_batch, progress=progress,
-                                        cuda_graphs=False, prefill_chunk=prefill_chunk)  # fmt: skip
-        if draft is not None:
-            check_draft(draft.config, ckpt.config, draft_model)
+        if isinstance(draft, Checkpoint):  # same formats and sizes, sharded over the same ranks; planned above
+            draft_model = load_model(draft, dtype, device, quant, policy, progress, draft_shard)
+            draft = cls._build(draft_model, draft.tokenizer, kv_dtype, max_context, max_batch, False, prefill_chunk,
+                               prefix_caching, draft_kv_scales)  # fmt: skip
         return cls._build(model, ckpt.tokenizer, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk,
                           prefix_caching, kv_scales, spec, draft)  # fmt: skip
 
@@ -260,13 +285,14 @@ class LLM:
         without a checkpoint, and tests."""
         spec = speculative_config(speculative, num_speculative_tokens, draft_model)
         if draft_model is not None:
-            check_draft(draft_model.config, config, "draft_model")
+            check_draft(draft_model, config, "draft_model")
         _check_flag("prefix_caching", prefix_caching)
         device, dtype, kv_dtype = _resolve(quant, device, dtype, kv_cache_dtype, max_batch, prefill_chunk)
         prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
         backends.check_formats(device, quant == "fp8", kv_dtype == torch.float8_e4m3fn)
         max_context = size_context(config, device, max_context, quant=quant, policy=policy, kv_dtype=kv_dtype,
-                                   dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)  # fmt: skip
+                                   dtype=dtype, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                   spec_tokens=graphed_spec_tokens(spec, cuda_graphs))  # fmt: skip
         model = random_model(config, dtype, device, quant, policy, seed)
         return cls._build(model, None, kv_dtype, max_context, max_batch, cuda_graphs, prefill_chunk, prefix_caching,
                           None, spec, draft_model)  # fmt: skip
@@ -468,11 +494,29 @@ def speculative_config(speculative: str | None, num_speculative_tokens: int, dra
     return SpeculativeConfig(speculative, k)
 
 
-def check_draft(draft: LlamaConfig, target: LlamaConfig, name) -> None:
-    """ValueError unless a draft model can propose for the target (the same vocabulary)."""
-    if draft.vocab_size != target.vocab_size:
-        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} has a vocabulary of {draft.vocab_size} tokens, "
+def graphed_spec_tokens(spec: SpeculativeConfig | None, cuda_graphs: bool) -> int:
+    """Draft tokens per sequence whose verify steps may run as CUDA graphs (the planner's graph pool), or 0."""
+    return spec.num_tokens if spec is not None and cuda_graphs else 0
+
+
+def check_draft(draft: LLM | Checkpoint, target: LlamaConfig, name, tp: int = 1) -> None:
+    """ValueError unless a draft model (an LLM, or a checkpoint to load) can propose for the target: the same
+    vocabulary, and shards for the target's tp ranks (a loaded LLM: loaded with that tp)."""
+    config = draft.config
+    if config.vocab_size != target.vocab_size:
+        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} has a vocabulary of {config.vocab_size} tokens, "
                          f"the model {target.vocab_size}; a draft model needs the same tokenizer")  # fmt: skip
+    if isinstance(draft, LLM):
+        loaded = draft.model.tp.size if draft.model.tp is not None else 1
+        if loaded != tp:
+            raise ValueError(f"LLM.from_pretrained: draft_model is an LLM loaded with tp={loaded}, the model with "
+                             f"tp={tp}; a draft model runs under the model's tensor parallelism: load it with tp={tp}")
+        return
+    ok = distributed.valid_tp(config.num_heads, config.num_kv_heads, config.intermediate_size)
+    if tp not in ok:
+        raise ValueError(f"LLM.from_pretrained: draft_model={name!s} cannot be split by tp={tp} ({config.num_heads} "
+                         f"query heads, {config.num_kv_heads} KV heads, intermediate_size {config.intermediate_size});"
+                         f" a draft model runs under the model's tensor parallelism; tp that split it: {ok}")
 
 
 def default_prefill_chunk(device: torch.device) -> int:

@@ -17,9 +17,16 @@ tensor parallel over N GPUs:
   at :data:`GPU_SMS`, the kernel's own formula: ~34 MB for 8 KV heads of 128 dims).
 * CUDA-graph pool: the same activation formula for one decode step of ``batch`` tokens (the
   graphs captured for every batch size share one pool, as large as the largest), plus the
-  split-KV partial outputs of ``decode_attention``.
+  split-KV partial outputs of ``decode_attention``; with speculative decoding of ``spec_tokens``
+  draft tokens, the larger of that and a verify step's (``batch x (spec_tokens + 1) + 1`` tokens,
+  every token's logits: the verify graphs share the pool).
 * communication (NCCL), the framework's reserve (CUDA context + allocator fragmentation) and
   the headroom left: constants below, each with its source.
+* with a speculative draft model (``draft``): its weights (same formats, sharded over the same GPUs)
+  and its own paged KV cache of as many tokens as the model's (the runner allocates both caches for
+  ``batch x context`` tokens), its RoPE tables, and the fragmentation reserve of its weights; its
+  passes run between the model's, so the activation term is the larger of the two models' (the
+  draft's prefill is chunked like the model's). It runs eagerly: no CUDA-graph pool of its own.
 
 The runner sizes its KV cache with :func:`plan` (``max_context_at_batch``) and calls
 :func:`check_fits` before loading anything.
@@ -348,24 +355,46 @@ def _activation_bytes(m: _Model, gpus: int, quant: str, tokens: int, seqs: int, 
     return tokens * per_token + logits + GEMM_WORKSPACE
 
 
-def _runtime_bytes(m: _Model, gpus: int, quant: str, kv_dtype: str, weights: int, context: int, batch: int,
-                   prefill_chunk: int, block_size: int, act: int) -> dict[str, int]:  # fmt: skip
-    """Everything but the weights, for ``batch`` sequences of ``context`` tokens."""
-    kv_heads = _kv_heads_per_gpu(m, gpus)
+def _kv_bytes(m: _Model, gpus: int, kv_dtype: str, context: int, batch: int, block_size: int) -> int:
+    """The paged KV cache of ``batch`` sequences of ``context`` tokens (whole blocks), FP8 scales included."""
     kv = batch * math.ceil(context / block_size) * block_size * _kv_per_token(m, gpus, kv_dtype)
     if kv_dtype == "fp8":
-        kv += 2 * m.layers * kv_heads * FP32
+        kv += 2 * m.layers * _kv_heads_per_gpu(m, gpus) * FP32
+    return kv
+
+
+def _attention_workspace(m: _Model, gpus: int) -> int:
+    """The prefill attention plan's split-KV partials, for the sm_90 tiles (the largest) on GPU_SMS SMs."""
+    kv_heads = _kv_heads_per_gpu(m, gpus)
+    return workspace_bytes(GPU_SMS, kv_heads, tile_rows(HOPPER_TILE_ROWS, m.heads // gpus // kv_heads), m.head_dim)
+
+
+def _runtime_bytes(m: _Model, gpus: int, quant: str, kv_dtype: str, weights: int, context: int, batch: int,
+                   prefill_chunk: int, block_size: int, act: int, draft: _Model | None = None,
+                   spec_tokens: int = 0) -> dict[str, int]:  # fmt: skip
+    """Everything but the weights, for ``batch`` sequences of ``context`` tokens (``weights``: the model's
+    and the draft's, for the fragmentation reserve); with a draft model, its KV cache as "draft_kv_cache"."""
+    kv_heads = _kv_heads_per_gpu(m, gpus)
+    kv = _kv_bytes(m, gpus, kv_dtype, context, batch, block_size)
+    chunk = min(prefill_chunk, batch * context)
+    activations = _activation_bytes(m, gpus, quant, chunk, batch, act)
     rope = context * m.head_dim * FP32  # cos and sin, [context, head_dim / 2] float32 each
-    # The prefill attention plan's split-KV partials, for the sm_90 tiles (the largest) on GPU_SMS SMs.
-    group = m.heads // gpus // kv_heads
-    attention = workspace_bytes(GPU_SMS, kv_heads, tile_rows(HOPPER_TILE_ROWS, group), m.head_dim)
-    activations = _activation_bytes(m, gpus, quant, min(prefill_chunk, batch * context), batch, act) + rope + attention
+    attention = _attention_workspace(m, gpus)
+    if draft is not None:  # its passes run between the model's: the larger activations, both RoPE tables
+        activations = max(activations, _activation_bytes(draft, gpus, quant, chunk, batch, act))
+        rope += context * draft.head_dim * FP32
+        attention = max(attention, _attention_workspace(draft, gpus))
+    activations += rope + attention
     # decode_attention's partial outputs and log-sum-exps: [batch, q heads, splits, head_dim + 1] f32
     batch_splits = batch * math.ceil(2 * GPU_SMS / (batch * kv_heads))
     partials = batch_splits * m.heads // gpus * (m.head_dim + 1) * FP32
     graph_pool = _activation_bytes(m, gpus, quant, batch, batch, act) + partials
+    if spec_tokens:  # the verify graphs' static step (engine/runner.py: verify_layout)
+        verify = batch * (spec_tokens + 1) + 1
+        graph_pool = max(graph_pool, _activation_bytes(m, gpus, quant, verify, verify, act))
     return {
         "kv_cache": kv,
+        **({"draft_kv_cache": _kv_bytes(draft, gpus, kv_dtype, context, batch, block_size)} if draft else {}),
         "activations": activations,
         "cuda_graph_pool": graph_pool,
         "communication": NCCL_BUFFERS if gpus > 1 else 0,
@@ -408,11 +437,16 @@ class Plan:
     reserve_bytes: int
     max_context_at_batch: int
     max_batch_at_context: int
+    draft: str | None = None  # the speculative draft model's name, or None
+    draft_parameters: int = 0
+    draft_weight_bytes: int = 0  # its weights on each GPU (same formats as the model's)
+    draft_kv_cache_bytes: int = 0  # its own KV cache: batch x max_context tokens, as the model's
 
     @property
     def total_bytes(self) -> int:
         return (sum(self.weight_bytes.values()) + self.kv_cache_bytes + self.activation_bytes
-                + self.cuda_graph_pool_bytes + self.communication_bytes + self.reserve_bytes)  # fmt: skip
+                + self.cuda_graph_pool_bytes + self.communication_bytes + self.reserve_bytes
+                + self.draft_weight_bytes + self.draft_kv_cache_bytes)  # fmt: skip
 
     @property
     def headroom_bytes(self) -> int:
@@ -440,6 +474,9 @@ class Plan:
         w = self.weight_bytes
         rows = [("weights", sum(w.values()))] + [(f"  {k}", v) for k, v in w.items()] + [
             (f"KV cache ({self.batch} x {self.max_context} tokens)", self.kv_cache_bytes),
+            *([(f"draft weights ({self.draft})", self.draft_weight_bytes),
+               (f"draft KV cache ({self.batch} x {self.max_context} tokens)", self.draft_kv_cache_bytes)]
+              if self.draft is not None else []),
             (f"activations + workspace ({min(self.prefill_chunk, self.batch * self.max_context)}-token prefill)",
              self.activation_bytes),
             ("CUDA-graph pool", self.cuda_graph_pool_bytes),
@@ -456,6 +493,8 @@ class Plan:
             + ("; lm_head tied to the embedding" if w["lm_head"] == 0 else ""),
             f"KV cache {self.kv_dtype}; {self.gpus} x {self.gpu_mem_bytes / GiB:.2f} GiB GPU"
             + (f"s, tensor parallel over {self.gpus}" if self.gpus > 1 else ""),
+            *([f"speculative draft {self.draft}: {self.draft_parameters / 1e9:.2f}B parameters, the same formats, "
+               "its own KV cache"] if self.draft is not None else []),
             "",
             f"{'per GPU':<{width}}  {'GiB':>7}",
             *(f"{label:<{width}}  {value / GiB:7.2f}" for label, value in rows),
@@ -506,6 +545,8 @@ def plan(
     group_size: int = 128,
     prefill_chunk: int = PREFILL_CHUNK,
     block_size: int = KV_BLOCK_SIZE,
+    draft: Mapping | str | None = None,
+    spec_tokens: int = 0,
 ) -> Plan:
     """Plan the memory of ``config`` (a dict of Hugging Face config keys, a preset name or a
     config.json path) on ``gpus`` GPUs of ``gpu_mem_bytes`` bytes each, for ``batch`` sequences of
@@ -513,9 +554,20 @@ def plan(
     blocks), capped by max_position_embeddings; one block when nothing fits.  ``quant`` is one of
     :data:`QUANTS`, ``group_size`` the INT4 group (input channels), ``kv_dtype`` one of
     :data:`KV_DTYPES`, ``dtype`` the activation dtype (:data:`DTYPES`; unquantized weights too).
+    ``draft``: a speculative draft model (as ``config``) loaded beside it, in the same formats over the
+    same GPUs with its own KV cache of ``batch x max_context`` tokens; the context is then capped by
+    both models' max_position_embeddings. ``spec_tokens``: draft tokens per sequence of speculative
+    decoding (0: none), for the verify step's CUDA graphs.
     Raises ValueError on a bad argument, naming it and the valid choices."""
     m = _model(config)
     _check_gpus(m, gpus)
+    d = None if draft is None else _model(draft)
+    if d is not None:
+        _check_gpus(d, gpus)
+        if d.vocab != m.vocab:
+            raise ValueError(f"draft {d.name}: vocab_size={d.vocab}, {m.name}'s is {m.vocab}; a draft model needs "
+                             "the same tokenizer")  # fmt: skip
+    positions = m.max_positions if d is None else min(m.max_positions, d.max_positions)
     _check_choice("quant", quant, QUANTS)
     _check_choice("kv_dtype", kv_dtype, KV_DTYPES)
     _check_choice("dtype", dtype, DTYPES)
@@ -523,24 +575,30 @@ def plan(
     for name, value in [("gpu_mem_bytes", gpu_mem_bytes), ("batch", batch), ("group_size", group_size),
                         ("prefill_chunk", prefill_chunk), ("block_size", block_size)]:  # fmt: skip
         _check_positive(name, value)
+    if isinstance(spec_tokens, bool) or not isinstance(spec_tokens, int) or spec_tokens < 0:
+        raise ValueError(f"spec_tokens={spec_tokens!r}; expected an int >= 0")
     if max_context is not None:
         _check_positive("max_context", max_context)
-        if max_context > m.max_positions:
-            raise ValueError(f"max_context={max_context} exceeds {m.name}'s max_position_embeddings={m.max_positions}")
+        for model in (m, d) if d is not None else (m,):
+            if max_context > model.max_positions:
+                raise ValueError(f"max_context={max_context} exceeds {'draft ' if model is d else ''}{model.name}'s "
+                                 f"max_position_embeddings={model.max_positions}")  # fmt: skip
 
     weight_bytes = _weight_bytes(m, gpus, quant, group_size, act)
     weights = sum(weight_bytes.values())
+    draft_weights = sum(_weight_bytes(d, gpus, quant, group_size, act).values()) if d is not None else 0
 
     def runtime(ctx: int, b: int) -> dict[str, int]:
-        return _runtime_bytes(m, gpus, quant, kv_dtype, weights, ctx, b, prefill_chunk, block_size, act)
+        return _runtime_bytes(m, gpus, quant, kv_dtype, weights + draft_weights, ctx, b, prefill_chunk, block_size,
+                              act, d, spec_tokens)  # fmt: skip
 
     def fits(ctx: int, b: int) -> bool:
-        return weights + sum(runtime(ctx, b).values()) <= gpu_mem_bytes
+        return weights + draft_weights + sum(runtime(ctx, b).values()) <= gpu_mem_bytes
 
     def blocks_context(n: int) -> int:
-        return min(n * block_size, m.max_positions)
+        return min(n * block_size, positions)
 
-    most_blocks = math.ceil(m.max_positions / block_size)
+    most_blocks = math.ceil(positions / block_size)
     best = blocks_context(_largest(lambda n: fits(blocks_context(n), batch), most_blocks))
     context = max_context or best or blocks_context(1)
     # Every sequence holds at least one block, so the batch is bounded by the memory over a block's bytes.
@@ -549,16 +607,26 @@ def plan(
     return Plan(
         model=m.name, parameters=parameter_counts(config)["total"], quant=quant, group_size=group_size,
         kv_dtype=kv_dtype, dtype=dtype, gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, max_context=context, batch=batch,
-        prefill_chunk=prefill_chunk, block_size=block_size, max_positions=m.max_positions,
+        prefill_chunk=prefill_chunk, block_size=block_size, max_positions=positions,
         weight_bytes=weight_bytes, kv_cache_bytes=r["kv_cache"], activation_bytes=r["activations"],
         cuda_graph_pool_bytes=r["cuda_graph_pool"], communication_bytes=r["communication"],
         reserve_bytes=r["reserve"], max_context_at_batch=best,
         max_batch_at_context=_largest(lambda b: fits(context, b), max_batch),
+        draft=None if d is None else d.name, draft_parameters=0 if draft is None else parameter_counts(draft)["total"],
+        draft_weight_bytes=draft_weights, draft_kv_cache_bytes=r.get("draft_kv_cache", 0),
     )  # fmt: skip
 
 
 def check_fits(p: Plan) -> None:
-    """Raise ValueError, with the plan's table in the message, unless ``p`` fits."""
+    """Raise ValueError, with the plan's table in the message, unless ``p`` fits; one line when only its
+    draft model's weights and KV cache keep it from fitting."""
+    draft = p.draft_weight_bytes + p.draft_kv_cache_bytes
+    if p.draft is not None and not p.fits and p.headroom_bytes + draft >= 0:
+        raise ValueError(f"the draft model {p.draft} does not fit beside {p.model} on {p.gpus} x "
+                         f"{p.gpu_mem_bytes / GiB:.2f} GiB GPUs at {p.batch} x {p.max_context} tokens: it needs "
+                         f"{draft / GiB:.2f} GiB per GPU (weights {p.draft_weight_bytes / GiB:.2f}, KV cache "
+                         f"{p.draft_kv_cache_bytes / GiB:.2f}), {(p.headroom_bytes + draft) / GiB:.2f} GiB are left; "
+                         "use a smaller draft, a shorter context or batch, or n-gram speculation")  # fmt: skip
     if not p.fits:
         raise ValueError(f"{p.model} does not fit on {p.gpus} x {p.gpu_mem_bytes / GiB:.2f} GiB GPUs at "
                          f"{p.batch} x {p.max_context} tokens:\n{p.format()}")  # fmt: skip
@@ -602,6 +670,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                         help=f"largest prefill chunk in tokens (default {PREFILL_CHUNK})")  # fmt: skip
+    parser.add_argument("--draft", help="a speculative draft model loaded beside it (a preset or a config.json): "
+                        "its weights and its own KV cache are counted (default: none)")  # fmt: skip
+    parser.add_argument("--num-speculative-tokens", type=int, default=0,
+                        help="draft tokens per sequence of speculative decoding, for the verify step's CUDA graphs "
+                             "(default 0: none)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
 
 
@@ -613,6 +686,7 @@ def run(args, parser=None) -> int:
         raise ValueError(f"--gpu-mem: {e}") from None
     p = plan(args.model, quant=args.quant, kv_dtype=args.kv_dtype, dtype=args.dtype, gpus=args.gpus,
              gpu_mem_bytes=gpu_mem, max_context=args.max_context, batch=args.batch, group_size=args.group_size,
-             prefill_chunk=args.prefill_chunk)  # fmt: skip
+             prefill_chunk=args.prefill_chunk, draft=args.draft,
+             spec_tokens=args.num_speculative_tokens)  # fmt: skip
     print(json.dumps(p.to_dict(), indent=2) if args.json else p.format())
     return 0 if p.fits else 1

@@ -212,3 +212,33 @@ def test_bench_serve_speculative_counters_and_quote_workload(monkeypatch):
     args = argparse.Namespace(workload="quote", num_requests=3, input_len=5, prefix_len=0, seed=0)
     prompts = bs.make_prompts(args, random.Random(0), True)
     assert len(prompts) == 3 and all(p.startswith("Repeat the following text exactly") for p in prompts)
+
+
+def test_spec_arithmetic_follows_the_planner_bytes(tmp_path, capsys):
+    """benchmarks/spec_arithmetic.py: the decode floor is the planner's per-GPU weight bytes (the gathered
+    embedding left out) + KV bytes over the bandwidth; measured step costs replace the estimates; tokens/s
+    per user = 1000 L / (verify + k draft) with L = k + 1 at full acceptance."""
+    from llama_kernels.plan import kv_cache_bytes_per_token, plan
+
+    bench = _load("spec_arithmetic")
+    out = tmp_path / "a.json"
+    assert bench.main(["--hbm-gbps", "4000", "--allreduce-us", "10", "--context", "1024", "--k", "3",
+                       "--acceptance", "1.0", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    r = json.loads(out.read_text())
+    w = plan("llama-3.1-405b", quant="fp8", kv_dtype="fp8", gpus=8, max_context=1024).weight_bytes
+    t = r["target"]
+    assert t["bytes_per_gpu"] == {"weights": sum(w.values()) - w["embedding"],
+                                  "kv_cache": 1024 * kv_cache_bytes_per_token("llama-3.1-405b", "fp8", 8)}  # fmt: skip
+    assert t["collectives"] == 2 * 126 + 2
+    assert t["ms"] == pytest.approx(sum(t["bytes_per_gpu"].values()) / 4e12 * 1e3 + 254 * 0.01)
+    tied = plan("llama-3.2-1b", quant="fp8", kv_dtype="fp8", gpus=8, max_context=1024).weight_bytes
+    assert r["draft"]["bytes_per_gpu"]["weights"] == sum(tied.values())  # the tied embedding is the lm_head
+    (row,) = r["speculative"]
+    assert row["step_ms"] == pytest.approx(t["ms"] + 3 * r["draft"]["ms"])
+    assert row["tokens_per_s"]["1.00"] == pytest.approx(4e3 / row["step_ms"])
+    assert row["tokens_per_s"]["0.50"] == pytest.approx(1e3 * (1 + 0.5 + 0.25 + 0.125) / row["step_ms"])
+    assert row["accepted_length_needed"] == pytest.approx(120 * row["step_ms"] / 1e3)
+    assert "plain decode" in capsys.readouterr().out
+    assert bench.main(["--decode-ms", "11", "--verify-ms", "12", "--draft-ms", "1", "--k", "4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["target"]["ms"] == 11 and r["verify_ms"] == 12 and r["speculative"][0]["step_ms"] == 16

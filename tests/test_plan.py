@@ -351,3 +351,119 @@ def test_llama_3_and_3_3_presets():
     assert plan("llama-3.3-70b", quant="fp8").to_dict() | {"model": ""} == plan(
         "llama-3.1-70b", quant="fp8").to_dict() | {"model": ""}
     assert plan("llama-3-70b").parameters == plan("llama-3.1-70b").parameters
+
+
+# --- a speculative draft model --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [dict(quant="fp8", batch=8), dict(quant="int4", gpus=2, kv_dtype="fp8", batch=3, gpu_mem_bytes=12 * GiB)])
+def test_a_draft_model_is_counted(kwargs):
+    """plan(draft=...): the draft's weights are its own plan's (same formats, same GPUs), its KV cache that of
+    batch x max_context tokens of its own, the activations the larger model's; the context that fits shrinks
+    and stays tight; the table and JSON show them."""
+    alone = plan("llama-3.1-8b", **kwargs)
+    p = plan("llama-3.1-8b", draft="llama-3.2-1b", **kwargs)
+    ctx = p.max_context
+    assert p.draft == "llama-3.2-1b" and p.draft_parameters == parameter_counts("llama-3.2-1b")["total"]
+    draft_alone = plan("llama-3.2-1b", max_context=ctx, **kwargs)
+    assert p.draft_weight_bytes == sum(draft_alone.weight_bytes.values())
+    assert p.draft_kv_cache_bytes == draft_alone.kv_cache_bytes > 0
+    same_ctx = plan("llama-3.1-8b", max_context=ctx, **kwargs)
+    assert p.kv_cache_bytes == same_ctx.kv_cache_bytes and p.weight_bytes == same_ctx.weight_bytes
+    rope = ctx * 64 * 4  # the draft's cos/sin tables (head_dim 64, float32)
+    assert p.activation_bytes == same_ctx.activation_bytes + rope  # the 8B's activations are the larger
+    assert p.total_bytes > same_ctx.total_bytes + p.draft_weight_bytes + p.draft_kv_cache_bytes
+    assert 0 < ctx == p.max_context_at_batch < alone.max_context_at_batch
+    assert p.fits and not plan("llama-3.1-8b", draft="llama-3.2-1b", max_context=ctx + 16, **kwargs).fits
+    text = p.format()
+    assert "speculative draft llama-3.2-1b: 1.24B parameters" in text
+    assert re.search(rf"\ndraft weights \(llama-3.2-1b\) +{p.draft_weight_bytes / GiB:.2f}\n", text)
+    assert f"draft KV cache ({p.batch} x {ctx} tokens)" in text
+    assert p.to_dict()["draft_kv_cache_bytes"] == p.draft_kv_cache_bytes
+    assert "draft" not in alone.format()
+
+
+def test_a_draft_that_does_not_fit_is_one_line(monkeypatch):
+    """70B FP8 fits one H100 at 8K tokens alone; with an 8B draft (FP8 too) it does not: check_fits says so in
+    one line naming the draft and its bytes, as does llm.size_context, before anything loads; a model that
+    does not fit without its draft still gets the table."""
+    from llama_kernels.llm import size_context
+
+    assert plan("llama-3.1-70b", quant="fp8", max_context=8192).fits
+    p = plan("llama-3.1-70b", quant="fp8", max_context=8192, draft="llama-3.1-8b")
+    one_line = (r"^the draft model llama-3.1-8b does not fit beside llama-3.1-70b on 1 x 80.00 GiB GPUs at 1 x 8192 "
+                r"tokens: it needs \d+\.\d\d GiB per GPU \(weights 8.46, KV cache 1.00\), \d+\.\d\d GiB are left; use "
+                r"a smaller draft, a shorter context or batch, or n-gram speculation$")  # fmt: skip
+    with pytest.raises(ValueError, match=one_line):
+        check_fits(p)
+    with pytest.raises(ValueError, match="(?s)^llama-3.1-405b does not fit .*\n.*draft weights"):
+        check_fits(plan("llama-3.1-405b", quant="fp8", max_context=8192, draft="llama-3.1-8b"))
+    config, draft = (_llama_config(PRESETS[name]) for name in ("llama-3.1-70b", "llama-3.1-8b"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (H100, H100))
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=one_line):
+        size_context(config, gpu, 8192, quant="fp8", max_batch=1, name="llama-3.1-70b", draft=draft,
+                     draft_name="llama-3.1-8b")  # fmt: skip
+    # sized by the planner with the draft counted
+    assert size_context(config, gpu, quant="fp8", max_batch=1, draft=_llama_config(PRESETS["llama-3.2-1b"])) == plan(
+        "llama-3.1-70b", quant="fp8", draft="llama-3.2-1b").max_context < plan("llama-3.1-70b", quant="fp8").max_context
+
+
+def _llama_config(c: dict):
+    from llama_kernels.model import LlamaConfig
+
+    return LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                       intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+                       num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                       head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+                       tie_word_embeddings=c["tie_word_embeddings"],
+                       max_position_embeddings=c["max_position_embeddings"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(draft="llama-2-7b"), "draft llama-2-7b: vocab_size=32000, llama-3.1-8b's is 128256; a draft model needs"),
+        (dict(draft="llama-3.2-3b", gpus=16), "gpus=16: tensor parallel over 16 GPUs cannot split llama-3.2-3b"),
+        (dict(draft="llama-3-8b", max_context=16384), "max_context=16384 exceeds draft llama-3-8b's max_position"),
+    ],
+)
+def test_bad_drafts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan("llama-3.1-8b", **kwargs)
+
+
+def test_a_draft_caps_the_context():
+    p = plan("llama-3.1-8b", quant="fp8", draft="llama-3-8b")
+    assert p.max_context == p.max_context_at_batch == p.max_positions == 8192
+
+
+def test_cli_draft(capsys):
+    assert cli.main(["plan", "llama-3.1-8b", "--quant", "fp8", "--batch", "8", "--draft", "llama-3.2-1b"]) == 0
+    out = capsys.readouterr().out
+    assert "draft weights (llama-3.2-1b)" in out and "draft KV cache (8 x " in out and "\nfits: " in out
+    assert cli.main(["plan", "llama-3.1-8b", "--draft", "llama-3.2-1b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == plan("llama-3.1-8b", draft="llama-3.2-1b").to_dict()
+
+
+def test_the_verify_graphs_pool_is_counted(monkeypatch, capsys):
+    """spec_tokens = k: the CUDA-graph pool holds a verify step of batch (k + 1) + 1 tokens with every
+    token's logits (engine/runner.py: verify_layout) when it is larger than a decode step's; size_context
+    plans with it; plan --num-speculative-tokens."""
+    from llama_kernels.llm import size_context
+    from llama_kernels.plan import _activation_bytes, _model
+
+    base = plan("llama-3.1-8b", quant="fp8", batch=8, max_context=8192)
+    p = plan("llama-3.1-8b", quant="fp8", batch=8, max_context=8192, spec_tokens=5)
+    assert p.cuda_graph_pool_bytes == _activation_bytes(_model("llama-3.1-8b"), 1, "fp8", 49, 49, 2)
+    assert p.cuda_graph_pool_bytes > base.cuda_graph_pool_bytes
+    assert p.total_bytes > base.total_bytes and p.kv_cache_bytes == base.kv_cache_bytes
+    with pytest.raises(ValueError, match="spec_tokens=-1; expected an int >= 0"):
+        plan("llama-3.1-8b", spec_tokens=-1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * GiB, H100))
+    config = _llama_config(PRESETS["llama-3.1-8b"])
+    got = size_context(config, torch.device("cuda", 0), quant="fp8", max_batch=64, spec_tokens=7)
+    assert got == plan("llama-3.1-8b", quant="fp8", batch=64, gpu_mem_bytes=24 * GiB, spec_tokens=7).max_context
+    assert cli.main(["plan", "llama-3.1-8b", "--quant", "fp8", "--batch", "8", "--max-context", "8192",
+                     "--num-speculative-tokens", "5", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["cuda_graph_pool_bytes"] == p.cuda_graph_pool_bytes

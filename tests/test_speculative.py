@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_rel_close
 from conftest import needs_smollm2 as smollm2
 from conftest import output_tokens as tokens
 from conftest import run_engine
@@ -19,6 +20,7 @@ from conftest import run_engine
 from llama_kernels.engine import Engine, SamplingParams
 from llama_kernels.engine import speculative
 from llama_kernels.engine.block_allocator import BlockAllocator, PrefixChain
+from llama_kernels.engine.runner import Chunk
 from llama_kernels.engine.scheduler import Sequence
 from llama_kernels.engine.speculative import Draft, NgramProposer, SpeculativeConfig, make_speculator, rollback
 from llama_kernels.llm import LLM
@@ -341,6 +343,25 @@ def test_rejection_sampling_with_a_draft_distribution():
 
 
 @smollm2
+def test_the_draft_prefills_in_chunks(llm, drafted, monkeypatch):
+    """The draft model catches up with new prompts in passes of at most its prefill_chunk tokens (the memory
+    planner's activation bound), several sequences per pass; greedy output unchanged."""
+    from llama_kernels.engine.speculative import DraftModelProposer
+
+    d = drafted.draft
+    passes, forward = [], d.engine.runner.run
+    monkeypatch.setattr(d.engine.runner, "run",
+                        lambda chunks, **kw: passes.append([len(c.tokens) for c in chunks]) or forward(chunks, **kw))
+    proposer = DraftModelProposer(d.engine.runner, d.allocator, d.max_context, prefill_chunk=24)
+    requests = {str(i): (p, GREEDY) for i, p in enumerate(PROMPTS[:5])}
+    ref = run(Engine(llm.loaded, max_num_seqs=4), requests)
+    engine = Engine(drafted.loaded, max_num_seqs=4, speculative=make_speculator(spec(3, method="draft"), proposer))
+    outs = run(engine, requests)
+    assert {r: tokens(o) for r, o in outs.items()} == {r: tokens(o) for r, o in ref.items()}
+    assert max(map(sum, passes)) == 24 and any(sum(p) == 24 and len(p) > 1 for p in passes)
+    assert engine.stats().spec_proposed_total > 0 and d.allocator.used == 0
+
+
 def test_smollm2_greedy_identical_on_a_quoting_prompt():
     """n-gram, and SmolLM2 as its own draft model (the same weights, its own cache): the greedy tokens of
     plain decoding; the self-draft is accepted (nearly) always."""
@@ -386,43 +407,191 @@ def test_counters_reach_metrics_and_the_cli_line(llm, capsys):
 TP_PROMPTS = [[5, 6, 7, 8] * 3, [9, 1, 100, 9, 1], list(range(30, 50)) * 2]
 
 
-def tp_spec_tokens(path, tp: int) -> tuple[dict[str, list[int]], int]:
-    """({id: greedy tokens}, draft tokens accepted) of 3 requests with n-gram speculation (k = 3) on this
-    rank of tp (rank 0 schedules and verifies; the other ranks follow and return nothing)."""
-    llm = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False, tp=tp)
-    engine = Engine(llm.loaded, max_num_seqs=3, speculative=SpeculativeConfig(num_tokens=3, ngram_min=1))
-    if llm.model.tp is not None and torch.distributed.get_rank() != 0:
-        engine.follow()
-        return {}, 0
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
-    engine.stop_followers()
-    return {rid: tokens(o) for rid, o in outs.items()}, engine.stats().spec_accepted_total
+def tp_spec_tokens(path, draft, tp: int) -> dict[str, tuple[dict[str, list[int]], int, int]]:
+    """{proposer: ({id: greedy tokens}, draft tokens proposed, accepted)} of 3 requests with speculation
+    (k = 3) by n-gram and by the draft model `draft`, on this rank of tp (rank 0 schedules, proposes and
+    verifies; the other ranks follow, running the target's and the draft's passes, and return nothing)."""
+    llm = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False, tp=tp, speculative="draft",
+                              num_speculative_tokens=3, draft_model=draft)  # fmt: skip
+    assert (llm.draft.model.tp is not None) == (tp > 1)  # the draft is sharded too
+    out = {}
+    speculators = {"ngram": SpeculativeConfig(num_tokens=3, ngram_min=1), "draft": llm.new_speculator()}
+    for name, speculator in speculators.items():
+        engine = Engine(llm.loaded, max_num_seqs=3, speculative=speculator)
+        if llm.model.tp is not None and torch.distributed.get_rank() != 0:
+            engine.follow()
+            continue
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        outs = run(engine, {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)})
+        engine.stop_followers()
+        s = engine.stats()
+        out[name] = {rid: tokens(o) for rid, o in outs.items()}, s.spec_proposed_total, s.spec_accepted_total
+    return out
 
 
-def _tp_worker(rank: int, port: int, path, out) -> None:
+def _tp_worker(rank: int, port: int, path, draft, out) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.save(tp_spec_tokens(path, 2), f"{out}.{rank}")
+    torch.save(tp_spec_tokens(path, draft, 2), f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
 def test_tensor_parallel_speculation_matches_one_process(tmp_path):
-    """TP=2 over gloo: the other rank runs rank 0's verify passes; the tokens equal one process's and
-    plain decoding's."""
+    """TP=2 over gloo, n-gram and a draft model (a random 1-layer Llama sharing the target's embedding, lm_head
+    and first layer, sharded over the same 2 ranks; 3 query heads and 1 KV head per rank): the other rank
+    runs rank 0's verify and draft passes; the tokens, drafts proposed and accepted equal one process's, and
+    the tokens plain decoding's."""
     import socket
 
     from test_tensor_parallel import write_model
 
-    path = write_model(tmp_path / "model", 6, 6, True)
-    ref, accepted = tp_spec_tokens(path, 1)
+    path = write_model(tmp_path / "model", 6, 2, False)  # untied: its greedy tokens do not just repeat
+    draft = write_model(tmp_path / "draft", 6, 2, False, layers=1)
+    ref = tp_spec_tokens(path, draft, 1)
     plain = LLM.from_pretrained(path, max_context=64, max_batch=3, progress=False)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    assert ref == {r: tokens(o) for r, o in run(Engine(plain.loaded, max_num_seqs=3),
-                                                  {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)}).items()}
-    assert accepted > 0
+    want = {r: tokens(o) for r, o in run(Engine(plain.loaded, max_num_seqs=3),
+                                         {str(i): (p, params) for i, p in enumerate(TP_PROMPTS)}).items()}  # fmt: skip
+    for name, (got, proposed, accepted) in ref.items():
+        assert got == want and proposed > accepted > 0, (name, proposed, accepted)  # some rejected
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_tp_worker, args=(port, path, tmp_path / "tp.pt"), nprocs=2)
-    assert torch.load(tmp_path / "tp.pt.0") == (ref, accepted)
+    torch.multiprocessing.spawn(_tp_worker, args=(port, path, draft, tmp_path / "tp.pt"), nprocs=2)
+    assert torch.load(tmp_path / "tp.pt.0") == ref
+
+
+def test_a_draft_model_that_tp_cannot_split_is_refused_before_loading(tmp_path, monkeypatch):
+    """--tp 2 with a draft of 3 heads (or an LLM loaded without tp): one line naming the draft and tp, before
+    any process group or weight load."""
+    from test_tensor_parallel import write_model
+
+    import llama_kernels.llm as llm_module
+
+    path = write_model(tmp_path / "model", 6, 6, True)
+    draft = write_model(tmp_path / "draft", 3, 3, True, layers=1)
+    one = LLM.from_pretrained(draft, max_context=16, max_batch=1, progress=False)
+    monkeypatch.setattr(llm_module, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    monkeypatch.setattr(llm_module.distributed, "init", lambda *a, **k: pytest.fail("joined a process group"))
+    with pytest.raises(ValueError, match=rf"draft_model={draft} cannot be split by tp=2 \(3 query heads, 3 KV "
+                                         r"heads, intermediate_size 192\); .* tp that split it: \[1, 3\]$"):
+        LLM.from_pretrained(path, tp=2, speculative="draft", draft_model=draft, progress=False)
+    with pytest.raises(ValueError, match="draft_model is an LLM loaded with tp=1, the model with tp=2; .* with tp=2"):
+        LLM.from_pretrained(path, tp=2, speculative="draft", draft_model=one, progress=False)
+
+
+# --- the verify step as CUDA graphs ---------------------------------------------------------------
+
+
+def test_verify_layout_pads_and_buckets():
+    """verify_layout (the pure part of VerifyGraphs): the live chunks packed as the eager step packs them,
+    then padding to the bucket's static shapes (B q + 1 tokens, B + 1 sequences: one token for each missing
+    sequence, the rest in a last one; slot -1, position 0, block 0); None for steps that are not verify
+    steps (they run as before)."""
+    from llama_kernels.engine.runner import verify_layout
+
+    a = Chunk([7, 8, 9, 10], 20, [3, 5], True, spec=3)
+    b = Chunk([4, 6], 16, [1, 2], True, spec=1)
+    c = Chunk([11], 30, [0, 6], True)  # a plain decode beside them
+    lay = verify_layout([a, b, c], 3, [1, 2, 4], 16, 5)
+    assert lay.size == 4 and lay.rows == 7
+    assert lay.tokens == [7, 8, 9, 10, 4, 6, 11] + [0] * 10
+    assert lay.positions == [20, 21, 22, 23, 16, 17, 30] + [0] * 10
+    assert lay.slots == [84, 85, 86, 87, 32, 33, 110] + [-1] * 10
+    assert lay.block_table == [[3, 5, 0, 0, 0], [1, 2, 0, 0, 0], [0, 6, 0, 0, 0], [0] * 5, [0] * 5]
+    assert lay.seq_lens == [24, 18, 31, 1, 9] and lay.query_lens == [4, 2, 1, 1, 9]
+    one = verify_layout([b], 3, [1, 2, 4], 16, 5)
+    assert (one.size, one.seq_lens, one.query_lens, len(one.tokens)) == (1, [18, 3], [2, 3], 5)
+    full = verify_layout([a, a, a, a], 3, [1, 2, 4], 16, 5)  # every draft k long, the bucket full
+    assert full.query_lens == [4, 4, 4, 4, 1] and full.rows == 16
+    assert verify_layout([a, b, c], 5, [1, 2, 4], 16, 5).query_lens == [4, 2, 1, 1, 17]  # k = 5: 4 x 6 + 1
+    prefill = Chunk([1, 2, 3], 0, [4], True)
+    for chunks, k in [([c], 3), ([a, prefill], 3), ([a], 2), ([dataclasses.replace(a, all_logits=True)], 3),
+                      ([a, dataclasses.replace(c, logits=False)], 3), ([a, b, c, c, c], 3)]:  # fmt: skip
+        assert verify_layout(chunks, k, [1, 2, 4], 16, 5) is None, (chunks, k)
+    with pytest.raises(ValueError, match="verify_layout: a sequence of this step needs more than the 5 x 16 tokens"):
+        verify_layout([dataclasses.replace(a, start=78)], 3, [1, 2, 4], 16, 5)
+
+
+def test_the_padded_verify_layout_gives_the_eager_logits(llm):
+    """What a verify graph replays, run eagerly on the CPU: 3 sequences (drafts of 3, 1 and 0 tokens, one
+    across a block boundary) padded to bucket 4's 17 tokens give the eager step's logits and write exactly
+    its k/v."""
+    from llama_kernels.engine.runner import buckets, verify_layout
+    from llama_kernels.model import AttentionBatch
+
+    runner, cache, alloc = llm.engine.runner, llm.cache, llm.allocator
+    prompts, drafts = [PROMPTS[4][:30], PROMPTS[6], PROMPTS[3]], [[9, 200, 31], [77], []]
+    blocks = [[] for _ in prompts]
+    chunks = []
+    try:
+        for p, d, bl in zip(prompts, drafts, blocks):
+            assert alloc.grow(bl, len(p) + len(d))
+            runner.run([Chunk(p[:-1], 0, bl, True)])
+            chunks.append(Chunk(p[-1:] + d, len(p) - 1, bl, True, spec=len(d)))
+        eager = runner.run(chunks)  # [7, V]
+        after = [t.clone() for t in cache.k + cache.v]
+        width = -(-max(llm.max_context, 4 * 4 + 1) // cache.block_size)
+        lay = verify_layout(chunks, 3, buckets(4), cache.block_size, width)
+        assert lay.size == 4 and lay.rows == 7 and len(lay.tokens) == 17
+        batch = AttentionBatch(torch.tensor(lay.positions), torch.tensor(lay.slots),
+                               torch.tensor(lay.block_table, dtype=torch.int32),
+                               torch.tensor(lay.seq_lens, dtype=torch.int32),
+                               torch.tensor(lay.query_lens, dtype=torch.int32))  # fmt: skip
+        with torch.inference_mode():
+            padded = llm.model(torch.tensor(lay.tokens), batch, cache).float()
+    finally:
+        for bl in blocks:
+            alloc.free(bl)
+    assert padded.shape == (17, CONFIG.vocab_size)
+    assert_rel_close(padded[: lay.rows], eager, 1e-5, "the live rows' logits")
+    live = torch.tensor([s for s in lay.slots if s >= 0])
+    for a, b in zip(cache.k + cache.v, after):
+        a, b = a.flatten(0, 1).clone(), b.flatten(0, 1).clone()
+        assert_rel_close(a[live], b[live], 1e-6, "the live tokens' k/v")
+        a[live] = b[live] = 0
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), "a padding token wrote to the cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant,kv", [(None, None), ("fp8", "fp8")])
+def test_verify_graphs_match_eager(quant, kv):
+    """On a GPU: verify steps replayed as CUDA graphs (buckets 1 to 4, drafts of 0 to 3 tokens padded) give
+    the eager verify logits and the same greedy tokens."""
+    config = dataclasses.replace(CONFIG, head_dim=64)  # the triton prefill attention takes D 64 or 128
+    kw = dict(quant=quant, device="cuda", dtype="bfloat16", kv_cache_dtype=kv, max_context=128, max_batch=4, seed=3)
+    requests = {str(i): (p, GREEDY) for i, p in enumerate(REPEATING + [PROMPTS[4]])}
+    seen = {}
+    for graphs in (True, False):
+        llm = LLM.from_config(config, cuda_graphs=graphs, **kw)
+        engine = Engine(llm.loaded, max_num_seqs=4, speculative=spec(3, ngram_min=1))
+        assert (engine.runner.verify_graphs is not None) == graphs
+        steps, run_ = [], engine.runner.run
+        engine.runner.run = lambda chunks, **k: steps.append(
+            (any(c.spec for c in chunks), run_(chunks, **k).clone())) or steps[-1][1]  # fmt: skip
+        outs = run(engine, requests)
+        seen[graphs] = {r: tokens(o) for r, o in outs.items()}, steps, engine.runner.verify_graphs
+    (got, got_steps, vg), (ref, ref_steps, _) = seen[True], seen[False]
+    assert got == ref and vg.graphs, "greedy tokens equal; some verify steps ran as graphs"
+    verify = [(g, r) for (spec_step, g), (_, r) in zip(got_steps, ref_steps) if spec_step]
+    assert verify
+    for i, (g, r) in enumerate(verify):
+        assert_rel_close(g, r, 0.02, f"{quant}/{kv} verify step {i} logits")
+
+
+def test_a_draft_caps_the_context(tmp_path):
+    """A draft trained on fewer positions caps the sized context (the CPU default here) and refuses a larger
+    max_context in one line naming it, before anything loads."""
+    import json
+
+    from test_tensor_parallel import write_model
+
+    path = write_model(tmp_path / "model", 6, 2, False)
+    draft = write_model(tmp_path / "draft", 6, 2, False, layers=1)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    llm = LLM.from_pretrained(path, max_batch=1, progress=False, speculative="draft", draft_model=draft)
+    assert llm.max_context == llm.draft.max_context == 48 < llm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"^max_context \(--max-context\) 64 is above the trained context of the "
+                                         rf"draft model {draft} \(48 tokens\); expected at most 48$"):
+        LLM.from_pretrained(path, max_context=64, progress=False, speculative="draft", draft_model=draft)

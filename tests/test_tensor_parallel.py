@@ -38,8 +38,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_model(path: Path, heads: int, kv_heads: int, tie: bool, seed: int = 0) -> Path:
-    """A random Llama as a Hugging Face directory (config.json + model.safetensors)."""
+def write_model(path: Path, heads: int, kv_heads: int, tie: bool, seed: int = 0, layers: int = LAYERS) -> Path:
+    """A random Llama as a Hugging Face directory (config.json + model.safetensors). With fewer layers and
+    the same seed and heads, it is the first layers of the model of more (a draft that often agrees)."""
     path.mkdir()
     g = torch.Generator().manual_seed(seed)
 
@@ -50,7 +51,7 @@ def write_model(path: Path, heads: int, kv_heads: int, tie: bool, seed: int = 0)
          "model.norm.weight": 1 + 0.1 * torch.randn(HIDDEN, generator=g)}  # fmt: skip
     if not tie:
         t["lm_head.weight"] = w(VOCAB, HIDDEN) * 8
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         t |= {p + "self_attn.q_proj.weight": w(heads * HEAD_DIM, HIDDEN),
               p + "self_attn.k_proj.weight": w(kv_heads * HEAD_DIM, HIDDEN),
@@ -62,7 +63,7 @@ def write_model(path: Path, heads: int, kv_heads: int, tie: bool, seed: int = 0)
               p + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(HIDDEN, generator=g)}  # fmt: skip
     save_file(t, str(path / "model.safetensors"))
     config = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
-                  num_hidden_layers=LAYERS, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   head_dim=HEAD_DIM, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)  # fmt: skip
     (path / "config.json").write_text(json.dumps(config))

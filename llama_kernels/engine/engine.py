@@ -153,8 +153,8 @@ class Engine:
         self.max_context = loaded.max_context  # tokens per sequence (prompt + output)
         self.allocator = loaded.allocator  # the block pool, shared by every engine on this model
         self.scheduler = Scheduler(self.allocator, max_num_seqs, prefill_chunk, max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, loaded.cache, max_num_seqs, loaded.max_context,
-                                  loaded.cuda_graphs)  # fmt: skip
+        self.runner = ModelRunner(loaded.model, loaded.cache, max_num_seqs, loaded.max_context, loaded.cuda_graphs,
+                                  speculative.config.num_tokens if speculative is not None else 0)  # fmt: skip
         self.runner.calibrate(self.allocator, self.tokenizer, loaded.max_context)
         self.device = loaded.model.tok_embeddings.weight.device
         # under tensor parallel, rank 0 schedules and sends each step to the other ranks (see follow())
@@ -508,7 +508,7 @@ class Engine:
         takes, until rank 0 calls stop_followers(). Requests are added to rank 0's engine only."""
         if self.model.tp is None or distributed.is_main():
             raise RuntimeError("Engine.follow: only ranks other than 0 of a tensor-parallel model follow")
-        self.runner.follow()
+        self.runner.follow(self.speculator.proposer.runners if self.speculator is not None else None)
 
     def stop_followers(self) -> None:
         """Rank 0 under tensor parallel: end the other ranks' follow() (no-op otherwise)."""

@@ -17,6 +17,9 @@ a bonus token when every draft token is accepted), so each verification yields 1
   seeded request is reproducible, but its tokens are not those of non-speculative sampling (the same
   distribution, other draws), and whether a step speculates depends on the batch (see below).
 
+On CUDA a step whose chunks are all verifications and plain decodes runs as a CUDA graph (runner.py:
+VerifyGraphs; shorter drafts are padded, see verify_layout); steps with prefill chunks run eagerly.
+
 Requests whose logits processing depends on the tokens before each position (penalties, logit_bias,
 min_tokens not yet reached, a grammar) are not speculated: speculable().
 
@@ -41,6 +44,7 @@ from typing import Protocol
 
 import torch
 
+from .. import distributed
 from .block_allocator import BlockAllocator
 from .runner import Chunk
 from .sampling import sampling_probs
@@ -86,6 +90,10 @@ class Draft:
 class Proposer(Protocol):
     """Proposes drafts for a batch of sequences (a draft model or an EAGLE-style head runs them as one batch)."""
 
+    # the model runners it runs passes on, by key: under tensor parallel rank 0's proposer sends each pass to
+    # the other ranks (runner.run(..., lead=True, key=key)), whose Engine.follow runs it on theirs
+    runners: dict
+
     def propose(self, seqs: list, ks: list[int]) -> list[Draft]:
         """One draft per sequence (engine Sequences: request_id, ids = prompt + output so far, params,
         generator) of at most ks[i] tokens (may be empty)."""
@@ -126,6 +134,8 @@ class NgramProposer:
     """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens (n from
     ngram_max down to ngram_min) and propose the tokens that followed it. No model; per request an
     NgramIndex (so a step costs O(new tokens), not O(context))."""
+
+    runners: dict = {}  # no model
 
     def __init__(self, ngram_max: int = 4, ngram_min: int = 2) -> None:
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
@@ -274,17 +284,23 @@ class DraftModelProposer:
 
     Each sequence's draft-cache state is kept by request id: the tokens whose k/v the draft cache holds.
     A proposal first rolls that back to the longest prefix shared with the sequence's tokens now (the
-    accepted drafts stay cached), prefills the rest, then decodes k tokens one step at a time, all
-    sequences batched. Greedy requests take the draft's argmax (q one-hot); sampled ones draw from the
+    accepted drafts stay cached), prefills the rest (in passes of at most prefill_chunk tokens, as the
+    memory planner assumes), then decodes k tokens one step at a time, all sequences batched. Greedy requests take the draft's argmax (q one-hot); sampled ones draw from the
     draft's sampling distribution (same temperature / top-k / top-p) with the request's generator, and
     pass q to the verification. A sequence whose draft cache is full proposes nothing; state of
     sequences that ended is dropped then (release), of those preempted at the next proposal.
+
+    Under tensor parallel the draft model is sharded over the same ranks as the target: rank 0 proposes
+    and sends each draft pass to the other ranks (key "draft"), which run it in Engine.follow.
     """
 
-    def __init__(self, runner, allocator: BlockAllocator, max_context: int) -> None:
+    def __init__(self, runner, allocator: BlockAllocator, max_context: int, prefill_chunk: int) -> None:
         self.runner = runner  # a ModelRunner over the draft model and its cache
+        self.runners = {"draft": runner}
+        self.lead = runner.model.tp is not None and distributed.is_main()  # rank 0 under tensor parallel
         self.allocator = allocator  # the draft cache's blocks
         self.max_context = max_context  # the draft model's positions
+        self.prefill_chunk = prefill_chunk  # tokens per prefill pass at most
         self.state: dict[str, tuple[list[int], list[int]]] = {}  # request id -> (cached tokens, blocks)
 
     def propose(self, seqs: list, ks: list[int]) -> list[Draft]:
@@ -300,6 +316,7 @@ class DraftModelProposer:
             self.allocator.shrink(blocks, keep)
             if k > 0 and len(seq.ids) + k <= self.max_context and self.allocator.grow(blocks, len(seq.ids) + k - 1):
                 active.append((seq, k, cached, blocks))
+        self._prefill([(seq, cached, blocks) for seq, _, cached, blocks in active])
         drafts = {id(seq): Draft([], None) for seq in seqs}
         step = [(seq, seq.ids[len(cached) :]) for seq, _, cached, _ in active]
         probs: dict[int, list[torch.Tensor]] = {id(seq): [] for seq, *_ in active}
@@ -308,7 +325,7 @@ class DraftModelProposer:
                       zip(step, [a for a in active if a[1] > i])]  # fmt: skip
             if not chunks:
                 break
-            logits = self.runner.run(chunks)  # [n, V] float32
+            logits = self._run(chunks)  # [n, V] float32
             nxt = []
             for (seq, new), row, (_, k, cached, _) in zip(step, logits, [a for a in active if a[1] > i]):
                 cached.extend(new)
@@ -327,6 +344,24 @@ class DraftModelProposer:
             if probs[id(seq)]:
                 drafts[id(seq)].probs = torch.stack(probs[id(seq)])
         return [drafts[id(seq)] for seq in seqs]
+
+    def _prefill(self, pending: list[tuple]) -> None:
+        """Run each (seq, cached tokens, blocks)'s uncached tokens but its last (that one proposes d1) into
+        the draft cache, in passes of at most prefill_chunk tokens."""
+        while pending := [p for p in pending if len(p[0].ids) - len(p[1]) > 1]:
+            chunks, budget = [], self.prefill_chunk
+            for seq, cached, blocks in pending:
+                n = min(len(seq.ids) - 1 - len(cached), budget)
+                if n == 0:
+                    break
+                chunks.append(Chunk(seq.ids[len(cached) : len(cached) + n], len(cached), blocks, False))
+                budget -= n
+            self._run(chunks)
+            for chunk, (_, cached, _) in zip(chunks, pending):
+                cached.extend(chunk.tokens)
+
+    def _run(self, chunks: list[Chunk]) -> torch.Tensor:
+        return self.runner.run(chunks, lead=self.lead, key="draft")
 
     def release(self, request_id: str) -> None:
         state = self.state.pop(request_id, None)
