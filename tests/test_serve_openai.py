@@ -318,8 +318,8 @@ def test_tool_call_round_trip(server):
 
 
 def test_langchain_chat_openai(server):
-    """LangChain's ChatOpenAI and OpenAI wrappers (when langchain-openai is installed): tools, structured
-    output, n, penalties, and a batch of prompts in one completions request."""
+    """LangChain's ChatOpenAI and OpenAI wrappers (langchain-openai, in the test extra): tools, structured
+    output (its three methods), n, penalties, and a batch of prompts in one completions request."""
     lc = pytest.importorskip("langchain_openai")
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
@@ -346,6 +346,10 @@ def test_langchain_chat_openai(server):
     for method in ("json_schema", "function_calling"):
         person = llm.with_structured_output(Person, method=method).invoke("Describe Ann, 31, as JSON.")
         assert isinstance(person, Person)
+    # json_mode: response_format json_object, parsed by LangChain (the 135M model's keys and values are its own)
+    raw = llm.with_structured_output(Person, method="json_mode", include_raw=True).invoke(
+        "Describe Ann, 31, as JSON with keys name and age.")["raw"]  # fmt: skip
+    assert isinstance(json.loads(raw.content), dict)
     two = lc.ChatOpenAI(**{**kw, "temperature": 1.0, "max_tokens": 4}, n=2, presence_penalty=0.5,
                         frequency_penalty=0.5).generate([[HumanMessage("Hi")]])  # fmt: skip
     assert len(two.generations[0]) == 2
