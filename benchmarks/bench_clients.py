@@ -1,9 +1,10 @@
 """Real OpenAI-API clients against a live `llama-kernels serve` (issue #19), with one JSON summary.
 
 - lm-evaluation-harness, `--model local-completions`, with tokenized_requests=True (token-id prompts)
-  and False (text prompts): a loglikelihood (multiple-choice) task and a generate_until task on a small
-  local JSONL (benchmarks/clients/lm_eval_task); a few items' loglikelihoods are checked against our own
-  `LLM.logits`, and both modes must score the same.
+  and False (text prompts), one prompt per request, and tokenized with --batch_size 8 (lists of prompts):
+  a loglikelihood (multiple-choice) task and a generate_until task on a small local JSONL
+  (benchmarks/clients/lm_eval_task); a few items' loglikelihoods are checked against our own
+  `LLM.logits`, and every mode must score the same.
 - guidellm: streamed synthetic load (prompt_tokens=64, output_tokens=32), synchronous on
   /v1/chat/completions and concurrent on /v1/completions; TTFT and inter-token latency must be reported
   (the streamed path with stream_options.continuous_usage_stats) and no request may fail.
@@ -148,15 +149,16 @@ def run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
 def lm_eval_rows(exe: str, server: Server, tok_dir: Path, args, work: Path, tok) -> list[dict]:
     version = client_version(exe, CLIENTS["lm-eval"][1])
     rows, scores = [], {}
-    for tokenized in (True, False):
-        out = work / f"lm_eval_tokenized_{tokenized}"
+    # batch_size 8: lists of prompts (token-id lists, or strings) in one request
+    for tokenized, batch in ((True, 1), (False, 1), (True, 8)):
+        out = work / f"lm_eval_tokenized_{tokenized}_batch_{batch}"
         model_args = (f"model={server.model},base_url={server.url}/v1/completions,tokenizer={tok_dir},"
                       f"tokenizer_backend=huggingface,tokenized_requests={tokenized},max_retries=1")  # fmt: skip
         cmd = [exe, "--model", "local-completions", "--model_args", model_args, "--include_path",
                str(TASK_DIR.relative_to(REPO)), "--tasks", f"{MC_TASK},{GEN_TASK}", "--output_path", str(out),
-               "--log_samples", *(["--limit", str(args.limit)] if args.limit else [])]  # fmt: skip
-        rc, seconds = run(cmd, args.timeout, work / f"lm_eval_tokenized_{tokenized}.log")
-        row = {"client": "lm-eval", "version": version, "mode": f"tokenized_requests={tokenized}",
+               "--batch_size", str(batch), "--log_samples", *(["--limit", str(args.limit)] if args.limit else [])]
+        rc, seconds = run(cmd, args.timeout, work / f"{out.name}.log")
+        row = {"client": "lm-eval", "version": version, "mode": f"tokenized_requests={tokenized} batch_size={batch}",
                "command": shown(cmd, {tok_dir: "<tokenizer dir>", out: "<out dir>"}), "seconds": round(seconds, 1)}
         if rc != 0:
             rows.append({**row, "ok": False, "error": f"exit status {rc}: see {work}/{out.name}.log"})
@@ -167,18 +169,21 @@ def lm_eval_rows(exe: str, server: Server, tok_dir: Path, args, work: Path, tok)
                   "acc_norm": res[MC_TASK]["acc_norm,none"], "gen_exact_match": res[GEN_TASK]["exact_match,none"],
                   "chance": 0.25}  # fmt: skip
         samples = glob.glob(f"{out}/**/samples_{MC_TASK}_2*.jsonl", recursive=True)[-1]  # _<date>, not _gen_
-        scores[tokenized] = [json.loads(line) for line in open(samples)]
+        scores[tokenized, batch] = [json.loads(line) for line in open(samples)]
+        row["scored"] = (tokenized, batch)
         # above chance on easy items: a server that scored the wrong tokens lands near 0.25
         ok = result["acc"] >= 0.6 and result["gen_exact_match"] >= 0.6
         rows.append({**row, "result": result, "ok": ok})
-    if True in scores and False in scores:  # text and token-id prompts must score alike
-        diff = max(abs(float(a[0][0]) - float(b[0][0])) for x, y in zip(scores[True], scores[False], strict=True)
-                   for a, b in zip(x["resps"], y["resps"], strict=True))  # fmt: skip
-        for row in rows:
-            row["result"]["max_loglik_diff_between_modes"] = diff
-            row["ok"] = row["ok"] and diff < 1e-3
-    if args.check_items and True in scores:
-        diff = check_against_llm(scores[True][: args.check_items], args.model, tok)
+    first = scores.get((True, 1))
+    for row in rows:  # text or token-id prompts, alone or batched: the same scores
+        mode = row.pop("scored", None)
+        if first is not None and mode is not None:
+            diff = max(abs(float(a[0][0]) - float(b[0][0])) for x, y in zip(first, scores[mode], strict=True)
+                       for a, b in zip(x["resps"], y["resps"], strict=True))  # fmt: skip
+            row["result"]["max_loglik_diff_vs_tokenized_batch_1"] = diff
+            row["ok"] = row["ok"] and diff < 1e-3  # float32 logits of differently composed batches
+    if args.check_items and first is not None:
+        diff = check_against_llm(first[: args.check_items], args.model, tok)
         for row in rows:
             if "result" in row:
                 row["result"]["max_loglik_diff_vs_llm_logits"] = diff
