@@ -242,3 +242,19 @@ def test_spec_arithmetic_follows_the_planner_bytes(tmp_path, capsys):
     assert bench.main(["--decode-ms", "11", "--verify-ms", "12", "--draft-ms", "1", "--k", "4", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["target"]["ms"] == 11 and r["verify_ms"] == 12 and r["speculative"][0]["step_ms"] == 16
+
+
+def test_bench_clients_names_how_to_install_a_missing_client(tmp_path):
+    """bench_clients.py (lm-eval and guidellm against a live server; too slow to install and run in CI,
+    its result is committed): a client that is not installed is one line naming how to install it, and
+    with none installed it exits 1 before starting a server."""
+    done = subprocess.run([sys.executable, str(BENCH / "bench_clients.py"), "--clients-bin", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"bench_clients.py: lm-eval: no 'lm_eval' in {tmp_path}: pip install \"lm-eval[api]\" transformers "
+        "(or pass --clients-bin)",
+        f"bench_clients.py: guidellm: no 'guidellm' in {tmp_path}: pip install guidellm (or pass --clients-bin)"]
+    bad = subprocess.run([sys.executable, str(BENCH / "bench_clients.py"), "--clients", "vllm"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "--clients='vllm': unknown ['vllm']" in bad.stderr

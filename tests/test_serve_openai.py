@@ -172,6 +172,23 @@ def test_echo_prompt_logprobs_equal_llm_logits(server, llm):
             assert math.isclose(token_lps[j], float(logp[j - 1, ids[j]]), abs_tol=2e-4), j
         assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]  # across chunks too
         assert "".join(tokens) == llm.tokenizer.decode(ids, skip_special_tokens=False) + text[len(prompt):]
+    # a request that ends on eos lists it too (counted in completion_tokens, as vLLM): lm-eval's scoring
+    # drops the last entry as the generated token's, so without it the prompt's last logprob was lost
+    eos = llm.tokenizer.tokenizer.token_to_id(llm.tokenizer.eos_token)
+    for stream in (False, True):
+        kw = dict(model=MODEL, prompt=ids, max_tokens=3, temperature=0, logprobs=1, echo=True, logit_bias={eos: 100})
+        if stream:
+            chunks = [c.choices[0] for c in server.client().completions.create(**kw, stream=True) if c.choices]
+            lps, reason = [c.logprobs for c in chunks if c.logprobs is not None], chunks[-1].finish_reason
+            tokens, token_lps = [t for lp in lps for t in lp.tokens], [v for lp in lps for v in lp.token_logprobs]
+        else:
+            res = server.client().completions.create(**kw)
+            lp, reason = res.choices[0].logprobs, res.choices[0].finish_reason
+            tokens, token_lps = lp.tokens, lp.token_logprobs
+            assert res.usage.completion_tokens == 1
+        assert reason == "stop" and len(tokens) == len(ids) + 1 and tokens[-1] == llm.tokenizer.eos_token
+        assert math.isclose(token_lps[-1], float(logp[-1, eos]), abs_tol=2e-4)  # the model's, before the bias
+        assert math.isclose(token_lps[-2], float(logp[-2, ids[-1]]), abs_tol=2e-4)
 
 
 def test_batch_and_token_id_prompts_equal_one_by_one(server, llm):
@@ -368,8 +385,8 @@ def _streamed_calls(stream) -> tuple[str, list, list[str], int]:
 
 
 def test_langchain_chat_openai(server):
-    """LangChain's ChatOpenAI and OpenAI wrappers (when langchain-openai is installed): tools, structured
-    output, n, penalties, and a batch of prompts in one completions request."""
+    """LangChain's ChatOpenAI and OpenAI wrappers (langchain-openai, in the test extra): tools, structured
+    output (its three methods), n, penalties, and a batch of prompts in one completions request."""
     lc = pytest.importorskip("langchain_openai")
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
@@ -399,6 +416,10 @@ def test_langchain_chat_openai(server):
     for method in ("json_schema", "function_calling"):
         person = llm.with_structured_output(Person, method=method).invoke("Describe Ann, 31, as JSON.")
         assert isinstance(person, Person)
+    # json_mode: response_format json_object, parsed by LangChain (the 135M model's keys and values are its own)
+    raw = llm.with_structured_output(Person, method="json_mode", include_raw=True).invoke(
+        "Describe Ann, 31, as JSON with keys name and age.")["raw"]  # fmt: skip
+    assert isinstance(json.loads(raw.content), dict)
     two = lc.ChatOpenAI(**{**kw, "temperature": 1.0, "max_tokens": 4}, n=2, presence_penalty=0.5,
                         frequency_penalty=0.5).generate([[HumanMessage("Hi")]])  # fmt: skip
     assert len(two.generations[0]) == 2

@@ -58,6 +58,10 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None), in the
     # request's first output when it asked for prompt_logprobs
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+    # the logprob of the eos / stop token that ended the request (in its last output, when it asked for
+    # logprobs): counted in completion_tokens, so completions' logprobs list it (as vLLM; lm-eval's echo
+    # scoring drops the one generated token's entry, whatever it is)
+    stop_logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -445,7 +449,7 @@ class Engine:
             if token < 0:
                 return self._finish(seq, "stop", text), i
             if token in self._stop_ids(seq):
-                seq.stop_token = token
+                seq.stop_token, seq.stop_logprob = token, logprob
                 return self._finish(seq, "stop", text), i + 1
             seq.ids.append(token)
             seq.new_ids.append(token)
@@ -478,7 +482,8 @@ class Engine:
         completion = len(seq.output_ids) + (seq.stop_token is not None)
         out = RequestOutput(seq.request_id, text, seq.new_ids, seq.new_logprobs if seq.params.logprobs is not None
                             else None, reason is not None, reason, seq.prompt_len, completion,
-                            prompt_logprobs=prompt_logprobs, cached_tokens=seq.num_cached_tokens)  # fmt: skip
+                            prompt_logprobs=prompt_logprobs, cached_tokens=seq.num_cached_tokens,
+                            stop_logprob=seq.stop_logprob if seq.params.logprobs is not None else None)  # fmt: skip
         seq.new_ids, seq.new_logprobs = [], []
         return out
 

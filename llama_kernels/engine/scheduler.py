@@ -52,6 +52,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.matcher = None  # the grammar's state (engine.structured), when the output is constrained
         self.stop_token: int | None = None  # the eos / stop token that ended it (counted, not in ids)
+        self.stop_logprob: TokenLogprob | None = None  # its logprob (when asked for)
         self.draft: list[int] = []  # speculative tokens to verify in the next step (engine/speculative.py)
         self.draft_probs: torch.Tensor | None = None  # [len(draft), V] their proposal distributions; None: one-hot
 

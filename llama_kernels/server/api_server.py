@@ -357,7 +357,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             lp = None
             if req.logprobs is not None:
                 prompt_lps = list(zip(c.prompt_ids, first.prompt_logprobs or [])) if c.echo else []
-                lp = completion_logprobs(prompt_lps + [(x.token_id, x) for x in logprobs], 0)
+                lp = completion_logprobs(prompt_lps + with_stop(logprobs, out, c), 0)
             out_choices.append({"index": c.index, "text": c.echo + text, "finish_reason": out.finish_reason,
                                 "logprobs": lp})  # fmt: skip
         usage = _usage(prompt_tokens, completion_tokens, results[0][3].cached_tokens)  # the prompt's, once
@@ -417,7 +417,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 if out.finished:
                     items.append(chat_piece(k, {}, held[k], reason))
                 return items
-            lps = [(x.token_id, x) for x in lps]
+            lps = with_stop(lps, out, c)
             if c.echo and not started[k]:  # the prompt (and its logprobs) first
                 text = c.echo + text
                 lps = list(zip(c.prompt_ids, out.prompt_logprobs or [])) + lps
@@ -452,6 +452,13 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                             for lp in items]}  # fmt: skip
+
+    def with_stop(logprobs: list[TokenLogprob], out, c: Choice) -> list[tuple[int, TokenLogprob]]:
+        """Completions' (token id, logprob) items of an output's tokens, and of the eos / stop token that
+        ended it: completion_tokens counts it, and so do vLLM's logprobs (lm-eval's echo scoring drops the
+        generated token's entry, so without it a request ending on eos loses the prompt's last logprob)."""
+        stop = [] if out.stop_logprob is None or c.drop_output else [out.stop_logprob]
+        return [(x.token_id, x) for x in [*logprobs, *stop]]
 
     def completion_logprobs(items: list[tuple[int, TokenLogprob | None]], offset: int) -> dict:
         """OpenAI's completions logprobs of (token id, its TokenLogprob or None for the first prompt token);
