@@ -78,13 +78,15 @@ def fp8_gemm(
     A CPU weight prepared at load by :func:`prepare_fp8_cpu` is multiplied as its int8 requantization
     instead (lossy: see there), the sum rounded to bfloat16 once before the scales.
     """
+    xs = x_scale.float().reshape(-1, 1)  # [M, 1] or [1, 1]: never 0-d, so that a bfloat16 acc becomes float32
+    ws = w_scale.float().reshape(1, -1)  # [1, N] or [1, 1]
     prepared = getattr(wq, _CPU_FP8_ATTR, None) if xq.device.type == "cpu" else None
     if prepared is None:
         acc = xq.float() @ wq.float().t()
     else:
-        acc = _cpu_int8_matmul(xq.to(torch.bfloat16), *prepared)  # every e4m3 value is a bfloat16
-    xs = x_scale.float().reshape(-1, 1) if x_scale.dim() else x_scale.float()
-    ws = w_scale.float().reshape(1, -1) if w_scale.dim() else w_scale.float()
+        acc, int8_scale = _cpu_int8_matmul(_e4m3_to_bf16(xq), *prepared)
+        if int8_scale is not None:
+            ws = ws * int8_scale
     y = acc * xs * ws
     if bias is not None:
         y = y + bias.float()
@@ -198,12 +200,26 @@ def prepare_fp8_cpu(wq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return wq
 
 
-def _cpu_int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bfloat16 @ (q [N, K] int8 * scale [N] bfloat16).T -> float32 [M, N] (summed in float32,
-    rounded to bfloat16 once)."""
+# the bfloat16 value of each e4m3 bit pattern (exact: every e4m3 value is a bfloat16), NaN included
+_E4M3_TO_BF16 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).to(torch.bfloat16)  # [256]
+
+
+def _e4m3_to_bf16(xq: torch.Tensor) -> torch.Tensor:
+    """xq [M, K] float8_e4m3fn (CPU) -> bfloat16 [M, K], exactly: a table lookup, 6x faster than PyTorch's CPU
+    conversion (scalar) at 256 x 576 (97 vs 620 us, 1 thread), which prefill otherwise spends a third of its
+    FP8 time in."""
+    m, k = xq.shape
+    return _E4M3_TO_BF16.index_select(0, xq.contiguous().view(torch.uint8).view(-1).int()).view(m, k)
+
+
+def _cpu_int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [M, K] bfloat16 @ (q [N, K] int8 * scale [N] bfloat16).T, summed in float32 and rounded to bfloat16
+    once: (y [M, N] bfloat16, None) with the scale applied (by _weight_int8pack_mm, below CPU_INT8_MATMUL_ROWS
+    rows), or (x @ q.T, scale as float32 [N]) for the caller to fold into its own scaling (above: a bfloat16
+    matmul of q converted to bfloat16)."""
     if x.shape[0] < CPU_INT8_MATMUL_ROWS:
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale).float()
-    return F.linear(x, q.to(torch.bfloat16)).float() * scale.float()
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale), None
+    return F.linear(x, q.to(torch.bfloat16)), scale.float()
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

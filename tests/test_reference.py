@@ -480,11 +480,21 @@ def test_fp8_gemm_cpu_path_by_rows(m):
     q, scale = getattr(wq, reference._CPU_FP8_ATTR)
     by_kernel = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), q, scale).double()
     by_matmul = (xq.double() @ q.double().T) * scale.double()
-    got = reference._cpu_int8_matmul(xq.to(torch.bfloat16), q, scale).double()
+    got, still_to_scale = reference._cpu_int8_matmul(xq.to(torch.bfloat16), q, scale)
+    assert got.dtype == torch.bfloat16 and (still_to_scale is None) == (m < reference.CPU_INT8_MATMUL_ROWS)
+    got = got.double() * (1 if still_to_scale is None else still_to_scale.double())
     assert_rel_close(got, by_matmul, TOL[torch.bfloat16], "int8 product")
     assert_rel_close(by_kernel, by_matmul, TOL[torch.bfloat16], "the kernel")
     odd = torch.zeros(8, 40).to(FP8)
     assert ops.prepare_fp8(odd, torch.bfloat16) is odd and not hasattr(odd, reference._CPU_FP8_ATTR)
+
+
+def test_e4m3_to_bf16_lookup_is_exact_for_every_bit_pattern():
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8)
+    for x in (every.view(16, 16), every.view(256, 1), every[::3].reshape(1, -1), every.view(16, 16).t()):
+        got, want = reference._e4m3_to_bf16(x), x.to(torch.bfloat16)  # PyTorch's conversion: the definition
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
 
 
 def test_quantized_linears_prepare_their_cpu_layouts():
