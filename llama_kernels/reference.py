@@ -119,10 +119,11 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 # the layouts PyTorch's CPU kernels read; the two ops then use them. The weight itself is kept, so that
 # every backend (and the definitions) can still read it: LLAMA_KERNELS_BACKEND may change after load.
 # Weights they do not prepare (another device, a shape the kernels lack) run the definitions.
-# Which kernel runs depends on the rows M (1 thread, SmolLM2's 1536 x 576: benchmarks in the README):
-# the weight-only int4/int8 kernels cost ~20 us per row, so they win for decode; a bfloat16 matmul
-# (AMX/AVX512-BF16) of the weight converted to bfloat16 for the call costs ~300 us for the conversion
-# and then ~2 us per row, so it wins from ~16-24 rows (prefill), 3-10x faster than float32 at 256.
+# Which kernel runs depends on the rows M (1 thread, SmolLM2's 1536 x 576, weights in cache): the
+# weight-only int4/int8 kernels cost ~20 us per row, so they win for decode; a bfloat16 matmul
+# (AMX/AVX512-BF16) of the weight converted to bfloat16 for the call costs ~120 (int8) or ~300 (int4
+# with group scales) us for the conversion and then ~2 us per row, so it wins from ~13 (int8) and ~28
+# (int4) rows measured (prefill): at 64 rows, 906 us against float32's 1178 and the INT4 kernel's 1589.
 
 _CPU_INT4_ATTR = "_cpu_int4"  # Int4Weight.__dict__ key: a _CpuInt4
 _CPU_FP8_ATTR = "_cpu_int8"  # attribute of a prepared FP8 weight tensor: (int8 [N, K], bfloat16 scale [N])
