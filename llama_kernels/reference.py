@@ -176,12 +176,12 @@ def prepare_int4_cpu(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
 
 
 def prepare_fp8_cpu(wq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Give a CPU FP8 weight wq [N, K] (K a multiple of 16) its int8 requantization per output channel,
+    """Give a CPU FP8 weight wq [N, K] (K a multiple of 16) its int8 requantization per output channel
     (int8 [N, K], scale bfloat16 [N]): 1 more byte per weight, which :func:`fp8_gemm` multiplies with
     ``torch.ops.aten._weight_int8pack_mm`` (below CPU_INT8_MATMUL_ROWS rows) or converts to bfloat16 for
-    a bfloat16 matmul (above), instead of converting wq on every call (PyTorch's e4m3 conversion and
-    its FP8 matmul are 30-200x slower on a CPU than these). Otherwise, or not on the CPU, wq is left as
-    is. `dtype` (fp8_gemm's out_dtype) does not matter: the sums are in float32 / bfloat16 either way.
+    a bfloat16 matmul (above), instead of converting wq on every call (PyTorch's CPU e4m3 -> bfloat16
+    conversion is ~30x slower than int8's, its CPU FP8 matmul slower still). Otherwise, or not on the
+    CPU, wq is left as is. `dtype` (fp8_gemm's out_dtype) does not matter: the sums are in float32 / bfloat16 either way.
     Returns wq.
 
     Lossy, unlike the definition: scale[n] = amax_k |wq[n, k]| / 127 rounded up to a bfloat16 (exact in
