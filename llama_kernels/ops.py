@@ -148,9 +148,9 @@ def prepare_int4(w: Int4Weight, dtype: torch.dtype, *, backend: str | None = Non
     """Once per weight, at load: (w in the layout of the int4_gemm backend selected for its device,
     the backend to pass to int4_gemm for it). A backend that reads its own layout (the cuda kernel's
     tiles) gets it in place of qweight's, and is then the only one that can read the weight; the
-    others read w as is (returned with None; on the CPU the torch backend attaches the layout of
-    PyTorch's CPU INT4 kernel to w, which every backend still reads). dtype: the activations'
-    (bfloat16 or float16)."""
+    others read w as is (returned with None; on the CPU the torch backend attaches to w the layout of
+    PyTorch's CPU INT4 kernel, and for bfloat16 q - z as int8 for its prefill matmul, while every
+    backend still reads w). dtype: the activations' (bfloat16 or float16)."""
     name = backends.select("int4_gemm", w.qweight.device, backend)[0]
     prepare = backends.preparer("int4_gemm", name)
     prepared = w if prepare is None else prepare(w, dtype)
@@ -159,9 +159,10 @@ def prepare_int4(w: Int4Weight, dtype: torch.dtype, *, backend: str | None = Non
 
 def prepare_fp8(wq: torch.Tensor, dtype: torch.dtype, *, backend: str | None = None) -> torch.Tensor:
     """Once per FP8 weight wq [N, K] float8_e4m3fn, at load: lets the fp8_gemm backend selected for its
-    device attach the layout it reads fastest to wq (on the CPU, the torch backend: a bfloat16 copy, 2
-    more bytes per weight, for bfloat16 outputs). dtype: fp8_gemm's out_dtype. Returns wq, which every
-    backend still reads as is."""
+    device attach the layout it reads fastest to wq (on the CPU, the torch backend: wq requantized to
+    int8 per output channel, 1 more byte per weight, which PyTorch's CPU int8 kernels read: lossy, see
+    ``reference.prepare_fp8_cpu``). dtype: fp8_gemm's out_dtype. Returns wq, which every backend still
+    reads as is."""
     check.tensor("prepare_fp8", "wq", wq, dtypes=(FP8,), ndim=2)
     prepare = backends.preparer("fp8_gemm", backends.select("fp8_gemm", wq.device, backend)[0])
     return wq if prepare is None else prepare(wq, dtype)

@@ -13,6 +13,7 @@ These functions do no validation: ``llama_kernels.ops`` validates, then calls th
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,17 +75,18 @@ def fp8_gemm(
 
     xq [M, K] e4m3, wq [N, K] e4m3; x_scale [M] or 0-d, w_scale [N] or 0-d, float32;
     bias [N] (any float dtype) or None; y [M, N] in out_dtype. Accumulation in float32.
-    A CPU weight prepared at load by :func:`prepare_fp8_cpu` runs a bfloat16 kernel instead (the sum
-    is rounded to bfloat16 once before the scales: within one more bfloat16 rounding).
+    A CPU weight prepared at load by :func:`prepare_fp8_cpu` is multiplied as its int8 requantization
+    instead (lossy: see there), the sum rounded to bfloat16 once before the scales.
     """
-    up = getattr(wq, _CPU_FP8_ATTR, None) if out_dtype == torch.bfloat16 else None
-    if up is None:
+    xs = x_scale.float().reshape(-1, 1)  # [M, 1] or [1, 1]: never 0-d, so that a bfloat16 acc becomes float32
+    ws = w_scale.float().reshape(1, -1)  # [1, N] or [1, 1]
+    prepared = getattr(wq, _CPU_FP8_ATTR, None) if xq.device.type == "cpu" else None
+    if prepared is None:
         acc = xq.float() @ wq.float().t()
-    else:  # prepare_fp8_cpu's copy: the same products, summed in float32 by a bfloat16 kernel, rounded once
-        xb = xq.to(torch.bfloat16)
-        acc = (torch.mv(up, xb[0]).unsqueeze(0) if xb.shape[0] == 1 else F.linear(xb, up)).float()  # mv: 2x at M=1
-    xs = x_scale.float().reshape(-1, 1) if x_scale.dim() else x_scale.float()
-    ws = w_scale.float().reshape(1, -1) if w_scale.dim() else w_scale.float()
+    else:
+        acc, int8_scale = _cpu_int8_matmul(_e4m3_to_bf16(xq), *prepared)
+        if int8_scale is not None:
+            ws = ws * int8_scale
     y = acc * xs * ws
     if bias is not None:
         y = y + bias.float()
@@ -95,58 +97,130 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """y = x @ dequantize(w).T. x [M, K] bf16/fp16; w an Int4Weight of shape [N, K]; y [M, N] in x's dtype.
 
     A CPU weight prepared at load by :func:`prepare_int4_cpu` runs PyTorch's CPU INT4 kernel instead
-    (for the activation dtype it was prepared for)."""
+    below CPU_INT4_DEQUANT_ROWS rows, and above, for bfloat16 x, a bfloat16 matmul of the weight
+    dequantized to bfloat16 for the call (for the activation dtype it was prepared for)."""
     packed = w.__dict__.get(_CPU_INT4_ATTR)
-    if packed is None or packed[0] != x.dtype or x.device.type != "cpu":
+    if packed is None or packed.dtype != x.dtype or x.device.type != "cpu":
         return int4_linear_reference(x, w)
-    _, weight, scale_zeros = packed
     if w.perm is not None:
         x = x.index_select(1, w.perm)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, w.group_size, scale_zeros)
+    if packed.q_minus_z is not None and x.shape[0] >= CPU_INT4_DEQUANT_ROWS:
+        n, k = w.shape
+        weight = torch.mul(packed.q_minus_z.view(n, k // w.group_size, w.group_size), packed.scales)  # -> bf16
+        return F.linear(x, weight.view(n, k))
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed.weight, w.group_size,
+                                                      packed.scale_zeros)  # fmt: skip
 
 
 # --- the torch backend on the CPU: load-time layouts for PyTorch's CPU kernels -----------------------
 # fp8_gemm and int4_gemm above dequantize the whole weight to float32 on every call: on a CPU that is
 # 5-30x the time of a float32 linear of the same shape. Once per weight, at load (ops.prepare_fp8 /
 # ops.prepare_int4, when the torch backend is selected for a CPU weight), these attach to the weight
-# the layout one of PyTorch's CPU kernels reads; the two ops then use it. The weight itself is kept,
-# so that every backend (and the definitions) can still read it: LLAMA_KERNELS_BACKEND may change after
-# load. Weights they do not prepare (another device, a shape the kernel lacks) run the definitions.
+# the layouts PyTorch's CPU kernels read; the two ops then use them. The weight itself is kept, so that
+# every backend (and the definitions) can still read it: LLAMA_KERNELS_BACKEND may change after load.
+# Weights they do not prepare (another device, a shape the kernels lack) run the definitions.
+# Which kernel runs depends on the rows M (1 thread, SmolLM2's 1536 x 576, weights in cache): the
+# weight-only int4/int8 kernels cost ~20 us per row, so they win for decode; a bfloat16 matmul
+# (AMX/AVX512-BF16) of the weight converted to bfloat16 for the call costs ~120 (int8) or ~300 (int4
+# with group scales) us for the conversion and then ~2 us per row, so it wins from ~13 (int8) and ~28
+# (int4) rows measured (prefill): at 64 rows, 906 us against float32's 1178 and the INT4 kernel's 1589.
 
-_CPU_INT4_ATTR = "_cpu_int4_packed"  # Int4Weight.__dict__ key: (activation dtype, uint8 [N, K/2], [K/G, N, 2])
-_CPU_FP8_ATTR = "_cpu_bf16_weight"  # attribute of a prepared FP8 weight tensor: its bfloat16 copy [N, K]
+_CPU_INT4_ATTR = "_cpu_int4"  # Int4Weight.__dict__ key: a _CpuInt4
+_CPU_FP8_ATTR = "_cpu_int8"  # attribute of a prepared FP8 weight tensor: (int8 [N, K], bfloat16 scale [N])
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # those torch's CPU INT4 kernel takes
+CPU_INT4_DEQUANT_ROWS = 32  # int4_gemm: from this many rows of x, dequantize to bfloat16 + bfloat16 matmul
+CPU_INT8_MATMUL_ROWS = 16  # fp8_gemm: from this many rows, int8 -> bfloat16 + bfloat16 matmul
+
+
+class _CpuInt4(NamedTuple):
+    """An INT4 weight [N, K] in the layouts of the CPU kernels int4_gemm uses (prepare_int4_cpu)."""
+
+    dtype: torch.dtype  # the activations' (bfloat16 or float16), for which scales are rounded
+    weight: torch.Tensor  # uint8 [N, K/2], _weight_int4pack_mm_for_cpu's blocked order
+    scale_zeros: torch.Tensor  # [K/G, N, 2] in dtype: (scale, (8 - z) * scale) per group
+    q_minus_z: torch.Tensor | None  # int8 [N, K] q - z, for the bfloat16 matmul; None for float16
+    scales: torch.Tensor | None  # [N, K/G, 1] in dtype, the scales broadcast over each group's q - z
 
 
 def prepare_int4_cpu(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
-    """Attach to a CPU weight [N, K] its layout for ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with
-    `dtype` (bfloat16/float16) activations: the weight repacked (uint8 [N, K/2], the kernel's blocked
-    order: 0.5 more byte per weight) and scale_zeros [K/G, N, 2] in `dtype`. Nothing is attached where
-    that kernel does not apply (not on the CPU, N not a multiple of 16, group size not in
-    CPU_INT4_GROUP_SIZES). Returns w.
+    """Attach to a CPU weight [N, K] the layouts int4_gemm's CPU kernels read with `dtype` (bfloat16/
+    float16) activations (a _CpuInt4): for ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (below
+    CPU_INT4_DEQUANT_ROWS rows) the weight repacked (uint8 [N, K/2], the kernel's blocked order: 0.5
+    more byte per weight) and scale_zeros [K/G, N, 2] in `dtype`; for bfloat16, also q - z as int8
+    [N, K] (1 more byte per weight), which int4_gemm dequantizes to bfloat16 per call for more rows
+    (one vectorized multiply by the group scales; float16 has no fast CPU matmul, so it stays on the
+    INT4 kernel). Nothing is attached where that kernel does not apply (not on the CPU, N not a
+    multiple of 16, group size not in CPU_INT4_GROUP_SIZES). Returns w.
 
-    The kernel dequantizes (q - 8) * scale + zero with scale and zero per group in `dtype`, so
-    zero = (8 - z) * scale: the same weight up to that product's rounding to `dtype`."""
+    Both dequantize with the scale rounded to `dtype`: (q - 8) * scale + zero, zero = (8 - z) * scale,
+    in `dtype` for the kernel; (q - z) * scale rounded to bfloat16 for the matmul. The same weight up to
+    those roundings."""
     n, k = w.shape
     if w.qweight.device.type != "cpu" or n % 16 or w.group_size not in CPU_INT4_GROUP_SIZES:
         return w
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"prepare_int4_cpu: dtype={dtype}; expected torch.bfloat16 or torch.float16")
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.unpack().to(torch.int32), 1)  # uint8 [N, K/2]
+    q = w.unpack()  # uint8 [N, K]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # uint8 [N, K/2]
     scales = w.scales.float()
-    scale_zeros = torch.stack([scales, (8 - w._zero_points().float()) * scales], dim=-1)  # [N, K/G, 2]
-    w.__dict__[_CPU_INT4_ATTR] = (dtype, packed, scale_zeros.transpose(0, 1).contiguous().to(dtype))
+    zeros = w._zero_points()  # int16 [N, K/G]
+    scale_zeros = torch.stack([scales, (8 - zeros.float()) * scales], dim=-1)  # [N, K/G, 2]
+    q_minus_z = scales_g = None
+    if dtype == torch.bfloat16:
+        groups = k // w.group_size
+        q_minus_z = (q.view(n, groups, w.group_size).to(torch.int8) - zeros.to(torch.int8)[..., None]).view(n, k)
+        scales_g = scales.to(dtype).unsqueeze(-1)
+    w.__dict__[_CPU_INT4_ATTR] = _CpuInt4(dtype, packed, scale_zeros.transpose(0, 1).contiguous().to(dtype),
+                                          q_minus_z, scales_g)  # fmt: skip
     return w
 
 
 def prepare_fp8_cpu(wq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Give a CPU FP8 weight wq [N, K] its bfloat16 copy (exact: every e4m3 value is a bfloat16), which
-    :func:`fp8_gemm` then multiplies with bfloat16 kernels (float32 accumulation) instead of converting
-    wq on every call: 2 more bytes per weight. Only for bfloat16 outputs (`dtype`), whose range the
-    unscaled products need; otherwise, or not on the CPU, wq is left as is. Returns wq."""
-    if wq.device.type == "cpu" and dtype == torch.bfloat16:
-        setattr(wq, _CPU_FP8_ATTR, wq.to(torch.bfloat16))
+    """Give a CPU FP8 weight wq [N, K] (K a multiple of 16) its int8 requantization per output channel
+    (int8 [N, K], scale bfloat16 [N]): 1 more byte per weight, which :func:`fp8_gemm` multiplies with
+    ``torch.ops.aten._weight_int8pack_mm`` (below CPU_INT8_MATMUL_ROWS rows) or converts to bfloat16 for
+    a bfloat16 matmul (above), instead of converting wq on every call (PyTorch's CPU e4m3 -> bfloat16
+    conversion is ~30x slower than int8's, its CPU FP8 matmul slower still). Otherwise, or not on the
+    CPU, wq is left as is. `dtype` (fp8_gemm's out_dtype) does not matter: the sums are in float32 / bfloat16 either way.
+    Returns wq.
+
+    Lossy, unlike the definition: scale[n] = amax_k |wq[n, k]| / 127 rounded up to a bfloat16 (exact in
+    the kernel), int8 = round(wq / scale), so |int8 * scale - wq| <= scale / 2 for every weight, where
+    an e4m3 weight is itself within 2^-4 relative of what it quantized."""
+    n, k = wq.shape
+    if wq.device.type != "cpu" or k % 16:  # _weight_int8pack_mm reads K in blocks of 16
+        return wq
+    w = wq.float()
+    step = w.abs().amax(dim=1) / 127
+    scale = step.to(torch.bfloat16)
+    up = (scale.view(torch.int16) + 1).view(torch.bfloat16)  # the next bfloat16 (scale is >= 0)
+    scale = torch.where(scale.float() < step, up, scale)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row
+    q = torch.round(w / scale.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    setattr(wq, _CPU_FP8_ATTR, (q, scale))
     return wq
+
+
+# the bfloat16 value of each e4m3 bit pattern (exact: every e4m3 value is a bfloat16), NaN included
+_E4M3_TO_BF16 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).to(torch.bfloat16)  # [256]
+
+
+def _e4m3_to_bf16(xq: torch.Tensor) -> torch.Tensor:
+    """xq [M, K] float8_e4m3fn (CPU) -> bfloat16 [M, K], exactly: a table lookup, 6x faster than PyTorch's CPU
+    conversion (scalar) at 256 x 576 (97 vs 620 us, 1 thread), which prefill otherwise spends a third of its
+    FP8 time in."""
+    m, k = xq.shape
+    return _E4M3_TO_BF16.index_select(0, xq.contiguous().view(torch.uint8).view(-1).int()).view(m, k)
+
+
+def _cpu_int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [M, K] bfloat16 @ (q [N, K] int8 * scale [N] bfloat16).T, summed in float32 and rounded to bfloat16
+    once: (y [M, N] bfloat16, None) with the scale applied (by _weight_int8pack_mm, below CPU_INT8_MATMUL_ROWS
+    rows), or (x @ q.T, scale as float32 [N]) for the caller to fold into its own scaling (above: a bfloat16
+    matmul of q converted to bfloat16)."""
+    if x.shape[0] < CPU_INT8_MATMUL_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale), None
+    return F.linear(x, q.to(torch.bfloat16)), scale.float()
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

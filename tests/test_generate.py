@@ -37,7 +37,9 @@ TEXT = (
 # on another machine): top-1 agreement with float32 over TEXT (127 tokens) fp8/all 0.906 (0.921), fp8/meta 0.890
 # (0.929), int4 0.646; next-token NLL over TEXT float32 2.068, fp8/all 2.109, fp8/meta 2.103, int4 2.398; NLL of
 # GOLDEN (teacher-forced, after the chat prompt) float32 0.355, fp8/all 0.336, fp8/meta 0.312, int4 0.438; top-1
-# agreement with GOLDEN fp8 8/8, int4 7/8.
+# agreement with GOLDEN fp8 8/8, int4 7/8. Since FP8 runs requantized to int8 on the CPU (reference.prepare_fp8_cpu),
+# 1 thread: agreement fp8/all 0.874, fp8/meta 0.890, NLL 2.110 / 2.110, GOLDEN NLL 0.418 / 0.378 (the exact FP8
+# definition on the same machine: 0.898, 0.906, 2.108, 2.103, 0.371, 0.305); int4 0.654, 2.400, 0.439.
 # {(quant, policy): (agreement floor, NLL excess ceiling over float32 on TEXT, GOLDEN NLL ceiling, GOLDEN top-1 floor)}
 FLOORS = {("fp8", "all"): (0.82, 0.15, 0.6, 0.75), ("fp8", "meta"): (0.80, 0.15, 0.6, 0.75),
           ("int4", "all"): (0.55, 0.6, 0.8, 0.75)}  # fmt: skip

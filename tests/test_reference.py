@@ -359,10 +359,12 @@ def test_decode_attention_custom_scale_and_block_sizes():
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("m,n,k,group,symmetric,act_order", [
     (1, 16, 128, 128, False, False), (3, 48, 576, 64, True, False), (17, 96, 576, 64, False, True),
+    (64, 48, 96, 32, False, False), (64, 80, 576, 64, False, True), (33, 32, 512, 256, True, False),
     (5, 32, 512, 256, False, False), (2, 32, 512, 32, False, False)])  # fmt: skip
-def test_int4_gemm_on_torch_cpu_kernel_matches_definition(dtype, m, n, k, group, symmetric, act_order):
-    """ops.prepare_int4 on the CPU attaches the layout of torch's CPU INT4 kernel to the weight (kept as
-    is, for every backend); int4_gemm through it equals the dequantized matmul of the plain weight."""
+def test_int4_gemm_on_torch_cpu_kernels_matches_definition(dtype, m, n, k, group, symmetric, act_order):
+    """ops.prepare_int4 on the CPU attaches the layouts of its CPU kernels to the weight (kept as is, for every
+    backend); int4_gemm through them (the INT4 kernel, or from CPU_INT4_DEQUANT_ROWS rows in bfloat16 the
+    per-call bfloat16 dequantization and matmul) equals the dequantized matmul of the plain weight."""
     plain = ops.quantize_int4(randn(n, k, dtype=dtype, seed=n, scale=0.02), group_size=group, symmetric=symmetric)
     if act_order:  # a GPTQ act-order permutation of the input channels
         g = torch.Generator().manual_seed(1)
@@ -372,15 +374,35 @@ def test_int4_gemm_on_torch_cpu_kernel_matches_definition(dtype, m, n, k, group,
     definition = reference.int4_linear_reference(x, plain)
     qweight = plain.qweight.clone()
     assert ops.prepare_int4(plain, dtype) == (plain, None)  # the same weight: any backend reads it
-    plain.qweight.zero_()  # poisoned: only the attached layout still holds the weight
+    plain.qweight.zero_()  # poisoned: only the attached layouts still hold the weight
     y = ops.int4_gemm(x, plain)
     xp = x if plain.perm is None else x[:, plain.perm]
     assert y.dtype == dtype and y.shape == (m, n)
-    assert_rel_close(y, xp.double() @ want_deq.T, TOL[dtype], "int4_gemm (torch CPU kernel)")
+    assert_rel_close(y, xp.double() @ want_deq.T, TOL[dtype], "int4_gemm (torch CPU kernels)")
     assert_rel_close(y, definition, TOL[dtype], "vs the definition")
     plain.qweight.copy_(qweight)
     other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16  # not prepared for: the definition
     assert torch.equal(ops.int4_gemm(x.to(other), plain), reference.int4_linear_reference(x.to(other), plain))
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_int4_gemm_cpu_path_by_rows(m):
+    """bfloat16: the INT4 kernel below CPU_INT4_DEQUANT_ROWS rows, the dequantized bfloat16 matmul from there
+    (each poisoned in turn: only the path that runs changes the result); float16 always the INT4 kernel."""
+    w = ops.quantize_int4(randn(32, 256, seed=3, scale=0.02), group_size=64)
+    ops.prepare_int4(w, torch.bfloat16)
+    prepared = w.__dict__[reference._CPU_INT4_ATTR]
+    x = randn(m, 256, dtype=torch.bfloat16, seed=m)
+    want = reference.int4_linear_reference(x, w)
+    dequantizes = m >= reference.CPU_INT4_DEQUANT_ROWS
+    prepared.q_minus_z.neg_()  # poisoned
+    assert_rel_close(ops.int4_gemm(x, w), -want if dequantizes else want, TOL[torch.bfloat16], "q - z negated")
+    prepared.q_minus_z.neg_()
+    prepared.weight.zero_()
+    assert dequantizes == bool((ops.int4_gemm(x, w).float() - want.float()).abs().max() < 1e-2 * want.abs().max())
+    w16 = ops.quantize_int4(randn(32, 256, seed=3, scale=0.02), group_size=64)
+    ops.prepare_int4(w16, torch.float16)
+    assert w16.__dict__[reference._CPU_INT4_ATTR].q_minus_z is None
 
 
 @pytest.mark.parametrize("n,k,group", [(24, 128, 128), (32, 96, None), (32, 128, 16)])
@@ -388,37 +410,91 @@ def test_int4_weight_outside_the_cpu_kernel_stays_plain(n, k, group):
     """N not a multiple of 16, or a group size the kernel lacks: the weight is left as is, for the definition."""
     plain = ops.quantize_int4(randn(n, k, seed=2), group_size=group)
     assert ops.prepare_int4(plain, torch.bfloat16) == (plain, None)
+    assert reference._CPU_INT4_ATTR not in plain.__dict__
 
 
-@pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("per_tensor", [False, True])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fp8_gemm_with_cpu_bf16_copy_matches_definition(m, per_tensor, with_bias):
-    """ops.prepare_fp8 on the CPU gives an FP8 weight its exact bfloat16 copy; fp8_gemm then uses it
-    (torch.mv at one row, a bfloat16 matmul above), within one more bfloat16 rounding of the definition."""
-    n, k = 40, 1536
+def _fp8_case(m: int, n: int, k: int, per_tensor: bool, zero_row: bool = False):
     xq, xs = ops.quantize_fp8(randn(m, k, seed=m, scale=2.0))
-    wq, ws = ops.quantize_fp8(randn(n, k, seed=5, scale=0.05))
-    if per_tensor:
-        xs, ws = xs.max(), ws.max()
+    w = randn(n, k, seed=n + k, scale=0.05)
+    w[0] *= 1e3  # rows of very different ranges: per-tensor scales then leave small rows far below 448
+    if zero_row:
+        w[1] = 0
+    wq, ws = ops.quantize_fp8(w)
+    if per_tensor:  # small rows far below 448, down to e4m3's subnormals
+        ws = w.abs().max() / 448
+        wq, xs = (w / ws).to(FP8), xs.max()
+    return xq, xs, wq, ws
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("n,k", [(40, 1536), (37, 48), (5, 80)])
+@pytest.mark.parametrize("per_tensor,with_bias", [(False, False), (True, True), (False, True)])
+def test_fp8_gemm_with_cpu_int8_within_its_bound(m, n, k, per_tensor, with_bias):
+    """ops.prepare_fp8 on the CPU requantizes an FP8 weight to int8 per output channel; fp8_gemm then runs
+    _weight_int8pack_mm (below CPU_INT8_MATMUL_ROWS rows) or a bfloat16 matmul. Its error against the FP8
+    definition in float64 is within the bound the requantization and roundings give: half an int8 step per
+    weight (|int8 * scale - wq| <= scale / 2), summed over |xq|, plus two bfloat16 roundings (of the sum,
+    and of the output); against the int8 weight's own product, within those roundings alone."""
+    xq, xs, wq, ws = _fp8_case(m, n, k, per_tensor, zero_row=n > 1)
     bias = randn(n, dtype=torch.bfloat16, seed=9) if with_bias else None
-    before = ops.fp8_gemm(xq, xs, wq, ws, bias=bias)
     assert ops.prepare_fp8(wq, torch.bfloat16) is wq
-    copy = wq._cpu_bf16_weight
-    assert copy.dtype == torch.bfloat16 and torch.equal(copy.float(), wq.float())  # e4m3 -> bf16 is exact
-    copy.mul_(2)  # poisoned: fp8_gemm must now give twice the definition's result (wq.clone() has no copy)
-    assert_rel_close(ops.fp8_gemm(xq, xs, wq, ws), 2 * reference.fp8_gemm(xq, xs, wq.clone(), ws).double(),
-                     TOL[torch.bfloat16], "with the poisoned copy")  # fmt: skip
-    copy.div_(2)
-    y = ops.fp8_gemm(xq, xs, wq, ws, bias=bias)
-    want = (xq.double() * xs.double().reshape(-1, 1)) @ (wq.double() * ws.double().reshape(-1, 1)).T
-    if with_bias:
-        want = want + bias.double()
-    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    assert_rel_close(y, want, TOL[torch.bfloat16], "fp8_gemm (bfloat16 copy)")
-    assert_rel_close(y, before, TOL[torch.bfloat16], "vs the definition")
-    assert torch.equal(ops.fp8_gemm(xq, xs, wq, ws, out_dtype=torch.float16, bias=bias).float(),
-                       reference.fp8_gemm(xq, xs, wq.clone(), ws, torch.float16, bias).float())  # fp16: the definition
+    q, scale = getattr(wq, reference._CPU_FP8_ATTR)
+    assert q.dtype == torch.int8 and q.shape == (n, k) and scale.dtype == torch.bfloat16 and scale.shape == (n,)
+    wd, sd = wq.double(), scale.double()[:, None]
+    assert (q.abs() <= 127).all() and ((q.double() * sd - wd).abs() <= sd / 2).all()  # the requantization
+    assert (sd[:, 0] * 127 >= wd.abs().amax(1)).all()  # scale rounded up: no weight clamped
+    assert (q[1] == 0).all()  # the all-zero row
+    xs64 = xs.double().reshape(-1, 1) if xs.dim() else xs.double()
+    ws64 = ws.double().reshape(1, -1) if ws.dim() else ws.double()
+    exact = (xq.double() @ wd.T) * xs64 * ws64  # the definition without bias, in float64
+    want = exact + (bias.double() if with_bias else 0)
+    half_step = (xq.double().abs() @ (sd / 2).expand(n, k).T) * xs64 * ws64  # >= |int8 error| of each output
+    summed = k * 2.0**-24 * (xq.double().abs() @ wd.abs().T) * xs64 * ws64  # float32 accumulation
+    u = 2.0**-8  # bfloat16's unit roundoff (float16's is smaller)
+    rounded_sum = u * (exact.abs() + half_step + summed)  # the sum rounded to bfloat16
+    bound = half_step + summed + rounded_sum + u * (want.abs() + half_step + summed + rounded_sum)  # + the output's
+    # what it computes exactly: the int8 weight's product, up to the two roundings (catches a 1% error)
+    exact8 = (xq.double() @ (q.double() * sd).T) * xs64 * ws64
+    want8 = exact8 + (bias.double() if with_bias else 0)
+    rounded_sum8 = u * (exact8.abs() + summed)
+    bound8 = summed + rounded_sum8 + u * (want8.abs() + summed + rounded_sum8)
+    for out_dtype in HALF:
+        y = ops.fp8_gemm(xq, xs, wq, ws, out_dtype=out_dtype, bias=bias)
+        assert y.dtype == out_dtype and y.shape == (m, n)
+        err = (y.double() - want).abs()
+        assert (err <= bound * (1 + 1e-6) + 1e-30).all(), f"{out_dtype}: worst excess {(err - bound).max():.3g}"
+        err8 = (y.double() - want8).abs()
+        assert (err8 <= bound8 * (1 + 1e-6) + 1e-30).all(), f"{out_dtype}: int8 product off by {err8.max():.3g}"
+        assert_rel_close(y, want, FP8_TOL, "vs the FP8 definition")  # and close as a whole
+    q.neg_()  # poisoned: the prepared int8 weight is what runs
+    assert_rel_close(ops.fp8_gemm(xq, xs, wq, ws), -exact, FP8_TOL, "int8 weight negated")
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_fp8_gemm_cpu_path_by_rows(m):
+    """_weight_int8pack_mm below CPU_INT8_MATMUL_ROWS rows, the bfloat16 matmul from there: the same result up to
+    the bfloat16 rounding of the sum; a weight with K not a multiple of 16 is never prepared (the kernel reads
+    K in blocks of 16; fp8_gemm refuses such K anyway)."""
+    xq, xs, wq, ws = _fp8_case(m, 24, 256, False)
+    ops.prepare_fp8(wq, torch.bfloat16)
+    q, scale = getattr(wq, reference._CPU_FP8_ATTR)
+    by_kernel = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), q, scale).double()
+    by_matmul = (xq.double() @ q.double().T) * scale.double()
+    got, still_to_scale = reference._cpu_int8_matmul(xq.to(torch.bfloat16), q, scale)
+    assert got.dtype == torch.bfloat16 and (still_to_scale is None) == (m < reference.CPU_INT8_MATMUL_ROWS)
+    got = got.double() * (1 if still_to_scale is None else still_to_scale.double())
+    assert_rel_close(got, by_matmul, TOL[torch.bfloat16], "int8 product")
+    assert_rel_close(by_kernel, by_matmul, TOL[torch.bfloat16], "the kernel")
+    odd = torch.zeros(8, 40).to(FP8)
+    assert ops.prepare_fp8(odd, torch.bfloat16) is odd and not hasattr(odd, reference._CPU_FP8_ATTR)
+
+
+def test_e4m3_to_bf16_lookup_is_exact_for_every_bit_pattern():
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8)
+    for x in (every.view(16, 16), every.view(256, 1), every[::3].reshape(1, -1), every.view(16, 16).t()):
+        got, want = reference._e4m3_to_bf16(x), x.to(torch.bfloat16)  # PyTorch's conversion: the definition
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
 
 
 def test_quantized_linears_prepare_their_cpu_layouts():
@@ -426,18 +502,20 @@ def test_quantized_linears_prepare_their_cpu_layouts():
     from llama_kernels.model import Fp8Linear, Int4Linear
 
     w = randn(64, 256, seed=4, scale=0.05)
-    x = randn(3, 256, seed=5)
     lin4 = Int4Linear(256, 64, torch.float32, 128)
     lin4.load(w)
-    assert lin4.backend is None and "_cpu_int4_packed" in lin4.weight.__dict__
+    assert lin4.backend is None and reference._CPU_INT4_ATTR in lin4.weight.__dict__
     plain = ops.quantize_int4(w, group_size=128)
-    assert_rel_close(lin4(x), reference.int4_linear_reference(x.bfloat16(), plain), TOL[torch.bfloat16], "Int4Linear")
     lin8 = Fp8Linear(256, 64, torch.float32)
     lin8.load(w)
-    assert hasattr(lin8.weight, "_cpu_bf16_weight")
-    xq, xs = ops.quantize_fp8(x)
-    want = reference.fp8_gemm(xq, xs, lin8.weight.clone(), lin8.weight_scale)
-    assert_rel_close(lin8(x), want, TOL[torch.bfloat16], "Fp8Linear")
+    assert hasattr(lin8.weight, reference._CPU_FP8_ATTR)
+    for m in (3, 40):  # both paths of each
+        x = randn(m, 256, seed=5)
+        want4 = reference.int4_linear_reference(x.bfloat16(), plain)
+        assert_rel_close(lin4(x), want4, TOL[torch.bfloat16], "Int4Linear")
+        xq, xs = ops.quantize_fp8(x)
+        want8 = reference.fp8_gemm(xq, xs, lin8.weight.clone(), lin8.weight_scale)
+        assert_rel_close(lin8(x), want8, FP8_TOL, "Fp8Linear")
 
 
 def test_reference_module_exports_every_op():

@@ -129,7 +129,7 @@ class Fp8Linear(nn.Module):
         else:
             _check_weight(self, w)
             self.weight, self.weight_scale = ops.quantize_fp8(w)
-        ops.prepare_fp8(self.weight, _gemm_dtype(self.dtype))  # e.g. on the CPU, a bfloat16 copy
+        ops.prepare_fp8(self.weight, _gemm_dtype(self.dtype))  # e.g. on the CPU, an int8 requantization
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """x [M, K] (or its FP8 form) -> [M, N] in the activation dtype."""
