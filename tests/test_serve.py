@@ -414,6 +414,16 @@ def test_tensor_parallel_hung_rank_turns_health_503_and_fails_requests(tmp_path)
             assert time.monotonic() < deadline, message
             time.sleep(0.5)
         assert message.startswith("tensor parallel: rank 0 of 3: ") and not re.search(r"\.(cc|cpp|h):\d", message), message
+        # the follower whose collective failed says so in one line and waits, rather than exiting with an
+        # error, which made torchrun stop every rank and rank 0's /health with them
+        deadline = time.monotonic() + 30
+        while "rank 1 of 3" not in s.log.read_text():
+            assert time.monotonic() < deadline, s.log.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)
+        r = httpx.get(s.url + "/health", timeout=10)
+        assert r.status_code == 503 and "collective" in r.json()["error"]["message"], r.text
+        assert "this rank waits for the launcher to stop it" in s.log.read_text() and "[rank1]: Traceback" not in s.log.read_text()
     finally:
         os.kill(ranks[2], signal.SIGCONT)
         for pid in ranks.values():

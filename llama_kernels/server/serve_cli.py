@@ -143,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # tensor parallel: the other ranks run rank 0's steps until it stops them
         for sig in (signal.SIGTERM, signal.SIGINT):  # (torchrun signals every rank; rank 0 drains, then stops them)
             signal.signal(sig, signal.SIG_IGN)
-        engine.follow()
+        try:
+            engine.follow()
+        except RuntimeError as err:  # a collective failed (a rank stopped or hung): the group is broken for good
+            _wait_for_the_end(distributed.describe_failure(err))
         return 0
     step_timeout = args.step_timeout if args.step_timeout is not None else (120.0 if args.tp > 1 else None)
     if args.log_requests:
@@ -160,6 +163,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         async_engine.shutdown()  # stops the tensor-parallel followers
     return 0
+
+
+def _wait_for_the_end(err: BaseException) -> None:
+    """A follower whose collective failed: say so in one line, then wait for the launcher's SIGTERM instead of
+    exiting. Exiting with an error would make torchrun stop every rank at once, rank 0 included, which is the one
+    that tells clients and /health what failed (a 503 naming the rank)."""
+    print(f"llama-kernels serve: error: {err}; this rank waits for the launcher to stop it", file=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    while True:
+        signal.pause()
 
 
 def _error(message: str) -> int:
