@@ -55,7 +55,7 @@ ITERS = 20  # timed runs per benchmark configuration (median)
 # named, not collected from tests/: the GPU image lacks fastapi/gguf, which some other test modules import.
 PYTEST_TRITON = ("test_triton_attention.py", "test_prefill_attention.py", "test_attention_plan.py", "test_backends.py")
 PYTEST_CUDA = ("test_gpu_norm.py", "test_gpu_rope.py", "test_gpu_attention.py", "test_gpu_gemm.py",
-               "test_gpu_generate.py", "test_selftest.py")  # fmt: skip
+               "test_gpu_generate.py", "test_speculative.py", "test_selftest.py")  # fmt: skip
 PYTEST_FP8_GEMM = ("test_gpu_gemm.py",)
 NORM_ROPE_OPS = ("quantize_fp8", "rms_norm", "add_rms_norm", "add_rms_norm_fp8", "rope_and_cache")
 
