@@ -8,6 +8,8 @@ counts the workspace with the formula the kernel allocates by, without loading e
 
 from __future__ import annotations
 
+import math
+
 WAVES = 2  # programs per SM a step's plan aims at (see programs)
 HOPPER_TILE_ROWS = 128  # rows of a prefill tile (query tokens x group heads) on sm_90: the most any config uses
 F32 = 4  # bytes
@@ -41,11 +43,4 @@ def workspace_bytes(num_sms: int, num_kv_heads: int, rows: int, head_dim: int) -
     """Bytes of the workspace of a plan for a GPU of num_sms SMs with tiles of `rows` rows:
     partial_slots(programs) x Hkv x rows x (D + 1) float32; ~34 MB at 132 SMs, 8 KV heads, 128 x 128."""
     slots = partial_slots(programs(num_sms, num_kv_heads))
-    return sum(F32 * _prod(shape) for shape in workspace_shapes(slots, num_kv_heads, rows, head_dim))
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return sum(F32 * math.prod(shape) for shape in workspace_shapes(slots, num_kv_heads, rows, head_dim))
