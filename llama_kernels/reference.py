@@ -181,8 +181,8 @@ def prepare_fp8_cpu(wq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     ``torch.ops.aten._weight_int8pack_mm`` (below CPU_INT8_MATMUL_ROWS rows) or converts to bfloat16 for
     a bfloat16 matmul (above), instead of converting wq on every call (PyTorch's CPU e4m3 -> bfloat16
     conversion is ~30x slower than int8's, its CPU FP8 matmul slower still). Otherwise, or not on the
-    CPU, wq is left as is. `dtype` (fp8_gemm's out_dtype) does not matter: the sums are in float32 / bfloat16 either way.
-    Returns wq.
+    CPU, wq is left as is. `dtype` (fp8_gemm's out_dtype) does not matter: the sums are in float32 /
+    bfloat16 either way. Returns wq.
 
     Lossy, unlike the definition: scale[n] = amax_k |wq[n, k]| / 127 rounded up to a bfloat16 (exact in
     the kernel), int8 = round(wq / scale), so |int8 * scale - wq| <= scale / 2 for every weight, where

@@ -285,9 +285,9 @@ class DraftModelProposer:
     Each sequence's draft-cache state is kept by request id: the tokens whose k/v the draft cache holds.
     A proposal first rolls that back to the longest prefix shared with the sequence's tokens now (the
     accepted drafts stay cached), prefills the rest (in passes of at most prefill_chunk tokens, as the
-    memory planner assumes), then decodes k tokens one step at a time, all sequences batched. Greedy requests take the draft's argmax (q one-hot); sampled ones draw from the
-    draft's sampling distribution (same temperature / top-k / top-p) with the request's generator, and
-    pass q to the verification. A sequence whose draft cache is full proposes nothing; state of
+    memory planner assumes), then decodes k tokens one step at a time, all sequences batched. Greedy
+    requests take the draft's argmax (q one-hot); sampled ones draw from the draft's sampling distribution
+    (same temperature / top-k / top-p) with the request's generator, and pass q to the verification. A sequence whose draft cache is full proposes nothing; state of
     sequences that ended is dropped then (release), of those preempted at the next proposal.
 
     Under tensor parallel the draft model is sharded over the same ranks as the target: rank 0 proposes

@@ -192,10 +192,9 @@ class ToolCallStream:
 
 
 def _delta(index: int, function: dict, call_id: str | None = None) -> dict:
-    item = {"index": index, "function": function}
-    if call_id is not None:
-        item = {"index": index, "id": call_id, "type": "function", "function": function}
-    return {"tool_calls": [item]}
+    """A tool_calls delta: a call's first (with its id and type) or one of its argument pieces."""
+    head = {} if call_id is None else {"id": call_id, "type": "function"}
+    return {"tool_calls": [{"index": index, **head, "function": function}]}
 
 
 def _call_id() -> str:
